@@ -1,0 +1,200 @@
+//! `kiln`: the command-line face of Kiln.
+//!
+//! Errors from the libraries arrive typed; here they become one line on stderr and a non-zero
+//! exit status. Files are written to a temporary name beside the target and renamed, so a failed
+//! run leaves no partial output.
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+use anyhow::{Context, Result, bail};
+use burn::tensor::Device;
+use clap::{Parser, Subcommand};
+use kiln_clip::{ClipTextModel, ClipTokenizer};
+
+#[derive(Parser)]
+#[command(name = "kiln", version, about = "Stable Diffusion in Rust on burn")]
+struct Cli {
+    /// Compute device: flex, ndarray, wgpu, wgpu:cpu, wgpu:N, cuda, cuda:N (those compiled into
+    /// this build; `kiln devices` lists them). Default: the first compiled of cuda, wgpu, flex.
+    #[arg(long, global = true, value_name = "DEVICE")]
+    device: Option<String>,
+
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Print the token ids the text encoder receives for a prompt, as one JSON object.
+    Tokenize {
+        /// Model folder (with a `tokenizer/` subfolder) or a tokenizer folder.
+        #[arg(long)]
+        model: PathBuf,
+        /// The prompt.
+        #[arg(long)]
+        prompt: String,
+        /// Also print the 75-token windows of the long-prompt (chunked) mode.
+        #[arg(long)]
+        chunked: bool,
+    },
+    /// Encode a prompt with the text encoder and write the embeddings to a safetensors file
+    /// (`prompt_embeds` [1, seq, hidden] and `pooled_prompt_embeds` [1, hidden]).
+    Encode {
+        /// Model folder with `tokenizer/` and `text_encoder/` subfolders.
+        #[arg(long)]
+        model: PathBuf,
+        /// The prompt.
+        #[arg(long)]
+        prompt: String,
+        /// Layers to skip from the end (diffusers' `clip_skip`; A1111's "Clip skip: 2" is 1).
+        #[arg(long, default_value_t = 0)]
+        clip_skip: usize,
+        /// Keep every token of long prompts: encode 75-token windows and concatenate them.
+        #[arg(long)]
+        chunked: bool,
+        /// Output `.safetensors` file.
+        #[arg(long)]
+        output: PathBuf,
+        /// Replace the output file if it exists.
+        #[arg(long)]
+        overwrite: bool,
+    },
+    /// List the devices this build can run on.
+    Devices,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match run(cli) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(err) => {
+            eprintln!("error: {err:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn device(spec: Option<&str>) -> Result<Device> {
+    Ok(match spec {
+        Some(spec) => kiln_nn::parse_device(spec)?,
+        None => kiln_nn::default_device()?,
+    })
+}
+
+fn run(cli: Cli) -> Result<()> {
+    match cli.command {
+        Command::Tokenize {
+            model,
+            prompt,
+            chunked,
+        } => {
+            let tokenizer = ClipTokenizer::from_dir(&model)?;
+            let input_ids = tokenizer.encode(&prompt)?;
+            let content = tokenizer.content_ids(&prompt)?;
+            let room = tokenizer.max_length() - 2;
+            let mut out = serde_json::json!({
+                "prompt": prompt,
+                "input_ids": input_ids,
+                "tokens": tokenizer.tokens(&input_ids),
+                "num_tokens": content.len(),
+                "truncated": content.len() > room,
+                "max_length": tokenizer.max_length(),
+            });
+            if chunked {
+                out["chunks"] = serde_json::json!(tokenizer.encode_chunked(&prompt)?);
+            }
+            let mut stdout = std::io::stdout().lock();
+            serde_json::to_writer(&mut stdout, &out)?;
+            writeln!(stdout)?;
+        }
+        Command::Encode {
+            model,
+            prompt,
+            clip_skip,
+            chunked,
+            output,
+            overwrite,
+        } => {
+            check_output(&output, overwrite)?;
+            let device = device(cli.device.as_deref())?;
+            let tokenizer = ClipTokenizer::from_dir(&model)?;
+            let encoder = ClipTextModel::from_dir(&model, &device)?;
+            let windows = if chunked {
+                tokenizer.encode_chunked(&prompt)?
+            } else {
+                vec![tokenizer.encode(&prompt)?]
+            };
+            let embeds = encoder.encode_chunked(&windows, clip_skip, &device)?;
+            // The pooled output is the first window's, as the A1111 UI and diffusers use it.
+            let pooled = encoder.encode_ids(&windows[..1], 0, &device)?.pooled;
+            write_safetensors(
+                &output,
+                &[
+                    ("prompt_embeds", embeds.into_data()),
+                    ("pooled_prompt_embeds", pooled.into_data()),
+                ],
+            )?;
+            eprintln!("wrote {}", output.display());
+        }
+        Command::Devices => {
+            for name in kiln_nn::available_devices() {
+                println!("{name}");
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Refuses to replace an existing file unless asked to.
+fn check_output(path: &Path, overwrite: bool) -> Result<()> {
+    if path.exists() && !overwrite {
+        bail!(
+            "`{}` exists; pass --overwrite to replace it",
+            path.display()
+        );
+    }
+    Ok(())
+}
+
+/// Writes f32 tensors to `path` through a temporary file in the same folder, renamed at the end.
+fn write_safetensors(path: &Path, tensors: &[(&str, burn::tensor::TensorData)]) -> Result<()> {
+    let mut raw = Vec::new();
+    for (name, data) in tensors {
+        let values: Vec<f32> = data
+            .clone()
+            .convert::<f32>()
+            .try_into_vec::<f32>()
+            .map_err(|e| anyhow::anyhow!("cannot read tensor `{name}`: {e:?}"))?;
+        let bytes: Vec<u8> = values.iter().flat_map(|v| v.to_le_bytes()).collect();
+        raw.push((name.to_string(), data.shape().to_vec(), bytes));
+    }
+    let views = raw
+        .iter()
+        .map(|(name, shape, bytes)| {
+            safetensors::tensor::TensorView::new(safetensors::Dtype::F32, shape.clone(), bytes)
+                .map(|view| (name.clone(), view))
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    let bytes = safetensors::serialize(views, None)?;
+    write_atomic(path, &bytes)
+}
+
+/// Writes `bytes` to a temporary file beside `path` and renames it into place.
+fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
+    let dir = match path.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p,
+        _ => Path::new("."),
+    };
+    let file_name = path
+        .file_name()
+        .with_context(|| format!("`{}` is not a file path", path.display()))?;
+    let tmp = dir.join(format!(".{}.kiln-tmp", file_name.to_string_lossy()));
+    let result = std::fs::write(&tmp, bytes).and_then(|()| std::fs::rename(&tmp, path));
+    if let Err(e) = result {
+        let _ = std::fs::remove_file(&tmp);
+        bail!("cannot write `{}`: {e}", path.display());
+    }
+    Ok(())
+}

@@ -1,0 +1,369 @@
+//! `CLIPTextModel`: the text tower of CLIP (Radford et al. 2021, "Learning Transferable Visual
+//! Models From Natural Language Supervision"), mirroring transformers'
+//! `models/clip/modeling_clip.py` (v5): token + position embeddings, pre-norm causal transformer
+//! layers, final layer norm, and the pooled output at the end-of-text token.
+//!
+//! Field names are transformers' checkpoint keys, so `model.safetensors` loads with no table; the
+//! hub's Stable Diffusion repos prefix every key with `text_model.`, which loading strips.
+
+use std::path::Path;
+
+use burn::module::Module;
+use burn::nn::{Embedding, EmbeddingConfig, Initializer, LayerNorm, LayerNormConfig, Linear, LinearConfig};
+use burn::tensor::module::attention;
+use burn::tensor::ops::AttentionModuleOptions;
+use burn::tensor::{Device, Int, Tensor, TensorData};
+use kiln_nn::activation::Activation;
+use kiln_nn::weights::{LoadOptions, find_weights, load_safetensors};
+
+use crate::configuration_clip::ClipTextConfig;
+use crate::{Error, Result};
+
+/// Weight files tried in a text-encoder folder, in order, for a run in full precision.
+pub const WEIGHT_FILES: [&str; 3] = [
+    "model.safetensors",
+    "model.fp16.safetensors",
+    "model.bf16.safetensors",
+];
+
+fn linear(d_in: usize, d_out: usize, device: &Device) -> Linear {
+    LinearConfig::new(d_in, d_out)
+        .with_initializer(Initializer::Zeros)
+        .init(device)
+}
+
+/// Token and position embeddings (`embeddings.*`).
+#[derive(Module, Debug)]
+pub struct ClipTextEmbeddings {
+    /// `[vocab_size, hidden_size]`.
+    pub token_embedding: Embedding,
+    /// `[max_position_embeddings, hidden_size]`.
+    pub position_embedding: Embedding,
+}
+
+impl ClipTextEmbeddings {
+    fn new(config: &ClipTextConfig, device: &Device) -> Self {
+        let embedding = |n: usize| {
+            EmbeddingConfig::new(n, config.hidden_size)
+                .with_initializer(Initializer::Zeros)
+                .init(device)
+        };
+        Self {
+            token_embedding: embedding(config.vocab_size),
+            position_embedding: embedding(config.max_position_embeddings),
+        }
+    }
+
+    /// # Shapes
+    /// `input_ids` `[batch, seq]` -> `[batch, seq, hidden]`.
+    pub fn forward(&self, input_ids: Tensor<2, Int>) -> Tensor<3> {
+        let [_, seq] = input_ids.dims();
+        let device = input_ids.device();
+        let positions = Tensor::<1, Int>::arange(0..seq as i64, &device).unsqueeze::<2>();
+        self.token_embedding.forward(input_ids) + self.position_embedding.forward(positions)
+    }
+}
+
+/// Multi-head self-attention with a causal mask (`self_attn.*`).
+#[derive(Module, Debug)]
+pub struct ClipAttention {
+    /// Query projection.
+    pub q_proj: Linear,
+    /// Key projection.
+    pub k_proj: Linear,
+    /// Value projection.
+    pub v_proj: Linear,
+    /// Output projection.
+    pub out_proj: Linear,
+    #[module(skip)]
+    num_heads: usize,
+}
+
+impl ClipAttention {
+    fn new(config: &ClipTextConfig, device: &Device) -> Self {
+        let h = config.hidden_size;
+        Self {
+            q_proj: linear(h, h, device),
+            k_proj: linear(h, h, device),
+            v_proj: linear(h, h, device),
+            out_proj: linear(h, h, device),
+            num_heads: config.num_attention_heads,
+        }
+    }
+
+    /// # Shapes
+    /// `x` `[batch, seq, hidden]` -> `[batch, seq, hidden]`.
+    pub fn forward(&self, x: Tensor<3>) -> Tensor<3> {
+        let [b, s, h] = x.dims();
+        let heads = self.num_heads;
+        // [b, s, h] -> [b, heads, s, head_dim]
+        let split = |t: Tensor<3>| t.reshape([b, s, heads, h / heads]).swap_dims(1, 2);
+        let q = split(self.q_proj.forward(x.clone()));
+        let k = split(self.k_proj.forward(x.clone()));
+        let v = split(self.v_proj.forward(x));
+        let options = AttentionModuleOptions {
+            is_causal: true,
+            ..Default::default()
+        };
+        let out = attention(q, k, v, None, None, options);
+        // [b, heads, s, head_dim] -> [b, s, h]
+        self.out_proj.forward(out.swap_dims(1, 2).reshape([b, s, h]))
+    }
+}
+
+/// The feed-forward block (`mlp.*`): `fc2(act(fc1(x)))`.
+#[derive(Module, Debug)]
+pub struct ClipMlp {
+    /// `hidden -> intermediate`.
+    pub fc1: Linear,
+    /// `intermediate -> hidden`.
+    pub fc2: Linear,
+    #[module(skip)]
+    activation: Activation,
+}
+
+impl ClipMlp {
+    fn new(config: &ClipTextConfig, device: &Device) -> Self {
+        Self {
+            fc1: linear(config.hidden_size, config.intermediate_size, device),
+            fc2: linear(config.intermediate_size, config.hidden_size, device),
+            activation: config.hidden_act,
+        }
+    }
+
+    /// # Shapes
+    /// `[batch, seq, hidden]` -> `[batch, seq, hidden]`.
+    pub fn forward(&self, x: Tensor<3>) -> Tensor<3> {
+        self.fc2
+            .forward(self.activation.forward(self.fc1.forward(x)))
+    }
+}
+
+/// One pre-norm transformer layer (`encoder.layers.N.*`).
+#[derive(Module, Debug)]
+pub struct ClipEncoderLayer {
+    /// Causal self-attention.
+    pub self_attn: ClipAttention,
+    /// Norm before attention.
+    pub layer_norm1: LayerNorm,
+    /// Feed-forward.
+    pub mlp: ClipMlp,
+    /// Norm before the feed-forward.
+    pub layer_norm2: LayerNorm,
+}
+
+impl ClipEncoderLayer {
+    fn new(config: &ClipTextConfig, device: &Device) -> Self {
+        let norm = || {
+            LayerNormConfig::new(config.hidden_size)
+                .with_epsilon(config.layer_norm_eps)
+                .init(device)
+        };
+        Self {
+            self_attn: ClipAttention::new(config, device),
+            layer_norm1: norm(),
+            mlp: ClipMlp::new(config, device),
+            layer_norm2: norm(),
+        }
+    }
+
+    /// # Shapes
+    /// `[batch, seq, hidden]` -> `[batch, seq, hidden]`.
+    pub fn forward(&self, x: Tensor<3>) -> Tensor<3> {
+        let x = x.clone() + self.self_attn.forward(self.layer_norm1.forward(x));
+        x.clone() + self.mlp.forward(self.layer_norm2.forward(x))
+    }
+}
+
+/// The stack of layers (`encoder.*`).
+#[derive(Module, Debug)]
+pub struct ClipEncoder {
+    /// `encoder.layers.0 .. N-1`.
+    pub layers: Vec<ClipEncoderLayer>,
+}
+
+/// What [`ClipTextModel::forward`] returns.
+#[derive(Debug, Clone)]
+pub struct ClipTextOutput {
+    /// The final layer norm of the chosen layer's hidden state: `[batch, seq, hidden]`.
+    /// With `clip_skip == 0` this is transformers' `last_hidden_state`.
+    pub hidden_state: Tensor<3>,
+    /// The last layer's normed state at each sequence's end-of-text token: `[batch, hidden]`
+    /// (transformers' `pooler_output`).
+    pub pooled: Tensor<2>,
+}
+
+/// The CLIP text encoder (transformers' `CLIPTextModel`).
+#[derive(Module, Debug)]
+pub struct ClipTextModel {
+    /// Token and position embeddings.
+    pub embeddings: ClipTextEmbeddings,
+    /// The transformer layers.
+    pub encoder: ClipEncoder,
+    /// The norm applied to the output.
+    pub final_layer_norm: LayerNorm,
+    #[module(skip)]
+    config: ClipTextConfig,
+}
+
+impl ClipTextModel {
+    /// A model of `config`'s shape with zero weights (load weights next).
+    pub fn new(config: &ClipTextConfig, device: &Device) -> Self {
+        Self {
+            embeddings: ClipTextEmbeddings::new(config, device),
+            encoder: ClipEncoder {
+                layers: (0..config.num_hidden_layers)
+                    .map(|_| ClipEncoderLayer::new(config, device))
+                    .collect(),
+            },
+            final_layer_norm: LayerNormConfig::new(config.hidden_size)
+                .with_epsilon(config.layer_norm_eps)
+                .init(device),
+            config: config.clone(),
+        }
+    }
+
+    /// Loads a text-encoder folder: `config.json` and the first weight file found of
+    /// [`WEIGHT_FILES`] (or a model folder with a `text_encoder/` subfolder).
+    pub fn from_dir(dir: impl AsRef<Path>, device: &Device) -> Result<Self> {
+        let dir = dir.as_ref();
+        kiln_nn::config::require_dir(dir, "text encoder folder")?;
+        let dir = if dir.join("text_encoder").is_dir() {
+            dir.join("text_encoder")
+        } else {
+            dir.to_path_buf()
+        };
+        let config = ClipTextConfig::from_file(&dir.join("config.json"))?;
+        let weights = find_weights(&dir, &WEIGHT_FILES, "text encoder weights")?;
+        Self::new(&config, device).load(&weights)
+    }
+
+    /// Loads weights from a safetensors file with transformers' key names, with or without the
+    /// `text_model.` prefix; f16 and bf16 files are converted to f32.
+    pub fn load(self, path: &Path) -> Result<Self> {
+        Ok(load_safetensors(self, path, &load_options())?)
+    }
+
+    /// The config the model was built from.
+    pub fn config(&self) -> &ClipTextConfig {
+        &self.config
+    }
+
+    /// Encodes rows of token ids (each as long as the others), as [`forward`](Self::forward) does.
+    pub fn encode_ids(
+        &self,
+        rows: &[Vec<u32>],
+        clip_skip: usize,
+        device: &Device,
+    ) -> Result<ClipTextOutput> {
+        let seq = rows.first().map(Vec::len).unwrap_or(0);
+        if rows.is_empty() || rows.iter().any(|r| r.len() != seq) {
+            return Err(Error::InvalidInput(
+                "give at least one row of ids, all of the same length".into(),
+            ));
+        }
+        let flat: Vec<i64> = rows.iter().flatten().map(|&id| i64::from(id)).collect();
+        let ids = Tensor::<2, Int>::from_data(TensorData::new(flat, [rows.len(), seq]), device);
+        self.forward(ids, clip_skip)
+    }
+
+    /// Encodes the windows of one long prompt (from
+    /// [`ClipTokenizer::encode_chunked`](crate::ClipTokenizer::encode_chunked)) separately and
+    /// concatenates their hidden states along the sequence axis: `[1, windows * seq, hidden]`.
+    pub fn encode_chunked(
+        &self,
+        windows: &[Vec<u32>],
+        clip_skip: usize,
+        device: &Device,
+    ) -> Result<Tensor<3>> {
+        let out = self.encode_ids(windows, clip_skip, device)?;
+        let [n, seq, hidden] = out.hidden_state.dims();
+        Ok(out.hidden_state.reshape([1, n * seq, hidden]))
+    }
+
+    /// Encodes token ids.
+    ///
+    /// `clip_skip` counts layers dropped from the end, as diffusers' `clip_skip` does: 0 uses the
+    /// last layer, 1 the penultimate (what the A1111 web UI calls "Clip skip: 2"), and so on. The
+    /// chosen layer's hidden state passes through the final layer norm either way.
+    ///
+    /// # Shapes
+    /// `input_ids` `[batch, seq]` with `seq <= max_position_embeddings`; returns
+    /// `hidden_state` `[batch, seq, hidden]` and `pooled` `[batch, hidden]`.
+    pub fn forward(&self, input_ids: Tensor<2, Int>, clip_skip: usize) -> Result<ClipTextOutput> {
+        let [batch, seq] = input_ids.dims();
+        let layers = self.encoder.layers.len();
+        if seq == 0 || seq > self.config.max_position_embeddings {
+            return Err(Error::InvalidInput(format!(
+                "sequence length {seq} must be between 1 and max_position_embeddings ({})",
+                self.config.max_position_embeddings
+            )));
+        }
+        if clip_skip >= layers {
+            return Err(Error::InvalidInput(format!(
+                "clip_skip {clip_skip} must be below the number of layers ({layers})"
+            )));
+        }
+        let ids: Vec<i64> = input_ids
+            .to_data()
+            .convert::<i64>()
+            .try_into_vec::<i64>()
+            .map_err(|e| Error::InvalidInput(format!("cannot read input ids: {e:?}")))?;
+        if let Some(bad) = ids
+            .iter()
+            .find(|&&id| id < 0 || id as usize >= self.config.vocab_size)
+        {
+            return Err(Error::InvalidInput(format!(
+                "token id {bad} is outside the vocabulary (0..{})",
+                self.config.vocab_size
+            )));
+        }
+
+        let mut x = self.embeddings.forward(input_ids);
+        let mut chosen = None;
+        for (i, layer) in self.encoder.layers.iter().enumerate() {
+            x = layer.forward(x);
+            if i + 1 + clip_skip == layers && clip_skip > 0 {
+                chosen = Some(x.clone());
+            }
+        }
+        let last = self.final_layer_norm.forward(x);
+        let hidden_state = match chosen {
+            Some(h) => self.final_layer_norm.forward(h),
+            None => last.clone(),
+        };
+
+        // Pool at the end-of-text token: the largest id for legacy configs (eos_token_id == 2),
+        // else the first position holding eos_token_id (position 0 if there is none).
+        let positions: Vec<i64> = ids
+            .chunks(seq)
+            .map(|row| {
+                let pos = if self.config.eos_token_id == 2 {
+                    let max = row.iter().copied().max().unwrap_or(0);
+                    row.iter().position(|&id| id == max)
+                } else {
+                    row.iter().position(|&id| id == self.config.eos_token_id)
+                };
+                pos.unwrap_or(0) as i64
+            })
+            .collect();
+        let hidden = self.config.hidden_size;
+        let device = last.device();
+        let index = Tensor::<1, Int>::from_data(TensorData::new(positions, [batch]), &device)
+            .reshape([batch, 1, 1])
+            .expand([batch, 1, hidden]);
+        let pooled = last.gather(1, index).reshape([batch, hidden]);
+        Ok(ClipTextOutput {
+            hidden_state,
+            pooled,
+        })
+    }
+}
+
+/// Key handling shared by every CLIP text-encoder file: strip the hub's `text_model.` prefix and
+/// ignore transformers' old `position_ids` buffer.
+pub fn load_options() -> LoadOptions {
+    LoadOptions::default()
+        .with_remap(r"^text_model\.", "")
+        .with_ignored(r"^embeddings\.position_ids$")
+}

@@ -1,0 +1,93 @@
+//! Text-encoder parity with transformers' CLIPTextModel on tiny random-weight models.
+
+mod common;
+
+use common::{device, fixtures};
+use burn::tensor::{Int, Tensor};
+use kiln_clip::ClipTextModel;
+use kiln_nn::reference::{Reference, max_relative_error};
+
+/// Max relative error (max |a - b| / max |b|) allowed against transformers in f32.
+const TOLERANCE: f32 = 1e-4;
+
+fn check(model: &ClipTextModel, expected: &Reference) {
+    let device = device();
+    let ids: Tensor<2> = expected.tensor("input_ids", &device).unwrap();
+    let ids: Tensor<2, Int> = ids.int();
+    for (clip_skip, name) in [(0, "last_hidden_state"), (1, "clip_skip_1")] {
+        let out = model.forward(ids.clone(), clip_skip).unwrap();
+        let want: Tensor<3> = expected.tensor(name, &device).unwrap();
+        let err = max_relative_error(&out.hidden_state, &want);
+        eprintln!("{name}: max relative error {err:.2e}");
+        assert!(err < TOLERANCE, "{name}: max relative error {err}");
+        if clip_skip == 0 {
+            let pooled: Tensor<2> = expected.tensor("pooler_output", &device).unwrap();
+            let err = max_relative_error(&out.pooled, &pooled);
+            assert!(err < TOLERANCE, "pooler_output: max relative error {err}");
+        }
+    }
+}
+
+#[test]
+fn sd1_style_quick_gelu_matches_transformers() {
+    let dir = fixtures().join("te-sd1");
+    let model = ClipTextModel::from_dir(&dir, &device()).unwrap();
+    check(&model, &Reference::open(&dir.join("expected.safetensors")).unwrap());
+}
+
+#[test]
+fn sd2_style_gelu_matches_transformers() {
+    let dir = fixtures().join("te-sd2");
+    let model = ClipTextModel::from_dir(&dir, &device()).unwrap();
+    check(&model, &Reference::open(&dir.join("expected.safetensors")).unwrap());
+}
+
+#[test]
+fn fp16_file_with_text_model_prefix_loads() {
+    let dir = fixtures().join("te-sd1");
+    let config = kiln_clip::ClipTextConfig::from_file(&dir.join("config.json")).unwrap();
+    let model = ClipTextModel::new(&config, &device())
+        .load(&dir.join("model.fp16.safetensors"))
+        .unwrap();
+    check(&model, &Reference::open(&dir.join("expected.fp16.safetensors")).unwrap());
+}
+
+#[test]
+fn bf16_file_loads() {
+    let dir = fixtures().join("te-sd2");
+    let config = kiln_clip::ClipTextConfig::from_file(&dir.join("config.json")).unwrap();
+    let model = ClipTextModel::new(&config, &device())
+        .load(&dir.join("model.bf16.safetensors"))
+        .unwrap();
+    check(&model, &Reference::open(&dir.join("expected.bf16.safetensors")).unwrap());
+}
+
+#[test]
+fn a_wrong_weight_changes_the_output() {
+    // The fp16 weights must not pass the f32 reference: the parity check can fail.
+    let dir = fixtures().join("te-sd2");
+    let config = kiln_clip::ClipTextConfig::from_file(&dir.join("config.json")).unwrap();
+    let model = ClipTextModel::new(&config, &device())
+        .load(&dir.join("model.bf16.safetensors"))
+        .unwrap();
+    let expected = Reference::open(&dir.join("expected.safetensors")).unwrap();
+    let ids: Tensor<2> = expected.tensor("input_ids", &device()).unwrap();
+    let out = model.forward(ids.int(), 0).unwrap();
+    let want: Tensor<3> = expected.tensor("last_hidden_state", &device()).unwrap();
+    assert!(max_relative_error(&out.hidden_state, &want) > TOLERANCE);
+}
+
+#[test]
+fn chunked_encoding_concatenates_windows() {
+    let dir = fixtures().join("te-sd1");
+    let device = device();
+    let model = ClipTextModel::from_dir(&dir, &device).unwrap();
+    let a: Vec<u32> = (0..77).map(|i| (i * 7 % 990) as u32).collect();
+    let b: Vec<u32> = (0..77).map(|i| (i * 13 % 990) as u32).collect();
+    let both = model.encode_chunked(&[a.clone(), b.clone()], 0, &device).unwrap();
+    assert_eq!(both.dims(), [1, 154, 32]);
+    let first = model.encode_ids(&[a], 0, &device).unwrap().hidden_state;
+    let second = model.encode_ids(&[b], 0, &device).unwrap().hidden_state;
+    let joined = Tensor::cat(vec![first, second], 1);
+    assert!(max_relative_error(&both, &joined) < 1e-6);
+}

@@ -1,0 +1,77 @@
+//! `Downsample2D` (a stride-2 convolution) and `Upsample2D` (nearest x2, then a convolution).
+//!
+//! Mirrors `diffusers/models/downsampling.py` and `upsampling.py` (diffusers 0.42.1) with
+//! `use_conv=True`, no norm and no transposed convolution, as SD's UNet and VAE use them.
+
+use burn::module::Module;
+use burn::nn::PaddingConfig2d;
+use burn::nn::conv::{Conv2d, Conv2dConfig};
+use burn::tensor::module::interpolate;
+use burn::tensor::ops::{InterpolateMode, InterpolateOptions};
+use burn::tensor::{Device, Tensor};
+
+/// Halves height and width with a 3x3 stride-2 convolution.
+#[derive(Module, Debug)]
+pub struct Downsample2D {
+    /// The convolution (`conv` in checkpoints, whatever diffusers' `name` argument was).
+    pub conv: Conv2d,
+}
+
+impl Downsample2D {
+    /// `padding` is diffusers' `downsample_padding`: 1 (UNet) pads one pixel on every side; 0
+    /// (VAE) pads one pixel on the right and bottom only (`F.pad(x, (0, 1, 0, 1))`).
+    pub fn new(in_channels: usize, out_channels: usize, padding: usize, device: &Device) -> Self {
+        let padding = if padding == 0 {
+            // (top, left, bottom, right)
+            PaddingConfig2d::Explicit(0, 0, 1, 1)
+        } else {
+            PaddingConfig2d::Explicit(padding, padding, padding, padding)
+        };
+        Self {
+            conv: Conv2dConfig::new([in_channels, out_channels], [3, 3])
+                .with_stride([2, 2])
+                .with_padding(padding)
+                .init(device),
+        }
+    }
+
+    /// # Shapes
+    /// - `x`: `[batch, in_channels, height, width]`
+    /// - output: `[batch, out_channels, ceil(height / 2), ceil(width / 2)]` (padding 1), or
+    ///   `[.., floor(height / 2), floor(width / 2)]` (padding 0)
+    pub fn forward(&self, x: Tensor<4>) -> Tensor<4> {
+        self.conv.forward(x)
+    }
+}
+
+/// Doubles height and width by nearest-neighbour repetition, then applies a 3x3 convolution.
+#[derive(Module, Debug)]
+pub struct Upsample2D {
+    /// The 3x3 convolution after upsampling.
+    pub conv: Conv2d,
+}
+
+impl Upsample2D {
+    /// A randomly initialised upsampler (load weights afterwards).
+    pub fn new(in_channels: usize, out_channels: usize, device: &Device) -> Self {
+        Self {
+            conv: Conv2dConfig::new([in_channels, out_channels], [3, 3])
+                .with_padding(PaddingConfig2d::Explicit(1, 1, 1, 1))
+                .init(device),
+        }
+    }
+
+    /// # Shapes
+    /// - `x`: `[batch, in_channels, height, width]`
+    /// - output: `[batch, out_channels, 2 * height, 2 * width]`
+    pub fn forward(&self, x: Tensor<4>) -> Tensor<4> {
+        let [_, _, h, w] = x.dims();
+        let up = interpolate(
+            x,
+            InterpolateOptions::new(InterpolateMode::Nearest)
+                .with_align_corners(false)
+                .with_output_size([2 * h, 2 * w]),
+        );
+        self.conv.forward(up)
+    }
+}

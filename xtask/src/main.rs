@@ -1,0 +1,116 @@
+//! `cargo xtask`: developer tasks that need Python (the reference implementations).
+//!
+//! `cargo xtask fixtures` makes a git-ignored virtualenv at `.venv`, installs the pinned reference
+//! libraries from `xtask/requirements.txt`, and runs every script in `xtask/fixtures/` (in name
+//! order) to write the seeded fixtures under `fixtures/`. Tests read only those committed files.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use anyhow::{Context, Result, bail};
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(about = "Kiln developer tasks")]
+struct Cli {
+    #[command(subcommand)]
+    command: Task,
+}
+
+#[derive(Subcommand)]
+enum Task {
+    /// Create the Python venv (if needed) and regenerate the reference fixtures under `fixtures/`.
+    Fixtures {
+        /// Run only the fixture scripts whose file name contains this text (e.g. `clip`).
+        #[arg(long)]
+        only: Option<String>,
+    },
+    /// Create or update the Python venv with the pinned reference libraries.
+    Venv,
+    /// Run a Python script from `xtask/` in the venv, passing the remaining arguments
+    /// (for example `cargo xtask py full_size.py --check`).
+    Py {
+        /// The script, relative to `xtask/`.
+        script: String,
+        /// Arguments for the script.
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
+    },
+}
+
+fn root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("xtask lives one level below the workspace root")
+        .to_path_buf()
+}
+
+fn run(cmd: &mut Command) -> Result<()> {
+    let status = cmd
+        .status()
+        .with_context(|| format!("cannot start {cmd:?}"))?;
+    if !status.success() {
+        bail!("{cmd:?} failed with {status}");
+    }
+    Ok(())
+}
+
+/// Makes `.venv` and installs the pinned requirements; returns the venv's python.
+fn venv(root: &Path) -> Result<PathBuf> {
+    let venv = root.join(".venv");
+    let python = venv.join("bin").join("python");
+    if !python.exists() {
+        run(Command::new("python3").arg("-m").arg("venv").arg(&venv))?;
+    }
+    run(Command::new(&python).args(["-m", "pip", "install", "--quiet", "-r"]).arg(root.join("xtask/requirements.txt")))?;
+    Ok(python)
+}
+
+fn python_env(cmd: &mut Command, root: &Path) {
+    cmd.current_dir(root)
+        .env("PYTHONHASHSEED", "0")
+        .env("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        .env("HF_HUB_OFFLINE", "1")
+        .env("TOKENIZERS_PARALLELISM", "false");
+}
+
+fn main() -> Result<()> {
+    let cli = Cli::parse();
+    let root = root();
+    match cli.command {
+        Task::Venv => {
+            venv(&root)?;
+        }
+        Task::Fixtures { only } => {
+            let python = venv(&root)?;
+            let mut scripts: Vec<PathBuf> = std::fs::read_dir(root.join("xtask/fixtures"))?
+                .filter_map(|e| e.ok().map(|e| e.path()))
+                .filter(|p| p.extension().is_some_and(|e| e == "py"))
+                .filter(|p| !p.file_name().is_some_and(|n| n.to_string_lossy().starts_with('_')))
+                .filter(|p| {
+                    only.as_ref()
+                        .is_none_or(|o| p.file_name().is_some_and(|n| n.to_string_lossy().contains(o.as_str())))
+                })
+                .collect();
+            scripts.sort();
+            if scripts.is_empty() {
+                bail!("no fixture script matches");
+            }
+            for script in scripts {
+                eprintln!("xtask: running {}", script.display());
+                let mut cmd = Command::new(&python);
+                cmd.arg(&script);
+                python_env(&mut cmd, &root);
+                run(&mut cmd)?;
+            }
+        }
+        Task::Py { script, args } => {
+            let python = venv(&root)?;
+            let mut cmd = Command::new(&python);
+            cmd.arg(root.join("xtask").join(script)).args(args);
+            python_env(&mut cmd, &root);
+            run(&mut cmd)?;
+        }
+    }
+    Ok(())
+}
