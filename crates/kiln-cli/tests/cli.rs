@@ -23,10 +23,21 @@ fn stderr(out: &Output) -> String {
 
 #[test]
 fn tokenize_prints_the_77_ids_as_json() {
-    let out = kiln(&["tokenize", "--model", model().to_str().unwrap(), "--prompt", "a photo of a cat"]);
+    let out = kiln(&[
+        "tokenize",
+        "--model",
+        model().to_str().unwrap(),
+        "--prompt",
+        "a photo of a cat",
+    ]);
     assert!(out.status.success(), "{}", stderr(&out));
     let json: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
-    let ids: Vec<u64> = json["input_ids"].as_array().unwrap().iter().map(|v| v.as_u64().unwrap()).collect();
+    let ids: Vec<u64> = json["input_ids"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_u64().unwrap())
+        .collect();
     assert_eq!(ids.len(), 77);
     assert_eq!(ids[..7], [49406, 320, 1125, 539, 320, 2368, 49407]);
     assert!(ids[7..].iter().all(|&id| id == 49407));
@@ -37,7 +48,14 @@ fn tokenize_prints_the_77_ids_as_json() {
 #[test]
 fn tokenize_chunked_keeps_long_prompts() {
     let prompt = "a photo of a cat, ".repeat(30);
-    let out = kiln(&["tokenize", "--model", model().to_str().unwrap(), "--prompt", &prompt, "--chunked"]);
+    let out = kiln(&[
+        "tokenize",
+        "--model",
+        model().to_str().unwrap(),
+        "--prompt",
+        &prompt,
+        "--chunked",
+    ]);
     assert!(out.status.success(), "{}", stderr(&out));
     let json: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(json["truncated"], true);
@@ -54,8 +72,18 @@ fn encode_writes_transformers_equal_embeddings() {
     let device = kiln_nn::parse_device("flex").unwrap();
     for (skip, name) in [("0", "prompt_embeds"), ("1", "prompt_embeds_clip_skip_1")] {
         let out = kiln(&[
-            "encode", "--model", model().to_str().unwrap(), "--prompt", prompt,
-            "--device", "flex", "--clip-skip", skip, "--output", output.to_str().unwrap(), "--overwrite",
+            "encode",
+            "--model",
+            model().to_str().unwrap(),
+            "--prompt",
+            prompt,
+            "--device",
+            "flex",
+            "--clip-skip",
+            skip,
+            "--output",
+            output.to_str().unwrap(),
+            "--overwrite",
         ]);
         assert!(out.status.success(), "{}", stderr(&out));
         let got = Reference::open(&output).unwrap();
@@ -66,7 +94,10 @@ fn encode_writes_transformers_equal_embeddings() {
         assert!(err < 1e-4, "{name}: max relative error {err}");
     }
     // No temporary file is left beside the output.
-    let names: Vec<_> = std::fs::read_dir(dir.path()).unwrap().map(|e| e.unwrap().file_name()).collect();
+    let names: Vec<_> = std::fs::read_dir(dir.path())
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .collect();
     assert_eq!(names.len(), 1, "{names:?}");
 }
 
@@ -75,7 +106,15 @@ fn existing_output_is_not_overwritten() {
     let dir = tempfile::tempdir().unwrap();
     let output = dir.path().join("embeds.safetensors");
     std::fs::write(&output, b"keep me").unwrap();
-    let out = kiln(&["encode", "--model", model().to_str().unwrap(), "--prompt", "x", "--output", output.to_str().unwrap()]);
+    let out = kiln(&[
+        "encode",
+        "--model",
+        model().to_str().unwrap(),
+        "--prompt",
+        "x",
+        "--output",
+        output.to_str().unwrap(),
+    ]);
     assert!(!out.status.success());
     assert!(stderr(&out).contains("--overwrite"), "{}", stderr(&out));
     assert_eq!(std::fs::read(&output).unwrap(), b"keep me");
@@ -85,7 +124,17 @@ fn existing_output_is_not_overwritten() {
 fn unknown_device_lists_the_compiled_ones() {
     let dir = tempfile::tempdir().unwrap();
     let output = dir.path().join("e.safetensors");
-    let out = kiln(&["encode", "--model", model().to_str().unwrap(), "--prompt", "x", "--device", "tpu:0", "--output", output.to_str().unwrap()]);
+    let out = kiln(&[
+        "encode",
+        "--model",
+        model().to_str().unwrap(),
+        "--prompt",
+        "x",
+        "--device",
+        "tpu:0",
+        "--output",
+        output.to_str().unwrap(),
+    ]);
     assert!(!out.status.success());
     let err = stderr(&out);
     assert!(err.contains("tpu:0") && err.contains("flex"), "{err}");
@@ -98,7 +147,10 @@ fn missing_model_folder_is_one_clear_line() {
     let out = kiln(&["tokenize", "--model", "/nonexistent/model", "--prompt", "x"]);
     assert!(!out.status.success());
     let err = stderr(&out);
-    assert!(err.starts_with("error: ") && err.contains("/nonexistent/model"), "{err}");
+    assert!(
+        err.starts_with("error: ") && err.contains("/nonexistent/model"),
+        "{err}"
+    );
     assert_eq!(err.trim().lines().count(), 1, "{err}");
 }
 
@@ -106,5 +158,9 @@ fn missing_model_folder_is_one_clear_line() {
 fn devices_lists_flex() {
     let out = kiln(&["devices"]);
     assert!(out.status.success());
-    assert!(String::from_utf8_lossy(&out.stdout).lines().any(|l| l == "flex"));
+    assert!(
+        String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .any(|l| l == "flex")
+    );
 }

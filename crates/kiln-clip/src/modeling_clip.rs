@@ -9,7 +9,9 @@
 use std::path::Path;
 
 use burn::module::Module;
-use burn::nn::{Embedding, EmbeddingConfig, Initializer, LayerNorm, LayerNormConfig, Linear, LinearConfig};
+use burn::nn::{
+    Embedding, EmbeddingConfig, Initializer, LayerNorm, LayerNormConfig, Linear, LinearConfig,
+};
 use burn::tensor::module::attention;
 use burn::tensor::ops::AttentionModuleOptions;
 use burn::tensor::{Device, Int, Tensor, TensorData};
@@ -107,7 +109,8 @@ impl ClipAttention {
         };
         let out = attention(q, k, v, None, None, options);
         // [b, heads, s, head_dim] -> [b, s, h]
-        self.out_proj.forward(out.swap_dims(1, 2).reshape([b, s, h]))
+        self.out_proj
+            .forward(out.swap_dims(1, 2).reshape([b, s, h]))
     }
 }
 

@@ -22,7 +22,8 @@ use tokenizers::{AddedToken, SplitDelimiterBehavior, Tokenizer};
 use crate::{Error, Result};
 
 /// CLIP's pre-tokenizer pattern (special tokens, contractions, letters, single digits, other runs).
-const SPLIT_PATTERN: &str = r"<\|startoftext\|>|<\|endoftext\|>|'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+";
+const SPLIT_PATTERN: &str =
+    r"<\|startoftext\|>|<\|endoftext\|>|'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+";
 
 /// The sequence length used when the folder does not say (CLIP's 77 positions).
 pub const DEFAULT_MAX_LENGTH: usize = 77;
@@ -68,12 +69,16 @@ impl SpecialTokens {
                         });
                     }
                     Some(Value::Object(o)) => {
-                        let content = o.get("content").and_then(Value::as_str).ok_or_else(|| {
-                            invalid(dir, format!("`{key}` has no string `content`"))
-                        })?;
+                        let content =
+                            o.get("content").and_then(Value::as_str).ok_or_else(|| {
+                                invalid(dir, format!("`{key}` has no string `content`"))
+                            })?;
                         return Ok(SpecialToken {
                             content: content.to_string(),
-                            normalized: o.get("normalized").and_then(Value::as_bool).unwrap_or(true),
+                            normalized: o
+                                .get("normalized")
+                                .and_then(Value::as_bool)
+                                .unwrap_or(true),
                         });
                     }
                     Some(other) => {
@@ -155,7 +160,8 @@ impl ClipTokenizer {
         let mut inner = if fast.is_file() {
             let mut t = Tokenizer::from_file(&fast).map_err(|e| tokenizer_error(&fast, e))?;
             t.with_padding(None);
-            t.with_truncation(None).map_err(|e| tokenizer_error(&fast, e))?;
+            t.with_truncation(None)
+                .map_err(|e| tokenizer_error(&fast, e))?;
             t
         } else {
             Self::build_classic(&dir, &special)?
@@ -167,11 +173,13 @@ impl ClipTokenizer {
             .collect();
         inner.add_special_tokens(&added);
         let id = |t: &SpecialToken, role: &'static str| {
-            inner.token_to_id(&t.content).ok_or_else(|| Error::MissingToken {
-                path: dir.clone(),
-                token: t.content.clone(),
-                role,
-            })
+            inner
+                .token_to_id(&t.content)
+                .ok_or_else(|| Error::MissingToken {
+                    path: dir.clone(),
+                    token: t.content.clone(),
+                    role,
+                })
         };
         Ok(Self {
             bos_id: id(&special.bos, "bos")?,
@@ -186,7 +194,10 @@ impl ClipTokenizer {
     fn build_classic(dir: &Path, special: &SpecialTokens) -> Result<Tokenizer> {
         let vocab = dir.join("vocab.json");
         let merges = dir.join("merges.txt");
-        for (path, what) in [(&vocab, "tokenizer vocab.json"), (&merges, "tokenizer merges.txt")] {
+        for (path, what) in [
+            (&vocab, "tokenizer vocab.json"),
+            (&merges, "tokenizer merges.txt"),
+        ] {
             if !path.is_file() {
                 return Err(kiln_nn::Error::NotFound {
                     what: what.into(),
@@ -298,7 +309,11 @@ impl ClipTokenizer {
     /// The token strings of `ids` (byte-level BPE pieces such as `cat</w>`).
     pub fn tokens(&self, ids: &[u32]) -> Vec<String> {
         ids.iter()
-            .map(|&id| self.inner.id_to_token(id).unwrap_or_else(|| format!("<unk:{id}>")))
+            .map(|&id| {
+                self.inner
+                    .id_to_token(id)
+                    .unwrap_or_else(|| format!("<unk:{id}>"))
+            })
             .collect()
     }
 

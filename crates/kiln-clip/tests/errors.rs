@@ -38,7 +38,12 @@ fn rewrite_weights(dir: &Path, edit: impl Fn(&mut Vec<(String, Vec<usize>, Vec<f
         .collect();
     let views: Vec<(String, TensorView)> = raw
         .iter()
-        .map(|(n, s, b)| (n.clone(), TensorView::new(Dtype::F32, s.clone(), b).unwrap()))
+        .map(|(n, s, b)| {
+            (
+                n.clone(),
+                TensorView::new(Dtype::F32, s.clone(), b).unwrap(),
+            )
+        })
         .collect();
     safetensors::serialize_to_file(views, None, &path).unwrap();
 }
@@ -50,8 +55,13 @@ fn load(dir: &Path) -> Error {
 #[test]
 fn missing_folder() {
     let err = load(Path::new("/no/such/model")).to_string();
-    assert!(err.contains("/no/such/model") && err.contains("not found"), "{err}");
-    let err = ClipTokenizer::from_dir("/no/such/model").unwrap_err().to_string();
+    assert!(
+        err.contains("/no/such/model") && err.contains("not found"),
+        "{err}"
+    );
+    let err = ClipTokenizer::from_dir("/no/such/model")
+        .unwrap_err()
+        .to_string();
     assert!(err.contains("not found"), "{err}");
 }
 
@@ -60,7 +70,11 @@ fn missing_files() {
     let dir = tempfile::tempdir().unwrap();
     let err = load(dir.path()).to_string();
     assert!(err.contains("config.json"), "{err}");
-    std::fs::copy(fixtures().join("te-sd1/config.json"), dir.path().join("config.json")).unwrap();
+    std::fs::copy(
+        fixtures().join("te-sd1/config.json"),
+        dir.path().join("config.json"),
+    )
+    .unwrap();
     let err = load(dir.path()).to_string();
     assert!(err.contains("model.safetensors"), "{err}");
     let err = ClipTokenizer::from_dir(dir.path()).unwrap_err().to_string();
@@ -73,7 +87,10 @@ fn unreadable_json() {
     copy_te(dir.path());
     std::fs::write(dir.path().join("config.json"), "{ \"hidden_size\": 32,").unwrap();
     let err = load(dir.path());
-    assert!(matches!(err, Error::Nn(kiln_nn::Error::Json { .. })), "{err:?}");
+    assert!(
+        matches!(err, Error::Nn(kiln_nn::Error::Json { .. })),
+        "{err:?}"
+    );
     assert!(err.to_string().contains("config.json"), "{err}");
 }
 
@@ -88,7 +105,10 @@ fn config_field_of_the_wrong_type() {
     )
     .unwrap();
     let err = load(dir.path()).to_string();
-    assert!(err.contains("invalid type") && err.contains("wide"), "{err}");
+    assert!(
+        err.contains("invalid type") && err.contains("wide"),
+        "{err}"
+    );
 
     std::fs::write(
         dir.path().join("config.json"),
@@ -119,10 +139,18 @@ fn config_values_that_cannot_describe_a_model() {
 fn missing_tensor_is_named() {
     let dir = tempfile::tempdir().unwrap();
     copy_te(dir.path());
-    rewrite_weights(dir.path(), |t| t.retain(|(n, _, _)| n != "encoder.layers.1.mlp.fc2.bias"));
+    rewrite_weights(dir.path(), |t| {
+        t.retain(|(n, _, _)| n != "encoder.layers.1.mlp.fc2.bias")
+    });
     let err = load(dir.path());
-    assert!(matches!(err, Error::Nn(kiln_nn::Error::MissingTensor { .. })), "{err:?}");
-    assert!(err.to_string().contains("encoder.layers.1.mlp.fc2.bias"), "{err}");
+    assert!(
+        matches!(err, Error::Nn(kiln_nn::Error::MissingTensor { .. })),
+        "{err:?}"
+    );
+    assert!(
+        err.to_string().contains("encoder.layers.1.mlp.fc2.bias"),
+        "{err}"
+    );
 }
 
 #[test]
@@ -139,7 +167,10 @@ fn misshaped_tensor_names_both_shapes() {
     });
     let err = load(dir.path()).to_string();
     assert!(err.contains("encoder.layers.0.mlp.fc1.weight"), "{err}");
-    assert!(err.contains("[36, 32]") && err.contains("[37, 32]"), "{err}");
+    assert!(
+        err.contains("[36, 32]") && err.contains("[37, 32]"),
+        "{err}"
+    );
 
     // A misshaped norm weight (not transposed by the adapter) is reported the same way.
     copy_te(dir.path());
@@ -152,14 +183,23 @@ fn misshaped_tensor_names_both_shapes() {
         }
     });
     let err = load(dir.path()).to_string();
-    assert!(err.contains("final_layer_norm.weight") && err.contains("[31]") && err.contains("[32]"), "{err}");
+    assert!(
+        err.contains("final_layer_norm.weight") && err.contains("[31]") && err.contains("[32]"),
+        "{err}"
+    );
 }
 
 #[test]
 fn extra_tensor_is_an_error() {
     let dir = tempfile::tempdir().unwrap();
     copy_te(dir.path());
-    rewrite_weights(dir.path(), |t| t.push(("encoder.layers.9.mlp.fc1.bias".into(), vec![2], vec![0.0; 2])));
+    rewrite_weights(dir.path(), |t| {
+        t.push((
+            "encoder.layers.9.mlp.fc1.bias".into(),
+            vec![2],
+            vec![0.0; 2],
+        ))
+    });
     let err = load(dir.path()).to_string();
     assert!(err.contains("encoder.layers.9.mlp.fc1.bias"), "{err}");
 }
@@ -168,24 +208,47 @@ fn extra_tensor_is_an_error() {
 fn not_a_safetensors_file() {
     let dir = tempfile::tempdir().unwrap();
     copy_te(dir.path());
-    std::fs::write(dir.path().join("model.safetensors"), b"PK\x03\x04 this is a zip, not safetensors").unwrap();
+    std::fs::write(
+        dir.path().join("model.safetensors"),
+        b"PK\x03\x04 this is a zip, not safetensors",
+    )
+    .unwrap();
     let err = load(dir.path());
-    assert!(matches!(err, Error::Nn(kiln_nn::Error::NotSafetensors { .. })), "{err:?}");
+    assert!(
+        matches!(err, Error::Nn(kiln_nn::Error::NotSafetensors { .. })),
+        "{err:?}"
+    );
     std::fs::write(dir.path().join("model.safetensors"), b"abc").unwrap();
-    assert!(matches!(load(dir.path()), Error::Nn(kiln_nn::Error::NotSafetensors { .. })));
+    assert!(matches!(
+        load(dir.path()),
+        Error::Nn(kiln_nn::Error::NotSafetensors { .. })
+    ));
 }
 
 #[test]
 fn bad_ids_and_clip_skip_are_errors() {
     let device = device();
     let model = ClipTextModel::from_dir(fixtures().join("te-sd1"), &device).unwrap();
-    let err = model.encode_ids(&[vec![5000; 77]], 0, &device).unwrap_err().to_string();
+    let err = model
+        .encode_ids(&[vec![5000; 77]], 0, &device)
+        .unwrap_err()
+        .to_string();
     assert!(err.contains("5000") && err.contains("vocabulary"), "{err}");
-    let err = model.encode_ids(&[vec![1; 78]], 0, &device).unwrap_err().to_string();
+    let err = model
+        .encode_ids(&[vec![1; 78]], 0, &device)
+        .unwrap_err()
+        .to_string();
     assert!(err.contains("78"), "{err}");
-    let err = model.encode_ids(&[vec![1; 77]], 3, &device).unwrap_err().to_string();
+    let err = model
+        .encode_ids(&[vec![1; 77]], 3, &device)
+        .unwrap_err()
+        .to_string();
     assert!(err.contains("clip_skip"), "{err}");
-    assert!(model.encode_ids(&[vec![1; 77], vec![1; 76]], 0, &device).is_err());
+    assert!(
+        model
+            .encode_ids(&[vec![1; 77], vec![1; 76]], 0, &device)
+            .is_err()
+    );
 }
 
 #[test]

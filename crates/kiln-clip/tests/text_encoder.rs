@@ -2,8 +2,8 @@
 
 mod common;
 
-use common::{device, fixtures};
 use burn::tensor::{Int, Tensor};
+use common::{device, fixtures};
 use kiln_clip::ClipTextModel;
 use kiln_nn::reference::{Reference, max_relative_error};
 
@@ -32,14 +32,20 @@ fn check(model: &ClipTextModel, expected: &Reference) {
 fn sd1_style_quick_gelu_matches_transformers() {
     let dir = fixtures().join("te-sd1");
     let model = ClipTextModel::from_dir(&dir, &device()).unwrap();
-    check(&model, &Reference::open(&dir.join("expected.safetensors")).unwrap());
+    check(
+        &model,
+        &Reference::open(&dir.join("expected.safetensors")).unwrap(),
+    );
 }
 
 #[test]
 fn sd2_style_gelu_matches_transformers() {
     let dir = fixtures().join("te-sd2");
     let model = ClipTextModel::from_dir(&dir, &device()).unwrap();
-    check(&model, &Reference::open(&dir.join("expected.safetensors")).unwrap());
+    check(
+        &model,
+        &Reference::open(&dir.join("expected.safetensors")).unwrap(),
+    );
 }
 
 #[test]
@@ -49,7 +55,10 @@ fn fp16_file_with_text_model_prefix_loads() {
     let model = ClipTextModel::new(&config, &device())
         .load(&dir.join("model.fp16.safetensors"))
         .unwrap();
-    check(&model, &Reference::open(&dir.join("expected.fp16.safetensors")).unwrap());
+    check(
+        &model,
+        &Reference::open(&dir.join("expected.fp16.safetensors")).unwrap(),
+    );
 }
 
 #[test]
@@ -59,7 +68,10 @@ fn bf16_file_loads() {
     let model = ClipTextModel::new(&config, &device())
         .load(&dir.join("model.bf16.safetensors"))
         .unwrap();
-    check(&model, &Reference::open(&dir.join("expected.bf16.safetensors")).unwrap());
+    check(
+        &model,
+        &Reference::open(&dir.join("expected.bf16.safetensors")).unwrap(),
+    );
 }
 
 #[test]
@@ -84,7 +96,9 @@ fn chunked_encoding_concatenates_windows() {
     let model = ClipTextModel::from_dir(&dir, &device).unwrap();
     let a: Vec<u32> = (0..77).map(|i| (i * 7 % 990) as u32).collect();
     let b: Vec<u32> = (0..77).map(|i| (i * 13 % 990) as u32).collect();
-    let both = model.encode_chunked(&[a.clone(), b.clone()], 0, &device).unwrap();
+    let both = model
+        .encode_chunked(&[a.clone(), b.clone()], 0, &device)
+        .unwrap();
     assert_eq!(both.dims(), [1, 154, 32]);
     let first = model.encode_ids(&[a], 0, &device).unwrap().hidden_state;
     let second = model.encode_ids(&[b], 0, &device).unwrap().hidden_state;

@@ -23,7 +23,10 @@ fn ids(v: &Value) -> Vec<u32> {
 /// Every prompt's 77 ids equal transformers'; returns how many prompts were checked.
 fn check_all(tokenizer: &ClipTokenizer, flavour: &str) -> usize {
     let cases = cases(flavour);
-    assert_eq!(tokenizer.pad_id() as u64, cases["pad_token_id"].as_u64().unwrap());
+    assert_eq!(
+        tokenizer.pad_id() as u64,
+        cases["pad_token_id"].as_u64().unwrap()
+    );
     let rows = cases["cases"].as_array().unwrap();
     let mut mismatches = Vec::new();
     for case in rows {
@@ -51,7 +54,10 @@ fn sd1_classic_layout_matches_transformers() {
     let dir = classic_tokenizer("sd1");
     let tokenizer = ClipTokenizer::from_dir(dir.path()).unwrap();
     assert_eq!(tokenizer.max_length(), 77);
-    assert_eq!((tokenizer.bos_id(), tokenizer.eos_id(), tokenizer.pad_id()), (49406, 49407, 49407));
+    assert_eq!(
+        (tokenizer.bos_id(), tokenizer.eos_id(), tokenizer.pad_id()),
+        (49406, 49407, 49407)
+    );
     assert!(check_all(&tokenizer, "sd1") >= 200);
 }
 
@@ -75,10 +81,17 @@ fn model_folder_with_tokenizer_subfolder_loads() {
     let sub = model.path().join("tokenizer");
     std::fs::create_dir(&sub).unwrap();
     for name in ["tokenizer.json", "tokenizer_config.json"] {
-        std::fs::copy(fixtures().join("model-fullvocab/tokenizer").join(name), sub.join(name)).unwrap();
+        std::fs::copy(
+            fixtures().join("model-fullvocab/tokenizer").join(name),
+            sub.join(name),
+        )
+        .unwrap();
     }
     let tokenizer = ClipTokenizer::from_dir(model.path()).unwrap();
-    assert_eq!(tokenizer.encode("a photo of a cat").unwrap()[..7], [49406, 320, 1125, 539, 320, 2368, 49407]);
+    assert_eq!(
+        tokenizer.encode("a photo of a cat").unwrap()[..7],
+        [49406, 320, 1125, 539, 320, 2368, 49407]
+    );
 }
 
 #[test]
@@ -104,9 +117,17 @@ fn long_prompts_truncate_keeping_eos_last_and_chunk_without_loss() {
     for case in cases("sd1")["cases"].as_array().unwrap() {
         let prompt = case["prompt"].as_str().unwrap();
         let content = ids(&case["content_ids"]);
-        assert_eq!(tokenizer.content_ids(prompt).unwrap(), content, "{prompt:?}");
+        assert_eq!(
+            tokenizer.content_ids(prompt).unwrap(),
+            content,
+            "{prompt:?}"
+        );
         let windows = tokenizer.encode_chunked(prompt).unwrap();
-        assert_eq!(windows.len(), content.len().div_ceil(75).max(1), "{prompt:?}");
+        assert_eq!(
+            windows.len(),
+            content.len().div_ceil(75).max(1),
+            "{prompt:?}"
+        );
         let chunks: Vec<&[u32]> = if content.is_empty() {
             vec![&[]]
         } else {
