@@ -1,0 +1,180 @@
+//! `HeunDiscreteScheduler`: Heun's second-order method in sigma, Karras et al. 2022
+//! (<https://arxiv.org/abs/2206.00364>), Algorithm 1 without churn.
+//!
+//! Mirrors diffusers' [`scheduling_heun_discrete.py`][diffusers] (v0.42.1). Each step takes two
+//! model calls; the schedule lists both (every timestep but the first appears twice).
+//!
+//! [diffusers]: https://github.com/huggingface/diffusers/blob/v0.42.1/src/diffusers/schedulers/scheduling_heun_discrete.py
+
+use burn::tensor::Tensor;
+
+use crate::config::SchedulerKind;
+use crate::scheduling_utils as utils;
+use crate::{NoiseSource, Result, Scheduler, SchedulerConfig, SchedulerOutput};
+
+const NAME: &str = "HeunDiscreteScheduler";
+
+/// State kept between the two model calls of one Heun step.
+#[derive(Debug, Clone)]
+struct FirstOrder {
+    derivative: Tensor<4>,
+    dt: f64,
+    sample: Tensor<4>,
+}
+
+/// Heun (second order, deterministic, two model calls per step).
+#[derive(Debug, Clone)]
+pub struct HeunDiscreteScheduler {
+    config: SchedulerConfig,
+    alphas_cumprod: Vec<f32>,
+    timesteps: Vec<f64>,
+    sigmas: Vec<f32>,
+    first: Option<FirstOrder>,
+    step_index: Option<usize>,
+}
+
+impl HeunDiscreteScheduler {
+    /// Builds the tables.
+    pub fn new(config: SchedulerConfig) -> Result<Self> {
+        let config = config.into_kind(SchedulerKind::Heun);
+        config.validate()?;
+        let alphas_cumprod = utils::alphas_cumprod(&utils::betas(&config), false);
+        let mut s = Self {
+            config,
+            alphas_cumprod,
+            timesteps: Vec::new(),
+            sigmas: Vec::new(),
+            first: None,
+            step_index: None,
+        };
+        s.set_timesteps(s.config.num_train_timesteps)?;
+        Ok(s)
+    }
+}
+
+/// `[v0, v1, v1, v2, v2, ...]`: every value but the first repeated (diffusers' `repeat_interleave`).
+pub(crate) fn interleave<T: Copy>(first: T, rest: &[T]) -> Vec<T> {
+    std::iter::once(first)
+        .chain(rest.iter().flat_map(|&v| [v, v]))
+        .collect()
+}
+
+impl Scheduler for HeunDiscreteScheduler {
+    fn config(&self) -> &SchedulerConfig {
+        &self.config
+    }
+
+    fn set_timesteps(&mut self, num_inference_steps: usize) -> Result<()> {
+        utils::check_steps(
+            num_inference_steps,
+            self.config.num_train_timesteps,
+            "at most num_train_timesteps",
+        )?;
+        let (timesteps, sigmas) = utils::discrete_sigma_schedule(
+            &self.config,
+            &self.alphas_cumprod,
+            num_inference_steps,
+            (None, None),
+        );
+        let sigmas: Vec<f32> = sigmas.iter().map(|&s| s as f32).collect();
+        // [s0, s1, s1, ..., s_{n-1}, s_{n-1}, 0]
+        self.sigmas = interleave(sigmas[0], &sigmas[1..]);
+        self.sigmas.push(0.0);
+        let timesteps: Vec<f64> = timesteps.iter().map(|&t| t as f32 as f64).collect();
+        self.timesteps = interleave(timesteps[0], &timesteps[1..]);
+        self.reset();
+        Ok(())
+    }
+
+    fn timesteps(&self) -> &[f64] {
+        &self.timesteps
+    }
+
+    fn sigmas(&self) -> &[f32] {
+        &self.sigmas
+    }
+
+    fn init_noise_sigma(&self) -> f64 {
+        utils::sigma_init_noise(&self.config, &self.sigmas)
+    }
+
+    fn scale_model_input(&mut self, sample: Tensor<4>, timestep: f64) -> Result<Tensor<4>> {
+        let i = utils::init_step_index(&mut self.step_index, NAME, &self.timesteps, timestep)?;
+        let sigma = self.sigmas[i] as f64;
+        Ok(sample.div_scalar((sigma * sigma + 1.0).sqrt()))
+    }
+
+    /// # Shapes
+    /// `model_output`, `sample`: `[b, c, h, w]` -> `prev_sample`, `pred_original_sample` alike.
+    fn step(
+        &mut self,
+        model_output: Tensor<4>,
+        timestep: f64,
+        sample: Tensor<4>,
+        _noise: &mut dyn NoiseSource,
+    ) -> Result<SchedulerOutput> {
+        utils::check_same_shape(&model_output, &sample)?;
+        let i = utils::init_step_index(&mut self.step_index, NAME, &self.timesteps, timestep)?;
+        let first_order = self.first.is_none();
+        let (sigma, sigma_next) = if first_order {
+            (self.sigmas[i] as f64, self.sigmas[i + 1] as f64)
+        } else {
+            (self.sigmas[i - 1] as f64, self.sigmas[i] as f64)
+        };
+        // 1. x0 at the point the model saw (sigma, then sigma_next)
+        let sigma_input = if first_order { sigma } else { sigma_next };
+        let x0 = utils::x0_from_sigma(
+            self.config.prediction_type,
+            model_output,
+            sample.clone(),
+            sigma_input,
+        );
+        let x0 = if self.config.clip_sample {
+            x0.clamp(
+                -self.config.clip_sample_range,
+                self.config.clip_sample_range,
+            )
+        } else {
+            x0
+        };
+        let prev = match self.first.take() {
+            // 2a. Euler predictor to sigma_next (Algorithm 1, lines 5-6)
+            None => {
+                let derivative = (sample.clone() - x0.clone()).div_scalar(sigma);
+                let dt = sigma_next - sigma;
+                let prev = sample.clone() + derivative.clone().mul_scalar(dt);
+                self.first = Some(FirstOrder {
+                    derivative,
+                    dt,
+                    sample,
+                });
+                prev
+            }
+            // 2b. trapezoidal corrector (lines 7-8)
+            Some(first) => {
+                let derivative = (sample - x0.clone()).div_scalar(sigma_next);
+                let derivative = (first.derivative + derivative).div_scalar(2.0);
+                first.sample + derivative.mul_scalar(first.dt)
+            }
+        };
+        self.step_index = Some(i + 1);
+        Ok(SchedulerOutput {
+            prev_sample: prev,
+            pred_original_sample: Some(x0),
+        })
+    }
+
+    fn reset(&mut self) {
+        self.first = None;
+        self.step_index = None;
+    }
+
+    fn alphas_cumprod(&self) -> &[f32] {
+        &self.alphas_cumprod
+    }
+
+    fn add_noise_coefficients(&self, timestep: f64) -> Result<(f64, f64)> {
+        let i = utils::index_for_timestep(NAME, &self.timesteps, timestep)?;
+        Ok((1.0, self.sigmas[i] as f64))
+    }
+}
