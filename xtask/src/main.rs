@@ -62,7 +62,9 @@ fn venv(root: &Path) -> Result<PathBuf> {
     if !python.exists() {
         run(Command::new("python3").arg("-m").arg("venv").arg(&venv))?;
     }
-    run(Command::new(&python).args(["-m", "pip", "install", "--quiet", "-r"]).arg(root.join("xtask/requirements.txt")))?;
+    run(Command::new(&python)
+        .args(["-m", "pip", "install", "--quiet", "-r"])
+        .arg(root.join("xtask/requirements.txt")))?;
     Ok(python)
 }
 
@@ -86,10 +88,15 @@ fn main() -> Result<()> {
             let mut scripts: Vec<PathBuf> = std::fs::read_dir(root.join("xtask/fixtures"))?
                 .filter_map(|e| e.ok().map(|e| e.path()))
                 .filter(|p| p.extension().is_some_and(|e| e == "py"))
-                .filter(|p| !p.file_name().is_some_and(|n| n.to_string_lossy().starts_with('_')))
                 .filter(|p| {
-                    only.as_ref()
-                        .is_none_or(|o| p.file_name().is_some_and(|n| n.to_string_lossy().contains(o.as_str())))
+                    !p.file_name()
+                        .is_some_and(|n| n.to_string_lossy().starts_with('_'))
+                })
+                .filter(|p| {
+                    only.as_ref().is_none_or(|o| {
+                        p.file_name()
+                            .is_some_and(|n| n.to_string_lossy().contains(o.as_str()))
+                    })
                 })
                 .collect();
             scripts.sort();

@@ -57,7 +57,9 @@ pub fn parse_device(spec: &str) -> Result<Device> {
     let not_built = |feature: &str| {
         unavailable(
             spec,
-            &format!("this build lacks the `{feature}` feature (rebuild with `--features {feature}`)"),
+            &format!(
+                "this build lacks the `{feature}` feature (rebuild with `--features {feature}`)"
+            ),
         )
     };
     let bad_index = || unavailable(spec, "the part after `:` must be a device index such as 0");

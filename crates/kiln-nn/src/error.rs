@@ -50,7 +50,9 @@ pub enum Error {
         reason: String,
     },
     /// The weights file lacks a tensor the model needs.
-    #[error("`{path}` has no tensor `{name}` (the model needs it); is this the right file for this config?")]
+    #[error(
+        "`{path}` has no tensor `{name}` (the model needs it); is this the right file for this config?"
+    )]
     MissingTensor {
         /// The file.
         path: PathBuf,
@@ -58,7 +60,9 @@ pub enum Error {
         name: String,
     },
     /// The weights file holds tensors the model does not know, which means the config and the file disagree.
-    #[error("`{path}` holds {count} tensor(s) the model does not use, e.g. `{first}`; does the config match the weights?")]
+    #[error(
+        "`{path}` holds {count} tensor(s) the model does not use, e.g. `{first}`; does the config match the weights?"
+    )]
     UnexpectedTensors {
         /// The file.
         path: PathBuf,
@@ -80,7 +84,9 @@ pub enum Error {
         found: Vec<usize>,
     },
     /// A tensor's data type cannot be loaded.
-    #[error("tensor `{name}` in `{path}` has dtype {dtype}, which Kiln cannot load (use F32, F16 or BF16 weights)")]
+    #[error(
+        "tensor `{name}` in `{path}` has dtype {dtype}, which Kiln cannot load (use F32, F16 or BF16 weights)"
+    )]
     UnsupportedDType {
         /// The file.
         path: PathBuf,
@@ -100,7 +106,9 @@ pub enum Error {
         message: String,
     },
     /// A device string names a backend this build lacks, or is malformed.
-    #[error("unknown or unavailable device `{requested}`: {reason}; this build offers: {available}")]
+    #[error(
+        "unknown or unavailable device `{requested}`: {reason}; this build offers: {available}"
+    )]
     Device {
         /// What was asked for.
         requested: String,

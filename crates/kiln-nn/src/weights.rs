@@ -259,7 +259,10 @@ pub fn load_safetensors<M: Module>(module: M, path: &Path, options: &LoadOptions
         return Err(Error::UnexpectedTensors {
             path: path.to_path_buf(),
             count: unused.len(),
-            first: original.get(*first).cloned().unwrap_or_else(|| (*first).clone()),
+            first: original
+                .get(*first)
+                .cloned()
+                .unwrap_or_else(|| (*first).clone()),
         });
     }
     tracing::debug!(
