@@ -99,7 +99,9 @@ impl ClipTextConfig {
             }
             .into())
         };
-        if self.num_attention_heads == 0 || self.hidden_size % self.num_attention_heads != 0 {
+        if self.num_attention_heads == 0
+            || !self.hidden_size.is_multiple_of(self.num_attention_heads)
+        {
             return fail(format!(
                 "hidden_size ({}) must be a positive multiple of num_attention_heads ({})",
                 self.hidden_size, self.num_attention_heads
@@ -116,7 +118,8 @@ impl ClipTextConfig {
                 return fail(format!("{name} must be at least 1"));
             }
         }
-        if !(self.layer_norm_eps > 0.0) {
+        // Written so that NaN fails too.
+        if self.layer_norm_eps.is_nan() || self.layer_norm_eps <= 0.0 {
             return fail(format!(
                 "layer_norm_eps must be positive, found {}",
                 self.layer_norm_eps

@@ -98,7 +98,7 @@ impl SpecialTokens {
             None | Some(Value::Null) => DEFAULT_MAX_LENGTH,
             Some(v) => match v.as_f64() {
                 // transformers writes a huge sentinel (1e30) when the length is unknown.
-                Some(n) if n >= 3.0 && n <= 1e6 => n as usize,
+                Some(n) if (3.0..=1e6).contains(&n) => n as usize,
                 Some(n) if n > 1e6 => DEFAULT_MAX_LENGTH,
                 _ => {
                     return Err(invalid(
