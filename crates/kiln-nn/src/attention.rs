@@ -160,17 +160,9 @@ impl Attention {
         let dtype = q.dtype();
         let upcast = self.upcast && matches!(dtype, DType::F16 | DType::BF16);
         let out = if upcast {
-            attention(
-                q.cast(DType::F32),
-                k.cast(DType::F32),
-                v.cast(DType::F32),
-                None,
-                None,
-                AttentionModuleOptions::default(),
-            )
-            .cast(dtype)
+            fused_attention(q.cast(DType::F32), k.cast(DType::F32), v.cast(DType::F32)).cast(dtype)
         } else {
-            attention(q, k, v, None, None, AttentionModuleOptions::default())
+            fused_attention(q, k, v)
         };
         // [b, heads, n, d] -> [b, n, heads, d] -> [b, n, heads * d]
         let [b, h, n, d] = out.dims();
@@ -209,6 +201,66 @@ impl Attention {
     }
 }
 
+/// Smallest `queries * keys` product for which [`fused_attention`] splits the queries (below it,
+/// flex's attention is cheap enough not to bother).
+const SPLIT_MIN_SCORES: usize = 1 << 18;
+
+/// burn's fused attention (`scale` 1/sqrt(d), no mask), with one CPU-specific refinement.
+///
+/// burn-flex runs one (batch, head) pair per thread with single-threaded GEMMs, so the VAE's
+/// single-head attention (batch 1) would use one core. On flex, when there are fewer
+/// (batch, head) pairs than cores, the queries are cut into chunks that become extra "heads"
+/// sharing the same keys and values: each query row is computed exactly as before, only in
+/// parallel. Other backends get the op unchanged.
+///
+/// # Shapes
+/// - `q`: `[batch, heads, queries, d]`, `k`: `[batch, heads, keys, d]`,
+///   `v`: `[batch, heads, keys, dv]`
+/// - output: `[batch, heads, queries, dv]`
+pub fn fused_attention(q: Tensor<4>, k: Tensor<4>, v: Tensor<4>) -> Tensor<4> {
+    let [b, h, n, d] = q.dims();
+    let [_, _, m, dv] = v.dims();
+    let threads = std::thread::available_parallelism().map_or(1, |t| t.get());
+    let chunks = if is_flex(&q.device()) && b * h < threads && n * m >= SPLIT_MIN_SCORES {
+        let mut c = threads.div_ceil(b * h);
+        while c > 1 && !n.is_multiple_of(c) {
+            c -= 1;
+        }
+        c
+    } else {
+        1
+    };
+    if chunks == 1 {
+        return attention(q, k, v, None, None, AttentionModuleOptions::default());
+    }
+    // [b, h, n, d] -> [b, h * chunks, n / chunks, d]; keys and values repeated per chunk.
+    let q = q.reshape([b, h * chunks, n / chunks, d]);
+    let repeat = |t: Tensor<4>, width: usize| {
+        t.unsqueeze_dim::<5>(2)
+            .expand([b, h, chunks, m, width])
+            .reshape([b, h * chunks, m, width])
+    };
+    let out = attention(
+        q,
+        repeat(k, d),
+        repeat(v, dv),
+        None,
+        None,
+        AttentionModuleOptions::default(),
+    );
+    out.reshape([b, h, n, dv])
+}
+
+#[cfg(feature = "flex")]
+fn is_flex(device: &Device) -> bool {
+    *device == Device::flex()
+}
+
+#[cfg(not(feature = "flex"))]
+fn is_flex(_device: &Device) -> bool {
+    false
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -239,5 +291,27 @@ mod tests {
         got.into_data()
             .assert_approx_eq::<f32>(&expected.into_data(), Tolerance::<f32>::absolute(1e-5));
         assert_eq!(attn.context_dim(), 7);
+    }
+
+    /// The query-split path (one head, many queries) equals the plain fused op.
+    #[test]
+    fn split_queries_match_the_plain_op() {
+        let device = Device::default();
+        let normal = Distribution::Normal(0.0, 1.0);
+        let q = Tensor::<4>::random([1, 1, 1024, 16], normal, &device);
+        let k = Tensor::<4>::random([1, 1, 512, 16], normal, &device);
+        let v = Tensor::<4>::random([1, 1, 512, 8], normal, &device);
+        let plain = attention(
+            q.clone(),
+            k.clone(),
+            v.clone(),
+            None,
+            None,
+            AttentionModuleOptions::default(),
+        );
+        let split = fused_attention(q, k, v);
+        split
+            .into_data()
+            .assert_approx_eq::<f32>(&plain.into_data(), Tolerance::<f32>::absolute(1e-6));
     }
 }
