@@ -13,6 +13,9 @@ use burn::tensor::Device;
 use clap::{Parser, Subcommand};
 use kiln_clip::{ClipTextModel, ClipTokenizer};
 
+mod generate;
+mod png_io;
+
 #[derive(Parser)]
 #[command(name = "kiln", version, about = "Stable Diffusion in Rust on burn")]
 struct Cli {
@@ -61,6 +64,9 @@ enum Command {
         #[arg(long)]
         overwrite: bool,
     },
+    /// Generate images from a prompt (txt2img), an image (img2img, `--image`) or an image and a
+    /// mask (inpainting, `--image --mask`) and write them as PNG files with A1111 metadata.
+    Generate(Box<generate::GenerateArgs>),
     /// List the devices this build can run on.
     Devices,
 }
@@ -137,6 +143,10 @@ fn run(cli: Cli) -> Result<()> {
                 ],
             )?;
             eprintln!("wrote {}", output.display());
+        }
+        Command::Generate(args) => {
+            let spec = cli.device.clone();
+            generate::run(*args, || device(spec.as_deref()))?;
         }
         Command::Devices => {
             for name in kiln_nn::available_devices() {

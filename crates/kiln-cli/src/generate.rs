@@ -1,0 +1,445 @@
+//! `kiln generate`: txt2img, img2img and inpainting to PNG files.
+//!
+//! Everything the run needs is checked before the model loads where it can be (sampler name,
+//! output files, input images); images are written only after the whole batch is done, each
+//! through a temporary file, so a failed run leaves no output behind.
+
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use anyhow::{Context, Result, bail};
+use burn::tensor::{Device, Tensor, TensorData};
+use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
+use kiln_nn::FloatKind;
+use kiln_pipeline::{GenerateOptions, LoadOptions, Mode, StableDiffusionPipeline, StepProgress};
+use kiln_scheduler::{SamplerName, SamplerOptions, Scheduler, SchedulerKind, SeededNoise};
+
+use crate::png_io::{encode_png, luminance, read_png};
+use crate::write_atomic;
+
+/// Arguments of `kiln generate`.
+#[derive(clap::Args, Debug)]
+pub struct GenerateArgs {
+    /// A diffusers model folder, or a Hugging Face repo id (`owner/name`) already in the local
+    /// hub cache (`$HF_HOME/hub`, default `~/.cache/huggingface/hub`; read offline).
+    #[arg(long)]
+    model: Option<String>,
+    /// The prompt.
+    #[arg(long)]
+    prompt: String,
+    /// The negative prompt.
+    #[arg(long, default_value = "")]
+    negative_prompt: String,
+    /// Denoising steps.
+    #[arg(long, default_value_t = 50)]
+    steps: usize,
+    /// Classifier-free guidance scale (<= 1 disables guidance).
+    #[arg(long, default_value_t = 7.5)]
+    guidance: f64,
+    /// diffusers' guidance_rescale (0 to 1), for zero-terminal-SNR models.
+    #[arg(long, default_value_t = 0.0)]
+    guidance_rescale: f64,
+    /// Image width in pixels (default: the model's, or the input image's).
+    #[arg(long)]
+    width: Option<usize>,
+    /// Image height in pixels (default: the model's, or the input image's).
+    #[arg(long)]
+    height: Option<usize>,
+    /// Random seed (default: from the clock; written into the PNG metadata).
+    #[arg(long)]
+    seed: Option<u64>,
+    /// Images to make (default 1, or the batch of `--latents`). Files are numbered
+    /// `NAME-0.png`, `NAME-1.png`, ... when there is more than one.
+    #[arg(long)]
+    batch: Option<usize>,
+    /// Sampler: ddpm, ddim, pndm, lms, euler, euler-a, heun, dpm2, dpm2-a, dpm++2m, dpm++2m-sde,
+    /// dpm++2s, unipc, lcm (default: the model's own scheduler).
+    #[arg(long)]
+    scheduler: Option<String>,
+    /// Karras sigmas (lms, euler, heun, dpm2, dpm2-a, dpm++2m, dpm++2m-sde, dpm++2s, unipc).
+    #[arg(long)]
+    karras: bool,
+    /// A `.safetensors` file with one tensor `latents` [batch, 4, h, w] of unit variance: the
+    /// initial noise (scaled by the scheduler's init_noise_sigma, as diffusers' `latents=`).
+    #[arg(long)]
+    latents: Option<PathBuf>,
+    /// UNet and VAE precision: f32, f16 or bf16.
+    #[arg(long, default_value = "f32")]
+    dtype: String,
+    /// Text-encoder layers to skip from the end (A1111's "Clip skip: 2" is 1).
+    #[arg(long, default_value_t = 0)]
+    clip_skip: usize,
+    /// Input PNG for img2img, or the image to inpaint with `--mask`.
+    #[arg(long)]
+    image: Option<PathBuf>,
+    /// Inpainting mask PNG, the size of `--image` (white = repaint, black = keep).
+    #[arg(long)]
+    mask: Option<PathBuf>,
+    /// Fraction of the schedule to run from the input image (default 0.8 for img2img, 1.0 for
+    /// inpainting).
+    #[arg(long)]
+    strength: Option<f64>,
+    /// Output PNG file.
+    #[arg(long)]
+    output: PathBuf,
+    /// Replace existing output files.
+    #[arg(long)]
+    overwrite: bool,
+}
+
+/// Runs `kiln generate`.
+pub fn run(args: GenerateArgs, device: impl FnOnce() -> Result<Device>) -> Result<()> {
+    // 1. everything that can be checked without the model
+    let sampler = args
+        .scheduler
+        .as_deref()
+        .map(str::parse::<SamplerName>)
+        .transpose()?;
+    let dtype: FloatKind = args.dtype.parse()?;
+    if args.mask.is_some() && args.image.is_none() {
+        bail!("--mask needs --image (the picture to inpaint)");
+    }
+    if args.strength.is_some() && args.image.is_none() {
+        bail!("--strength needs --image (img2img or inpainting)");
+    }
+    let is_png = args
+        .output
+        .extension()
+        .is_some_and(|e| e.eq_ignore_ascii_case("png"));
+    if !is_png {
+        bail!(
+            "--output must name a .png file, got `{}`",
+            args.output.display()
+        );
+    }
+    let model_dir = resolve_model(args.model.as_deref())?;
+    let device = device()?;
+    let latents = args
+        .latents
+        .as_deref()
+        .map(|p| read_latents(p, &device))
+        .transpose()?;
+    let batch = match (args.batch, &latents) {
+        (Some(b), _) => b,
+        (None, Some(l)) => l.dims()[0],
+        (None, None) => 1,
+    };
+    if batch == 0 {
+        bail!("--batch must be at least 1");
+    }
+    let outputs = output_paths(&args.output, batch);
+    for path in &outputs {
+        crate::check_output(path, args.overwrite)?;
+    }
+    let image = args.image.as_deref().map(read_png).transpose()?;
+    let mask = args.mask.as_deref().map(read_png).transpose()?;
+    if let (Some(image), Some(mask)) = (&image, &mask)
+        && (image.width, image.height) != (mask.width, mask.height)
+    {
+        bail!(
+            "the mask is {}x{}, the image {}x{}: they must be the same size",
+            mask.width,
+            mask.height,
+            image.width,
+            image.height
+        );
+    }
+
+    // 2. the model
+    let started = Instant::now();
+    let pipe = StableDiffusionPipeline::from_pretrained(&model_dir, LoadOptions { dtype }, &device)
+        .with_context(|| format!("cannot load the model `{}`", model_dir.display()))?;
+    let options_sampler = SamplerOptions {
+        karras: args.karras,
+        eta: 0.0,
+    };
+    let mut scheduler = pipe.scheduler(sampler, options_sampler)?;
+    let sampler_label = a1111_sampler(scheduler.config().kind, sampler, args.karras);
+
+    // 3. the request
+    let (mode, strength) = match (&image, &mask) {
+        (Some(image), mask) => {
+            let tensor = kiln_pipeline::rgb8_to_tensor(image, &device)?;
+            match mask {
+                Some(mask) => {
+                    let values = luminance(mask);
+                    let m = Tensor::<4>::from_data(
+                        TensorData::new(values, [1, 1, mask.height, mask.width]),
+                        &device,
+                    );
+                    let strength = args.strength.unwrap_or(1.0);
+                    let mode = Mode::Inpaint {
+                        image: tensor,
+                        mask: m,
+                        strength,
+                    };
+                    (mode, Some(strength))
+                }
+                None => {
+                    let strength = args.strength.unwrap_or(0.8);
+                    let mode = Mode::Img2Img {
+                        image: tensor,
+                        strength,
+                    };
+                    (mode, Some(strength))
+                }
+            }
+        }
+        (None, _) => (Mode::Txt2Img, None),
+    };
+    let (default_w, default_h) = match &image {
+        Some(image) => (image.width, image.height),
+        None => pipe.default_size(),
+    };
+    let (width, height) = (
+        args.width.unwrap_or(default_w),
+        args.height.unwrap_or(default_h),
+    );
+    if let Some(image) = &image
+        && (image.width, image.height) != (width, height)
+    {
+        bail!(
+            "the input image is {}x{} but the output is to be {width}x{height}: Kiln does not resize; give an image of the output size",
+            image.width,
+            image.height
+        );
+    }
+    let seed = args.seed.unwrap_or_else(clock_seed);
+    let mut options = GenerateOptions::new(&args.prompt)
+        .with_negative_prompt(&args.negative_prompt)
+        .with_guidance_scale(args.guidance)
+        .with_guidance_rescale(args.guidance_rescale)
+        .with_num_images(batch)
+        .with_size(width, height)
+        .with_steps(args.steps)
+        .with_clip_skip(args.clip_skip)
+        .with_mode(mode);
+    if let Some(latents) = latents {
+        options = options.with_latents(latents);
+    }
+
+    // 4. the run, with a progress bar on stderr
+    let bar = ProgressBar::with_draw_target(None, ProgressDrawTarget::stderr());
+    bar.set_style(
+        ProgressStyle::with_template(
+            "{spinner} [{bar:30}] {pos}/{len} steps, {per_sec}, ETA {eta} ({elapsed})",
+        )
+        .context("progress bar template")?
+        .progress_chars("=> "),
+    );
+    let mut on_step = |p: &StepProgress<'_>| {
+        bar.set_length(p.total as u64);
+        bar.set_position(p.step as u64 + 1);
+        std::ops::ControlFlow::Continue(())
+    };
+    let mut noise = SeededNoise::new(seed);
+    let out = pipe.generate(&mut scheduler, &options, &mut noise, Some(&mut on_step))?;
+    bar.finish_and_clear();
+
+    // 5. encode every PNG, then write them all
+    let images = out.to_rgb8()?;
+    let model_name = model_label(args.model.as_deref(), &model_dir);
+    let mut encoded = Vec::new();
+    for (i, image) in images.iter().enumerate() {
+        let params = Parameters {
+            prompt: &args.prompt,
+            negative_prompt: &args.negative_prompt,
+            steps: args.steps,
+            sampler: &sampler_label,
+            guidance: args.guidance,
+            seed,
+            width,
+            height,
+            model: &model_name,
+            strength,
+            clip_skip: args.clip_skip,
+            batch: (batch, i),
+        };
+        encoded.push(encode_png(image, &params.to_string())?);
+    }
+    for (path, bytes) in outputs.iter().zip(&encoded) {
+        write_atomic(path, bytes)?;
+        eprintln!("wrote {}", path.display());
+    }
+    eprintln!(
+        "{} image(s), seed {seed}, in {:.1} s",
+        images.len(),
+        started.elapsed().as_secs_f64()
+    );
+    Ok(())
+}
+
+/// A model folder, or a repo id looked up in the local Hugging Face cache.
+fn resolve_model(spec: Option<&str>) -> Result<PathBuf> {
+    let Some(spec) = spec else {
+        bail!(
+            "no --model given, and this build has no embedded default model yet (it arrives with the training work); pass --model DIR or a Hugging Face repo id in the local cache"
+        );
+    };
+    let path = Path::new(spec);
+    if path.exists() {
+        return Ok(path.to_path_buf());
+    }
+    let parts: Vec<&str> = spec.split('/').collect();
+    let looks_like_repo = parts.len() == 2
+        && parts
+            .iter()
+            .all(|p| !p.is_empty() && !p.starts_with('.') && !p.contains('\\'));
+    if !looks_like_repo {
+        bail!("model folder `{spec}` does not exist");
+    }
+    let cache = hf_hub::Cache::from_env();
+    let repo = cache.model(spec.to_string());
+    match repo.get("model_index.json") {
+        Some(index) => index
+            .parent()
+            .map(Path::to_path_buf)
+            .context("the hub cache returned a file without a folder"),
+        None => bail!(
+            "`{spec}` is neither a folder nor a model in the Hugging Face cache at `{}` (Kiln reads the cache offline; download it first, e.g. `huggingface-cli download {spec}`)",
+            cache.path().display()
+        ),
+    }
+}
+
+/// The model name for the metadata: the repo id, or the folder's name.
+fn model_label(spec: Option<&str>, dir: &Path) -> String {
+    match spec {
+        Some(s) if !Path::new(s).exists() => s.to_string(),
+        _ => dir
+            .canonicalize()
+            .ok()
+            .and_then(|d| d.file_name().map(|n| n.to_string_lossy().into_owned()))
+            .unwrap_or_else(|| dir.display().to_string()),
+    }
+}
+
+/// `out.png` for one image; `out-0.png`, `out-1.png`, ... for several.
+pub fn output_paths(output: &Path, batch: usize) -> Vec<PathBuf> {
+    if batch == 1 {
+        return vec![output.to_path_buf()];
+    }
+    let stem = output
+        .file_stem()
+        .map(|s| s.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let ext = output
+        .extension()
+        .map(|e| e.to_string_lossy().into_owned())
+        .unwrap_or_else(|| "png".into());
+    (0..batch)
+        .map(|i| output.with_file_name(format!("{stem}-{i}.{ext}")))
+        .collect()
+}
+
+/// Reads the one tensor `latents` of a safetensors file as f32 `[b, c, h, w]`.
+fn read_latents(path: &Path, device: &Device) -> Result<Tensor<4>> {
+    let bytes = std::fs::read(path).with_context(|| format!("cannot read `{}`", path.display()))?;
+    let file = safetensors::SafeTensors::deserialize(&bytes)
+        .with_context(|| format!("`{}` is not a safetensors file", path.display()))?;
+    let view = file
+        .tensor("latents")
+        .with_context(|| format!("`{}` has no tensor named `latents`", path.display()))?;
+    let shape = view.shape().to_vec();
+    let Ok(shape4) = <[usize; 4]>::try_from(shape.as_slice()) else {
+        bail!(
+            "`latents` in `{}` has shape {shape:?}; expected [batch, 4, height / 8, width / 8]",
+            path.display()
+        );
+    };
+    let raw = view.data();
+    let values: Vec<f32> = match view.dtype() {
+        safetensors::Dtype::F32 => raw
+            .chunks_exact(4)
+            .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+            .collect(),
+        other => bail!(
+            "`latents` in `{}` is {other:?}; Kiln reads f32 latents",
+            path.display()
+        ),
+    };
+    Ok(Tensor::from_data(TensorData::new(values, shape4), device))
+}
+
+fn clock_seed() -> u64 {
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos())
+        .unwrap_or(0);
+    (nanos as u64) % 4_294_967_296
+}
+
+/// The A1111 / civitai sampler label.
+fn a1111_sampler(kind: SchedulerKind, name: Option<SamplerName>, karras: bool) -> String {
+    let name = name.unwrap_or_else(|| {
+        SamplerName::ALL
+            .into_iter()
+            .find(|n| n.kind() == kind)
+            .unwrap_or(SamplerName::Pndm)
+    });
+    let base = match name {
+        SamplerName::Ddpm => "DDPM",
+        SamplerName::Ddim => "DDIM",
+        SamplerName::Pndm => "PLMS",
+        SamplerName::Lms => "LMS",
+        SamplerName::Euler => "Euler",
+        SamplerName::EulerA => "Euler a",
+        SamplerName::Heun => "Heun",
+        SamplerName::Dpm2 => "DPM2",
+        SamplerName::Dpm2A => "DPM2 a",
+        SamplerName::DpmPp2m => "DPM++ 2M",
+        SamplerName::DpmPp2mSde => "DPM++ 2M SDE",
+        SamplerName::DpmPp2s => "DPM++ 2S",
+        SamplerName::UniPc => "UniPC",
+        SamplerName::Lcm => "LCM",
+    };
+    if karras {
+        format!("{base} Karras")
+    } else {
+        base.to_string()
+    }
+}
+
+/// The `parameters` text A1111 writes and civitai reads.
+struct Parameters<'a> {
+    prompt: &'a str,
+    negative_prompt: &'a str,
+    steps: usize,
+    sampler: &'a str,
+    guidance: f64,
+    seed: u64,
+    width: usize,
+    height: usize,
+    model: &'a str,
+    strength: Option<f64>,
+    clip_skip: usize,
+    batch: (usize, usize),
+}
+
+impl std::fmt::Display for Parameters<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        writeln!(f, "{}", self.prompt)?;
+        if !self.negative_prompt.is_empty() {
+            writeln!(f, "Negative prompt: {}", self.negative_prompt)?;
+        }
+        write!(
+            f,
+            "Steps: {}, Sampler: {}, CFG scale: {}, Seed: {}, Size: {}x{}, Model: {}",
+            self.steps, self.sampler, self.guidance, self.seed, self.width, self.height, self.model
+        )?;
+        if let Some(s) = self.strength {
+            write!(f, ", Denoising strength: {s}")?;
+        }
+        if self.clip_skip > 0 {
+            write!(f, ", Clip skip: {}", self.clip_skip + 1)?;
+        }
+        if self.batch.0 > 1 {
+            write!(
+                f,
+                ", Batch size: {}, Batch pos: {}",
+                self.batch.0, self.batch.1
+            )?;
+        }
+        write!(f, ", Version: kiln {}", env!("CARGO_PKG_VERSION"))
+    }
+}

@@ -1,0 +1,447 @@
+//! `kiln generate` as a user runs it, on the tiny pipelines of `fixtures/pipeline/`.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+fn root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
+}
+
+fn copy_dir(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for entry in std::fs::read_dir(from).unwrap() {
+        let entry = entry.unwrap();
+        let target = to.join(entry.file_name());
+        if entry.path().is_dir() {
+            copy_dir(&entry.path(), &target);
+        } else {
+            std::fs::copy(entry.path(), target).unwrap();
+        }
+    }
+}
+
+/// A complete diffusers folder for `kind` (`sd1`, `inpaint`) at `dir`: the committed components,
+/// sd1's text encoder and VAE where `kind` shares them, and the classic SD1 tokenizer files.
+fn assemble(kind: &str, dir: &Path) {
+    let fixtures = root().join("fixtures/pipeline");
+    copy_dir(&fixtures.join(kind), dir);
+    for component in ["text_encoder", "vae"] {
+        if !dir.join(component).exists() {
+            copy_dir(&fixtures.join("sd1").join(component), &dir.join(component));
+        }
+    }
+    let clip = root().join("fixtures/clip");
+    let tok = dir.join("tokenizer");
+    std::fs::create_dir_all(&tok).unwrap();
+    for (from, name) in [
+        ("vocab/vocab.json", "vocab.json"),
+        ("vocab/merges.txt", "merges.txt"),
+        (
+            "tokenizer-sd1/special_tokens_map.json",
+            "special_tokens_map.json",
+        ),
+        (
+            "tokenizer-sd1/tokenizer_config.json",
+            "tokenizer_config.json",
+        ),
+    ] {
+        std::fs::copy(clip.join(from), tok.join(name)).unwrap();
+    }
+}
+
+fn model(kind: &str) -> tempfile::TempDir {
+    let dir = tempfile::tempdir().unwrap();
+    assemble(kind, dir.path());
+    dir
+}
+
+fn kiln(args: &[&str], env: &[(&str, &Path)]) -> Output {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_kiln"));
+    cmd.args(args);
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    cmd.output().expect("run kiln")
+}
+
+fn stderr(out: &Output) -> String {
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+/// Decodes an RGB PNG: (width, height, pixels, `parameters` text).
+fn read_png(path: &Path) -> (u32, u32, Vec<u8>, String) {
+    let decoder = png::Decoder::new(std::io::BufReader::new(std::fs::File::open(path).unwrap()));
+    let mut reader = decoder.read_info().unwrap();
+    let mut buf = vec![0; reader.output_buffer_size().unwrap()];
+    let info = reader.next_frame(&mut buf).unwrap();
+    let text = reader
+        .info()
+        .uncompressed_latin1_text
+        .iter()
+        .find(|c| c.keyword == "parameters")
+        .map(|c| c.text.clone())
+        .unwrap_or_default();
+    buf.truncate(info.buffer_size());
+    (info.width, info.height, buf, text)
+}
+
+fn write_png(path: &Path, width: u32, height: u32, color: png::ColorType, data: &[u8]) {
+    let file = std::fs::File::create(path).unwrap();
+    let mut encoder = png::Encoder::new(std::io::BufWriter::new(file), width, height);
+    encoder.set_color(color);
+    encoder.set_depth(png::BitDepth::Eight);
+    let mut writer = encoder.write_header().unwrap();
+    writer.write_image_data(data).unwrap();
+}
+
+/// Reads `name` from the pipeline fixtures as f32 values with its shape.
+fn fixture_tensor(name: &str) -> (Vec<usize>, Vec<f32>) {
+    let bytes = std::fs::read(root().join("fixtures/pipeline/expected.safetensors")).unwrap();
+    let file = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    let view = file.tensor(name).unwrap();
+    let values = view
+        .data()
+        .chunks_exact(4)
+        .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+        .collect();
+    (view.shape().to_vec(), values)
+}
+
+fn write_latents(path: &Path, shape: &[usize], values: &[f32]) {
+    let bytes: Vec<u8> = values.iter().flat_map(|v| v.to_le_bytes()).collect();
+    let view =
+        safetensors::tensor::TensorView::new(safetensors::Dtype::F32, shape.to_vec(), &bytes)
+            .unwrap();
+    std::fs::write(
+        path,
+        safetensors::serialize([("latents", view)], None).unwrap(),
+    )
+    .unwrap();
+}
+
+#[test]
+fn generate_matches_diffusers_and_writes_a1111_metadata() {
+    let model = model("sd1");
+    let dir = tempfile::tempdir().unwrap();
+    let (shape, values) = fixture_tensor("sd1_pndm.latents");
+    let latents = dir.path().join("latents.safetensors");
+    write_latents(&latents, &shape, &values);
+    let output = dir.path().join("astronaut.png");
+    let out = kiln(
+        &[
+            "generate",
+            "--model",
+            model.path().to_str().unwrap(),
+            "--prompt",
+            "a photo of an astronaut riding a horse",
+            "--negative-prompt",
+            "blurry",
+            "--steps",
+            "6",
+            "--width",
+            "48",
+            "--height",
+            "32",
+            "--seed",
+            "11",
+            "--latents",
+            latents.to_str().unwrap(),
+            "--device",
+            "flex",
+            "--output",
+            output.to_str().unwrap(),
+        ],
+        &[],
+    );
+    assert!(out.status.success(), "{}", stderr(&out));
+    let (w, h, pixels, text) = read_png(&output);
+    assert_eq!((w, h), (48, 32));
+    // diffusers' image for the same folder and latents, as 8-bit RGB (HWC)
+    let (_, expected) = fixture_tensor("sd1_pndm.image");
+    let plane = 32 * 48;
+    let worst = (0..plane * 3)
+        .map(|i| {
+            let (p, c) = (i / 3, i % 3);
+            let theirs = (expected[c * plane + p] * 255.0).round() as u8;
+            pixels[i].abs_diff(theirs)
+        })
+        .max()
+        .unwrap();
+    assert!(worst <= 2, "max 8-bit difference {worst}");
+    assert_eq!(
+        text.lines().collect::<Vec<_>>()[..2],
+        [
+            "a photo of an astronaut riding a horse",
+            "Negative prompt: blurry"
+        ]
+    );
+    assert!(
+        text.contains("Steps: 6, Sampler: PLMS, CFG scale: 7.5, Seed: 11, Size: 48x32, Model: "),
+        "{text}"
+    );
+}
+
+#[test]
+fn batches_are_numbered_seeded_and_never_overwritten() {
+    let model = model("sd1");
+    let dir = tempfile::tempdir().unwrap();
+    let output = dir.path().join("cat.png");
+    let run = |out: &Path, seed: &str, extra: &[&str]| {
+        let mut args = vec![
+            "generate",
+            "--model",
+            model.path().to_str().unwrap(),
+            "--prompt",
+            "a cat",
+            "--steps",
+            "2",
+            "--scheduler",
+            "euler-a",
+            "--seed",
+            seed,
+            "--batch",
+            "2",
+            "--output",
+            out.to_str().unwrap(),
+        ];
+        args.extend_from_slice(extra);
+        kiln(&args, &[])
+    };
+    let out = run(&output, "5", &[]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let first = std::fs::read(dir.path().join("cat-0.png")).unwrap();
+    let second = std::fs::read(dir.path().join("cat-1.png")).unwrap();
+    assert_ne!(first, second, "two images of a batch differ");
+    assert!(!output.exists());
+    let (w, h, _, text) = read_png(&dir.path().join("cat-1.png"));
+    assert_eq!((w, h), (32, 32), "the model's default size");
+    assert!(
+        text.contains("Sampler: Euler a") && text.contains("Batch pos: 1"),
+        "{text}"
+    );
+
+    // the same seed gives the same image; an existing file needs --overwrite
+    let again = run(&output, "5", &[]);
+    assert!(!again.status.success());
+    assert!(stderr(&again).contains("--overwrite"), "{}", stderr(&again));
+    let again = run(&output, "5", &["--overwrite"]);
+    assert!(again.status.success(), "{}", stderr(&again));
+    assert_eq!(std::fs::read(dir.path().join("cat-0.png")).unwrap(), first);
+    let other = run(&dir.path().join("dog.png"), "6", &[]);
+    assert!(other.status.success(), "{}", stderr(&other));
+    assert_ne!(std::fs::read(dir.path().join("dog-0.png")).unwrap(), first);
+}
+
+#[test]
+fn img2img_and_inpainting_write_images_of_the_input_size() {
+    let dir = tempfile::tempdir().unwrap();
+    let (w, h) = (48u32, 32u32);
+    let rgb: Vec<u8> = (0..w * h * 3).map(|i| (i * 7 % 251) as u8).collect();
+    let image = dir.path().join("in.png");
+    write_png(&image, w, h, png::ColorType::Rgb, &rgb);
+    let mask_px: Vec<u8> = (0..w * h)
+        .map(|i| if (i % w) > w / 2 { 255 } else { 0 })
+        .collect();
+    let mask = dir.path().join("mask.png");
+    write_png(&mask, w, h, png::ColorType::Grayscale, &mask_px);
+    let sd1 = model("sd1");
+    let inpaint = model("inpaint");
+    for (name, model, extra) in [
+        ("img2img", &sd1, vec!["--strength", "0.5"]),
+        ("blend", &sd1, vec!["--mask", mask.to_str().unwrap()]),
+        ("unet9", &inpaint, vec!["--mask", mask.to_str().unwrap()]),
+    ] {
+        let output = dir.path().join(format!("{name}.png"));
+        let mut args = vec![
+            "generate",
+            "--model",
+            model.path().to_str().unwrap(),
+            "--prompt",
+            "a dog",
+            "--steps",
+            "4",
+            "--scheduler",
+            "ddim",
+            "--image",
+            image.to_str().unwrap(),
+            "--output",
+            output.to_str().unwrap(),
+        ];
+        args.extend(extra);
+        let out = kiln(&args, &[]);
+        assert!(out.status.success(), "{name}: {}", stderr(&out));
+        let (ow, oh, _, text) = read_png(&output);
+        assert_eq!((ow, oh), (w, h), "{name}");
+        let strength = if name == "img2img" { "0.5" } else { "1" };
+        assert!(
+            text.contains(&format!("Denoising strength: {strength}")),
+            "{name}: {text}"
+        );
+    }
+}
+
+#[test]
+fn hub_repo_ids_load_from_the_local_cache() {
+    let home = tempfile::tempdir().unwrap();
+    let repo = home.path().join("hub/models--kiln--tiny-sd1");
+    let commit = "0123456789abcdef0123456789abcdef01234567";
+    std::fs::create_dir_all(repo.join("refs")).unwrap();
+    std::fs::write(repo.join("refs/main"), commit).unwrap();
+    assemble("sd1", &repo.join("snapshots").join(commit));
+    let dir = tempfile::tempdir().unwrap();
+    let output = dir.path().join("hub.png");
+    let args = [
+        "generate",
+        "--model",
+        "kiln/tiny-sd1",
+        "--prompt",
+        "a cat",
+        "--steps",
+        "2",
+        "--output",
+        output.to_str().unwrap(),
+    ];
+    let out = kiln(&args, &[("HF_HOME", home.path())]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let (_, _, _, text) = read_png(&output);
+    assert!(text.contains("Model: kiln/tiny-sd1"), "{text}");
+
+    let missing = kiln(
+        &[
+            "generate",
+            "--model",
+            "kiln/not-cached",
+            "--prompt",
+            "x",
+            "--output",
+            dir.path().join("m.png").to_str().unwrap(),
+        ],
+        &[("HF_HOME", home.path())],
+    );
+    assert!(!missing.status.success());
+    assert!(
+        stderr(&missing).contains("Hugging Face cache"),
+        "{}",
+        stderr(&missing)
+    );
+}
+
+/// Runs `generate` with `extra` arguments, expects failure with one line containing `needle`
+/// and no file at the output path.
+fn fails_cleanly(model: &Path, extra: &[&str], needle: &str) {
+    let dir = tempfile::tempdir().unwrap();
+    let output = dir.path().join("out.png");
+    let mut args = vec![
+        "generate",
+        "--model",
+        model.to_str().unwrap(),
+        "--prompt",
+        "x",
+        "--steps",
+        "2",
+        "--output",
+        output.to_str().unwrap(),
+    ];
+    args.extend_from_slice(extra);
+    let out = kiln(&args, &[]);
+    let err = stderr(&out);
+    assert!(!out.status.success(), "{extra:?} succeeded");
+    assert!(
+        err.starts_with("error: ") && err.contains(needle),
+        "{extra:?}: {err}"
+    );
+    assert_eq!(err.trim().lines().count(), 1, "one clear line: {err}");
+    assert_eq!(
+        std::fs::read_dir(dir.path()).unwrap().count(),
+        0,
+        "{extra:?} left a file"
+    );
+}
+
+#[test]
+fn bad_input_is_one_clear_line_and_no_file() {
+    let sd1 = model("sd1");
+    fails_cleanly(sd1.path(), &["--scheduler", "euler_a"], "euler-a");
+    fails_cleanly(sd1.path(), &["--width", "30"], "multiples of 4");
+    fails_cleanly(sd1.path(), &["--scheduler", "pndm", "--karras"], "--karras");
+    fails_cleanly(sd1.path(), &["--dtype", "f64"], "f64");
+
+    let dir = tempfile::tempdir().unwrap();
+    let png_path = dir.path().join("img.png");
+    write_png(&png_path, 48, 32, png::ColorType::Rgb, &[100; 48 * 32 * 3]);
+    let small_mask = dir.path().join("mask.png");
+    write_png(
+        &small_mask,
+        24,
+        16,
+        png::ColorType::Grayscale,
+        &[255; 24 * 16],
+    );
+    let mask_args = [
+        "--image",
+        png_path.to_str().unwrap(),
+        "--mask",
+        small_mask.to_str().unwrap(),
+    ];
+    fails_cleanly(sd1.path(), &mask_args, "the same size");
+    let not_png = dir.path().join("broken.png");
+    std::fs::write(&not_png, b"not a png").unwrap();
+    fails_cleanly(
+        sd1.path(),
+        &["--image", not_png.to_str().unwrap()],
+        "not a readable PNG",
+    );
+
+    let wrong_name = dir.path().join("noise.safetensors");
+    let bytes = vec![0u8; 4 * 8 * 8 * 4];
+    let view =
+        safetensors::tensor::TensorView::new(safetensors::Dtype::F32, vec![1, 4, 8, 8], &bytes)
+            .unwrap();
+    std::fs::write(
+        &wrong_name,
+        safetensors::serialize([("noise", view)], None).unwrap(),
+    )
+    .unwrap();
+    fails_cleanly(
+        sd1.path(),
+        &["--latents", wrong_name.to_str().unwrap()],
+        "named `latents`",
+    );
+    let wrong_shape = dir.path().join("latents.safetensors");
+    write_latents(&wrong_shape, &[1, 4, 8, 8], &[0.0; 4 * 8 * 8]);
+    fails_cleanly(
+        sd1.path(),
+        &["--latents", wrong_shape.to_str().unwrap()],
+        "[1, 4, 16, 16]",
+    );
+
+    let empty = tempfile::tempdir().unwrap();
+    fails_cleanly(empty.path(), &[], "model_index.json");
+    let partial = model("sd1");
+    std::fs::remove_dir_all(partial.path().join("vae")).unwrap();
+    fails_cleanly(partial.path(), &[], "missing vae/");
+
+    let mismatched = model("sd1");
+    let config = mismatched.path().join("unet/config.json");
+    let text = std::fs::read_to_string(&config).unwrap();
+    let text = text.replace("\"cross_attention_dim\": 8", "\"cross_attention_dim\": 16");
+    std::fs::write(&config, text).unwrap();
+    fails_cleanly(mismatched.path(), &[], "cross-attention width is 16");
+
+    let out = kiln(
+        &[
+            "generate",
+            "--prompt",
+            "x",
+            "--output",
+            dir.path().join("d.png").to_str().unwrap(),
+        ],
+        &[],
+    );
+    assert!(!out.status.success());
+    assert!(
+        stderr(&out).contains("embedded default model"),
+        "{}",
+        stderr(&out)
+    );
+}

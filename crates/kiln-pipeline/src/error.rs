@@ -1,0 +1,58 @@
+//! The error type of `kiln-pipeline`.
+
+use std::path::PathBuf;
+
+/// Everything that can go wrong while loading or running a pipeline.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// Reading a config or weights failed.
+    #[error(transparent)]
+    Nn(#[from] kiln_nn::Error),
+    /// The tokenizer or text encoder failed.
+    #[error(transparent)]
+    Clip(#[from] kiln_clip::Error),
+    /// The UNet failed to load or run.
+    #[error(transparent)]
+    Unet(#[from] kiln_unet::Error),
+    /// The VAE failed to load or run.
+    #[error(transparent)]
+    Vae(#[from] kiln_vae::Error),
+    /// The scheduler rejected its config or a step.
+    #[error(transparent)]
+    Scheduler(#[from] kiln_scheduler::Error),
+    /// The model folder lacks files or subfolders a pipeline needs.
+    #[error("`{dir}` is not a complete diffusers model folder: missing {missing}")]
+    IncompleteModel {
+        /// The folder.
+        dir: PathBuf,
+        /// What is missing, comma-separated.
+        missing: String,
+    },
+    /// The components do not fit together (widths, channel counts).
+    #[error("mismatched components: {0}")]
+    Mismatch(String),
+    /// The requested image size is not one the VAE and UNet can take.
+    #[error(
+        "image size {width}x{height} is not supported by this model: width and height must be positive multiples of {multiple}"
+    )]
+    Size {
+        /// Requested width in pixels.
+        width: usize,
+        /// Requested height in pixels.
+        height: usize,
+        /// What both must be multiples of.
+        multiple: usize,
+    },
+    /// An option or input tensor the caller gave is out of range or misshaped.
+    #[error("invalid input: {0}")]
+    InvalidInput(String),
+    /// The step callback asked to stop.
+    #[error("generation cancelled at step {step}")]
+    Cancelled {
+        /// The step (0-based) after which the callback stopped the run.
+        step: usize,
+    },
+}
+
+/// `Result` with [`Error`].
+pub type Result<T, E = Error> = std::result::Result<T, E>;

@@ -1,0 +1,826 @@
+//! The Stable Diffusion pipelines: text-to-image, image-to-image and inpainting in one
+//! [`StableDiffusionPipeline`], as diffusers' `StableDiffusionPipeline`,
+//! `StableDiffusionImg2ImgPipeline` and `StableDiffusionInpaintPipeline` compute them
+//! (`diffusers/pipelines/stable_diffusion/pipeline_stable_diffusion{,_img2img,_inpaint}.py`,
+//! diffusers 0.42.1), with classifier-free guidance (Ho & Salimans 2022) and guidance rescale
+//! (Lin et al. 2023, "Common Diffusion Noise Schedules and Sample Steps are Flawed", 3.4).
+
+use std::ops::ControlFlow;
+use std::path::{Path, PathBuf};
+
+use burn::tensor::{DType, Device, Tensor, TensorData};
+use kiln_clip::{ClipTextConfig, ClipTextModel, ClipTokenizer};
+use kiln_scheduler::{
+    AnyScheduler, NoiseSource, SamplerName, SamplerOptions, Scheduler, SchedulerConfig,
+    SchedulerKind,
+};
+use kiln_unet::unet_2d_condition::SampleSize;
+use kiln_unet::{UNet2DConditionModel, UNet2DConditionModelConfig};
+use kiln_vae::{AutoencoderKL, AutoencoderKLConfig};
+use serde::Deserialize;
+
+use crate::{Error, Result};
+
+/// The subfolders a diffusers Stable Diffusion folder must have.
+const COMPONENTS: [&str; 5] = ["tokenizer", "text_encoder", "unet", "vae", "scheduler"];
+
+/// `model_index.json`: only the class name is read; components are found by folder name.
+#[derive(Debug, Clone, Deserialize)]
+struct ModelIndex {
+    #[serde(rename = "_class_name")]
+    class_name: String,
+}
+
+/// How to load a pipeline: the float type of the UNet and VAE (the text encoder always runs in
+/// f32, its cost being negligible).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct LoadOptions {
+    /// Weights and activations of the UNet and VAE. F16 prefers the `.fp16.` weight files.
+    pub dtype: kiln_nn::FloatKind,
+}
+
+/// What kind of run: from noise, from an image, or filling a masked region.
+// One value per run, never stored in bulk: boxing the tensors would only add indirection.
+#[allow(clippy::large_enum_variant)]
+#[derive(Debug, Clone, Default)]
+pub enum Mode {
+    /// Text to image from (seeded or given) noise.
+    #[default]
+    Txt2Img,
+    /// Image to image: the image is encoded, noised to the `strength` point of the schedule and
+    /// denoised from there.
+    Img2Img {
+        /// `[1, 3, height, width]`, values in [-1, 1].
+        image: Tensor<4>,
+        /// In (0, 1]: the fraction of the schedule run (1 ignores the image).
+        strength: f64,
+    },
+    /// Inpainting: regenerate where `mask` is 1, keep the rest. A 9-channel inpainting UNet gets
+    /// the mask and the masked image's latents as extra input; a regular UNet's latents are
+    /// blended with the noised original after every step.
+    Inpaint {
+        /// `[1, 3, height, width]`, values in [-1, 1].
+        image: Tensor<4>,
+        /// `[1, 1, height, width]`, values in [0, 1] (binarised at 0.5; 1 = repaint).
+        mask: Tensor<4>,
+        /// In (0, 1]: the fraction of the schedule run.
+        strength: f64,
+    },
+}
+
+/// Everything one generation needs besides the pipeline, the scheduler and the noise source.
+///
+/// Build with [`GenerateOptions::new`] and the `with_*` methods; unset sizes and step counts take
+/// the model's defaults (the UNet's `sample_size` times the VAE scale factor, 50 steps, guidance
+/// 7.5).
+#[derive(Debug, Clone)]
+pub struct GenerateOptions {
+    /// The prompt.
+    pub prompt: String,
+    /// The negative prompt (the unconditional side of guidance); empty means `""`.
+    pub negative_prompt: String,
+    /// Classifier-free guidance scale; at or below 1 guidance is skipped (one UNet batch).
+    pub guidance_scale: f64,
+    /// diffusers' `guidance_rescale` (0 disables), for zero-terminal-SNR models.
+    pub guidance_rescale: f64,
+    /// Images per prompt.
+    pub num_images: usize,
+    /// Image height in pixels (`None`: the model's default).
+    pub height: Option<usize>,
+    /// Image width in pixels (`None`: the model's default).
+    pub width: Option<usize>,
+    /// Denoising steps.
+    pub steps: usize,
+    /// Text-encoder layers skipped from the end (diffusers' `clip_skip`).
+    pub clip_skip: usize,
+    /// Initial latents `[num_images, 4, h / f, w / f]` with unit variance (diffusers' `latents=`);
+    /// scaled by the scheduler's `init_noise_sigma`. `None`: drawn from the noise source.
+    pub latents: Option<Tensor<4>>,
+    /// Prompt embeddings `[1, seq, width]` used instead of encoding `prompt`.
+    pub prompt_embeds: Option<Tensor<3>>,
+    /// Negative prompt embeddings `[1, seq, width]` used instead of encoding `negative_prompt`.
+    pub negative_prompt_embeds: Option<Tensor<3>>,
+    /// Text to image, image to image or inpainting.
+    pub mode: Mode,
+}
+
+impl GenerateOptions {
+    /// Options for `prompt` with the defaults of diffusers' pipeline.
+    pub fn new(prompt: impl Into<String>) -> Self {
+        Self {
+            prompt: prompt.into(),
+            negative_prompt: String::new(),
+            guidance_scale: 7.5,
+            guidance_rescale: 0.0,
+            num_images: 1,
+            height: None,
+            width: None,
+            steps: 50,
+            clip_skip: 0,
+            latents: None,
+            prompt_embeds: None,
+            negative_prompt_embeds: None,
+            mode: Mode::Txt2Img,
+        }
+    }
+
+    /// Sets the negative prompt.
+    pub fn with_negative_prompt(mut self, negative: impl Into<String>) -> Self {
+        self.negative_prompt = negative.into();
+        self
+    }
+
+    /// Sets the guidance scale.
+    pub fn with_guidance_scale(mut self, scale: f64) -> Self {
+        self.guidance_scale = scale;
+        self
+    }
+
+    /// Sets the guidance rescale factor.
+    pub fn with_guidance_rescale(mut self, rescale: f64) -> Self {
+        self.guidance_rescale = rescale;
+        self
+    }
+
+    /// Sets the number of images.
+    pub fn with_num_images(mut self, n: usize) -> Self {
+        self.num_images = n;
+        self
+    }
+
+    /// Sets the image size in pixels.
+    pub fn with_size(mut self, width: usize, height: usize) -> Self {
+        self.width = Some(width);
+        self.height = Some(height);
+        self
+    }
+
+    /// Sets the number of denoising steps.
+    pub fn with_steps(mut self, steps: usize) -> Self {
+        self.steps = steps;
+        self
+    }
+
+    /// Sets clip skip.
+    pub fn with_clip_skip(mut self, clip_skip: usize) -> Self {
+        self.clip_skip = clip_skip;
+        self
+    }
+
+    /// Supplies the initial (unit-variance) latents.
+    pub fn with_latents(mut self, latents: Tensor<4>) -> Self {
+        self.latents = Some(latents);
+        self
+    }
+
+    /// Supplies prompt embeddings (and optionally negative ones) instead of prompts.
+    pub fn with_prompt_embeds(mut self, embeds: Tensor<3>, negative: Option<Tensor<3>>) -> Self {
+        self.prompt_embeds = Some(embeds);
+        self.negative_prompt_embeds = negative;
+        self
+    }
+
+    /// Sets the mode (img2img, inpainting).
+    pub fn with_mode(mut self, mode: Mode) -> Self {
+        self.mode = mode;
+        self
+    }
+}
+
+/// What the step callback sees after each scheduler step.
+#[derive(Debug)]
+pub struct StepProgress<'a> {
+    /// 0-based index of the step just done.
+    pub step: usize,
+    /// Number of model calls in this run.
+    pub total: usize,
+    /// The timestep of the step.
+    pub timestep: f64,
+    /// The latents after the step, `[num_images, 4, h / f, w / f]`.
+    pub latents: &'a Tensor<4>,
+}
+
+/// The step callback: return `ControlFlow::Break(())` to cancel.
+pub type StepCallback<'a> = dyn FnMut(&StepProgress<'_>) -> ControlFlow<()> + 'a;
+
+/// The result of a run.
+#[derive(Debug, Clone)]
+pub struct GenerateOutput {
+    /// Decoded images `[num_images, 3, height, width]`, values in [0, 1].
+    pub images: Tensor<4>,
+    /// The final latents (scaled, as the UNet sees them).
+    pub latents: Tensor<4>,
+}
+
+/// One 8-bit RGB image, row-major, 3 bytes per pixel.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RgbImage {
+    /// Width in pixels.
+    pub width: usize,
+    /// Height in pixels.
+    pub height: usize,
+    /// `height * width * 3` bytes.
+    pub data: Vec<u8>,
+}
+
+impl GenerateOutput {
+    /// The images as 8-bit RGB, rounded as diffusers' `numpy_to_pil` does (`round(x * 255)`).
+    pub fn to_rgb8(&self) -> Result<Vec<RgbImage>> {
+        images_to_rgb8(&self.images)
+    }
+}
+
+/// `[b, 3, h, w]` values in [0, 1] to 8-bit RGB images.
+pub fn images_to_rgb8(images: &Tensor<4>) -> Result<Vec<RgbImage>> {
+    let [b, c, h, w] = images.dims();
+    if c != 3 {
+        return Err(Error::InvalidInput(format!(
+            "images must have 3 channels, got shape {:?}",
+            images.dims()
+        )));
+    }
+    let values = f32_values(images.clone().permute([0, 2, 3, 1]).to_data(), "images")?;
+    Ok(values
+        .chunks(h * w * 3)
+        .take(b)
+        .map(|px| RgbImage {
+            width: w,
+            height: h,
+            data: px
+                .iter()
+                .map(|v| (v.clamp(0.0, 1.0) * 255.0).round() as u8)
+                .collect(),
+        })
+        .collect())
+}
+
+/// 8-bit RGB to the `[1, 3, h, w]` tensor in [-1, 1] the img2img and inpainting modes take.
+pub fn rgb8_to_tensor(image: &RgbImage, device: &Device) -> Result<Tensor<4>> {
+    let (h, w) = (image.height, image.width);
+    if image.data.len() != h * w * 3 || h == 0 || w == 0 {
+        return Err(Error::InvalidInput(format!(
+            "an RGB image of {w}x{h} needs {} bytes, got {}",
+            h * w * 3,
+            image.data.len()
+        )));
+    }
+    let values: Vec<f32> = image
+        .data
+        .iter()
+        .map(|&v| f32::from(v) / 127.5 - 1.0)
+        .collect();
+    Ok(Tensor::<4>::from_data(TensorData::new(values, [1, h, w, 3]), device).permute([0, 3, 1, 2]))
+}
+
+fn f32_values(data: TensorData, what: &str) -> Result<Vec<f32>> {
+    data.convert::<f32>()
+        .try_into_vec::<f32>()
+        .map_err(|e| Error::InvalidInput(format!("cannot read {what}: {e:?}")))
+}
+
+/// A loaded Stable Diffusion model: tokenizer, text encoder, UNet, VAE and the folder's scheduler
+/// config. The scheduler itself is the caller's (see [`scheduler`](Self::scheduler)), so one
+/// pipeline serves any sampler.
+#[derive(Debug)]
+pub struct StableDiffusionPipeline {
+    /// The CLIP tokenizer.
+    pub tokenizer: ClipTokenizer,
+    /// The CLIP text encoder.
+    pub text_encoder: ClipTextModel,
+    /// The denoiser.
+    pub unet: UNet2DConditionModel,
+    /// The autoencoder.
+    pub vae: AutoencoderKL,
+    /// `scheduler/scheduler_config.json` (class included).
+    pub scheduler_config: SchedulerConfig,
+    /// `_class_name` of `model_index.json`.
+    pub class_name: String,
+    /// Where the model was loaded from.
+    pub source: PathBuf,
+    device: Device,
+    dtype: DType,
+}
+
+impl StableDiffusionPipeline {
+    /// Loads a diffusers model folder (`model_index.json`, `tokenizer/`, `text_encoder/`, `unet/`,
+    /// `vae/`, `scheduler/`), checking that the components fit together.
+    pub fn from_pretrained(dir: &Path, options: LoadOptions, device: &Device) -> Result<Self> {
+        kiln_nn::config::require_dir(dir, "model folder")?;
+        let mut missing: Vec<String> = Vec::new();
+        if !dir.join("model_index.json").is_file() {
+            missing.push("model_index.json".into());
+        }
+        missing.extend(
+            COMPONENTS
+                .iter()
+                .filter(|c| !dir.join(c).is_dir())
+                .map(|c| format!("{c}/")),
+        );
+        if !missing.is_empty() {
+            return Err(Error::IncompleteModel {
+                dir: dir.to_path_buf(),
+                missing: missing.join(", "),
+            });
+        }
+        let index: ModelIndex =
+            kiln_nn::config::read_json(&dir.join("model_index.json"), "model index")?;
+        // the configs first: mismatched components fail with one clear message before any
+        // weight is read
+        let text_config = ClipTextConfig::from_file(&dir.join("text_encoder").join("config.json"))?;
+        let unet_config =
+            UNet2DConditionModelConfig::from_file(&dir.join("unet").join("config.json"))?;
+        let vae_config = AutoencoderKLConfig::from_file(&dir.join("vae").join("config.json"))?;
+        check_components(&text_config, &unet_config, &vae_config)?;
+        let scheduler_config =
+            SchedulerConfig::from_file(dir.join("scheduler").join("scheduler_config.json"))?;
+
+        let dtype = options.dtype.dtype();
+        let _span = tracing::info_span!("load_pipeline", dir = %dir.display()).entered();
+        let tokenizer = ClipTokenizer::from_dir(dir.join("tokenizer"))?;
+        let text_encoder = ClipTextModel::from_dir(dir.join("text_encoder"), device)?;
+        let unet = UNet2DConditionModel::from_pretrained(&dir.join("unet"), dtype, device)?;
+        let vae = AutoencoderKL::from_pretrained(&dir.join("vae"), dtype, device)?;
+        Ok(Self {
+            tokenizer,
+            text_encoder,
+            unet,
+            vae,
+            scheduler_config,
+            class_name: index.class_name,
+            source: dir.to_path_buf(),
+            device: device.clone(),
+            dtype,
+        })
+    }
+
+    /// The device the pipeline runs on.
+    pub fn device(&self) -> &Device {
+        &self.device
+    }
+
+    /// Whether the UNet is an inpainting UNet (latents, mask and masked-image latents as input).
+    pub fn is_inpainting_unet(&self) -> bool {
+        self.unet.config.in_channels == 2 * self.vae.config.latent_channels + 1
+    }
+
+    /// Image pixels per latent pixel.
+    pub fn vae_scale_factor(&self) -> usize {
+        self.vae.scale_factor()
+    }
+
+    /// Width and height must be positive multiples of this.
+    pub fn size_multiple(&self) -> usize {
+        self.vae_scale_factor() * self.unet.size_multiple()
+    }
+
+    /// The default `(width, height)`: the UNet's `sample_size` times the VAE scale factor.
+    pub fn default_size(&self) -> (usize, usize) {
+        let f = self.vae_scale_factor();
+        match self.unet.config.sample_size {
+            Some(SampleSize::Square(s)) => (s * f, s * f),
+            Some(SampleSize::Rect([h, w])) => (w * f, h * f),
+            None => (64 * f, 64 * f),
+        }
+    }
+
+    /// The scheduler to run with: the folder's own class and config, or `sampler` converted from
+    /// it (diffusers' `from_config`), with `options` (Karras sigmas, DDIM eta).
+    pub fn scheduler(
+        &self,
+        sampler: Option<SamplerName>,
+        options: SamplerOptions,
+    ) -> Result<AnyScheduler> {
+        Ok(match sampler {
+            Some(name) => AnyScheduler::from_sampler(name, &self.scheduler_config, options)?,
+            None => {
+                let mut config = self.scheduler_config.clone();
+                if options.karras {
+                    if !config.kind.supports_karras() {
+                        return Err(Error::InvalidInput(format!(
+                            "the model's scheduler ({}) has no Karras sigmas; pick a sampler that does (e.g. dpm++2m)",
+                            config.kind.class_name()
+                        )));
+                    }
+                    config.use_karras_sigmas = true;
+                }
+                let mut s = AnyScheduler::new(config)?;
+                if options.eta != 0.0 {
+                    match &mut s {
+                        AnyScheduler::Ddim(d) => d.set_eta(options.eta)?,
+                        _ => {
+                            return Err(Error::InvalidInput(
+                                "eta is only for the ddim sampler".into(),
+                            ));
+                        }
+                    }
+                }
+                s
+            }
+        })
+    }
+
+    /// Encodes one prompt: `[1, 77, width]`.
+    pub fn encode_prompt(&self, prompt: &str, clip_skip: usize) -> Result<Tensor<3>> {
+        let ids = self.tokenizer.encode(prompt)?;
+        Ok(self
+            .text_encoder
+            .encode_ids(&[ids], clip_skip, &self.device)?
+            .hidden_state)
+    }
+
+    /// Runs the pipeline.
+    ///
+    /// `noise` supplies every random tensor, in diffusers' order: VAE posterior samples of the
+    /// input image (img2img; inpainting: the image for a regular UNet, the masked image for an
+    /// inpainting UNet), the initial noise (unless `options.latents` is given), then the fresh
+    /// noise of ancestral and SDE samplers. [`kiln_scheduler::SeededNoise`] makes a seed give the
+    /// same image on every backend.
+    ///
+    /// # Shapes
+    /// - `options.latents`: `[num_images, 4, height / f, width / f]`
+    /// - output images: `[num_images, 3, height, width]` in [0, 1]
+    pub fn generate<S: Scheduler + ?Sized>(
+        &self,
+        scheduler: &mut S,
+        options: &GenerateOptions,
+        noise: &mut dyn NoiseSource,
+        mut callback: Option<&mut StepCallback<'_>>,
+    ) -> Result<GenerateOutput> {
+        let (width, height) = self.resolve_size(options)?;
+        let n = options.num_images;
+        if n == 0 || options.steps == 0 {
+            return Err(Error::InvalidInput(
+                "the number of images and of steps must be at least 1".into(),
+            ));
+        }
+        if !options.guidance_scale.is_finite() || !(0.0..=1.0).contains(&options.guidance_rescale) {
+            return Err(Error::InvalidInput(format!(
+                "guidance scale {} must be finite and guidance rescale {} within [0, 1]",
+                options.guidance_scale, options.guidance_rescale
+            )));
+        }
+        let f = self.vae_scale_factor();
+        let latent_channels = self.vae.config.latent_channels;
+        let shape = [n, latent_channels, height / f, width / f];
+        let _span = tracing::info_span!("generate", width, height, steps = options.steps).entered();
+
+        // 1. prompt embeddings, [uncond x n, cond x n] under guidance
+        let do_cfg = options.guidance_scale > 1.0;
+        let context = self.context(options, do_cfg)?;
+
+        // 2. timesteps, cut to the strength point for img2img / inpainting
+        scheduler.set_timesteps(options.steps)?;
+        let all: Vec<f64> = scheduler.timesteps().to_vec();
+        let strength = match &options.mode {
+            Mode::Txt2Img => 1.0,
+            Mode::Img2Img { strength, .. } | Mode::Inpaint { strength, .. } => *strength,
+        };
+        if !(strength > 0.0 && strength <= 1.0) {
+            return Err(Error::InvalidInput(format!(
+                "strength {strength} must be in (0, 1]"
+            )));
+        }
+        // diffusers' `order`: second-order samplers list two timesteps per step
+        let order = match scheduler.config().kind {
+            SchedulerKind::Heun | SchedulerKind::Kdpm2 | SchedulerKind::Kdpm2Ancestral => 2,
+            _ => 1,
+        };
+        let timesteps = strength_timesteps(&all, options.steps, strength, order)?;
+
+        // 3. initial latents (and the inpainting inputs)
+        let user_latents = match &options.latents {
+            Some(l) if l.dims() != shape => {
+                return Err(Error::InvalidInput(format!(
+                    "initial latents have shape {:?}, this run needs {shape:?}",
+                    l.dims()
+                )));
+            }
+            Some(l) => Some(l.clone().cast(DType::F32)),
+            None => None,
+        };
+        let mut inpaint: Option<InpaintState> = None;
+        let mut latents = match &options.mode {
+            Mode::Txt2Img => {
+                let x = match user_latents {
+                    Some(l) => l,
+                    None => noise.noise(shape, &self.device)?,
+                };
+                x * scheduler.init_noise_sigma()
+            }
+            Mode::Img2Img { image, .. } => {
+                self.check_image(image, width, height, 3, "image")?;
+                let init = self.encode_image(image.clone(), noise)?.repeat_dim(0, n);
+                let eps = match user_latents {
+                    Some(l) => l,
+                    None => noise.noise(shape, &self.device)?,
+                };
+                scheduler.add_noise(init, eps, &timesteps[..1])?
+            }
+            Mode::Inpaint { image, mask, .. } => {
+                self.check_image(image, width, height, 3, "image")?;
+                self.check_image(mask, width, height, 1, "mask")?;
+                let mask = mask
+                    .clone()
+                    .cast(DType::F32)
+                    .greater_equal_elem(0.5)
+                    .float();
+                let regular = !self.is_inpainting_unet();
+                let image_latents = if regular || (user_latents.is_none() && strength < 1.0) {
+                    Some(self.encode_image(image.clone(), noise)?.repeat_dim(0, n))
+                } else {
+                    None
+                };
+                let eps = match user_latents {
+                    Some(l) => l,
+                    None => noise.noise(shape, &self.device)?,
+                };
+                let x = match (&image_latents, strength < 1.0) {
+                    (Some(init), true) => {
+                        scheduler.add_noise(init.clone(), eps.clone(), &timesteps[..1])?
+                    }
+                    _ => eps.clone() * scheduler.init_noise_sigma(),
+                };
+                let latent_mask = downsample_mask(&mask, [shape[2], shape[3]])?.repeat_dim(0, n);
+                let masked_latents = if regular {
+                    None
+                } else {
+                    let keep = mask.clone().lower_elem(0.5).float();
+                    let masked = image.clone().cast(DType::F32) * keep;
+                    Some(self.encode_image(masked, noise)?.repeat_dim(0, n))
+                };
+                inpaint = Some(InpaintState {
+                    mask: latent_mask,
+                    masked_latents,
+                    image_latents,
+                    noise: eps,
+                });
+                x
+            }
+        };
+
+        // 4. the denoising loop
+        let total = timesteps.len();
+        for (i, &t) in timesteps.iter().enumerate() {
+            let _step = tracing::debug_span!("step", i, t).entered();
+            let input = if do_cfg {
+                Tensor::cat(vec![latents.clone(), latents.clone()], 0)
+            } else {
+                latents.clone()
+            };
+            let mut input = scheduler.scale_model_input(input, t)?;
+            if let Some(InpaintState {
+                mask,
+                masked_latents: Some(masked),
+                ..
+            }) = &inpaint
+            {
+                let (m, ml) = if do_cfg {
+                    (
+                        Tensor::cat(vec![mask.clone(), mask.clone()], 0),
+                        Tensor::cat(vec![masked.clone(), masked.clone()], 0),
+                    )
+                } else {
+                    (mask.clone(), masked.clone())
+                };
+                input = Tensor::cat(vec![input, m, ml], 1);
+            }
+            let timestep =
+                Tensor::<1>::from_data(TensorData::new(vec![t as f32], [1]), &self.device);
+            let pred = self
+                .unet
+                .forward(input.cast(self.dtype), timestep, context.clone())?
+                .cast(DType::F32);
+            let pred = if do_cfg {
+                guide(pred, options.guidance_scale, options.guidance_rescale)
+            } else {
+                pred
+            };
+            latents = scheduler.step(pred, t, latents, noise)?.prev_sample;
+            if let Some(InpaintState {
+                mask,
+                image_latents: Some(init),
+                noise: eps,
+                masked_latents: None,
+            }) = &inpaint
+            {
+                let proper = match timesteps.get(i + 1) {
+                    Some(&next) => scheduler.add_noise(init.clone(), eps.clone(), &[next])?,
+                    None => init.clone(),
+                };
+                latents = proper * (mask.clone().neg() + 1.0) + latents * mask.clone();
+            }
+            if let Some(cb) = callback.as_mut() {
+                let progress = StepProgress {
+                    step: i,
+                    total,
+                    timestep: t,
+                    latents: &latents,
+                };
+                if cb(&progress).is_break() {
+                    return Err(Error::Cancelled { step: i });
+                }
+            }
+        }
+
+        // 5. decode
+        let images = self.decode(latents.clone())?;
+        Ok(GenerateOutput { images, latents })
+    }
+
+    /// Decodes scaled latents to images in [0, 1].
+    ///
+    /// # Shapes
+    /// `[b, 4, h, w]` -> `[b, 3, h * f, w * f]`
+    pub fn decode(&self, latents: Tensor<4>) -> Result<Tensor<4>> {
+        let z = self.vae.unscale_latents(latents).cast(self.dtype);
+        let x = self.vae.decode(z, None)?.cast(DType::F32);
+        Ok((x / 2.0 + 0.5).clamp(0.0, 1.0))
+    }
+
+    /// Encodes an image in [-1, 1] to scaled latents, sampling the posterior with `noise`.
+    fn encode_image(&self, image: Tensor<4>, noise: &mut dyn NoiseSource) -> Result<Tensor<4>> {
+        let posterior = self.vae.encode(image.cast(self.dtype), None)?;
+        let eps = noise.noise(posterior.mean.dims(), &self.device)?;
+        let z = posterior.sample(eps.cast(self.dtype)).cast(DType::F32);
+        Ok(z * self.vae.scaling_factor())
+    }
+
+    fn check_image(
+        &self,
+        image: &Tensor<4>,
+        width: usize,
+        height: usize,
+        channels: usize,
+        what: &str,
+    ) -> Result<()> {
+        let dims = image.dims();
+        if dims != [1, channels, height, width] {
+            return Err(Error::InvalidInput(format!(
+                "the {what} has shape {dims:?} ({}x{}); this run needs [1, {channels}, {height}, {width}] ({width}x{height})",
+                dims[3], dims[2]
+            )));
+        }
+        Ok(())
+    }
+
+    fn resolve_size(&self, options: &GenerateOptions) -> Result<(usize, usize)> {
+        let (dw, dh) = match &options.mode {
+            Mode::Img2Img { image, .. } | Mode::Inpaint { image, .. } => {
+                let d = image.dims();
+                (d[3], d[2])
+            }
+            Mode::Txt2Img => self.default_size(),
+        };
+        let (width, height) = (options.width.unwrap_or(dw), options.height.unwrap_or(dh));
+        let multiple = self.size_multiple();
+        if width == 0 || height == 0 || width % multiple != 0 || height % multiple != 0 {
+            return Err(Error::Size {
+                width,
+                height,
+                multiple,
+            });
+        }
+        Ok((width, height))
+    }
+
+    /// The UNet's context: `[n, seq, d]`, or `[2n, seq, d]` (negative first) under guidance.
+    fn context(&self, options: &GenerateOptions, do_cfg: bool) -> Result<Tensor<3>> {
+        let n = options.num_images;
+        let cond = match &options.prompt_embeds {
+            Some(e) => e.clone().cast(DType::F32),
+            None => self.encode_prompt(&options.prompt, options.clip_skip)?,
+        };
+        let width = self.text_encoder.config().hidden_size;
+        let check = |e: &Tensor<3>, what: &str| -> Result<()> {
+            let d = e.dims();
+            if d[0] != 1 || d[1] == 0 || d[2] != width {
+                return Err(Error::InvalidInput(format!(
+                    "{what} have shape {d:?}, expected [1, seq, {width}]"
+                )));
+            }
+            Ok(())
+        };
+        check(&cond, "prompt embeddings")?;
+        let cond = cond.repeat_dim(0, n);
+        let context = if do_cfg {
+            let uncond = match &options.negative_prompt_embeds {
+                Some(e) => e.clone().cast(DType::F32),
+                None => self.encode_prompt(&options.negative_prompt, options.clip_skip)?,
+            };
+            check(&uncond, "negative prompt embeddings")?;
+            if uncond.dims() != [1, cond.dims()[1], width] {
+                return Err(Error::InvalidInput(format!(
+                    "negative prompt embeddings {:?} and prompt embeddings {:?} differ in length",
+                    uncond.dims(),
+                    cond.dims()
+                )));
+            }
+            Tensor::cat(vec![uncond.repeat_dim(0, n), cond], 0)
+        } else {
+            cond
+        };
+        Ok(context.cast(self.dtype))
+    }
+}
+
+/// Checks that the text encoder's width is the UNet's cross-attention width and that the UNet
+/// takes and returns the VAE's latents (or, for inpainting, latents + mask + masked latents).
+fn check_components(
+    text: &ClipTextConfig,
+    unet: &UNet2DConditionModelConfig,
+    vae: &AutoencoderKLConfig,
+) -> Result<()> {
+    let text_width = text.hidden_size;
+    let widths = unet
+        .cross_attention_dim
+        .expand(unet.down_block_types.len(), "cross_attention_dim")?;
+    if let Some(w) = widths.iter().find(|&&w| w != text_width) {
+        return Err(Error::Mismatch(format!(
+            "the text encoder's hidden size is {text_width}, the UNet's cross-attention width is {w}"
+        )));
+    }
+    let latent = vae.latent_channels;
+    if unet.out_channels != latent
+        || (unet.in_channels != latent && unet.in_channels != 2 * latent + 1)
+    {
+        return Err(Error::Mismatch(format!(
+            "the VAE has {latent} latent channels; the UNet takes {} and returns {} (expected {latent} or {} in, {latent} out)",
+            unet.in_channels,
+            unet.out_channels,
+            2 * latent + 1
+        )));
+    }
+    Ok(())
+}
+
+/// The tensors the inpainting loop carries.
+struct InpaintState {
+    /// `[n, 1, h, w]` latent-size mask (1 = repaint).
+    mask: Tensor<4>,
+    /// The masked image's latents (inpainting UNet only).
+    masked_latents: Option<Tensor<4>>,
+    /// The image's latents (regular UNet: blended back each step).
+    image_latents: Option<Tensor<4>>,
+    /// The initial noise, re-used to noise the image latents to each step.
+    noise: Tensor<4>,
+}
+
+/// Classifier-free guidance on `[2n, ...]` predictions (unconditional half first), with
+/// diffusers' `rescale_noise_cfg` when `rescale > 0`.
+fn guide(pred: Tensor<4>, scale: f64, rescale: f64) -> Tensor<4> {
+    let [b, c, h, w] = pred.dims();
+    let n = b / 2;
+    let uncond = pred.clone().narrow(0, 0, n);
+    let text = pred.narrow(0, n, n);
+    let cfg = uncond.clone() + (text.clone() - uncond) * scale;
+    if rescale <= 0.0 {
+        return cfg;
+    }
+    // std over every dim but the batch, unbiased as torch.std
+    let std = |x: Tensor<4>| -> Tensor<4> {
+        let flat = x.reshape([n, c * h * w]); // [n, chw]
+        let var = flat.var(1); // [n, 1], unbiased
+        var.sqrt().reshape([n, 1, 1, 1])
+    };
+    let ratio = std(text) / std(cfg.clone());
+    let rescaled = cfg.clone() * ratio;
+    rescaled * rescale + cfg * (1.0 - rescale)
+}
+
+/// diffusers' `get_timesteps`: the schedule without its first `steps - floor(steps * strength)`
+/// steps (times the scheduler's order).
+fn strength_timesteps(all: &[f64], steps: usize, strength: f64, order: usize) -> Result<Vec<f64>> {
+    if strength >= 1.0 {
+        return Ok(all.to_vec());
+    }
+    let init = ((steps as f64 * strength) as usize).min(steps);
+    let t_start = steps - init;
+    let skip = t_start * order;
+    if init == 0 || skip >= all.len() {
+        return Err(Error::InvalidInput(format!(
+            "strength {strength} with {steps} steps leaves no step to run"
+        )));
+    }
+    Ok(all[skip..].to_vec())
+}
+
+/// Nearest-neighbour downsampling of a `[1, 1, H, W]` mask as torch's `interpolate(mode="nearest")`
+/// does it (source index `floor(i * H / h)`), on the host.
+fn downsample_mask(mask: &Tensor<4>, size: [usize; 2]) -> Result<Tensor<4>> {
+    let [_, _, hh, ww] = mask.dims();
+    let [h, w] = size;
+    let values = f32_values(mask.to_data(), "mask")?;
+    let (sy, sx) = (hh as f32 / h as f32, ww as f32 / w as f32);
+    let mut out = Vec::with_capacity(h * w);
+    for y in 0..h {
+        let yy = ((y as f32 * sy).floor() as usize).min(hh - 1);
+        for x in 0..w {
+            let xx = ((x as f32 * sx).floor() as usize).min(ww - 1);
+            out.push(values[yy * ww + xx]);
+        }
+    }
+    Ok(Tensor::from_data(
+        TensorData::new(out, [1, 1, h, w]),
+        &mask.device(),
+    ))
+}
