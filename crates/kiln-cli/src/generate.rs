@@ -11,8 +11,12 @@ use anyhow::{Context, Result, bail};
 use burn::tensor::{Device, Tensor, TensorData};
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use kiln_nn::FloatKind;
-use kiln_pipeline::{GenerateOptions, LoadOptions, Mode, StableDiffusionPipeline, StepProgress};
-use kiln_scheduler::{SamplerName, SamplerOptions, Scheduler, SchedulerKind, SeededNoise};
+use kiln_pipeline::{
+    GenerateOptions, LoadOptions, Mode, SingleFileOptions, StableDiffusionPipeline, StepProgress,
+};
+use kiln_scheduler::{
+    PredictionType, SamplerName, SamplerOptions, Scheduler, SchedulerKind, SeededNoise,
+};
 
 use crate::png_io::{encode_png, luminance, read_png};
 use crate::write_atomic;
@@ -20,10 +24,19 @@ use crate::write_atomic;
 /// Arguments of `kiln generate`.
 #[derive(clap::Args, Debug)]
 pub struct GenerateArgs {
-    /// A diffusers model folder, or a Hugging Face repo id (`owner/name`) already in the local
+    /// A diffusers model folder, a single-file SD 1.x/2.x checkpoint (`.safetensors` with the
+    /// original CompVis key names), or a Hugging Face repo id (`owner/name`) already in the local
     /// hub cache (`$HF_HOME/hub`, default `~/.cache/huggingface/hub`; read offline).
     #[arg(long)]
     model: Option<String>,
+    /// For a single-file checkpoint: a diffusers folder whose `unet/`, `vae/`, `text_encoder/`
+    /// and `scheduler/` configs describe it (default: inferred from the tensor shapes).
+    #[arg(long, value_name = "DIR")]
+    config: Option<PathBuf>,
+    /// Override the scheduler's prediction type: `epsilon` or `v_prediction` (single-file SD 2.x
+    /// checkpoints default to v-prediction, as the 768 models; the 512 base models need `epsilon`).
+    #[arg(long, value_name = "TYPE")]
+    prediction_type: Option<String>,
     /// The prompt.
     #[arg(long)]
     prompt: String,
@@ -112,7 +125,19 @@ pub fn run(args: GenerateArgs, device: impl FnOnce() -> Result<Device>) -> Resul
             args.output.display()
         );
     }
+    let prediction_type = args
+        .prediction_type
+        .as_deref()
+        .map(parse_prediction_type)
+        .transpose()?;
     let model_dir = resolve_model(args.model.as_deref())?;
+    let single_file = model_dir.is_file();
+    if args.config.is_some() && !single_file {
+        bail!(
+            "--config is for single-file checkpoints; `{}` is a model folder with its own configs",
+            model_dir.display()
+        );
+    }
     let device = device()?;
     let latents = args
         .latents
@@ -147,8 +172,20 @@ pub fn run(args: GenerateArgs, device: impl FnOnce() -> Result<Device>) -> Resul
 
     // 2. the model
     let started = Instant::now();
-    let pipe = StableDiffusionPipeline::from_pretrained(&model_dir, LoadOptions { dtype }, &device)
-        .with_context(|| format!("cannot load the model `{}`", model_dir.display()))?;
+    let mut pipe = if single_file {
+        let options = SingleFileOptions {
+            dtype,
+            config: args.config.clone(),
+            prediction_type,
+        };
+        StableDiffusionPipeline::from_single_file(&model_dir, &options, &device)
+    } else {
+        StableDiffusionPipeline::from_pretrained(&model_dir, LoadOptions { dtype }, &device)
+    }
+    .with_context(|| format!("cannot load the model `{}`", model_dir.display()))?;
+    if let Some(prediction) = prediction_type {
+        pipe.scheduler_config.prediction_type = prediction;
+    }
     let options_sampler = SamplerOptions {
         karras: args.karras,
         eta: 0.0,
@@ -286,7 +323,9 @@ fn resolve_model(spec: Option<&str>) -> Result<PathBuf> {
             .iter()
             .all(|p| !p.is_empty() && !p.starts_with('.') && !p.contains('\\'));
     if !looks_like_repo {
-        bail!("model folder `{spec}` does not exist");
+        bail!(
+            "model `{spec}` does not exist (expected a diffusers folder, a .safetensors checkpoint or a Hugging Face repo id)"
+        );
     }
     let cache = hf_hub::Cache::from_env();
     let repo = cache.model(spec.to_string());
@@ -302,10 +341,21 @@ fn resolve_model(spec: Option<&str>) -> Result<PathBuf> {
     }
 }
 
-/// The model name for the metadata: the repo id, or the folder's name.
+/// `epsilon`, `v_prediction` or `sample`, as diffusers' configs write them.
+fn parse_prediction_type(text: &str) -> Result<PredictionType> {
+    serde_json::from_value(serde_json::Value::String(text.to_string())).map_err(|_| {
+        anyhow::anyhow!("unknown --prediction-type `{text}`: use epsilon, v_prediction or sample")
+    })
+}
+
+/// The model name for the metadata: the repo id, the checkpoint's file stem, or the folder's name.
 fn model_label(spec: Option<&str>, dir: &Path) -> String {
     match spec {
         Some(s) if !Path::new(s).exists() => s.to_string(),
+        _ if dir.is_file() => dir
+            .file_stem()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_else(|| dir.display().to_string()),
         _ => dir
             .canonicalize()
             .ok()

@@ -445,3 +445,77 @@ fn bad_input_is_one_clear_line_and_no_file() {
         stderr(&out)
     );
 }
+
+#[test]
+fn single_file_checkpoints_generate_with_configs_from_a_folder() {
+    // the folder's configs and tokenizer, none of its weights
+    let config = model("sd1");
+    for component in ["unet", "vae", "text_encoder"] {
+        for entry in std::fs::read_dir(config.path().join(component)).unwrap() {
+            let path = entry.unwrap().path();
+            if path.extension().is_some_and(|e| e == "safetensors") {
+                std::fs::remove_file(path).unwrap();
+            }
+        }
+    }
+    let checkpoint = root().join("fixtures/single-file/sd1.safetensors");
+    let dir = tempfile::tempdir().unwrap();
+    let (shape, values) = fixture_tensor("sd1_pndm.latents");
+    let latents = dir.path().join("latents.safetensors");
+    write_latents(&latents, &shape, &values);
+    let output = dir.path().join("astronaut.png");
+    let out = kiln(
+        &[
+            "generate",
+            "--model",
+            checkpoint.to_str().unwrap(),
+            "--config",
+            config.path().to_str().unwrap(),
+            "--prompt",
+            "a photo of an astronaut riding a horse",
+            "--negative-prompt",
+            "blurry",
+            "--steps",
+            "6",
+            "--width",
+            "48",
+            "--height",
+            "32",
+            "--latents",
+            latents.to_str().unwrap(),
+            "--output",
+            output.to_str().unwrap(),
+        ],
+        &[],
+    );
+    assert!(out.status.success(), "{}", stderr(&out));
+    let (w, h, pixels, text) = read_png(&output);
+    assert_eq!((w, h), (48, 32));
+    let (_, expected) = fixture_tensor("sd1_pndm.image");
+    let plane = 32 * 48;
+    let worst = (0..plane * 3)
+        .map(|i| {
+            let (p, c) = (i / 3, i % 3);
+            pixels[i].abs_diff((expected[c * plane + p] * 255.0).round() as u8)
+        })
+        .max()
+        .unwrap();
+    assert!(worst <= 2, "max 8-bit difference {worst}");
+    assert!(text.contains("Model: sd1"), "{text}");
+
+    let checkpoint = checkpoint.as_path();
+    fails_cleanly(checkpoint, &[], "give the configs");
+    fails_cleanly(
+        checkpoint,
+        &["--prediction-type", "x0"],
+        "unknown --prediction-type",
+    );
+    fails_cleanly(
+        config.path(),
+        &["--config", "."],
+        "--config is for single-file",
+    );
+    let pickle = dir.path().join("model.ckpt");
+    std::fs::write(&pickle, b"not loaded").unwrap();
+    fails_cleanly(&pickle, &[], "pickle");
+}

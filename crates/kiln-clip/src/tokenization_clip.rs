@@ -25,6 +25,11 @@ use crate::{Error, Result};
 const SPLIT_PATTERN: &str =
     r"<\|startoftext\|>|<\|endoftext\|>|'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+";
 
+/// CLIP's `vocab.json`, embedded for [`ClipTokenizer::embedded`].
+const EMBEDDED_VOCAB: &str = include_str!("../vocab/vocab.json");
+/// CLIP's `merges.txt`, embedded for [`ClipTokenizer::embedded`].
+const EMBEDDED_MERGES: &str = include_str!("../vocab/merges.txt");
+
 /// The sequence length used when the folder does not say (CLIP's 77 positions).
 pub const DEFAULT_MAX_LENGTH: usize = 77;
 
@@ -58,6 +63,12 @@ impl SpecialTokens {
         };
         let config = read("tokenizer_config.json")?;
         let map = read("special_tokens_map.json")?;
+        Self::parse(dir, config, map)
+    }
+
+    /// The special tokens from the parsed `tokenizer_config.json` and `special_tokens_map.json`
+    /// (`dir` only names the source in errors).
+    fn parse(dir: &Path, config: Option<Value>, map: Option<Value>) -> Result<Self> {
         let token = |key: &str, default: &str| -> Result<SpecialToken> {
             for source in [&map, &config] {
                 match source.as_ref().and_then(|v| v.get(key)) {
@@ -157,7 +168,7 @@ impl ClipTokenizer {
         };
         let special = SpecialTokens::read(&dir)?;
         let fast = dir.join("tokenizer.json");
-        let mut inner = if fast.is_file() {
+        let inner = if fast.is_file() {
             let mut t = Tokenizer::from_file(&fast).map_err(|e| tokenizer_error(&fast, e))?;
             t.with_padding(None);
             t.with_truncation(None)
@@ -166,6 +177,31 @@ impl ClipTokenizer {
         } else {
             Self::build_classic(&dir, &special)?
         };
+        Self::finish(inner, &special, &dir)
+    }
+
+    /// CLIP's tokenizer with the vocabulary embedded in this crate (the one every Stable
+    /// Diffusion 1.x and 2.x model ships; `vocab/LICENSE`), for checkpoints that carry no
+    /// tokenizer: `pad_token` is `<|endoftext|>` for SD 1.x and `!` for SD 2.x, the rest as in
+    /// the hub's tokenizer folders (77 tokens).
+    pub fn embedded(pad_token: &str) -> Result<Self> {
+        let source = Path::new("<embedded CLIP vocabulary>");
+        let special_token =
+            |content: &str| serde_json::json!({"content": content, "normalized": true});
+        let config = serde_json::json!({
+            "bos_token": special_token("<|startoftext|>"),
+            "eos_token": special_token("<|endoftext|>"),
+            "unk_token": special_token("<|endoftext|>"),
+            "pad_token": pad_token,
+            "model_max_length": DEFAULT_MAX_LENGTH,
+        });
+        let special = SpecialTokens::parse(source, Some(config), None)?;
+        let inner = Self::build_bpe(source, EMBEDDED_VOCAB, EMBEDDED_MERGES, &special)?;
+        Self::finish(inner, &special, source)
+    }
+
+    /// Registers the special tokens and looks up their ids.
+    fn finish(mut inner: Tokenizer, special: &SpecialTokens, dir: &Path) -> Result<Self> {
         // Special tokens are matched in the raw text before BPE, as transformers registers them.
         let added: Vec<AddedToken> = [&special.pad, &special.bos, &special.eos, &special.unk]
             .into_iter()
@@ -176,7 +212,7 @@ impl ClipTokenizer {
             inner
                 .token_to_id(&t.content)
                 .ok_or_else(|| Error::MissingToken {
-                    path: dir.clone(),
+                    path: dir.to_path_buf(),
                     token: t.content.clone(),
                     role,
                 })
@@ -210,8 +246,47 @@ impl ClipTokenizer {
                 .into());
             }
         }
-        let as_str = |p: &Path| p.to_string_lossy().into_owned();
-        let bpe = BPE::from_file(&as_str(&vocab), &as_str(&merges))
+        let read = |path: &Path| {
+            std::fs::read_to_string(path).map_err(|source| {
+                Error::from(kiln_nn::Error::Io {
+                    path: path.to_path_buf(),
+                    source,
+                })
+            })
+        };
+        Self::build_bpe(dir, &read(&vocab)?, &read(&merges)?, special)
+    }
+
+    /// Builds the tokenizer from the text of `vocab.json` and `merges.txt` (`source` names them in
+    /// errors) the way transformers' `CLIPTokenizer` does.
+    fn build_bpe(
+        source: &Path,
+        vocab_json: &str,
+        merges_txt: &str,
+        special: &SpecialTokens,
+    ) -> Result<Tokenizer> {
+        let dir = source;
+        let vocab: std::collections::HashMap<String, u32> = serde_json::from_str(vocab_json)
+            .map_err(|e| tokenizer_error(dir, format!("vocab.json: {e}")))?;
+        let vocab: tokenizers::models::bpe::Vocab = vocab.into_iter().collect();
+        let mut merges = Vec::new();
+        for (rank, line) in merges_txt
+            .lines()
+            .filter(|l| !l.starts_with("#version"))
+            .enumerate()
+        {
+            match line.split(' ').collect::<Vec<_>>().as_slice() {
+                [a, b] => merges.push((a.to_string(), b.to_string())),
+                _ => {
+                    return Err(tokenizer_error(
+                        dir,
+                        format!("merges.txt: line {} is not two tokens", rank + 1),
+                    ));
+                }
+            }
+        }
+        let bpe = BPE::builder()
+            .vocab_and_merges(vocab, merges)
             .unk_token(special.unk.content.clone())
             .continuing_subword_prefix(String::new())
             .end_of_word_suffix("</w>".into())

@@ -70,6 +70,16 @@ fn sd2_classic_layout_pads_with_exclamation_mark() {
 }
 
 #[test]
+fn embedded_vocabulary_matches_transformers_for_both_pad_tokens() {
+    let sd1 = ClipTokenizer::embedded("<|endoftext|>").unwrap();
+    assert_eq!((sd1.max_length(), sd1.pad_id()), (77, 49407));
+    assert!(check_all(&sd1, "sd1") >= 200);
+    let sd2 = ClipTokenizer::embedded("!").unwrap();
+    assert_eq!(sd2.pad_id(), 0);
+    assert!(check_all(&sd2, "sd2") >= 200);
+}
+
+#[test]
 fn tokenizer_json_layout_matches_transformers() {
     let tokenizer = ClipTokenizer::from_dir(fixtures().join("model-fullvocab/tokenizer")).unwrap();
     assert!(check_all(&tokenizer, "sd1") >= 200);

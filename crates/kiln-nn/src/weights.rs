@@ -7,15 +7,17 @@
 //! requested float dtype as they load.
 
 use std::collections::BTreeMap;
-use std::io::Read;
+use std::io::{Read, Seek, SeekFrom};
 use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
 
 use burn::module::Module;
+use burn::store::burn_pack::Tensor as PackTensor;
 use burn::store::{
     ApplyError, FloatCastAdapter, ModuleAdapter, ModuleSnapshot, PyTorchToBurnAdapter,
-    SafetensorsStore, SafetensorsStoreError,
+    SafetensorsStore, SafetensorsStoreError, bridge,
 };
-use burn::tensor::DType;
+use burn::tensor::{DType, TensorData};
 use regex::Regex;
 use serde::Deserialize;
 
@@ -33,11 +35,24 @@ pub struct TensorInfo {
     pub shape: Vec<usize>,
 }
 
-/// Reads only the header of a safetensors file: every tensor's name, dtype and shape.
-///
-/// Fails with [`Error::NotSafetensors`] when the file is too short, the header length is absurd or
-/// the header is not the JSON the format prescribes.
-pub fn read_header(path: &Path) -> Result<BTreeMap<String, TensorInfo>> {
+/// One tensor's entry with its byte range, relative to the end of the header.
+#[derive(Debug, Clone)]
+struct Entry {
+    info: TensorInfo,
+    begin: u64,
+    end: u64,
+}
+
+/// The raw header entry: dtype, shape and `data_offsets`.
+#[derive(Debug, Deserialize)]
+struct RawEntry {
+    dtype: String,
+    shape: Vec<usize>,
+    data_offsets: [u64; 2],
+}
+
+/// Opens `path` and parses its header: the open file, where the data starts, and every entry.
+fn parse_header(path: &Path) -> Result<(std::fs::File, u64, BTreeMap<String, Entry>)> {
     let not_st = |reason: String| Error::NotSafetensors {
         path: path.to_path_buf(),
         reason,
@@ -79,16 +94,278 @@ pub fn read_header(path: &Path) -> Result<BTreeMap<String, TensorInfo>> {
         .map_err(|e| not_st(format!("cannot read header: {e}")))?;
     let raw: BTreeMap<String, serde_json::Value> =
         serde_json::from_slice(&header).map_err(|e| not_st(format!("header is not JSON: {e}")))?;
-    let mut tensors = BTreeMap::new();
+    let data_start = 8 + header_len;
+    let data_len = file_len - data_start;
+    let mut entries = BTreeMap::new();
     for (name, value) in raw {
         if name == "__metadata__" {
             continue;
         }
-        let info: TensorInfo = serde_json::from_value(value)
+        let raw: RawEntry = serde_json::from_value(value)
             .map_err(|e| not_st(format!("bad header entry for `{name}`: {e}")))?;
-        tensors.insert(name, info);
+        let [begin, end] = raw.data_offsets;
+        let expected = dtype_of(&raw.dtype)
+            .map(|d| raw.shape.iter().product::<usize>() as u64 * d.size() as u64);
+        if begin > end || end > data_len || expected.is_some_and(|n| n != end - begin) {
+            return Err(not_st(format!(
+                "`{name}`: byte range {begin}..{end} does not fit its {} {:?} or the file's {data_len} data bytes",
+                raw.dtype, raw.shape
+            )));
+        }
+        entries.insert(
+            name,
+            Entry {
+                info: TensorInfo {
+                    dtype: raw.dtype,
+                    shape: raw.shape,
+                },
+                begin,
+                end,
+            },
+        );
     }
-    Ok(tensors)
+    Ok((file, data_start, entries))
+}
+
+/// burn's dtype for a safetensors dtype name, for the dtypes Kiln reads.
+fn dtype_of(name: &str) -> Option<DType> {
+    Some(match name {
+        "F64" => DType::F64,
+        "F32" => DType::F32,
+        "F16" => DType::F16,
+        "BF16" => DType::BF16,
+        "I64" => DType::I64,
+        "I32" => DType::I32,
+        _ => return None,
+    })
+}
+
+/// Reads only the header of a safetensors file: every tensor's name, dtype and shape.
+///
+/// Fails with [`Error::NotSafetensors`] when the file is too short, the header length is absurd or
+/// the header is not the JSON the format prescribes.
+pub fn read_header(path: &Path) -> Result<BTreeMap<String, TensorInfo>> {
+    let (_, _, entries) = parse_header(path)?;
+    Ok(entries.into_iter().map(|(k, e)| (k, e.info)).collect())
+}
+
+/// A safetensors file opened for lazy reads: the header is parsed once, and each tensor's bytes
+/// are read only when a module takes it. Cloning shares the open file.
+#[derive(Debug, Clone)]
+pub struct SafetensorsFile {
+    inner: Arc<FileInner>,
+}
+
+#[derive(Debug)]
+struct FileInner {
+    path: PathBuf,
+    file: Mutex<std::fs::File>,
+    data_start: u64,
+    entries: BTreeMap<String, Entry>,
+}
+
+impl SafetensorsFile {
+    /// Opens `path` and reads its header.
+    pub fn open(path: &Path) -> Result<Self> {
+        let (file, data_start, entries) = parse_header(path)?;
+        Ok(Self {
+            inner: Arc::new(FileInner {
+                path: path.to_path_buf(),
+                file: Mutex::new(file),
+                data_start,
+                entries,
+            }),
+        })
+    }
+
+    /// The file's path.
+    pub fn path(&self) -> &Path {
+        &self.inner.path
+    }
+
+    /// Every tensor's name with its dtype and shape, sorted by name.
+    pub fn tensors(&self) -> impl Iterator<Item = (&str, &TensorInfo)> {
+        self.inner
+            .entries
+            .iter()
+            .map(|(name, entry)| (name.as_str(), &entry.info))
+    }
+
+    /// One tensor's dtype and shape.
+    pub fn info(&self, name: &str) -> Option<&TensorInfo> {
+        self.inner.entries.get(name).map(|e| &e.info)
+    }
+
+    /// Whether the file holds `name`.
+    pub fn contains(&self, name: &str) -> bool {
+        self.inner.entries.contains_key(name)
+    }
+
+    /// A lazy handle on tensor `name`; nothing is read yet.
+    pub fn tensor(&self, name: &str) -> Result<LazyTensor> {
+        let entry = self
+            .inner
+            .entries
+            .get(name)
+            .ok_or_else(|| Error::MissingTensor {
+                path: self.inner.path.clone(),
+                name: name.to_string(),
+            })?;
+        let dtype = dtype_of(&entry.info.dtype).ok_or_else(|| Error::UnsupportedDType {
+            path: self.inner.path.clone(),
+            name: name.to_string(),
+            dtype: entry.info.dtype.clone(),
+        })?;
+        Ok(LazyTensor {
+            file: self.clone(),
+            name: name.to_string(),
+            dtype,
+            shape: entry.info.shape.clone(),
+            begin: entry.begin,
+            end: entry.end,
+        })
+    }
+
+    fn read_bytes(&self, begin: u64, end: u64) -> std::io::Result<Vec<u8>> {
+        let mut bytes = vec![0u8; (end - begin) as usize];
+        // A poisoned lock only means another read panicked; the file handle itself is intact.
+        let mut file = self
+            .inner
+            .file
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        file.seek(SeekFrom::Start(self.inner.data_start + begin))?;
+        file.read_exact(&mut bytes)?;
+        Ok(bytes)
+    }
+}
+
+/// A tensor of a [`SafetensorsFile`], not read yet, possibly narrowed to a range of rows or
+/// reshaped: how single-file checkpoints' fused or differently shaped tensors become a model's.
+#[derive(Debug, Clone)]
+pub struct LazyTensor {
+    file: SafetensorsFile,
+    name: String,
+    dtype: DType,
+    shape: Vec<usize>,
+    begin: u64,
+    end: u64,
+}
+
+impl LazyTensor {
+    /// The tensor's name in its file.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// The shape after any narrowing or reshaping.
+    pub fn shape(&self) -> &[usize] {
+        &self.shape
+    }
+
+    /// The file's dtype.
+    pub fn dtype(&self) -> DType {
+        self.dtype
+    }
+
+    /// Rows `start..start + len` of the outermost dimension (a split of a fused tensor).
+    pub fn narrow(mut self, start: usize, len: usize) -> Result<Self> {
+        let rows = self.shape.first().copied().unwrap_or(0);
+        if len == 0 || start + len > rows {
+            return Err(Error::InvalidInput(format!(
+                "cannot take rows {start}..{} of `{}` with shape {:?}",
+                start + len,
+                self.name,
+                self.shape
+            )));
+        }
+        let row_bytes = (self.end - self.begin) / rows as u64;
+        self.begin += start as u64 * row_bytes;
+        self.end = self.begin + len as u64 * row_bytes;
+        self.shape[0] = len;
+        Ok(self)
+    }
+
+    /// The same values with another shape of the same size (a 1x1 convolution as a linear weight).
+    pub fn reshape(mut self, shape: Vec<usize>) -> Result<Self> {
+        if shape.iter().product::<usize>() != self.shape.iter().product::<usize>() {
+            return Err(Error::InvalidInput(format!(
+                "cannot reshape `{}` from {:?} to {shape:?}",
+                self.name, self.shape
+            )));
+        }
+        self.shape = shape;
+        Ok(self)
+    }
+
+    /// Reads the values.
+    pub fn read(&self) -> Result<TensorData> {
+        let bytes = self
+            .file
+            .read_bytes(self.begin, self.end)
+            .map_err(|source| Error::Io {
+                path: self.file.path().to_path_buf(),
+                source,
+            })?;
+        Ok(TensorData::from_bytes_vec(
+            bytes,
+            self.shape.clone(),
+            self.dtype,
+        ))
+    }
+
+    /// The burn-store tensor named `key` whose bytes are read when the module takes it.
+    fn into_pack(self, key: String) -> PackTensor {
+        let shape = burn::tensor::Shape::from(self.shape.clone());
+        let dtype = self.dtype;
+        bridge::deferred(key, dtype, shape, None, move || {
+            self.read()
+                .map_err(|e| burn::store::burn_pack::Error::ValidationError(e.to_string()))
+        })
+    }
+}
+
+/// Loads `tensors` (module key, source tensor) into `module`, strictly: every parameter must be
+/// among them with the right shape, and every one of them must be used. Linear weights are
+/// transposed from PyTorch's layout and float tensors cast to `dtype` as in
+/// [`load_safetensors`]. Errors name the file `source` and the tensors by their file names.
+pub fn load_tensors<M: Module>(
+    module: M,
+    tensors: Vec<(String, LazyTensor)>,
+    dtype: DType,
+    source: &Path,
+) -> Result<M> {
+    let mut original: BTreeMap<String, (String, Vec<usize>)> = BTreeMap::new();
+    let mut packs = Vec::with_capacity(tensors.len());
+    for (key, tensor) in tensors {
+        if !tensor.dtype.is_float() {
+            return Err(Error::UnsupportedDType {
+                path: source.to_path_buf(),
+                name: tensor.name.clone(),
+                dtype: format!("{:?}", tensor.dtype),
+            });
+        }
+        if let Some((previous, _)) = original.get(&key) {
+            return Err(Error::InvalidInput(format!(
+                "`{}` and `{previous}` both map to `{key}`",
+                tensor.name
+            )));
+        }
+        original.insert(key.clone(), (tensor.name.clone(), tensor.shape.clone()));
+        packs.push(tensor.into_pack(key));
+    }
+    let adapter = PyTorchToBurnAdapter.chain(FloatCastAdapter::to(dtype));
+    let mut module = module;
+    let result = module.apply(packs, None, Some(Box::new(adapter)), true);
+    check_applied(&result, source, &|key| original.get(key).cloned(), &|_| {
+        false
+    })?;
+    tracing::debug!(
+        path = %source.display(),
+        applied = result.applied.len(),
+        "loaded weights"
+    );
+    Ok(module)
 }
 
 /// How to match a weights file's keys to a module, and which float dtype to load into.
@@ -213,9 +490,34 @@ pub fn load_safetensors<M: Module>(module: M, path: &Path, options: &LoadOptions
         .load_from(&mut store)
         .map_err(|e| store_error(path, e))?;
 
+    let lookup = |key: &str| {
+        original
+            .get(key)
+            .map(|name| (name.clone(), header[name].shape.clone()))
+    };
+    check_applied(&result, path, &lookup, &is_ignored)?;
+    tracing::debug!(
+        path = %path.display(),
+        applied = result.applied.len(),
+        "loaded weights"
+    );
+    Ok(module)
+}
+
+/// For a module key: the file's name and shape of the tensor mapped onto it.
+type FileTensorLookup<'a> = dyn Fn(&str) -> Option<(String, Vec<usize>)> + 'a;
+
+/// Turns burn-store's apply result into Kiln's strict errors. `lookup` gives, for a module key,
+/// the file's name and shape of the tensor mapped onto it.
+fn check_applied(
+    result: &burn::store::ApplyResult,
+    path: &Path,
+    lookup: &FileTensorLookup<'_>,
+    is_ignored: &dyn Fn(&str) -> bool,
+) -> Result<()> {
     let file_name = |module_path: &str| {
         let name = checkpoint_name(module_path);
-        original.get(&name).cloned().unwrap_or(name)
+        lookup(&name).map(|(n, _)| n).unwrap_or(name)
     };
     if let Some(error) = result.errors.first() {
         return Err(match error {
@@ -224,11 +526,8 @@ pub fn load_safetensors<M: Module>(module: M, path: &Path, options: &LoadOptions
                 expected,
                 found: adapted,
             } => {
-                let name = file_name(tensor);
-                let found = header
-                    .get(&name)
-                    .map(|i| i.shape.clone())
-                    .unwrap_or_else(|| adapted.to_vec());
+                let key = checkpoint_name(tensor);
+                let (name, found) = lookup(&key).unwrap_or_else(|| (key, adapted.to_vec()));
                 let mut expected = expected.to_vec();
                 // The adapter transposed a Linear weight to burn's [in, out]: report the file's layout.
                 if adapted.as_slice() != found.as_slice() {
@@ -259,18 +558,12 @@ pub fn load_safetensors<M: Module>(module: M, path: &Path, options: &LoadOptions
         return Err(Error::UnexpectedTensors {
             path: path.to_path_buf(),
             count: unused.len(),
-            first: original
-                .get(*first)
-                .cloned()
+            first: lookup(first)
+                .map(|(n, _)| n)
                 .unwrap_or_else(|| (*first).clone()),
         });
     }
-    tracing::debug!(
-        path = %path.display(),
-        applied = result.applied.len(),
-        "loaded weights"
-    );
-    Ok(module)
+    Ok(())
 }
 
 fn apply_error_path(error: &ApplyError) -> &str {

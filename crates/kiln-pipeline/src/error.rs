@@ -28,6 +28,9 @@ pub enum Error {
         /// What is missing, comma-separated.
         missing: String,
     },
+    /// A single-file checkpoint is not one Kiln can read, or its layout is not recognised.
+    #[error("single-file checkpoint: {0}")]
+    Checkpoint(String),
     /// The components do not fit together (widths, channel counts).
     #[error("mismatched components: {0}")]
     Mismatch(String),

@@ -10,7 +10,9 @@
 //!   (`model_index.json`, `tokenizer/`, `text_encoder/`, `unet/`, `vae/`, `scheduler/`), with
 //!   `.fp16.` weight files where those are what the folder has, and checks that the components
 //!   fit (text width = cross-attention width, UNet channels = VAE latents, or latents + mask +
-//!   masked latents for an inpainting UNet) before reading any weight.
+//!   masked latents for an inpainting UNet) before reading any weight;
+//!   [`StableDiffusionPipeline::from_single_file`] reads one `.safetensors` file with the original
+//!   CompVis keys, its configs inferred from the tensor shapes or taken from a folder.
 //! - **Scheduler**: the folder's own class and config, or any [`kiln_scheduler::SamplerName`]
 //!   converted from it ([`StableDiffusionPipeline::scheduler`]); [`generate`] is generic over
 //!   [`kiln_scheduler::Scheduler`].
@@ -32,7 +34,8 @@
 //! `fixtures/pipeline/` against diffusers 0.42.1's images for the same folder and latents: at
 //! most 1/255 apart as 8-bit images (the bound is 2/255), at most 8e-5 as floats.
 //!
-//! Not yet here: single-file (CompVis-key) checkpoints.
+//! `tests/single_file.rs` runs the same cases from single-file (CompVis-key) checkpoints of the
+//! same models ([`StableDiffusionPipeline::from_single_file`], [`single_file`]).
 //!
 //! [`generate`]: StableDiffusionPipeline::generate
 //!
@@ -61,9 +64,11 @@
 
 mod error;
 pub mod pipeline_stable_diffusion;
+pub mod single_file;
 
 pub use error::{Error, Result};
 pub use pipeline_stable_diffusion::{
     GenerateOptions, GenerateOutput, LoadOptions, Mode, RgbImage, StableDiffusionPipeline,
     StepCallback, StepProgress, images_to_rgb8, rgb8_to_tensor,
 };
+pub use single_file::{Family, SingleFileConfig, SingleFileOptions, infer_config};

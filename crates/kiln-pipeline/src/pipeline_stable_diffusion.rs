@@ -10,6 +10,7 @@ use std::path::{Path, PathBuf};
 
 use burn::tensor::{DType, Device, Tensor, TensorData};
 use kiln_clip::{ClipTextConfig, ClipTextModel, ClipTokenizer};
+use kiln_nn::weights::{SafetensorsFile, load_tensors};
 use kiln_scheduler::{
     AnyScheduler, NoiseSource, SamplerName, SamplerOptions, Scheduler, SchedulerConfig,
     SchedulerKind,
@@ -19,6 +20,7 @@ use kiln_unet::{UNet2DConditionModel, UNet2DConditionModelConfig};
 use kiln_vae::{AutoencoderKL, AutoencoderKLConfig};
 use serde::Deserialize;
 
+use crate::single_file::{self, SingleFileOptions};
 use crate::{Error, Result};
 
 /// The subfolders a diffusers Stable Diffusion folder must have.
@@ -348,6 +350,101 @@ impl StableDiffusionPipeline {
             scheduler_config,
             class_name: index.class_name,
             source: dir.to_path_buf(),
+            device: device.clone(),
+            dtype,
+        })
+    }
+
+    /// Loads a single-file SD 1.x / 2.x checkpoint (`.safetensors` with the original CompVis key
+    /// names), its configs inferred from the tensor shapes or read from `options.config`; see
+    /// [`crate::single_file`]. Pickle `.ckpt` files are refused.
+    pub fn from_single_file(
+        path: &Path,
+        options: &SingleFileOptions,
+        device: &Device,
+    ) -> Result<Self> {
+        single_file::check_extension(path)?;
+        let file = SafetensorsFile::open(path)?;
+        let shapes = single_file::shapes_of(&file);
+        let (family, unet_config, vae_config, text_config, mut scheduler_config, tokenizer) =
+            match &options.config {
+                Some(dir) => {
+                    kiln_nn::config::require_dir(dir, "config folder")?;
+                    let family = single_file::family(&shapes)?;
+                    let tokenizer = if dir.join("tokenizer").is_dir() {
+                        ClipTokenizer::from_dir(dir.join("tokenizer"))?
+                    } else {
+                        ClipTokenizer::embedded(family.pad_token())?
+                    };
+                    (
+                        family,
+                        UNet2DConditionModelConfig::from_file(&dir.join("unet/config.json"))?,
+                        AutoencoderKLConfig::from_file(&dir.join("vae/config.json"))?,
+                        ClipTextConfig::from_file(&dir.join("text_encoder/config.json"))?,
+                        SchedulerConfig::from_file(dir.join("scheduler/scheduler_config.json"))?,
+                        tokenizer,
+                    )
+                }
+                None => {
+                    let c = single_file::infer_config(&shapes, options.prediction_type)?;
+                    let tokenizer = ClipTokenizer::embedded(c.family.pad_token())?;
+                    (
+                        c.family,
+                        c.unet,
+                        c.vae,
+                        c.text_encoder,
+                        c.scheduler,
+                        tokenizer,
+                    )
+                }
+            };
+        if let Some(prediction) = options.prediction_type {
+            scheduler_config.prediction_type = prediction;
+        }
+        check_components(&text_config, &unet_config, &vae_config)?;
+
+        let dtype = options.dtype.dtype();
+        let _span = tracing::info_span!("load_single_file", path = %path.display()).entered();
+        let layers = single_file::uniform_layers(&unet_config)?;
+        let unet = load_tensors(
+            UNet2DConditionModel::new(&unet_config, device)?,
+            single_file::unet_tensors(&file, layers)?,
+            dtype,
+            path,
+        )
+        .map_err(|e| single_file::component_error(e, "UNet"))?;
+        let vae = load_tensors(
+            AutoencoderKL::new(&vae_config, device)?,
+            single_file::vae_tensors(&file, vae_config.block_out_channels.len())?,
+            dtype,
+            path,
+        )
+        .map_err(|e| single_file::component_error(e, "VAE"))?;
+        let text_encoder = load_tensors(
+            ClipTextModel::new(&text_config, device),
+            single_file::text_tensors(
+                &file,
+                family,
+                text_config.num_hidden_layers,
+                text_config.hidden_size,
+            )?,
+            DType::F32,
+            path,
+        )
+        .map_err(|e| single_file::component_error(e, "text encoder"))?;
+        let inpainting = unet_config.in_channels == 2 * vae_config.latent_channels + 1;
+        Ok(Self {
+            tokenizer,
+            text_encoder,
+            unet,
+            vae,
+            scheduler_config,
+            class_name: if inpainting {
+                "StableDiffusionInpaintPipeline".into()
+            } else {
+                "StableDiffusionPipeline".into()
+            },
+            source: path.to_path_buf(),
             device: device.clone(),
             dtype,
         })

@@ -3,6 +3,12 @@
 
 use std::path::{Path, PathBuf};
 
+use burn::tensor::Tensor;
+use kiln_nn::reference::Reference;
+use kiln_pipeline::{GenerateOptions, Mode, StableDiffusionPipeline, images_to_rgb8};
+use kiln_scheduler::{QueuedNoise, SamplerName, SamplerOptions};
+use serde::Deserialize;
+
 /// The workspace root.
 pub fn root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
@@ -65,4 +71,98 @@ pub fn model(kind: &str) -> tempfile::TempDir {
 /// The flex device the numeric tests run on.
 pub fn device() -> burn::tensor::Device {
     kiln_nn::parse_device("flex").expect("flex is the default feature")
+}
+
+/// One recorded diffusers run of `fixtures/pipeline/cases.json`.
+#[derive(Debug, Deserialize)]
+pub struct Case {
+    pub name: String,
+    pub model: String,
+    pub scheduler: String,
+    pub prompt: String,
+    pub negative: String,
+    pub guidance: f64,
+    pub rescale: f64,
+    pub images: usize,
+    pub steps: usize,
+    pub height: usize,
+    pub width: usize,
+    pub mode: String,
+    pub strength: f64,
+    pub noise_draws: usize,
+}
+
+pub fn cases() -> Vec<Case> {
+    let text = std::fs::read_to_string(fixtures().join("cases.json")).unwrap();
+    serde_json::from_str(&text).unwrap()
+}
+
+/// Runs one case and returns (max |float diff|, max |8-bit diff|).
+pub fn run_case(case: &Case, pipe: &StableDiffusionPipeline, reference: &Reference) -> (f32, u8) {
+    let device = device();
+    let sampler = match case.scheduler.as_str() {
+        "default" => None,
+        name => Some(name.parse::<SamplerName>().unwrap()),
+    };
+    let mut scheduler = pipe.scheduler(sampler, SamplerOptions::default()).unwrap();
+    let draws: Vec<Tensor<4>> = (0..case.noise_draws)
+        .map(|i| {
+            reference
+                .tensor::<4>(&format!("{}.noise.{i}", case.name), &device)
+                .unwrap()
+        })
+        // diffusers also encodes the masked image for a regular UNet and drops the result
+        .enumerate()
+        .filter(|(i, _)| !(case.mode == "inpaint" && case.model != "inpaint" && *i == 1))
+        .map(|(_, t)| t)
+        .collect();
+    let mut noise = QueuedNoise::new(draws);
+    let image = reference.tensor::<4>("init_image", &device).unwrap() * 2.0 - 1.0;
+    let mode = match case.mode.as_str() {
+        "txt2img" => Mode::Txt2Img,
+        "img2img" => Mode::Img2Img {
+            image,
+            strength: case.strength,
+        },
+        _ => Mode::Inpaint {
+            image,
+            mask: reference.tensor::<4>("mask", &device).unwrap(),
+            strength: case.strength,
+        },
+    };
+    let mut options = GenerateOptions::new(&case.prompt)
+        .with_negative_prompt(&case.negative)
+        .with_guidance_scale(case.guidance)
+        .with_guidance_rescale(case.rescale)
+        .with_num_images(case.images)
+        .with_steps(case.steps)
+        .with_size(case.width, case.height)
+        .with_mode(mode);
+    if case.mode != "img2img" {
+        let latents = reference
+            .tensor::<4>(&format!("{}.latents", case.name), &device)
+            .unwrap();
+        options = options.with_latents(latents);
+    }
+    let out = pipe
+        .generate(&mut scheduler, &options, &mut noise, None)
+        .unwrap_or_else(|e| panic!("{}: {e}", case.name));
+    assert_eq!(noise.remaining(), 0, "{}: unused recorded noise", case.name);
+    let expected = reference
+        .tensor::<4>(&format!("{}.image", case.name), &device)
+        .unwrap();
+    assert_eq!(out.images.dims(), expected.dims(), "{}", case.name);
+    let float_diff: f32 = (out.images.clone() - expected.clone())
+        .abs()
+        .max()
+        .into_scalar::<f32>();
+    let ours = images_to_rgb8(&out.images).unwrap();
+    let theirs = images_to_rgb8(&expected).unwrap();
+    let byte_diff = ours
+        .iter()
+        .zip(&theirs)
+        .flat_map(|(a, b)| a.data.iter().zip(&b.data).map(|(x, y)| x.abs_diff(*y)))
+        .max()
+        .unwrap();
+    (float_diff, byte_diff)
 }
