@@ -362,7 +362,7 @@ fn fails_cleanly(model: &Path, extra: &[&str], needle: &str) {
 fn bad_input_is_one_clear_line_and_no_file() {
     let sd1 = model("sd1");
     fails_cleanly(sd1.path(), &["--scheduler", "euler_a"], "euler-a");
-    fails_cleanly(sd1.path(), &["--width", "30"], "multiples of 4");
+    fails_cleanly(sd1.path(), &["--width", "31"], "multiples of 2");
     fails_cleanly(sd1.path(), &["--scheduler", "pndm", "--karras"], "--karras");
     fails_cleanly(sd1.path(), &["--dtype", "f64"], "f64");
 

@@ -8,7 +8,7 @@ use burn::nn::PaddingConfig2d;
 use burn::nn::conv::{Conv2d, Conv2dConfig};
 use burn::tensor::module::interpolate;
 use burn::tensor::ops::{InterpolateMode, InterpolateOptions};
-use burn::tensor::{Device, Tensor};
+use burn::tensor::{Device, Int, Tensor};
 
 /// Halves height and width with a 3x3 stride-2 convolution.
 #[derive(Module, Debug)]
@@ -65,13 +65,44 @@ impl Upsample2D {
     /// - `x`: `[batch, in_channels, height, width]`
     /// - output: `[batch, out_channels, 2 * height, 2 * width]`
     pub fn forward(&self, x: Tensor<4>) -> Tensor<4> {
+        self.forward_to(x, None)
+    }
+
+    /// Upsamples to `size` (`[height, width]`; twice the input when `None`) with PyTorch's
+    /// `nearest` rule, then convolves: how diffusers' UNet meets a skip connection of odd size.
+    ///
+    /// # Shapes
+    /// - `x`: `[batch, in_channels, height, width]`
+    /// - output: `[batch, out_channels, size[0], size[1]]`
+    pub fn forward_to(&self, x: Tensor<4>, size: Option<[usize; 2]>) -> Tensor<4> {
         let [_, _, h, w] = x.dims();
-        let up = interpolate(
-            x,
-            InterpolateOptions::new(InterpolateMode::Nearest)
-                .with_align_corners(false)
-                .with_output_size([2 * h, 2 * w]),
-        );
+        let [oh, ow] = size.unwrap_or([2 * h, 2 * w]);
+        let up = if (oh, ow) == (2 * h, 2 * w) {
+            interpolate(
+                x,
+                InterpolateOptions::new(InterpolateMode::Nearest)
+                    .with_align_corners(false)
+                    .with_output_size([oh, ow]),
+            )
+        } else {
+            let device = x.device();
+            let rows = Tensor::<1, Int>::from_data(nearest_indices(h, oh).as_slice(), &device);
+            let cols = Tensor::<1, Int>::from_data(nearest_indices(w, ow).as_slice(), &device);
+            x.select(2, rows).select(3, cols)
+        };
         self.conv.forward(up)
     }
+}
+
+/// Source index of each output position under PyTorch's `nearest` interpolation
+/// (`aten/src/ATen/native/UpSample.h`, `nearest_idx`): `min(floor(i * (in / out)), in - 1)` with
+/// the scale in f32.
+pub fn nearest_indices(input: usize, output: usize) -> Vec<i64> {
+    if input == output {
+        return (0..output as i64).collect();
+    }
+    let scale = input as f32 / output as f32;
+    (0..output)
+        .map(|i| ((i as f32 * scale).floor() as usize).min(input - 1) as i64)
+        .collect()
 }

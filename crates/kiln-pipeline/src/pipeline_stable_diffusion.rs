@@ -465,9 +465,11 @@ impl StableDiffusionPipeline {
         self.vae.scale_factor()
     }
 
-    /// Width and height must be positive multiples of this.
+    /// Width and height must be positive multiples of this: the VAE scale factor. Any latent
+    /// size runs through the UNet (odd ones as diffusers runs them); diffusers' pipelines ask
+    /// for multiples of 8 pixels, which is the same rule for Stable Diffusion's 8x VAE.
     pub fn size_multiple(&self) -> usize {
-        self.vae_scale_factor() * self.unet.size_multiple()
+        self.vae_scale_factor()
     }
 
     /// The default `(width, height)`: the UNet's `sample_size` times the VAE scale factor.

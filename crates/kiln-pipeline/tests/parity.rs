@@ -6,9 +6,11 @@
 
 mod common;
 
+use burn::tensor::Tensor;
 use common::{cases, run_case};
 use kiln_nn::reference::Reference;
-use kiln_pipeline::{LoadOptions, StableDiffusionPipeline};
+use kiln_pipeline::{GenerateOptions, LoadOptions, StableDiffusionPipeline, images_to_rgb8};
+use kiln_scheduler::{QueuedNoise, SamplerOptions};
 
 #[test]
 fn pipelines_match_diffusers_within_two_levels() {
@@ -32,4 +34,47 @@ fn pipelines_match_diffusers_within_two_levels() {
         }
     }
     assert!(failures.is_empty(), "beyond tolerance: {failures:?}");
+}
+
+/// A latent size the UNet cannot halve evenly (42x30 pixels: latents 21x15, one downsampler),
+/// against diffusers' pipeline (`xtask/fixtures/unet_vae_odd_sizes.py`).
+#[test]
+fn odd_latent_sizes_match_diffusers() {
+    let device = common::device();
+    let reference = Reference::open(&common::fixtures().join("odd-size.safetensors")).unwrap();
+    let dir = common::model("sd1");
+    let pipe =
+        StableDiffusionPipeline::from_pretrained(dir.path(), LoadOptions::default(), &device)
+            .unwrap();
+    let mut scheduler = pipe.scheduler(None, SamplerOptions::default()).unwrap();
+    let options = GenerateOptions::new("a photo of an astronaut riding a horse")
+        .with_steps(5)
+        .with_size(42, 30)
+        .with_latents(reference.tensor::<4>("latents", &device).unwrap());
+    let out = pipe
+        .generate(
+            &mut scheduler,
+            &options,
+            &mut QueuedNoise::new(Vec::new()),
+            None,
+        )
+        .unwrap();
+    let expected: Tensor<4> = reference.tensor("image", &device).unwrap();
+    assert_eq!(out.images.dims(), [1, 3, 30, 42]);
+    let float_diff: f32 = (out.images.clone() - expected.clone())
+        .abs()
+        .max()
+        .into_scalar();
+    let byte_diff = images_to_rgb8(&out.images).unwrap()[0]
+        .data
+        .iter()
+        .zip(&images_to_rgb8(&expected).unwrap()[0].data)
+        .map(|(a, b)| a.abs_diff(*b))
+        .max()
+        .unwrap();
+    eprintln!("42x30: max |float diff| {float_diff:.2e}, max 8-bit diff {byte_diff}");
+    assert!(
+        byte_diff <= 2 && float_diff <= 5e-4,
+        "{float_diff} / {byte_diff}"
+    );
 }

@@ -20,17 +20,13 @@ pub enum Error {
         /// The shape given.
         found: Vec<usize>,
     },
-    /// The latent's height or width cannot be halved by every downsampler.
-    #[error(
-        "latent size {height}x{width} cannot be downsampled by this UNet: height and width must be positive multiples of {multiple}"
-    )]
+    /// The latent has no pixels.
+    #[error("latent size {height}x{width} is empty: height and width must be positive")]
     SpatialSize {
         /// Latent height.
         height: usize,
         /// Latent width.
         width: usize,
-        /// `2^(number of downsamplers)`.
-        multiple: usize,
     },
 }
 

@@ -275,6 +275,17 @@ impl UNetMidBlock2DCrossAttn {
     }
 }
 
+/// The block's upsampler (if any) to the spatial size of the next skip connection: twice the size
+/// when the latent divides evenly, the odd size the downsampler came from otherwise (diffusers'
+/// `forward_upsample_size`).
+fn upsample(upsamplers: &[Upsample2D], x: Tensor<4>, skips: &[Tensor<4>]) -> Tensor<4> {
+    let size = skips.last().map(|s| {
+        let [_, _, h, w] = s.dims();
+        [h, w]
+    });
+    upsamplers.iter().fold(x, |x, up| up.forward_to(x, size))
+}
+
 /// ResNets over `[x, skip]` concatenations, then an optional upsampler.
 #[derive(Module, Debug)]
 pub struct UpBlock2D {
@@ -295,13 +306,14 @@ impl UpBlock2D {
 
     /// # Shapes
     /// - `x`: `[batch, prev_output_channels, h, w]`; pops one skip per ResNet from `skips`
-    /// - output: `[batch, out_channels, 2h, 2w]` (or `h, w` without an upsampler)
+    /// - output: `[batch, out_channels, 2h, 2w]` (or `h, w` without an upsampler; the next
+    ///   skip's size when the latent size was odd at that level)
     pub fn forward(&self, x: Tensor<4>, temb: &Tensor<2>, skips: &mut Vec<Tensor<4>>) -> Tensor<4> {
         let mut x = x;
         for resnet in &self.resnets {
             x = resnet.forward(with_skip(x, skips), Some(temb));
         }
-        self.upsamplers.iter().fold(x, |x, up| up.forward(x))
+        upsample(&self.upsamplers, x, skips)
     }
 }
 
@@ -347,7 +359,7 @@ impl CrossAttnUpBlock2D {
         for (resnet, attn) in self.resnets.iter().zip(&self.attentions) {
             x = attn.forward(resnet.forward(with_skip(x, skips), Some(temb)), context);
         }
-        self.upsamplers.iter().fold(x, |x, up| up.forward(x))
+        upsample(&self.upsamplers, x, skips)
     }
 }
 

@@ -557,7 +557,8 @@ impl UNet2DConditionModel {
         )
     }
 
-    /// Latent height and width must be multiples of this.
+    /// Latent sizes that are multiples of this go down and back up by exact halvings; any other
+    /// positive size runs too, the upsamplers meeting the odd skip sizes as diffusers does.
     pub fn size_multiple(&self) -> usize {
         1 << self.config.num_downsamplers()
     }
@@ -576,12 +577,10 @@ impl UNet2DConditionModel {
                 found: sample.dims().to_vec(),
             });
         }
-        let m = self.size_multiple();
-        if h == 0 || w == 0 || !h.is_multiple_of(m) || !w.is_multiple_of(m) {
+        if h == 0 || w == 0 {
             return Err(Error::SpatialSize {
                 height: h,
                 width: w,
-                multiple: m,
             });
         }
         let t = timesteps.dims()[0];
@@ -616,8 +615,8 @@ impl UNet2DConditionModel {
     /// `encoder_hidden_states`.
     ///
     /// # Shapes
-    /// - `sample`: `[batch, in_channels, height, width]`, height and width multiples of
-    ///   [`size_multiple`](Self::size_multiple)
+    /// - `sample`: `[batch, in_channels, height, width]`, any positive size (see
+    ///   [`size_multiple`](Self::size_multiple))
     /// - `timesteps`: `[batch]` or `[1]` (broadcast), any float or integer values
     /// - `encoder_hidden_states`: `[batch, tokens, cross_attention_dim]`
     /// - output: `[batch, out_channels, height, width]`
