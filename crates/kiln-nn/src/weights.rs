@@ -14,8 +14,7 @@ use std::sync::{Arc, Mutex};
 use burn::module::Module;
 use burn::store::burn_pack::Tensor as PackTensor;
 use burn::store::{
-    ApplyError, FloatCastAdapter, ModuleAdapter, ModuleSnapshot, PyTorchToBurnAdapter,
-    SafetensorsStore, SafetensorsStoreError, bridge,
+    ApplyError, FloatCastAdapter, ModuleAdapter, ModuleSnapshot, PyTorchToBurnAdapter, bridge,
 };
 use burn::tensor::{DType, TensorData};
 use regex::Regex;
@@ -442,12 +441,13 @@ fn checkpoint_name(path: &str) -> String {
 
 /// Loads the safetensors file at `path` into `module`, strictly.
 ///
-/// Keys are first rewritten with `options.remap`; then every parameter of the module must be
-/// found with the right shape, and every remaining key of the file must match
-/// `options.ignore_unused`. Linear weights are transposed from PyTorch's `[out, in]` and norm
+/// Keys are first rewritten with `options.remap`; keys matching `options.ignore_unused` are
+/// skipped; then every parameter of the module must be found with the right shape and every
+/// other key of the file must be used. Tensors are read one at a time as the module takes them
+/// ([`load_tensors`]), so loading needs little memory beyond the model itself. Linear weights are transposed from PyTorch's `[out, in]` and norm
 /// `weight`/`bias` are matched to burn's `gamma`/`beta`; float tensors are cast to `options.dtype`.
 pub fn load_safetensors<M: Module>(module: M, path: &Path, options: &LoadOptions) -> Result<M> {
-    let header = read_header(path)?;
+    let file = SafetensorsFile::open(path)?;
     let remap: Vec<(Regex, String)> = compile(
         &options
             .remap
@@ -459,49 +459,15 @@ pub fn load_safetensors<M: Module>(module: M, path: &Path, options: &LoadOptions
     .zip(options.remap.iter().map(|(_, to)| to.clone()))
     .collect();
     let ignored = compile(&options.ignore_unused)?;
-    let is_ignored = |key: &str| ignored.iter().any(|re| re.is_match(key));
-
-    // Remapped name -> original name, to report errors with the file's own names.
-    let mut original: BTreeMap<String, String> = BTreeMap::new();
-    for (name, info) in &header {
+    let mut tensors = Vec::new();
+    for (name, _) in file.tensors() {
         let mapped = remap_key(name, &remap);
-        if !is_ignored(&mapped) && !matches!(info.dtype.as_str(), "F32" | "F16" | "BF16" | "F64") {
-            return Err(Error::UnsupportedDType {
-                path: path.to_path_buf(),
-                name: name.clone(),
-                dtype: info.dtype.clone(),
-            });
+        if ignored.iter().any(|re| re.is_match(&mapped)) {
+            continue;
         }
-        original.insert(mapped, name.clone());
+        tensors.push((mapped, file.tensor(name)?));
     }
-
-    let adapter = PyTorchToBurnAdapter.chain(FloatCastAdapter::to(options.dtype));
-    let mut store = SafetensorsStore::from_file(path)
-        .with_from_adapter(adapter)
-        .allow_partial(true)
-        .validate(false)
-        // Enum modules (e.g. a UNet's choice of block type) add no key segment.
-        .skip_enum_variants(true);
-    for (from, to) in &options.remap {
-        store = store.with_key_remapping(from, to.clone());
-    }
-    let mut module = module;
-    let result = module
-        .load_from(&mut store)
-        .map_err(|e| store_error(path, e))?;
-
-    let lookup = |key: &str| {
-        original
-            .get(key)
-            .map(|name| (name.clone(), header[name].shape.clone()))
-    };
-    check_applied(&result, path, &lookup, &is_ignored)?;
-    tracing::debug!(
-        path = %path.display(),
-        applied = result.applied.len(),
-        "loaded weights"
-    );
-    Ok(module)
+    load_tensors(module, tensors, options.dtype, path)
 }
 
 /// For a module key: the file's name and shape of the tensor mapped onto it.
@@ -574,19 +540,6 @@ fn apply_error_path(error: &ApplyError) -> &str {
         | ApplyError::LoadError { path, .. } => path,
         #[allow(unreachable_patterns)]
         _ => "",
-    }
-}
-
-fn store_error(path: &Path, error: SafetensorsStoreError) -> Error {
-    match error {
-        SafetensorsStoreError::Io(source) => Error::Io {
-            path: path.to_path_buf(),
-            source,
-        },
-        other => Error::NotSafetensors {
-            path: path.to_path_buf(),
-            reason: other.to_string(),
-        },
     }
 }
 

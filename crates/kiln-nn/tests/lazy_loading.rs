@@ -1,0 +1,153 @@
+//! `SafetensorsFile`, `LazyTensor` and `load_tensors`: rows of a fused tensor and reshaped
+//! tensors land in the right parameters, in burn's layout, and misuse is a typed error.
+
+use burn::module::{Module, Param};
+use burn::nn::{Linear, LinearConfig};
+use burn::tensor::{DType, Device, Tensor, TensorData};
+use kiln_nn::Error;
+use kiln_nn::weights::{SafetensorsFile, load_tensors};
+use safetensors::Dtype;
+use safetensors::tensor::TensorView;
+
+#[derive(Module, Debug)]
+struct Pair {
+    q: Linear,
+    k: Linear,
+}
+
+fn pair(device: &Device) -> Pair {
+    let linear = || LinearConfig::new(2, 2).with_bias(false).init(device);
+    Pair {
+        q: linear(),
+        k: linear(),
+    }
+}
+
+/// `fused` [4, 2] f16 = 0..8 (PyTorch [out, in]: q rows 0-1, k rows 2-3), `conv` [2, 2, 1, 1]
+/// f32 = 10..14, `ids` [3] i64.
+fn file() -> (tempfile::NamedTempFile, SafetensorsFile) {
+    let fused: Vec<u8> = (0..8)
+        .flat_map(|v| half::f16::from_f32(v as f32).to_le_bytes())
+        .collect();
+    let conv: Vec<u8> = (10..14).flat_map(|v| (v as f32).to_le_bytes()).collect();
+    let ids: Vec<u8> = (0..3i64).flat_map(|v| v.to_le_bytes()).collect();
+    let tensors = [
+        (
+            "fused",
+            TensorView::new(Dtype::F16, vec![4, 2], &fused).unwrap(),
+        ),
+        (
+            "conv",
+            TensorView::new(Dtype::F32, vec![2, 2, 1, 1], &conv).unwrap(),
+        ),
+        ("ids", TensorView::new(Dtype::I64, vec![3], &ids).unwrap()),
+    ];
+    let tmp = tempfile::Builder::new()
+        .suffix(".safetensors")
+        .tempfile()
+        .unwrap();
+    safetensors::serialize_to_file(tensors, None, tmp.path()).unwrap();
+    let file = SafetensorsFile::open(tmp.path()).unwrap();
+    (tmp, file)
+}
+
+fn values(p: &Param<Tensor<2>>) -> Vec<f32> {
+    p.val()
+        .to_data()
+        .convert::<f32>()
+        .try_to_vec::<f32>()
+        .unwrap()
+}
+
+#[test]
+fn narrowed_and_reshaped_tensors_load_transposed_and_cast() {
+    let (_tmp, file) = file();
+    let device = Device::default();
+    let fused = file.tensor("fused").unwrap();
+    assert_eq!(fused.shape(), [4, 2]);
+    let k = fused.clone().narrow(2, 2).unwrap();
+    let conv = file.tensor("conv").unwrap().reshape(vec![2, 2]).unwrap();
+    let loaded = load_tensors(
+        pair(&device),
+        vec![("q.weight".into(), conv), ("k.weight".into(), k)],
+        DType::F32,
+        file.path(),
+    )
+    .unwrap();
+    // burn's Linear keeps [in, out]: the transpose of PyTorch's rows
+    assert_eq!(values(&loaded.k.weight), [4.0, 6.0, 5.0, 7.0]);
+    assert_eq!(values(&loaded.q.weight), [10.0, 12.0, 11.0, 13.0]);
+    assert_eq!(loaded.k.weight.val().dtype(), DType::F32);
+    let rows = fused.narrow(1, 2).unwrap().read().unwrap();
+    assert_eq!(rows.shape().to_vec(), [2, 2]);
+    let expected = TensorData::new(vec![2.0f32, 3.0, 4.0, 5.0], [2, 2]);
+    assert_eq!(rows.convert::<f32>(), expected);
+}
+
+#[test]
+fn misuse_is_a_typed_error() {
+    let (_tmp, file) = file();
+    let device = Device::default();
+    let fused = file.tensor("fused").unwrap();
+    assert!(matches!(
+        fused.clone().narrow(3, 2),
+        Err(Error::InvalidInput(_))
+    ));
+    assert!(matches!(
+        fused.clone().reshape(vec![3, 3]),
+        Err(Error::InvalidInput(_))
+    ));
+    assert!(matches!(
+        file.tensor("nope"),
+        Err(Error::MissingTensor { .. })
+    ));
+
+    let q = fused.clone().narrow(0, 2).unwrap();
+    let err = load_tensors(
+        pair(&device),
+        vec![("q.weight".into(), q)],
+        DType::F32,
+        file.path(),
+    )
+    .unwrap_err();
+    assert!(
+        matches!(&err, Error::MissingTensor { name, .. } if name == "k.weight"),
+        "{err}"
+    );
+
+    let q = fused.clone().narrow(0, 2).unwrap();
+    let err = load_tensors(
+        pair(&device),
+        vec![("q.weight".into(), q.clone()), ("q.weight".into(), q)],
+        DType::F32,
+        file.path(),
+    )
+    .unwrap_err();
+    assert!(err.to_string().contains("both map to `q.weight`"), "{err}");
+
+    let err = load_tensors(
+        pair(&device),
+        vec![
+            ("q.weight".into(), fused.clone()),
+            ("k.weight".into(), fused.clone().narrow(0, 2).unwrap()),
+        ],
+        DType::F32,
+        file.path(),
+    )
+    .unwrap_err();
+    assert!(
+        matches!(&err, Error::ShapeMismatch { name, expected, found, .. }
+            if name == "fused" && expected == &[2, 2] && found == &[4, 2]),
+        "{err}"
+    );
+
+    let ids = file.tensor("ids").unwrap();
+    let err = load_tensors(
+        pair(&device),
+        vec![("q.weight".into(), ids)],
+        DType::F32,
+        file.path(),
+    )
+    .unwrap_err();
+    assert!(matches!(err, Error::UnsupportedDType { .. }), "{err}");
+}
