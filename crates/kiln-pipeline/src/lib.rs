@@ -25,6 +25,8 @@
 //!   [`kiln_scheduler::NoiseSource`], in diffusers' order; [`kiln_scheduler::SeededNoise`] draws
 //!   on the host, so a seed gives the same image on every backend.
 //! - **Progress and cancellation**: a per-step callback ([`StepCallback`]).
+//! - **Training**: [`training::DiffusionLoss`], the denoising loss of diffusers' fine-tuning
+//!   script (epsilon / v targets, Min-SNR weighting), differentiable on burn's autodiff.
 //!
 //! # Parity
 //!
@@ -65,6 +67,7 @@
 mod error;
 pub mod pipeline_stable_diffusion;
 pub mod single_file;
+pub mod training;
 
 pub use error::{Error, Result};
 pub use pipeline_stable_diffusion::{
