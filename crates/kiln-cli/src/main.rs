@@ -15,6 +15,7 @@ use kiln_clip::{ClipTextModel, ClipTokenizer};
 
 mod generate;
 mod png_io;
+mod train;
 
 #[derive(Parser)]
 #[command(name = "kiln", version, about = "Stable Diffusion in Rust on burn")]
@@ -67,6 +68,8 @@ enum Command {
     /// Generate images from a prompt (txt2img), an image (img2img, `--image`) or an image and a
     /// mask (inpainting, `--image --mask`) and write them as PNG files with A1111 metadata.
     Generate(Box<generate::GenerateArgs>),
+    /// Fine-tune a model's UNet on a folder of captioned images.
+    Train(Box<train::TrainArgs>),
     /// List the devices this build can run on.
     Devices,
 }
@@ -147,6 +150,10 @@ fn run(cli: Cli) -> Result<()> {
         Command::Generate(args) => {
             let spec = cli.device.clone();
             generate::run(*args, || device(spec.as_deref()))?;
+        }
+        Command::Train(args) => {
+            let spec = cli.device.clone();
+            train::run(*args, || device(spec.as_deref()))?;
         }
         Command::Devices => {
             for name in kiln_nn::available_devices() {

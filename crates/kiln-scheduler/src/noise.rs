@@ -39,6 +39,11 @@ impl SeededNoise {
         z ^ (z >> 31)
     }
 
+    /// A uniform integer in `0..n` (`n >= 1`): training timesteps, shuffles, crops.
+    pub fn next_index(&mut self, n: usize) -> usize {
+        ((self.next_u64() as u128 * n.max(1) as u128) >> 64) as usize
+    }
+
     /// A uniform number in (0, 1].
     fn uniform(&mut self) -> f64 {
         ((self.next_u64() >> 11) as f64 + 1.0) / (1u64 << 53) as f64

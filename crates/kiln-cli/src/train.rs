@@ -1,0 +1,119 @@
+//! `kiln train`: fine-tunes a diffusers folder's UNet on a folder of captioned images
+//! ([`kiln_train`]), with a progress bar showing the loss, checkpoints every `--save-every`
+//! steps and at the end (each written complete under a temporary name, then renamed).
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::{Result, bail};
+use burn::tensor::Device;
+use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
+use kiln_train::{ImageCaptionDataset, TrainConfig, Trainer};
+
+/// Arguments of `kiln train`.
+#[derive(clap::Args, Debug)]
+pub struct TrainArgs {
+    /// The diffusers model folder to start from.
+    #[arg(long)]
+    model: PathBuf,
+    /// A folder of images (.png, .jpg) with same-named .txt captions, or with a metadata.jsonl
+    /// of {"file_name", "text"} lines.
+    #[arg(long)]
+    data: PathBuf,
+    /// Where to write the fine-tuned model (a complete diffusers folder).
+    #[arg(long)]
+    output: PathBuf,
+    /// Optimiser steps.
+    #[arg(long, default_value_t = 1000)]
+    steps: usize,
+    /// AdamW learning rate.
+    #[arg(long, default_value_t = 1e-5)]
+    learning_rate: f64,
+    /// Images per step.
+    #[arg(long, default_value_t = 1)]
+    batch: usize,
+    /// Square training resolution in pixels (default: the model's size).
+    #[arg(long)]
+    resolution: Option<usize>,
+    /// Min-SNR weighting gamma (5 is the paper's choice; default: plain MSE).
+    #[arg(long)]
+    snr_gamma: Option<f64>,
+    /// Crop the image centre instead of a random square.
+    #[arg(long)]
+    center_crop: bool,
+    /// Flip half the images horizontally.
+    #[arg(long)]
+    random_flip: bool,
+    /// Seed of every random draw.
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// Also write the checkpoint every N steps.
+    #[arg(long)]
+    save_every: Option<usize>,
+    /// Replace an existing output folder.
+    #[arg(long)]
+    overwrite: bool,
+}
+
+/// Runs `kiln train`.
+pub fn run(args: TrainArgs, device: impl FnOnce() -> Result<Device>) -> Result<()> {
+    if args.output.exists() && !args.overwrite {
+        bail!(
+            "`{}` exists; pass --overwrite to replace it",
+            args.output.display()
+        );
+    }
+    if args.steps == 0 || args.save_every == Some(0) {
+        bail!("--steps and --save-every must be at least 1");
+    }
+    let dataset = ImageCaptionDataset::from_dir(&args.data)?;
+    let device = device()?;
+    let config = TrainConfig {
+        resolution: args.resolution,
+        batch_size: args.batch,
+        learning_rate: args.learning_rate,
+        snr_gamma: args.snr_gamma,
+        center_crop: args.center_crop,
+        random_flip: args.random_flip,
+        seed: args.seed,
+        ..TrainConfig::default()
+    };
+    let examples = dataset.len();
+    let mut trainer = Trainer::new(&args.model, dataset, config, &device)?;
+    eprintln!(
+        "training {} on {examples} example(s) at {}x{} for {} steps",
+        args.model.display(),
+        trainer.resolution(),
+        trainer.resolution(),
+        args.steps
+    );
+    let bar = ProgressBar::with_draw_target(Some(args.steps as u64), ProgressDrawTarget::stderr());
+    bar.set_style(
+        ProgressStyle::with_template(
+            "{bar:30} {pos}/{len} steps [{elapsed_precise}<{eta_precise}, {per_sec}] {msg}",
+        )
+        .expect("static template"),
+    );
+    bar.enable_steady_tick(Duration::from_millis(500));
+    let mut recent = Vec::new();
+    for step in 1..=args.steps {
+        let loss = trainer.step()?;
+        recent.push(loss);
+        if recent.len() > 20 {
+            recent.remove(0);
+        }
+        let mean = recent.iter().sum::<f32>() / recent.len() as f32;
+        bar.set_message(format!(
+            "loss {loss:.4} (mean of last {}: {mean:.4})",
+            recent.len()
+        ));
+        bar.inc(1);
+        if args.save_every.is_some_and(|n| step % n == 0) && step != args.steps {
+            trainer.save(&args.output)?;
+        }
+    }
+    bar.finish();
+    trainer.save(&args.output)?;
+    eprintln!("wrote {}", args.output.display());
+    Ok(())
+}

@@ -1,0 +1,382 @@
+//! The fine-tuning loop of diffusers' `train_text_to_image.py`, UNet only: each step draws a
+//! batch, encodes the images with the (frozen) VAE and the captions with the (frozen) text
+//! encoder, and takes one AdamW step on the UNet's denoising loss
+//! ([`kiln_pipeline::training::DiffusionLoss`]). Every random draw (order, crops, flips, VAE
+//! samples, noise, timesteps) comes from one seeded host generator, so a run is reproducible on
+//! every backend.
+
+use std::path::{Path, PathBuf};
+
+use burn::module::Module;
+use burn::optim::{AdamWConfig, GradientsParams, ModuleOptimizer};
+use burn::store::{BurnToPyTorchAdapter, ModuleSnapshot, SafetensorsStore};
+use burn::tensor::{DType, Device, Tensor};
+use kiln_clip::{ClipTextModel, ClipTokenizer};
+use kiln_pipeline::training::DiffusionLoss;
+use kiln_scheduler::{NoiseSource, SchedulerConfig, SeededNoise};
+use kiln_unet::UNet2DConditionModel;
+use kiln_unet::unet_2d_condition::SampleSize;
+use kiln_vae::AutoencoderKL;
+
+use crate::dataset::{ImageCaptionDataset, Preprocess, load_image};
+use crate::{Error, Result};
+
+/// Options of a fine-tuning run, with the defaults of diffusers' script where it has them.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TrainConfig {
+    /// Square training resolution in pixels (`None`: the model's default size).
+    pub resolution: Option<usize>,
+    /// Images per step.
+    pub batch_size: usize,
+    /// AdamW learning rate (constant).
+    pub learning_rate: f64,
+    /// AdamW `beta_1`.
+    pub adam_beta1: f32,
+    /// AdamW `beta_2`.
+    pub adam_beta2: f32,
+    /// AdamW `epsilon`.
+    pub adam_epsilon: f32,
+    /// AdamW decoupled weight decay.
+    pub adam_weight_decay: f32,
+    /// Min-SNR weighting `gamma` (`None`: plain mean squared error).
+    pub snr_gamma: Option<f64>,
+    /// Crop the image centre (otherwise a random square).
+    pub center_crop: bool,
+    /// Flip half the images horizontally.
+    pub random_flip: bool,
+    /// Seed of every random draw.
+    pub seed: u64,
+}
+
+impl Default for TrainConfig {
+    fn default() -> Self {
+        Self {
+            resolution: None,
+            batch_size: 1,
+            learning_rate: 1e-5,
+            adam_beta1: 0.9,
+            adam_beta2: 0.999,
+            adam_epsilon: 1e-8,
+            adam_weight_decay: 1e-2,
+            snr_gamma: None,
+            center_crop: false,
+            random_flip: false,
+            seed: 0,
+        }
+    }
+}
+
+/// A fine-tuning run: the frozen VAE and text encoder on `device`, the trained UNet on
+/// `Device::autodiff(device)`, the optimiser state, the data and the random generator.
+pub struct Trainer {
+    tokenizer: ClipTokenizer,
+    text_encoder: ClipTextModel,
+    vae: AutoencoderKL,
+    unet: Option<UNet2DConditionModel>,
+    objective: DiffusionLoss,
+    optim: ModuleOptimizer,
+    rng: SeededNoise,
+    dataset: ImageCaptionDataset,
+    config: TrainConfig,
+    pre: Preprocess,
+    device: Device,
+    train_device: Device,
+    model_dir: PathBuf,
+    steps: usize,
+    order: Vec<usize>,
+    cursor: usize,
+}
+
+impl std::fmt::Debug for Trainer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Trainer")
+            .field("model_dir", &self.model_dir)
+            .field("examples", &self.dataset.len())
+            .field("config", &self.config)
+            .field("steps", &self.steps)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Trainer {
+    /// Loads the diffusers folder `model_dir` (tokenizer, text encoder, VAE, UNet, scheduler
+    /// config) for fine-tuning its UNet on `dataset`.
+    pub fn new(
+        model_dir: &Path,
+        dataset: ImageCaptionDataset,
+        config: TrainConfig,
+        device: &Device,
+    ) -> Result<Self> {
+        kiln_nn::config::require_dir(model_dir, "model folder")?;
+        if config.batch_size == 0
+            || !(config.learning_rate > 0.0 && config.learning_rate.is_finite())
+        {
+            return Err(Error::InvalidOption(format!(
+                "batch size {} must be at least 1 and learning rate {} positive",
+                config.batch_size, config.learning_rate
+            )));
+        }
+        let train_device = Device::autodiff(device.clone());
+        let tokenizer = ClipTokenizer::from_dir(model_dir.join("tokenizer"))?;
+        let text_encoder = ClipTextModel::from_dir(model_dir.join("text_encoder"), device)?;
+        let vae = AutoencoderKL::from_pretrained(&model_dir.join("vae"), DType::F32, device)?;
+        let unet = UNet2DConditionModel::from_pretrained(
+            &model_dir.join("unet"),
+            DType::F32,
+            &train_device,
+        )?;
+        if unet.config.in_channels != vae.config.latent_channels {
+            return Err(Error::InvalidOption(
+                "this is an inpainting UNet; Kiln fine-tunes text-to-image UNets only".into(),
+            ));
+        }
+        let scheduler_config =
+            SchedulerConfig::from_file(model_dir.join("scheduler").join("scheduler_config.json"))?;
+        let objective = DiffusionLoss::new(&scheduler_config, config.snr_gamma)?;
+        let f = vae.scale_factor();
+        let resolution = config.resolution.unwrap_or(match unet.config.sample_size {
+            Some(SampleSize::Square(s)) => s * f,
+            Some(SampleSize::Rect([h, w])) => h.min(w) * f,
+            None => 64 * f,
+        });
+        if resolution == 0 || !resolution.is_multiple_of(f) {
+            return Err(Error::InvalidOption(format!(
+                "resolution {resolution} must be a positive multiple of the VAE scale factor {f}"
+            )));
+        }
+        let optim = AdamWConfig::new()
+            .with_beta_1(config.adam_beta1)
+            .with_beta_2(config.adam_beta2)
+            .with_epsilon(config.adam_epsilon)
+            .with_weight_decay(config.adam_weight_decay)
+            .init();
+        Ok(Self {
+            tokenizer,
+            text_encoder,
+            vae,
+            unet: Some(unet),
+            objective,
+            optim,
+            rng: SeededNoise::new(config.seed),
+            pre: Preprocess {
+                resolution,
+                center_crop: config.center_crop,
+            },
+            order: Vec::new(),
+            cursor: 0,
+            dataset,
+            config,
+            device: device.clone(),
+            train_device,
+            model_dir: model_dir.to_path_buf(),
+            steps: 0,
+        })
+    }
+
+    /// Optimiser steps taken so far.
+    pub fn steps(&self) -> usize {
+        self.steps
+    }
+
+    /// The square resolution images are trained at.
+    pub fn resolution(&self) -> usize {
+        self.pre.resolution
+    }
+
+    /// The UNet being trained (on the autodiff device).
+    pub fn unet(&self) -> &UNet2DConditionModel {
+        self.unet
+            .as_ref()
+            .expect("the UNet is only taken out during a step")
+    }
+
+    /// The next `batch_size` example indices: a fresh seeded shuffle every epoch.
+    fn next_batch(&mut self) -> Vec<usize> {
+        (0..self.config.batch_size)
+            .map(|_| {
+                if self.cursor == self.order.len() {
+                    self.order = (0..self.dataset.len()).collect();
+                    for i in (1..self.order.len()).rev() {
+                        let j = self.rng.next_index(i + 1);
+                        self.order.swap(i, j);
+                    }
+                    self.cursor = 0;
+                }
+                self.cursor += 1;
+                self.order[self.cursor - 1]
+            })
+            .collect()
+    }
+
+    /// The denoising loss of one batch, with every input drawn from the generator; the graph is
+    /// on the training device.
+    fn batch_loss(&mut self, indices: &[usize]) -> Result<Tensor<1>> {
+        let n = indices.len();
+        let mut images = Vec::with_capacity(n);
+        let mut ids = Vec::with_capacity(n);
+        for &i in indices {
+            let example = &self.dataset.examples[i];
+            let crop = (
+                self.rng.next_index(1 << 20) as f64 / (1 << 20) as f64,
+                self.rng.next_index(1 << 20) as f64 / (1 << 20) as f64,
+            );
+            let flip = self.config.random_flip && self.rng.next_index(2) == 1;
+            images.push(load_image(
+                &example.image,
+                &self.pre,
+                crop,
+                flip,
+                &self.device,
+            )?);
+            ids.push(self.tokenizer.encode(&example.caption)?);
+        }
+        let images = Tensor::cat(images, 0);
+        // frozen encoders, outside the graph
+        let posterior = self.vae.encode(images, None)?;
+        let eps = self.rng.noise(posterior.mean.dims(), &self.device)?;
+        let latents = self.vae.scale_latents(posterior.sample(eps));
+        let context = self
+            .text_encoder
+            .encode_ids(&ids, 0, &self.device)?
+            .hidden_state;
+        let noise = self.rng.noise(latents.dims(), &self.device)?;
+        let t_max = self.objective.num_train_timesteps();
+        let timesteps: Vec<f64> = (0..n).map(|_| self.rng.next_index(t_max) as f64).collect();
+
+        let to_train = |t: Tensor<4>| Tensor::<4>::from_data(t.into_data(), &self.train_device);
+        let context = Tensor::<3>::from_data(context.into_data(), &self.train_device);
+        Ok(self.objective.loss(
+            self.unet(),
+            to_train(latents),
+            to_train(noise),
+            &timesteps,
+            context,
+        )?)
+    }
+
+    /// The loss on the dataset's first `batch_size` examples with every random draw taken from a
+    /// generator seeded with `seed`: the same inputs every call, so it tracks progress (a
+    /// validation loss). Changes nothing.
+    pub fn eval_loss(&mut self, seed: u64) -> Result<f32> {
+        let saved = std::mem::replace(&mut self.rng, SeededNoise::new(seed));
+        let n = self.config.batch_size.min(self.dataset.len());
+        let indices: Vec<usize> = (0..n).collect();
+        let loss = self.batch_loss(&indices);
+        self.rng = saved;
+        Ok(loss?.into_scalar())
+    }
+
+    /// One optimiser step on the next batch; returns its loss.
+    pub fn step(&mut self) -> Result<f32> {
+        let indices = self.next_batch();
+        let loss = self.batch_loss(&indices)?;
+        let value: f32 = loss.clone().into_scalar();
+        if !value.is_finite() {
+            return Err(Error::InvalidOption(format!(
+                "the loss became {value} at step {}; lower the learning rate",
+                self.steps + 1
+            )));
+        }
+        let grads = loss.backward();
+        let unet = self.unet.take().expect("the UNet is present between steps");
+        let grads = GradientsParams::from_grads(grads, &unet);
+        self.unet = Some(self.optim.step(self.config.learning_rate, unet, grads));
+        self.steps += 1;
+        Ok(value)
+    }
+
+    /// Writes a complete diffusers folder at `out`: the base model's tokenizer, text encoder,
+    /// VAE, scheduler and `model_index.json`, and the trained UNet (f32 safetensors with
+    /// diffusers' names). The folder is assembled under a temporary name next to `out` and
+    /// renamed into place, replacing an earlier checkpoint only once the new one is complete.
+    pub fn save(&self, out: &Path) -> Result<()> {
+        let parent = out
+            .parent()
+            .filter(|p| !p.as_os_str().is_empty())
+            .unwrap_or(Path::new("."));
+        let name = out
+            .file_name()
+            .ok_or_else(|| Error::InvalidOption(format!("`{}` names no folder", out.display())))?
+            .to_string_lossy()
+            .into_owned();
+        let tmp = parent.join(format!(".{name}.tmp-{}", std::process::id()));
+        let io = |path: &Path| {
+            let path = path.to_path_buf();
+            move |source| Error::Io { path, source }
+        };
+        if tmp.exists() {
+            std::fs::remove_dir_all(&tmp).map_err(io(&tmp))?;
+        }
+        let result = self.write_folder(&tmp);
+        if let Err(e) = result {
+            let _ = std::fs::remove_dir_all(&tmp);
+            return Err(e);
+        }
+        if out.exists() {
+            let old = parent.join(format!(".{name}.old-{}", std::process::id()));
+            std::fs::rename(out, &old).map_err(io(out))?;
+            std::fs::rename(&tmp, out).map_err(io(out))?;
+            std::fs::remove_dir_all(&old).map_err(io(&old))?;
+        } else {
+            std::fs::rename(&tmp, out).map_err(io(out))?;
+        }
+        Ok(())
+    }
+
+    fn write_folder(&self, dir: &Path) -> Result<()> {
+        for component in ["tokenizer", "text_encoder", "vae", "scheduler"] {
+            copy_dir(&self.model_dir.join(component), &dir.join(component))?;
+        }
+        let index = self.model_dir.join("model_index.json");
+        copy_file(&index, &dir.join("model_index.json"))?;
+        let unet_dir = dir.join("unet");
+        std::fs::create_dir_all(&unet_dir).map_err(|source| Error::Io {
+            path: unet_dir.clone(),
+            source,
+        })?;
+        copy_file(
+            &self.model_dir.join("unet/config.json"),
+            &unet_dir.join("config.json"),
+        )?;
+        let weights = unet_dir.join("diffusion_pytorch_model.safetensors");
+        let mut store = SafetensorsStore::from_file(&weights)
+            .with_to_adapter(BurnToPyTorchAdapter)
+            .skip_enum_variants(true);
+        self.unet()
+            .clone()
+            .valid()
+            .save_into(&mut store)
+            .map_err(|e| Error::Save {
+                path: weights.clone(),
+                message: e.to_string(),
+            })
+    }
+}
+
+fn copy_file(from: &Path, to: &Path) -> Result<()> {
+    std::fs::copy(from, to)
+        .map(|_| ())
+        .map_err(|source| Error::Io {
+            path: from.to_path_buf(),
+            source,
+        })
+}
+
+/// Copies a folder (following symbolic links: a checkpoint must stand alone).
+fn copy_dir(from: &Path, to: &Path) -> Result<()> {
+    let io = |path: &Path, source| Error::Io {
+        path: path.to_path_buf(),
+        source,
+    };
+    std::fs::create_dir_all(to).map_err(|e| io(to, e))?;
+    for entry in std::fs::read_dir(from).map_err(|e| io(from, e))? {
+        let entry = entry.map_err(|e| io(from, e))?;
+        let path = entry.path();
+        if path.is_dir() {
+            copy_dir(&path, &to.join(entry.file_name()))?;
+        } else {
+            copy_file(&path, &to.join(entry.file_name()))?;
+        }
+    }
+    Ok(())
+}
