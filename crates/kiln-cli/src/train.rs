@@ -35,6 +35,9 @@ pub struct TrainArgs {
     /// Square training resolution in pixels (default: the model's size).
     #[arg(long)]
     resolution: Option<usize>,
+    /// Clip the gradients to this global L2 norm each step (0 disables clipping).
+    #[arg(long, default_value_t = 1.0)]
+    max_grad_norm: f64,
     /// Min-SNR weighting gamma (5 is the paper's choice; default: plain MSE).
     #[arg(long)]
     snr_gamma: Option<f64>,
@@ -73,6 +76,7 @@ pub fn run(args: TrainArgs, device: impl FnOnce() -> Result<Device>) -> Result<(
         batch_size: args.batch,
         learning_rate: args.learning_rate,
         snr_gamma: args.snr_gamma,
+        max_grad_norm: (args.max_grad_norm != 0.0).then_some(args.max_grad_norm),
         center_crop: args.center_crop,
         random_flip: args.random_flip,
         seed: args.seed,

@@ -7,7 +7,7 @@
 
 use std::path::{Path, PathBuf};
 
-use burn::module::Module;
+use burn::module::{Module, ModuleVisitor, Param};
 use burn::optim::{AdamWConfig, GradientsParams, ModuleOptimizer};
 use burn::store::{BurnToPyTorchAdapter, ModuleSnapshot, SafetensorsStore};
 use burn::tensor::{DType, Device, Tensor};
@@ -38,6 +38,8 @@ pub struct TrainConfig {
     pub adam_epsilon: f32,
     /// AdamW decoupled weight decay.
     pub adam_weight_decay: f32,
+    /// Clip the gradients to this global L2 norm before each step (`None`: no clipping).
+    pub max_grad_norm: Option<f64>,
     /// Min-SNR weighting `gamma` (`None`: plain mean squared error).
     pub snr_gamma: Option<f64>,
     /// Crop the image centre (otherwise a random square).
@@ -58,6 +60,7 @@ impl Default for TrainConfig {
             adam_beta2: 0.999,
             adam_epsilon: 1e-8,
             adam_weight_decay: 1e-2,
+            max_grad_norm: Some(1.0),
             snr_gamma: None,
             center_crop: false,
             random_flip: false,
@@ -144,12 +147,16 @@ impl Trainer {
                 "resolution {resolution} must be a positive multiple of the VAE scale factor {f}"
             )));
         }
-        let optim = AdamWConfig::new()
-            .with_beta_1(config.adam_beta1)
-            .with_beta_2(config.adam_beta2)
-            .with_epsilon(config.adam_epsilon)
-            .with_weight_decay(config.adam_weight_decay)
-            .init();
+        if config
+            .max_grad_norm
+            .is_some_and(|n| !(n > 0.0 && n.is_finite()))
+        {
+            return Err(Error::InvalidOption(format!(
+                "max_grad_norm {:?} must be positive",
+                config.max_grad_norm
+            )));
+        }
+        let optim = adamw(&config);
         Ok(Self {
             tokenizer,
             text_encoder,
@@ -279,7 +286,10 @@ impl Trainer {
         }
         let grads = loss.backward();
         let unet = self.unet.take().expect("the UNet is present between steps");
-        let grads = GradientsParams::from_grads(grads, &unet);
+        let mut grads = GradientsParams::from_grads(grads, &unet);
+        if let Some(max_norm) = self.config.max_grad_norm {
+            clip_grad_norm(&unet, &mut grads, max_norm);
+        }
         self.unet = Some(self.optim.step(self.config.learning_rate, unet, grads));
         self.steps += 1;
         Ok(value)
@@ -351,6 +361,54 @@ impl Trainer {
                 message: e.to_string(),
             })
     }
+}
+
+/// burn's AdamW with `config`'s betas, epsilon and decoupled weight decay (the update PyTorch's
+/// `torch.optim.AdamW` makes).
+pub fn adamw(config: &TrainConfig) -> ModuleOptimizer {
+    AdamWConfig::new()
+        .with_beta_1(config.adam_beta1)
+        .with_beta_2(config.adam_beta2)
+        .with_epsilon(config.adam_epsilon)
+        .with_weight_decay(config.adam_weight_decay)
+        .init()
+}
+
+/// Scales `grads` so that their global L2 norm (over every parameter of `module`) is at most
+/// `max_norm`, as `torch.nn.utils.clip_grad_norm_` does (coefficient
+/// `min(1, max_norm / (norm + 1e-6))`); returns the norm before clipping. burn's own clipping
+/// works per parameter tensor, which is not what the fine-tuning script does.
+pub fn clip_grad_norm<M: Module>(module: &M, grads: &mut GradientsParams, max_norm: f64) -> f64 {
+    struct Norm<'a> {
+        grads: &'a GradientsParams,
+        sum_sq: f64,
+    }
+    impl ModuleVisitor for Norm<'_> {
+        fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<D>>) {
+            if let Some(g) = self.grads.get::<D>(param.id) {
+                self.sum_sq += g.powi_scalar(2).sum().into_scalar::<f64>();
+            }
+        }
+    }
+    struct Scale<'a> {
+        grads: &'a mut GradientsParams,
+        coef: f64,
+    }
+    impl ModuleVisitor for Scale<'_> {
+        fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<D>>) {
+            if let Some(g) = self.grads.remove::<D>(param.id) {
+                self.grads.register(param.id, g * self.coef);
+            }
+        }
+    }
+    let mut norm = Norm { grads, sum_sq: 0.0 };
+    module.visit(&mut norm);
+    let total = norm.sum_sq.sqrt();
+    let coef = (max_norm / (total + 1e-6)).min(1.0);
+    if coef < 1.0 {
+        module.visit(&mut Scale { grads, coef });
+    }
+    total
 }
 
 fn copy_file(from: &Path, to: &Path) -> Result<()> {
