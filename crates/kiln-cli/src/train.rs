@@ -8,7 +8,7 @@ use std::time::Duration;
 use anyhow::{Result, bail};
 use burn::tensor::Device;
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
-use kiln_train::{ImageCaptionDataset, TrainConfig, Trainer};
+use kiln_train::{ImageCaptionDataset, LrSchedule, TrainConfig, Trainer};
 
 /// Arguments of `kiln train`.
 #[derive(clap::Args, Debug)]
@@ -29,9 +29,18 @@ pub struct TrainArgs {
     /// AdamW learning rate.
     #[arg(long, default_value_t = 1e-5)]
     learning_rate: f64,
-    /// Images per step.
+    /// Learning-rate schedule: constant, constant_with_warmup, linear, cosine.
+    #[arg(long, default_value = "constant")]
+    lr_scheduler: String,
+    /// Warm-up steps of the schedule (not used by `constant`).
+    #[arg(long, default_value_t = 500)]
+    lr_warmup_steps: usize,
+    /// Images per batch.
     #[arg(long, default_value_t = 1)]
     batch: usize,
+    /// Batches averaged into each optimiser step.
+    #[arg(long, default_value_t = 1)]
+    gradient_accumulation_steps: usize,
     /// Square training resolution in pixels (default: the model's size).
     #[arg(long)]
     resolution: Option<usize>,
@@ -69,12 +78,17 @@ pub fn run(args: TrainArgs, device: impl FnOnce() -> Result<Device>) -> Result<(
     if args.steps == 0 || args.save_every == Some(0) {
         bail!("--steps and --save-every must be at least 1");
     }
+    let lr_schedule: LrSchedule = args.lr_scheduler.parse()?;
     let dataset = ImageCaptionDataset::from_dir(&args.data)?;
     let device = device()?;
     let config = TrainConfig {
         resolution: args.resolution,
         batch_size: args.batch,
         learning_rate: args.learning_rate,
+        lr_schedule,
+        lr_warmup_steps: args.lr_warmup_steps,
+        max_steps: args.steps,
+        gradient_accumulation_steps: args.gradient_accumulation_steps,
         snr_gamma: args.snr_gamma,
         max_grad_norm: (args.max_grad_norm != 0.0).then_some(args.max_grad_norm),
         center_crop: args.center_crop,

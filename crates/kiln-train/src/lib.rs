@@ -32,4 +32,4 @@ pub mod trainer;
 
 pub use dataset::{Example, ImageCaptionDataset, Preprocess};
 pub use error::{Error, Result};
-pub use trainer::{TrainConfig, Trainer, adamw, clip_grad_norm};
+pub use trainer::{LrSchedule, TrainConfig, Trainer, adamw, clip_grad_norm};

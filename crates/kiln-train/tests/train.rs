@@ -163,3 +163,27 @@ fn bad_datasets_and_options_are_typed_errors() {
     let err = trainer.step().unwrap_err();
     assert!(matches!(err, Error::Image { .. }), "{err}");
 }
+
+#[test]
+fn accumulated_steps_with_a_schedule_train() {
+    let data = dataset();
+    let dataset = ImageCaptionDataset::from_dir(data.path()).unwrap();
+    let config = TrainConfig {
+        batch_size: 1,
+        gradient_accumulation_steps: 2,
+        lr_schedule: kiln_train::LrSchedule::Cosine,
+        lr_warmup_steps: 2,
+        max_steps: 20,
+        ..config(3)
+    };
+    let mut trainer = Trainer::new(&model(), dataset, config, &device()).unwrap();
+    assert_eq!(trainer.learning_rate(), 0.0, "warm-up starts at 0");
+    let before = trainer.eval_loss(5).unwrap();
+    for _ in 0..20 {
+        trainer.step().unwrap();
+    }
+    assert!(trainer.learning_rate() < 1e-12, "the cosine ends at 0");
+    let after = trainer.eval_loss(5).unwrap();
+    eprintln!("accumulated: eval loss {before:.4} -> {after:.4}");
+    assert!(after < 0.9 * before, "{before} -> {after}");
+}
