@@ -47,6 +47,10 @@ pub struct TrainArgs {
     /// Clip the gradients to this global L2 norm each step (0 disables clipping).
     #[arg(long, default_value_t = 1.0)]
     max_grad_norm: f64,
+    /// Keep an exponential moving average of the UNet (maximum decay, e.g. 0.9999 as diffusers'
+    /// --use_ema) and save it instead of the last weights.
+    #[arg(long)]
+    ema_decay: Option<f64>,
     /// Min-SNR weighting gamma (5 is the paper's choice; default: plain MSE).
     #[arg(long)]
     snr_gamma: Option<f64>,
@@ -91,6 +95,7 @@ pub fn run(args: TrainArgs, device: impl FnOnce() -> Result<Device>) -> Result<(
         gradient_accumulation_steps: args.gradient_accumulation_steps,
         snr_gamma: args.snr_gamma,
         max_grad_norm: (args.max_grad_norm != 0.0).then_some(args.max_grad_norm),
+        ema_decay: args.ema_decay,
         center_crop: args.center_crop,
         random_flip: args.random_flip,
         seed: args.seed,

@@ -27,9 +27,11 @@
 #![warn(missing_docs)]
 
 pub mod dataset;
+pub mod ema;
 mod error;
 pub mod trainer;
 
 pub use dataset::{Example, ImageCaptionDataset, Preprocess};
+pub use ema::Ema;
 pub use error::{Error, Result};
 pub use trainer::{LrSchedule, TrainConfig, Trainer, adamw, clip_grad_norm};

@@ -19,6 +19,7 @@ use kiln_unet::unet_2d_condition::SampleSize;
 use kiln_vae::AutoencoderKL;
 
 use crate::dataset::{ImageCaptionDataset, Preprocess, load_image};
+use crate::ema::Ema;
 use crate::{Error, Result};
 
 /// The learning-rate schedule (diffusers' `get_scheduler` names), as a factor of the base rate
@@ -98,6 +99,9 @@ pub struct TrainConfig {
     pub adam_epsilon: f32,
     /// AdamW decoupled weight decay.
     pub adam_weight_decay: f32,
+    /// Keep an exponential moving average of the UNet with this maximum decay (diffusers'
+    /// `--use_ema` uses 0.9999) and save it instead of the last weights (`None`: no average).
+    pub ema_decay: Option<f64>,
     /// Clip the gradients to this global L2 norm before each step (`None`: no clipping).
     pub max_grad_norm: Option<f64>,
     /// Min-SNR weighting `gamma` (`None`: plain mean squared error).
@@ -125,6 +129,7 @@ impl Default for TrainConfig {
             adam_epsilon: 1e-8,
             adam_weight_decay: 1e-2,
             max_grad_norm: Some(1.0),
+            ema_decay: None,
             snr_gamma: None,
             center_crop: false,
             random_flip: false,
@@ -140,6 +145,7 @@ pub struct Trainer {
     text_encoder: ClipTextModel,
     vae: AutoencoderKL,
     unet: Option<UNet2DConditionModel>,
+    ema: Option<Ema<UNet2DConditionModel>>,
     objective: DiffusionLoss,
     optim: ModuleOptimizer,
     rng: SeededNoise,
@@ -220,12 +226,20 @@ impl Trainer {
                 config.max_grad_norm
             )));
         }
+        if config.ema_decay.is_some_and(|d| !(0.0..1.0).contains(&d)) {
+            return Err(Error::InvalidOption(format!(
+                "ema_decay {:?} must be in [0, 1)",
+                config.ema_decay
+            )));
+        }
         let optim = adamw(&config);
+        let ema = config.ema_decay.map(|d| Ema::new(&unet, d));
         Ok(Self {
             tokenizer,
             text_encoder,
             vae,
             unet: Some(unet),
+            ema,
             objective,
             optim,
             rng: SeededNoise::new(config.seed),
@@ -247,6 +261,11 @@ impl Trainer {
     /// Optimiser steps taken so far.
     pub fn steps(&self) -> usize {
         self.steps
+    }
+
+    /// The moving average of the UNet, when `ema_decay` is set.
+    pub fn ema(&self) -> Option<&Ema<UNet2DConditionModel>> {
+        self.ema.as_ref()
     }
 
     /// The square resolution images are trained at.
@@ -373,14 +392,18 @@ impl Trainer {
         if let Some(max_norm) = self.config.max_grad_norm {
             clip_grad_norm(&unet, &mut grads, max_norm);
         }
-        self.unet = Some(self.optim.step(lr, unet, grads));
+        let unet = self.optim.step(lr, unet, grads);
+        if let Some(ema) = &mut self.ema {
+            ema.update(&unet);
+        }
+        self.unet = Some(unet);
         self.steps += 1;
         Ok(total / k as f32)
     }
 
     /// Writes a complete diffusers folder at `out`: the base model's tokenizer, text encoder,
-    /// VAE, scheduler and `model_index.json`, and the trained UNet (f32 safetensors with
-    /// diffusers' names). The folder is assembled under a temporary name next to `out` and
+    /// VAE, scheduler and `model_index.json`, and the trained UNet as f32 safetensors with
+    /// diffusers' names (its moving average when `ema_decay` is set). The folder is assembled under a temporary name next to `out` and
     /// renamed into place, replacing an earlier checkpoint only once the new one is complete.
     pub fn save(&self, out: &Path) -> Result<()> {
         let parent = out
@@ -435,14 +458,14 @@ impl Trainer {
         let mut store = SafetensorsStore::from_file(&weights)
             .with_to_adapter(BurnToPyTorchAdapter)
             .skip_enum_variants(true);
-        self.unet()
-            .clone()
-            .valid()
-            .save_into(&mut store)
-            .map_err(|e| Error::Save {
-                path: weights.clone(),
-                message: e.to_string(),
-            })
+        let unet = match &self.ema {
+            Some(ema) => ema.model().clone(),
+            None => self.unet().valid(),
+        };
+        unet.save_into(&mut store).map_err(|e| Error::Save {
+            path: weights.clone(),
+            message: e.to_string(),
+        })
     }
 }
 

@@ -174,6 +174,7 @@ fn accumulated_steps_with_a_schedule_train() {
         lr_schedule: kiln_train::LrSchedule::Cosine,
         lr_warmup_steps: 2,
         max_steps: 20,
+        ema_decay: Some(0.9),
         ..config(3)
     };
     let mut trainer = Trainer::new(&model(), dataset, config, &device()).unwrap();
@@ -186,4 +187,22 @@ fn accumulated_steps_with_a_schedule_train() {
     let after = trainer.eval_loss(5).unwrap();
     eprintln!("accumulated: eval loss {before:.4} -> {after:.4}");
     assert!(after < 0.9 * before, "{before} -> {after}");
+    // the average lags the weights, and is what the checkpoint holds
+    let ema = trainer.ema().unwrap();
+    assert_eq!(ema.updates(), 20);
+    let host = |t: Tensor<4>| Tensor::<4>::from_data(t.into_data(), &device());
+    let trained = host(trainer.unet().conv_in.weight.val());
+    let averaged = host(ema.model().conv_in.weight.val());
+    let gap: f32 = (trained - averaged.clone()).abs().max().into_scalar();
+    assert!(gap > 0.0, "the average differs from the last weights");
+    let out = tempfile::tempdir().unwrap();
+    trainer.save(&out.path().join("ema")).unwrap();
+    let saved =
+        UNet2DConditionModel::from_pretrained(&out.path().join("ema/unet"), DType::F32, &device())
+            .unwrap();
+    let diff: f32 = (saved.conv_in.weight.val() - averaged)
+        .abs()
+        .max()
+        .into_scalar();
+    assert_eq!(diff, 0.0);
 }
