@@ -180,15 +180,18 @@ def make() -> None:
 
 @torch.no_grad()
 def memory() -> None:
-    """One SD 1.5 UNet forward at latent 64x64, batch 2, random weights: time and peak RSS."""
+    """One SD 1.5 UNet forward at latent 64x64, batch 2, random weights, without autograd, after a
+    small warm-up forward (as Kiln's `unet_memory` example does): time and peak RSS."""
     from diffusers import UNet2DConditionModel
 
     gen = seed_all(0)
     unet = UNet2DConditionModel(**UNET_SD15).eval()
     sample = torch.randn(2, 4, 64, 64, generator=gen)
     context = torch.randn(2, 77, 768, generator=gen)
-    start = time.time()
-    unet(sample, torch.tensor([500.0, 500.0]), encoder_hidden_states=context)
+    with torch.no_grad():
+        unet(torch.randn(1, 4, 8, 8, generator=gen), torch.tensor([1.0]), encoder_hidden_states=context[:1])
+        start = time.time()
+        unet(sample, torch.tensor([500.0, 500.0]), encoder_hidden_states=context)
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
     print(json.dumps({"seconds": round(time.time() - start, 2), "peak_rss_gib": round(peak, 2)}))
 
