@@ -2,6 +2,7 @@
 
     cargo xtask py full_size.py make      # write .cache/full-size/ (about 11 GB, git-ignored)
     cargo xtask py full_size.py memory    # diffusers' peak RSS for one SD 1.5 UNet forward, 64x64, batch 2
+    cargo xtask py full_size.py single-file   # .cache/full-size/<sd15|sd21>.safetensors (after make)
 
 `make` builds the UNet, VAE and text encoder of each pipeline from its published `config.json`
 (reproduced below, so no download is needed), randomises every parameter with a fixed seed, saves
@@ -196,6 +197,32 @@ def memory() -> None:
     print(json.dumps({"seconds": round(time.time() - start, 2), "peak_rss_gib": round(peak, 2)}))
 
 
+def single_file() -> None:
+    """Each pipeline of `make` as one single-file checkpoint in the original LDM layout, f32, as
+    real SD 1.5 / 2.1 files are laid out (SD 2.1: OpenCLIP text encoder with its unused 24th
+    block, `text_projection`, `logit_scale`; both: the DDPM buffers), written with
+    `fixtures/single_file.py`'s converters. SD 2.1 takes SD 1.5's VAE weights (same shapes).
+    `KILN_FULL_SIZE=1 cargo test -p kiln-pipeline --test full_size` loads them with inferred
+    configs and compares against the components' `io.safetensors`."""
+    from safetensors.torch import load_file, save_file
+    from single_file import clip_to_ldm, clip_to_open_clip, ddpm_buffers, unet_to_ldm, vae_to_ldm
+
+    for name, unet_cfg, open_clip in [("sd15", UNET_SD15, False), ("sd21", UNET_SD21, True)]:
+        base = CACHE / name
+        state = {}
+        state.update(unet_to_ldm(load_file(base / "unet" / "diffusion_pytorch_model.safetensors"), unet_cfg))
+        state.update(vae_to_ldm(load_file(CACHE / "sd15" / "vae" / "diffusion_pytorch_model.safetensors"), VAE_SD15))
+        text = load_file(base / "text_encoder" / "model.safetensors")
+        if open_clip:
+            state.update(clip_to_open_clip(text, projection_dim=1024, extra_layers=1, seed=7))
+        else:
+            state.update(clip_to_ldm(text))
+        state.update(ddpm_buffers())
+        path = CACHE / f"{name}.safetensors"
+        save_file({k: v.contiguous() for k, v in state.items()}, str(path))
+        print(f"{path}: {len(state)} tensors, {path.stat().st_size / 2**30:.2f} GiB")
+
+
 if __name__ == "__main__":
     command = sys.argv[1] if len(sys.argv) > 1 else "make"
-    {"make": make, "memory": memory}[command]()
+    {"make": make, "memory": memory, "single-file": single_file}[command]()
