@@ -12,13 +12,14 @@ use burn::tensor::{Device, Tensor, TensorData};
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use kiln_nn::FloatKind;
 use kiln_pipeline::{
-    GenerateOptions, LoadOptions, Mode, SingleFileOptions, StableDiffusionPipeline, StepProgress,
+    GenerateOptions, LoadOptions, Mode, RgbImage, SingleFileOptions, StableDiffusionPipeline,
+    StepProgress,
 };
 use kiln_scheduler::{
     PredictionType, SamplerName, SamplerOptions, Scheduler, SchedulerKind, SeededNoise,
 };
 
-use crate::png_io::{encode_png, luminance, read_png};
+use crate::png_io::{encode_png, luminance, read_image, resize};
 use crate::write_atomic;
 
 /// Arguments of `kiln generate`.
@@ -156,8 +157,8 @@ pub fn run(args: GenerateArgs, device: impl FnOnce() -> Result<Device>) -> Resul
     for path in &outputs {
         crate::check_output(path, args.overwrite)?;
     }
-    let image = args.image.as_deref().map(read_png).transpose()?;
-    let mask = args.mask.as_deref().map(read_png).transpose()?;
+    let image = args.image.as_deref().map(read_image).transpose()?;
+    let mask = args.mask.as_deref().map(read_image).transpose()?;
     if let (Some(image), Some(mask)) = (&image, &mask)
         && (image.width, image.height) != (mask.width, mask.height)
     {
@@ -193,7 +194,35 @@ pub fn run(args: GenerateArgs, device: impl FnOnce() -> Result<Device>) -> Resul
     let mut scheduler = pipe.scheduler(sampler, options_sampler)?;
     let sampler_label = a1111_sampler(scheduler.config().kind, sampler, args.karras);
 
-    // 3. the request
+    // 3. the request. The output size defaults to the input image's, rounded down to what the
+    // model takes; an input image of another size is resized to it (Lanczos), as diffusers'
+    // image processor does.
+    let multiple = pipe.size_multiple();
+    let (default_w, default_h) = match &image {
+        Some(image) => (
+            image.width - image.width % multiple,
+            image.height - image.height % multiple,
+        ),
+        None => pipe.default_size(),
+    };
+    let (width, height) = (
+        args.width.unwrap_or(default_w),
+        args.height.unwrap_or(default_h),
+    );
+    let fit = |img: Option<RgbImage>, what: &str| -> Result<Option<RgbImage>> {
+        match img {
+            Some(img) if (img.width, img.height) != (width, height) && width > 0 && height > 0 => {
+                eprintln!(
+                    "resized the input {what} from {}x{} to {width}x{height}",
+                    img.width, img.height
+                );
+                Ok(Some(resize(&img, width, height)?))
+            }
+            other => Ok(other),
+        }
+    };
+    let image = fit(image, "image")?;
+    let mask = fit(mask, "mask")?;
     let (mode, strength) = match (&image, &mask) {
         (Some(image), mask) => {
             let tensor = kiln_pipeline::rgb8_to_tensor(image, &device)?;
@@ -224,23 +253,6 @@ pub fn run(args: GenerateArgs, device: impl FnOnce() -> Result<Device>) -> Resul
         }
         (None, _) => (Mode::Txt2Img, None),
     };
-    let (default_w, default_h) = match &image {
-        Some(image) => (image.width, image.height),
-        None => pipe.default_size(),
-    };
-    let (width, height) = (
-        args.width.unwrap_or(default_w),
-        args.height.unwrap_or(default_h),
-    );
-    if let Some(image) = &image
-        && (image.width, image.height) != (width, height)
-    {
-        bail!(
-            "the input image is {}x{} but the output is to be {width}x{height}: Kiln does not resize; give an image of the output size",
-            image.width,
-            image.height
-        );
-    }
     let seed = args.seed.unwrap_or_else(clock_seed);
     let mut options = GenerateOptions::new(&args.prompt)
         .with_negative_prompt(&args.negative_prompt)

@@ -75,3 +75,41 @@ pub fn luminance(image: &RgbImage) -> Vec<f32> {
         })
         .collect()
 }
+
+/// Reads an input image: PNG (decoded as [`read_png`] does) or JPEG, as 8-bit RGB.
+pub fn read_image(path: &Path) -> Result<RgbImage> {
+    let ext = path
+        .extension()
+        .and_then(|e| e.to_str())
+        .map(str::to_ascii_lowercase);
+    if !matches!(ext.as_deref(), Some("jpg" | "jpeg")) {
+        return read_png(path);
+    }
+    let decoded = image::open(path)
+        .with_context(|| format!("`{}` is not a readable JPEG image", path.display()))?
+        .to_rgb8();
+    Ok(RgbImage {
+        width: decoded.width() as usize,
+        height: decoded.height() as usize,
+        data: decoded.into_raw(),
+    })
+}
+
+/// `image` resized to `width` x `height` with a Lanczos-3 filter (diffusers' image processor
+/// resizes with PIL's Lanczos).
+pub fn resize(image: &RgbImage, width: usize, height: usize) -> Result<RgbImage> {
+    let buffer =
+        image::RgbImage::from_raw(image.width as u32, image.height as u32, image.data.clone())
+            .context("image buffer does not match its size")?;
+    let resized = image::imageops::resize(
+        &buffer,
+        width as u32,
+        height as u32,
+        image::imageops::FilterType::Lanczos3,
+    );
+    Ok(RgbImage {
+        width,
+        height,
+        data: resized.into_raw(),
+    })
+}

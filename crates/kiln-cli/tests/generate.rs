@@ -519,3 +519,50 @@ fn single_file_checkpoints_generate_with_configs_from_a_folder() {
     std::fs::write(&pickle, b"not loaded").unwrap();
     fails_cleanly(&pickle, &[], "pickle");
 }
+
+#[test]
+fn input_images_of_other_sizes_are_resized_as_diffusers_does() {
+    let dir = tempfile::tempdir().unwrap();
+    let sd1 = model("sd1");
+    // 51x35: rounded down to the model's multiple (2 for the tiny VAE), 50x34
+    let odd = dir.path().join("odd.png");
+    let rgb: Vec<u8> = (0..51 * 35 * 3).map(|i| (i * 5 % 251) as u8).collect();
+    write_png(&odd, 51, 35, png::ColorType::Rgb, &rgb);
+    // a JPEG, resized to an explicit --width / --height
+    let jpeg = dir.path().join("photo.jpg");
+    image::RgbImage::from_fn(48, 32, |x, y| {
+        image::Rgb([(x * 5) as u8, (y * 7) as u8, 90])
+    })
+    .save(&jpeg)
+    .unwrap();
+    for (input, extra, size) in [
+        (&odd, vec![], (50, 34)),
+        (&jpeg, vec!["--width", "32", "--height", "24"], (32, 24)),
+    ] {
+        let output = dir.path().join("out.png");
+        let mut args = vec![
+            "generate",
+            "--model",
+            sd1.path().to_str().unwrap(),
+            "--prompt",
+            "a dog",
+            "--steps",
+            "2",
+            "--image",
+            input.to_str().unwrap(),
+            "--output",
+            output.to_str().unwrap(),
+            "--overwrite",
+        ];
+        args.extend(extra);
+        let out = kiln(&args, &[]);
+        assert!(out.status.success(), "{}", stderr(&out));
+        assert!(
+            stderr(&out).contains("resized the input image"),
+            "{}",
+            stderr(&out)
+        );
+        let (w, h, _, _) = read_png(&output);
+        assert_eq!((w, h), size);
+    }
+}
