@@ -208,7 +208,9 @@ pub fn infer_config(
         if let Some(p) = shapes.get(format!("{attn}proj_in.weight").as_str()) {
             down.push("CrossAttnDownBlock2D");
             proj_in = Some(p);
-            depth.push(indices(shapes, &format!("{attn}transformer_blocks.")).len());
+            depth.push(Some(
+                indices(shapes, &format!("{attn}transformer_blocks.")).len(),
+            ));
             context = Some(
                 shape(
                     shapes,
@@ -217,6 +219,7 @@ pub fn infer_config(
             );
         } else {
             down.push("DownBlock2D");
+            depth.push(None);
         }
     }
     let up: Vec<&str> = (0..blocks)
@@ -249,17 +252,12 @@ pub fn infer_config(
             json!(channels.iter().map(|c| c / 64).collect::<Vec<_>>())
         }
     };
-    let depths: BTreeSet<usize> = depth.iter().copied().collect();
-    let depth: Value = if depths.len() == 1 {
-        json!(depth[0])
-    } else {
-        // diffusers lists one value per down block; blocks without attention take 1
-        json!(
-            down.iter()
-                .zip(depth.iter().chain(std::iter::repeat(&1)))
-                .map(|(_, d)| *d)
-                .collect::<Vec<_>>()
-        )
+    // one value when every attending block has the same depth; else one per down block
+    // (blocks without attention take diffusers' default of 1)
+    let depths: BTreeSet<usize> = depth.iter().flatten().copied().collect();
+    let depth: Value = match depths.iter().collect::<Vec<_>>()[..] {
+        [one] => json!(one),
+        _ => json!(depth.iter().map(|d| d.unwrap_or(1)).collect::<Vec<_>>()),
     };
     let inpainting = conv_in[1] == 9;
     let prediction = prediction_type.unwrap_or(match (family, inpainting) {
