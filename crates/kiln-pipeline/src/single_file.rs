@@ -112,6 +112,16 @@ fn shape<'a>(shapes: &Shapes<'a>, key: &str) -> Result<&'a [usize]> {
         .ok_or_else(|| invalid(format!("no tensor `{key}`")))
 }
 
+/// The shape of `key` as exactly `N` dimensions, or an error naming it.
+fn dims<const N: usize>(shapes: &Shapes<'_>, key: &str) -> Result<[usize; N]> {
+    let s = shape(shapes, key)?;
+    s.try_into().map_err(|_| {
+        invalid(format!(
+            "`{key}` has shape {s:?}, not the {N} dimensions an SD 1.x/2.x checkpoint has there"
+        ))
+    })
+}
+
 /// The distinct values of the numeric key segment after `prefix` (`input_blocks.` -> {0, 1, ...}).
 fn indices(shapes: &Shapes<'_>, prefix: &str) -> BTreeSet<usize> {
     shapes
@@ -190,12 +200,12 @@ pub fn infer_config(
         ));
     }
     let family = family(shapes)?;
-    let at = |key: &str| shape(shapes, &format!("{UNET}{key}"));
+    let conv = |key: &str| dims::<4>(shapes, &format!("{UNET}{key}"));
 
     // UNet
     let (blocks, layers) = unet_layers(shapes)?;
-    let conv_in = at("input_blocks.0.0.weight")?;
-    let conv_out = at("out.2.weight")?;
+    let conv_in = conv("input_blocks.0.0.weight")?;
+    let conv_out = conv("out.2.weight")?;
     let first = |b: usize| 1 + b * (layers + 1);
     let mut channels = Vec::with_capacity(blocks);
     let mut down = Vec::with_capacity(blocks);
@@ -203,7 +213,7 @@ pub fn infer_config(
     let mut proj_in: Option<&[usize]> = None;
     let mut context = None;
     for b in 0..blocks {
-        channels.push(at(&format!("input_blocks.{}.0.out_layers.3.weight", first(b)))?[0]);
+        channels.push(conv(&format!("input_blocks.{}.0.out_layers.3.weight", first(b)))?[0]);
         let attn = format!("{UNET}input_blocks.{}.1.", first(b));
         if let Some(p) = shapes.get(format!("{attn}proj_in.weight").as_str()) {
             down.push("CrossAttnDownBlock2D");
@@ -212,7 +222,7 @@ pub fn infer_config(
                 indices(shapes, &format!("{attn}transformer_blocks.")).len(),
             ));
             context = Some(
-                shape(
+                dims::<2>(
                     shapes,
                     &format!("{attn}transformer_blocks.0.attn2.to_k.weight"),
                 )?[1],
@@ -291,7 +301,7 @@ pub fn infer_config(
 
     // VAE
     let vae_at = vae_prefix(shapes)?;
-    let v = |key: &str| shape(shapes, &format!("{vae_at}{key}"));
+    let v = |key: &str| dims::<4>(shapes, &format!("{vae_at}{key}"));
     let vae_blocks = indices(shapes, &format!("{vae_at}encoder.down.")).len();
     let vae_channels = (0..vae_blocks)
         .map(|i| v(&format!("encoder.down.{i}.block.0.conv1.weight")).map(|s| s[0]))
@@ -316,10 +326,8 @@ pub fn infer_config(
     let text = match family {
         Family::V1 => {
             let p = clip_prefix(shapes);
-            let t = |key: &str| shape(shapes, &format!("{p}{key}"));
-            let [vocab, hidden] = t("embeddings.token_embedding.weight")?[..] else {
-                return Err(invalid("`token_embedding` must be 2-D"));
-            };
+            let t = |key: &str| dims::<2>(shapes, &format!("{p}{key}"));
+            let [vocab, hidden] = t("embeddings.token_embedding.weight")?;
             json!({
                 "vocab_size": vocab,
                 "hidden_size": hidden,
@@ -331,10 +339,8 @@ pub fn infer_config(
             })
         }
         Family::V2 => {
-            let t = |key: &str| shape(shapes, &format!("{OPEN_CLIP}{key}"));
-            let [vocab, hidden] = t("token_embedding.weight")?[..] else {
-                return Err(invalid("`token_embedding` must be 2-D"));
-            };
+            let t = |key: &str| dims::<2>(shapes, &format!("{OPEN_CLIP}{key}"));
+            let [vocab, hidden] = t("token_embedding.weight")?;
             let blocks = indices(shapes, &format!("{OPEN_CLIP}transformer.resblocks.")).len();
             if blocks < 2 {
                 return Err(invalid(format!(
@@ -991,6 +997,22 @@ mod tests {
             text_key("transformer.resblocks.23.mlp.c_fc.weight", Family::V2, 23),
             Some(TextTarget::Skip)
         );
+    }
+
+    #[test]
+    fn misshapen_tensors_are_errors_not_panics() {
+        let m = manifest("sd15");
+        for key in [
+            "model.diffusion_model.input_blocks.0.0.weight",
+            "model.diffusion_model.input_blocks.1.1.transformer_blocks.0.attn2.to_k.weight",
+            "first_stage_model.decoder.conv_in.weight",
+            "cond_stage_model.transformer.text_model.embeddings.token_embedding.weight",
+        ] {
+            let mut shapes = m.shapes();
+            shapes.insert(key, &[7]);
+            let e = infer_config(&shapes, None).unwrap_err().to_string();
+            assert!(e.contains(key) && e.contains("dimensions"), "{e}");
+        }
     }
 
     #[test]
