@@ -354,7 +354,7 @@ fn resolve_model(spec: Option<&str>) -> Result<PathBuf> {
 }
 
 /// `epsilon`, `v_prediction` or `sample`, as diffusers' configs write them.
-fn parse_prediction_type(text: &str) -> Result<PredictionType> {
+pub fn parse_prediction_type(text: &str) -> Result<PredictionType> {
     serde_json::from_value(serde_json::Value::String(text.to_string())).map_err(|_| {
         anyhow::anyhow!("unknown --prediction-type `{text}`: use epsilon, v_prediction or sample")
     })

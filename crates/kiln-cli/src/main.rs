@@ -68,6 +68,24 @@ enum Command {
     /// Generate images from a prompt (txt2img), an image (img2img, `--image`) or an image and a
     /// mask (inpainting, `--image --mask`) and write them as PNG files with A1111 metadata.
     Generate(Box<generate::GenerateArgs>),
+    /// Convert a single-file SD 1.x/2.x checkpoint (CompVis keys) to a diffusers folder, the
+    /// values copied as they are.
+    Convert {
+        /// The `.safetensors` checkpoint.
+        #[arg(long)]
+        model: PathBuf,
+        /// The diffusers folder to write (must not exist).
+        #[arg(long)]
+        output: PathBuf,
+        /// A diffusers folder whose configs (and tokenizer) describe the checkpoint (default:
+        /// inferred from the tensor shapes).
+        #[arg(long, value_name = "DIR")]
+        config: Option<PathBuf>,
+        /// The scheduler's prediction type: epsilon or v_prediction (SD 2.x: v_prediction by
+        /// default, as the 768 models).
+        #[arg(long, value_name = "TYPE")]
+        prediction_type: Option<String>,
+    },
     /// Fine-tune a model's UNet on a folder of captioned images.
     Train(Box<train::TrainArgs>),
     /// List the devices this build can run on.
@@ -150,6 +168,24 @@ fn run(cli: Cli) -> Result<()> {
         Command::Generate(args) => {
             let spec = cli.device.clone();
             generate::run(*args, || device(spec.as_deref()))?;
+        }
+        Command::Convert {
+            model,
+            output,
+            config,
+            prediction_type,
+        } => {
+            let options = kiln_pipeline::SingleFileOptions {
+                config,
+                prediction_type: prediction_type
+                    .as_deref()
+                    .map(generate::parse_prediction_type)
+                    .transpose()?,
+                ..Default::default()
+            };
+            kiln_pipeline::convert_to_diffusers(&model, &options, &output)
+                .with_context(|| format!("cannot convert `{}`", model.display()))?;
+            eprintln!("wrote {}", output.display());
         }
         Command::Train(args) => {
             let spec = cli.device.clone();

@@ -503,6 +503,40 @@ fn single_file_checkpoints_generate_with_configs_from_a_folder() {
     assert!(worst <= 2, "max 8-bit difference {worst}");
     assert!(text.contains("Model: sd1"), "{text}");
 
+    // the same checkpoint converted to a diffusers folder
+    let converted = dir.path().join("converted");
+    let out = kiln(
+        &[
+            "convert",
+            "--model",
+            checkpoint.to_str().unwrap(),
+            "--config",
+            config.path().to_str().unwrap(),
+            "--output",
+            converted.to_str().unwrap(),
+        ],
+        &[],
+    );
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(
+        converted
+            .join("unet/diffusion_pytorch_model.safetensors")
+            .is_file()
+    );
+    let again = kiln(
+        &[
+            "convert",
+            "--model",
+            checkpoint.to_str().unwrap(),
+            "--config",
+            config.path().to_str().unwrap(),
+            "--output",
+            converted.to_str().unwrap(),
+        ],
+        &[],
+    );
+    assert!(!again.status.success() && stderr(&again).contains("exists"));
+
     let checkpoint = checkpoint.as_path();
     fails_cleanly(checkpoint, &[], "give the configs");
     fails_cleanly(

@@ -30,6 +30,9 @@ const EMBEDDED_VOCAB: &str = include_str!("../vocab/vocab.json");
 /// CLIP's `merges.txt`, embedded for [`ClipTokenizer::embedded`].
 const EMBEDDED_MERGES: &str = include_str!("../vocab/merges.txt");
 
+/// The vocabulary's licence notice (MIT), written next to it by [`ClipTokenizer::write_embedded`].
+const EMBEDDED_LICENSE: &str = include_str!("../vocab/LICENSE");
+
 /// The sequence length used when the folder does not say (CLIP's 77 positions).
 pub const DEFAULT_MAX_LENGTH: usize = 77;
 
@@ -198,6 +201,60 @@ impl ClipTokenizer {
         let special = SpecialTokens::parse(source, Some(config), None)?;
         let inner = Self::build_bpe(source, EMBEDDED_VOCAB, EMBEDDED_MERGES, &special)?;
         Self::finish(inner, &special, source)
+    }
+
+    /// Writes the embedded vocabulary as a classic tokenizer folder at `dir` (`vocab.json`,
+    /// `merges.txt`, `special_tokens_map.json`, `tokenizer_config.json`, as the hub's SD repos
+    /// ship them, plus the vocabulary's licence), with `pad_token` as padding token.
+    pub fn write_embedded(dir: &Path, pad_token: &str) -> Result<()> {
+        let io = |path: &Path, source| -> Error {
+            kiln_nn::Error::Io {
+                path: path.to_path_buf(),
+                source,
+            }
+            .into()
+        };
+        std::fs::create_dir_all(dir).map_err(|e| io(dir, e))?;
+        let token = |content: &str| {
+            serde_json::json!({
+                "content": content, "lstrip": false, "normalized": true, "rstrip": false,
+                "single_word": false,
+            })
+        };
+        let added = |content: &str| {
+            let mut t = token(content);
+            t["__type"] = "AddedToken".into();
+            t
+        };
+        let special = serde_json::json!({
+            "bos_token": token("<|startoftext|>"),
+            "eos_token": token("<|endoftext|>"),
+            "pad_token": pad_token,
+            "unk_token": token("<|endoftext|>"),
+        });
+        let config = serde_json::json!({
+            "add_prefix_space": false,
+            "bos_token": added("<|startoftext|>"),
+            "do_lower_case": true,
+            "eos_token": added("<|endoftext|>"),
+            "errors": "replace",
+            "model_max_length": DEFAULT_MAX_LENGTH,
+            "pad_token": pad_token,
+            "tokenizer_class": "CLIPTokenizer",
+            "unk_token": added("<|endoftext|>"),
+        });
+        let pretty = |v: &Value| serde_json::to_string_pretty(v).unwrap_or_default() + "\n";
+        for (name, text) in [
+            ("vocab.json", EMBEDDED_VOCAB.to_string()),
+            ("merges.txt", EMBEDDED_MERGES.to_string()),
+            ("special_tokens_map.json", pretty(&special)),
+            ("tokenizer_config.json", pretty(&config)),
+            ("LICENSE", EMBEDDED_LICENSE.to_string()),
+        ] {
+            let path = dir.join(name);
+            std::fs::write(&path, text).map_err(|e| io(&path, e))?;
+        }
+        Ok(())
     }
 
     /// Registers the special tokens and looks up their ids.

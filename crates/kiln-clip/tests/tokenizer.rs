@@ -80,6 +80,16 @@ fn embedded_vocabulary_matches_transformers_for_both_pad_tokens() {
 }
 
 #[test]
+fn written_embedded_vocabulary_loads_as_a_classic_folder() {
+    let dir = tempfile::tempdir().unwrap();
+    ClipTokenizer::write_embedded(dir.path(), "!").unwrap();
+    let tokenizer = ClipTokenizer::from_dir(dir.path()).unwrap();
+    assert_eq!(tokenizer.pad_id(), 0);
+    assert!(check_all(&tokenizer, "sd2") >= 200);
+    assert!(dir.path().join("LICENSE").is_file());
+}
+
+#[test]
 fn tokenizer_json_layout_matches_transformers() {
     let tokenizer = ClipTokenizer::from_dir(fixtures().join("model-fullvocab/tokenizer")).unwrap();
     assert!(check_all(&tokenizer, "sd1") >= 200);

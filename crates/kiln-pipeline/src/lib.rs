@@ -74,4 +74,6 @@ pub use pipeline_stable_diffusion::{
     GenerateOptions, GenerateOutput, LoadOptions, Mode, RgbImage, StableDiffusionPipeline,
     StepCallback, StepProgress, images_to_rgb8, rgb8_to_tensor,
 };
-pub use single_file::{Family, SingleFileConfig, SingleFileOptions, infer_config};
+pub use single_file::{
+    Family, SingleFileConfig, SingleFileOptions, convert_to_diffusers, infer_config,
+};

@@ -88,6 +88,9 @@ pub struct SingleFileConfig {
     pub text_encoder: ClipTextConfig,
     /// The scheduler.
     pub scheduler: SchedulerConfig,
+    /// The same four configs as diffusers' / transformers' `config.json` files (`unet`, `vae`,
+    /// `text_encoder`, `scheduler`), for writing a diffusers folder.
+    pub json: BTreeMap<&'static str, Value>,
 }
 
 impl SingleFileConfig {
@@ -361,13 +364,204 @@ pub fn infer_config(
     };
 
     let scheduler = default_scheduler(prediction, v_model && !inpainting);
+    let mut unet = unet;
+    unet["_class_name"] = json!("UNet2DConditionModel");
+    let mut vae = vae;
+    vae["_class_name"] = json!("AutoencoderKL");
+    let mut text = text;
+    text["architectures"] = json!(["CLIPTextModel"]);
+    text["model_type"] = json!("clip_text_model");
     Ok(SingleFileConfig {
         family,
-        unet: from_value(unet, "UNet")?,
-        vae: from_value(vae, "VAE")?,
-        text_encoder: from_value(text, "text encoder")?,
+        unet: from_value(unet.clone(), "UNet")?,
+        vae: from_value(vae.clone(), "VAE")?,
+        text_encoder: from_value(text.clone(), "text encoder")?,
         scheduler: SchedulerConfig::from_json(&scheduler.to_string())?,
+        json: BTreeMap::from([
+            ("unet", unet),
+            ("vae", vae),
+            ("text_encoder", text),
+            ("scheduler", scheduler),
+        ]),
     })
+}
+
+/// Writes a single-file checkpoint as a diffusers folder at `out` (which must not exist): each
+/// component's tensors under diffusers' names in their file dtype (the text encoder with
+/// transformers' `text_model.` prefix, as the hub's SD repos have it), the configs (inferred, or
+/// those of `options.config`), the tokenizer (`options.config`'s, or CLIP's vocabulary with the
+/// family's padding token) and `model_index.json`. Values are copied, never recomputed: the
+/// folder loads to exactly the weights the checkpoint holds. The folder is assembled under a
+/// temporary name beside `out` and renamed into place.
+pub fn convert_to_diffusers(path: &Path, options: &SingleFileOptions, out: &Path) -> Result<()> {
+    check_extension(path)?;
+    if out.exists() {
+        return Err(Error::InvalidInput(format!(
+            "`{}` exists; choose a new folder",
+            out.display()
+        )));
+    }
+    let file = SafetensorsFile::open(path)?;
+    let shapes = shapes_of(&file);
+    let (family, mut json) = match &options.config {
+        Some(dir) => {
+            kiln_nn::config::require_dir(dir, "config folder")?;
+            let mut json = BTreeMap::new();
+            for (name, file) in [
+                ("unet", "unet/config.json"),
+                ("vae", "vae/config.json"),
+                ("text_encoder", "text_encoder/config.json"),
+                ("scheduler", "scheduler/scheduler_config.json"),
+            ] {
+                let value: Value = kiln_nn::config::read_json(&dir.join(file), file)?;
+                json.insert(name, value);
+            }
+            (family(&shapes)?, json)
+        }
+        None => {
+            let c = infer_config(&shapes, options.prediction_type)?;
+            (c.family, c.json)
+        }
+    };
+    if let Some(p) = options.prediction_type {
+        json.get_mut("scheduler").expect("always present")["prediction_type"] =
+            json!(prediction_name(p));
+    }
+    let unet: UNet2DConditionModelConfig = from_value(json["unet"].clone(), "UNet")?;
+    let vae: AutoencoderKLConfig = from_value(json["vae"].clone(), "VAE")?;
+    let text: ClipTextConfig = from_value(json["text_encoder"].clone(), "text encoder")?;
+
+    let parent = out
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    let name = out
+        .file_name()
+        .ok_or_else(|| Error::InvalidInput(format!("`{}` names no folder", out.display())))?
+        .to_string_lossy()
+        .into_owned();
+    let tmp = parent.join(format!(".{name}.tmp-{}", std::process::id()));
+    let result = (|| -> Result<()> {
+        let components = [
+            (
+                "unet",
+                "diffusion_pytorch_model.safetensors",
+                unet_tensors(&file, uniform_layers(&unet)?)?,
+            ),
+            (
+                "vae",
+                "diffusion_pytorch_model.safetensors",
+                vae_tensors(&file, vae.block_out_channels.len())?,
+            ),
+            (
+                "text_encoder",
+                "model.safetensors",
+                text_tensors(&file, family, text.num_hidden_layers, text.hidden_size)?
+                    .into_iter()
+                    .map(|(k, t)| (format!("text_model.{k}"), t))
+                    .collect(),
+            ),
+        ];
+        for (component, weights, tensors) in components {
+            let dir = tmp.join(component);
+            create_dir(&dir)?;
+            write_json(&dir.join("config.json"), &json[component])?;
+            write_tensors(&dir.join(weights), tensors)?;
+        }
+        let scheduler_dir = tmp.join("scheduler");
+        create_dir(&scheduler_dir)?;
+        write_json(
+            &scheduler_dir.join("scheduler_config.json"),
+            &json["scheduler"],
+        )?;
+        let tokenizer = tmp.join("tokenizer");
+        match options.config.as_ref().map(|d| d.join("tokenizer")) {
+            Some(src) if src.is_dir() => copy_dir(&src, &tokenizer)?,
+            _ => kiln_clip::ClipTokenizer::write_embedded(&tokenizer, family.pad_token())?,
+        }
+        let inpainting = unet.in_channels == 2 * vae.latent_channels + 1;
+        let scheduler_class = json["scheduler"]["_class_name"].clone();
+        write_json(
+            &tmp.join("model_index.json"),
+            &json!({
+                "_class_name": if inpainting { "StableDiffusionInpaintPipeline" } else { "StableDiffusionPipeline" },
+                "feature_extractor": [null, null],
+                "requires_safety_checker": false,
+                "safety_checker": [null, null],
+                "scheduler": ["diffusers", scheduler_class],
+                "text_encoder": ["transformers", "CLIPTextModel"],
+                "tokenizer": ["transformers", "CLIPTokenizer"],
+                "unet": ["diffusers", "UNet2DConditionModel"],
+                "vae": ["diffusers", "AutoencoderKL"],
+            }),
+        )?;
+        std::fs::rename(&tmp, out).map_err(|e| io_error(out, e))
+    })();
+    if result.is_err() {
+        let _ = std::fs::remove_dir_all(&tmp);
+    }
+    result
+}
+
+fn io_error(path: &Path, source: std::io::Error) -> Error {
+    Error::Nn(kiln_nn::Error::Io {
+        path: path.to_path_buf(),
+        source,
+    })
+}
+
+fn create_dir(dir: &Path) -> Result<()> {
+    std::fs::create_dir_all(dir).map_err(|e| io_error(dir, e))
+}
+
+fn write_json(path: &Path, value: &Value) -> Result<()> {
+    let text = serde_json::to_string_pretty(value).map_err(|e| invalid(e.to_string()))?;
+    std::fs::write(path, text + "\n").map_err(|e| io_error(path, e))
+}
+
+/// Writes `tensors` (name, lazily read tensor) as one safetensors file, values and dtypes as read.
+fn write_tensors(path: &Path, tensors: Vec<(String, LazyTensor)>) -> Result<()> {
+    let mut data = Vec::with_capacity(tensors.len());
+    for (name, tensor) in tensors {
+        let values = tensor.read()?;
+        let dtype = match tensor.dtype() {
+            burn::tensor::DType::F32 => safetensors::Dtype::F32,
+            burn::tensor::DType::F16 => safetensors::Dtype::F16,
+            burn::tensor::DType::BF16 => safetensors::Dtype::BF16,
+            burn::tensor::DType::F64 => safetensors::Dtype::F64,
+            other => {
+                return Err(invalid(format!(
+                    "`{}` has dtype {other:?}, not a float",
+                    tensor.name()
+                )));
+            }
+        };
+        data.push((name, dtype, tensor.shape().to_vec(), values.into_bytes()));
+    }
+    let views = data
+        .iter()
+        .map(|(name, dtype, shape, bytes)| {
+            safetensors::tensor::TensorView::new(*dtype, shape.clone(), bytes)
+                .map(|view| (name.clone(), view))
+                .map_err(|e| invalid(format!("`{name}`: {e}")))
+        })
+        .collect::<Result<Vec<_>>>()?;
+    safetensors::serialize_to_file(views, None, path)
+        .map_err(|e| invalid(format!("cannot write `{}`: {e}", path.display())))
+}
+
+fn copy_dir(from: &Path, to: &Path) -> Result<()> {
+    create_dir(to)?;
+    for entry in std::fs::read_dir(from).map_err(|e| io_error(from, e))? {
+        let entry = entry.map_err(|e| io_error(from, e))?;
+        let (src, dst) = (entry.path(), to.join(entry.file_name()));
+        if src.is_dir() {
+            copy_dir(&src, &dst)?;
+        } else {
+            std::fs::copy(&src, &dst).map_err(|e| io_error(&src, e))?;
+        }
+    }
+    Ok(())
 }
 
 /// CLIP text towers use heads of 64 channels (ViT-L/14: 12, ViT-H/14: 16).
@@ -394,12 +588,17 @@ fn default_scheduler(prediction: PredictionType, ddim: bool) -> Value {
         "skip_prk_steps": true,
         "steps_offset": 1,
         "timestep_spacing": "leading",
-        "prediction_type": match prediction {
-            PredictionType::Epsilon => "epsilon",
-            PredictionType::VPrediction => "v_prediction",
-            PredictionType::Sample => "sample",
-        },
+        "prediction_type": prediction_name(prediction),
     })
+}
+
+/// The name diffusers' configs use for `p`.
+fn prediction_name(p: PredictionType) -> &'static str {
+    match p {
+        PredictionType::Epsilon => "epsilon",
+        PredictionType::VPrediction => "v_prediction",
+        PredictionType::Sample => "sample",
+    }
 }
 
 fn from_value<T: serde::de::DeserializeOwned>(value: Value, what: &str) -> Result<T> {

@@ -160,3 +160,59 @@ fn missing_and_unknown_tensors_are_named() {
             .to_string();
     assert!(err.contains("VAE"), "{err}");
 }
+
+/// A single file converted to a diffusers folder loads with `from_pretrained` and gives the same
+/// images, its weights copied in their file dtype.
+#[test]
+fn converted_folders_give_diffusers_images() {
+    let device = common::device();
+    let reference = Reference::open(&common::fixtures().join("expected.safetensors")).unwrap();
+    let out = tempfile::tempdir().unwrap();
+    for kind in ["sd1", "sd2"] {
+        let config = configs_only(kind);
+        let folder = out.path().join(kind);
+        kiln_pipeline::convert_to_diffusers(&checkpoint(kind), &options(config.path()), &folder)
+            .unwrap();
+        let header =
+            kiln_nn::weights::read_header(&folder.join("unet/diffusion_pytorch_model.safetensors"))
+                .unwrap();
+        assert!(header.values().all(|t| t.dtype == "F16"));
+        let text =
+            kiln_nn::weights::read_header(&folder.join("text_encoder/model.safetensors")).unwrap();
+        assert!(text.keys().all(|k| k.starts_with("text_model.")));
+        let pipe = StableDiffusionPipeline::from_pretrained(
+            &folder,
+            kiln_pipeline::LoadOptions::default(),
+            &device,
+        )
+        .unwrap();
+        for case in cases()
+            .iter()
+            .filter(|c| c.model == kind && c.mode == "txt2img")
+        {
+            let (float_diff, byte_diff) = run_case(case, &pipe, &reference);
+            eprintln!(
+                "converted {kind}, {}: {float_diff:.2e} / {byte_diff}",
+                case.name
+            );
+            assert!(byte_diff <= 2 && float_diff <= 5e-4, "{}", case.name);
+        }
+        let again = kiln_pipeline::convert_to_diffusers(
+            &checkpoint(kind),
+            &options(config.path()),
+            &folder,
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(again.contains("exists"), "{again}");
+    }
+    let leftovers: Vec<_> = std::fs::read_dir(out.path())
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .collect();
+    assert_eq!(
+        leftovers.len(),
+        2,
+        "no temporary folders left: {leftovers:?}"
+    );
+}
