@@ -395,12 +395,6 @@ pub fn infer_config(
 /// temporary name beside `out` and renamed into place.
 pub fn convert_to_diffusers(path: &Path, options: &SingleFileOptions, out: &Path) -> Result<()> {
     check_extension(path)?;
-    if out.exists() {
-        return Err(Error::InvalidInput(format!(
-            "`{}` exists; choose a new folder",
-            out.display()
-        )));
-    }
     let file = SafetensorsFile::open(path)?;
     let shapes = shapes_of(&file);
     let (family, mut json) = match &options.config {
@@ -431,17 +425,7 @@ pub fn convert_to_diffusers(path: &Path, options: &SingleFileOptions, out: &Path
     let vae: AutoencoderKLConfig = from_value(json["vae"].clone(), "VAE")?;
     let text: ClipTextConfig = from_value(json["text_encoder"].clone(), "text encoder")?;
 
-    let parent = out
-        .parent()
-        .filter(|p| !p.as_os_str().is_empty())
-        .unwrap_or(Path::new("."));
-    let name = out
-        .file_name()
-        .ok_or_else(|| Error::InvalidInput(format!("`{}` names no folder", out.display())))?
-        .to_string_lossy()
-        .into_owned();
-    let tmp = parent.join(format!(".{name}.tmp-{}", std::process::id()));
-    let result = (|| -> Result<()> {
+    kiln_nn::config::write_dir_atomically(out, false, |tmp: &Path| -> Result<()> {
         let components = [
             (
                 "unet",
@@ -476,7 +460,7 @@ pub fn convert_to_diffusers(path: &Path, options: &SingleFileOptions, out: &Path
         )?;
         let tokenizer = tmp.join("tokenizer");
         match options.config.as_ref().map(|d| d.join("tokenizer")) {
-            Some(src) if src.is_dir() => copy_dir(&src, &tokenizer)?,
+            Some(src) if src.is_dir() => kiln_nn::config::copy_dir(&src, &tokenizer)?,
             _ => kiln_clip::ClipTokenizer::write_embedded(&tokenizer, family.pad_token())?,
         }
         let inpainting = unet.in_channels == 2 * vae.latent_channels + 1;
@@ -494,13 +478,8 @@ pub fn convert_to_diffusers(path: &Path, options: &SingleFileOptions, out: &Path
                 "unet": ["diffusers", "UNet2DConditionModel"],
                 "vae": ["diffusers", "AutoencoderKL"],
             }),
-        )?;
-        std::fs::rename(&tmp, out).map_err(|e| io_error(out, e))
-    })();
-    if result.is_err() {
-        let _ = std::fs::remove_dir_all(&tmp);
-    }
-    result
+        )
+    })
 }
 
 fn io_error(path: &Path, source: std::io::Error) -> Error {
@@ -548,20 +527,6 @@ fn write_tensors(path: &Path, tensors: Vec<(String, LazyTensor)>) -> Result<()> 
         .collect::<Result<Vec<_>>>()?;
     safetensors::serialize_to_file(views, None, path)
         .map_err(|e| invalid(format!("cannot write `{}`: {e}", path.display())))
-}
-
-fn copy_dir(from: &Path, to: &Path) -> Result<()> {
-    create_dir(to)?;
-    for entry in std::fs::read_dir(from).map_err(|e| io_error(from, e))? {
-        let entry = entry.map_err(|e| io_error(from, e))?;
-        let (src, dst) = (entry.path(), to.join(entry.file_name()));
-        if src.is_dir() {
-            copy_dir(&src, &dst)?;
-        } else {
-            std::fs::copy(&src, &dst).map_err(|e| io_error(&src, e))?;
-        }
-    }
-    Ok(())
 }
 
 /// CLIP text towers use heads of 64 channels (ViT-L/14: 12, ViT-H/14: 16).

@@ -406,42 +406,12 @@ impl Trainer {
     /// diffusers' names (its moving average when `ema_decay` is set). The folder is assembled under a temporary name next to `out` and
     /// renamed into place, replacing an earlier checkpoint only once the new one is complete.
     pub fn save(&self, out: &Path) -> Result<()> {
-        let parent = out
-            .parent()
-            .filter(|p| !p.as_os_str().is_empty())
-            .unwrap_or(Path::new("."));
-        let name = out
-            .file_name()
-            .ok_or_else(|| Error::InvalidOption(format!("`{}` names no folder", out.display())))?
-            .to_string_lossy()
-            .into_owned();
-        let tmp = parent.join(format!(".{name}.tmp-{}", std::process::id()));
-        let io = |path: &Path| {
-            let path = path.to_path_buf();
-            move |source| Error::Io { path, source }
-        };
-        if tmp.exists() {
-            std::fs::remove_dir_all(&tmp).map_err(io(&tmp))?;
-        }
-        let result = self.write_folder(&tmp);
-        if let Err(e) = result {
-            let _ = std::fs::remove_dir_all(&tmp);
-            return Err(e);
-        }
-        if out.exists() {
-            let old = parent.join(format!(".{name}.old-{}", std::process::id()));
-            std::fs::rename(out, &old).map_err(io(out))?;
-            std::fs::rename(&tmp, out).map_err(io(out))?;
-            std::fs::remove_dir_all(&old).map_err(io(&old))?;
-        } else {
-            std::fs::rename(&tmp, out).map_err(io(out))?;
-        }
-        Ok(())
+        kiln_nn::config::write_dir_atomically(out, true, |tmp: &Path| self.write_folder(tmp))
     }
 
     fn write_folder(&self, dir: &Path) -> Result<()> {
         for component in ["tokenizer", "text_encoder", "vae", "scheduler"] {
-            copy_dir(&self.model_dir.join(component), &dir.join(component))?;
+            kiln_nn::config::copy_dir(&self.model_dir.join(component), &dir.join(component))?;
         }
         let index = self.model_dir.join("model_index.json");
         copy_file(&index, &dir.join("model_index.json"))?;
@@ -524,25 +494,6 @@ fn copy_file(from: &Path, to: &Path) -> Result<()> {
             path: from.to_path_buf(),
             source,
         })
-}
-
-/// Copies a folder (following symbolic links: a checkpoint must stand alone).
-fn copy_dir(from: &Path, to: &Path) -> Result<()> {
-    let io = |path: &Path, source| Error::Io {
-        path: path.to_path_buf(),
-        source,
-    };
-    std::fs::create_dir_all(to).map_err(|e| io(to, e))?;
-    for entry in std::fs::read_dir(from).map_err(|e| io(from, e))? {
-        let entry = entry.map_err(|e| io(from, e))?;
-        let path = entry.path();
-        if path.is_dir() {
-            copy_dir(&path, &to.join(entry.file_name()))?;
-        } else {
-            copy_file(&path, &to.join(entry.file_name()))?;
-        }
-    }
-    Ok(())
 }
 
 #[cfg(test)]
