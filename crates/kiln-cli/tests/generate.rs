@@ -8,16 +8,7 @@ fn root() -> PathBuf {
 }
 
 fn copy_dir(from: &Path, to: &Path) {
-    std::fs::create_dir_all(to).unwrap();
-    for entry in std::fs::read_dir(from).unwrap() {
-        let entry = entry.unwrap();
-        let target = to.join(entry.file_name());
-        if entry.path().is_dir() {
-            copy_dir(&entry.path(), &target);
-        } else {
-            std::fs::copy(entry.path(), target).unwrap();
-        }
-    }
+    kiln_nn::config::copy_dir(from, to).expect("copy fixture folder");
 }
 
 /// A complete diffusers folder for `kind` (`sd1`, `inpaint`) at `dir`: the committed components,

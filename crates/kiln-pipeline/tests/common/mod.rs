@@ -20,16 +20,7 @@ pub fn fixtures() -> PathBuf {
 }
 
 fn copy_dir(from: &Path, to: &Path) {
-    std::fs::create_dir_all(to).expect("create dir");
-    for entry in std::fs::read_dir(from).expect("read fixture dir") {
-        let entry = entry.expect("dir entry");
-        let target = to.join(entry.file_name());
-        if entry.path().is_dir() {
-            copy_dir(&entry.path(), &target);
-        } else {
-            std::fs::copy(entry.path(), target).expect("copy fixture");
-        }
-    }
+    kiln_nn::config::copy_dir(from, to).expect("copy fixture folder");
 }
 
 /// A complete diffusers folder for `kind` (`sd1`, `sd2`, `inpaint`) in a temporary directory:
