@@ -3,6 +3,10 @@
 //! `cargo xtask fixtures` makes a git-ignored virtualenv at `.venv`, installs the pinned reference
 //! libraries from `xtask/requirements.txt`, and runs every script in `xtask/fixtures/` (in name
 //! order) to write the seeded fixtures under `fixtures/`. Tests read only those committed files.
+//!
+//! `cargo xtask emulate-cpu` runs the test suite on an emulated CPU model (qemu's user-mode
+//! emulator), so an AVX-512 machine can check what an AVX2-only one computes
+//! (docs/determinism.md).
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -33,6 +37,18 @@ enum Task {
         /// The script, relative to `xtask/`.
         script: String,
         /// Arguments for the script.
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
+    },
+    /// Run `cargo test --workspace --no-fail-fast` with every test binary under qemu's user-mode
+    /// emulation of another CPU model (Debian package `qemu-user`), e.g. `EPYC-Milan` (Zen 3:
+    /// AVX2 and FMA, no AVX-512) on an AVX-512 machine. Binaries the tests start themselves (the
+    /// `kiln` CLI) still run natively.
+    EmulateCpu {
+        /// A qemu CPU model (`qemu-x86_64 -cpu help` lists them).
+        #[arg(long, default_value = "EPYC-Milan")]
+        cpu: String,
+        /// More arguments for `cargo test` (for example `-p kiln-train`).
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
     },
@@ -117,6 +133,27 @@ fn main() -> Result<()> {
             cmd.arg(root.join("xtask").join(script)).args(args);
             python_env(&mut cmd, &root);
             run(&mut cmd)?;
+        }
+        Task::EmulateCpu { cpu, args } => {
+            let probe = Command::new("qemu-x86_64").args(["-cpu", "help"]).output();
+            match probe {
+                Ok(out) if String::from_utf8_lossy(&out.stdout).contains(&cpu) => {}
+                Ok(_) => bail!(
+                    "qemu-x86_64 knows no CPU model `{cpu}`: `qemu-x86_64 -cpu help` lists them"
+                ),
+                Err(_) => bail!("qemu-x86_64 is not installed: `apt-get install qemu-user`"),
+            }
+            // cargo starts every test binary through the target's runner
+            run(
+                Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
+                    .current_dir(&root)
+                    .env(
+                        "CARGO_TARGET_X86_64_UNKNOWN_LINUX_GNU_RUNNER",
+                        format!("qemu-x86_64 -cpu {cpu}"),
+                    )
+                    .args(["test", "--workspace", "--no-fail-fast"])
+                    .args(args),
+            )?;
         }
     }
     Ok(())

@@ -4,7 +4,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
 use burn::tensor::Tensor;
-use kiln_nn::reference::{Reference, max_relative_error};
+use kiln_nn::reference::{Reference, max_relative_error, tolerance};
 
 fn model() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../../fixtures/clip/model-fullvocab")
@@ -91,7 +91,8 @@ fn encode_writes_transformers_equal_embeddings() {
         let b: Tensor<3> = expected.tensor(name, &device).unwrap();
         assert_eq!(a.dims(), [1, 77, 8]);
         let err = max_relative_error(&a, &b);
-        assert!(err < 1e-4, "{name}: max relative error {err}");
+        // a text-encoder forward pass: [`tolerance::FORWARD`] says why this bound holds anywhere
+        assert!(err < tolerance::FORWARD, "{name}: max relative error {err}");
     }
     // No temporary file is left beside the output.
     let names: Vec<_> = std::fs::read_dir(dir.path())

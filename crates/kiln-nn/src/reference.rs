@@ -131,3 +131,61 @@ pub fn max_relative_error<const D: usize>(actual: &Tensor<D>, expected: &Tensor<
         max_diff / max_ref
     }
 }
+
+/// The bounds Kiln's parity tests use, and why they hold on every machine.
+///
+/// Kiln and the reference (PyTorch) evaluate the same function in f32 in different orders:
+/// other GEMM and convolution tilings, 8 or 16 SIMD lanes (AVX2 or AVX-512), fused or separate
+/// multiply-adds, partial sums split across however many threads there are, other `exp` / `erf`
+/// approximations. None of these is more exact than the others; they round differently. So a
+/// parity bound must hold for any order, and it is stated relative to the size of the result
+/// ([`max_relative_error`]), because that is what rounding error scales with.
+pub mod tolerance {
+    /// The unit roundoff of f32, `2^-24`: the largest relative error of one rounded operation.
+    pub const U: f64 = f32::EPSILON as f64 / 2.0;
+
+    /// A network's forward pass (text encoder, UNet, VAE; tiny or full size) against the
+    /// reference, as [`max_relative_error`](super::max_relative_error).
+    ///
+    /// Each layer ends in dot products of length `K` (at most 11 520 in SD: a 3x3 convolution
+    /// over 1 280 channels). Summed in any order, with or without FMA, the rounding errors of
+    /// such a sum are independent and of either sign, so its error is about `U sqrt(K)` of the
+    /// result (worst case `K U`, never approached): 1.2e-6 at `K = 400`, 6.4e-6 at `K = 11 520`.
+    /// Layers add their errors; normalisations (GroupNorm, LayerNorm) rescale, so errors do not
+    /// compound multiplicatively, and over `L` layers on the longest path they add up to about
+    /// `sqrt(L)` times one layer's (`L` about 60 in SD 1.5's UNet): 5e-5 at full size, and both
+    /// sides carry such an error. The measured errors are well inside that (2e-6 to 3e-6 on
+    /// Zen 4 and Xeon AVX-512 machines and on an AVX2-only CPU, full size included), and `1e-4`
+    /// is above the estimate while still 10x below the smallest real defect the tests are meant
+    /// to catch (a wrong weight, epsilon or activation moves the result by 1e-3 or more; each
+    /// model's test of a deliberately wrong weight checks that).
+    pub const FORWARD: f32 = 1e-4;
+
+    /// Gradients of a loss through a network (backward pass) and quantities computed from them
+    /// (their global norm), as [`max_relative_error`](super::max_relative_error).
+    ///
+    /// The backward pass is the forward's products transposed: the same dot-product lengths and
+    /// depths, so the same estimate as [`FORWARD`] and the same bound. What an optimiser makes
+    /// of a gradient is bounded separately (see `crates/kiln-train/tests/optimizer.rs`), since
+    /// Adam amplifies the error of gradients near its epsilon.
+    pub const GRADIENT: f32 = 1e-4;
+
+    /// A whole pipeline's float image (values in [0, 1]) against the reference's, as the
+    /// largest absolute difference.
+    ///
+    /// A run of `n` denoising steps calls the UNet `n` (or, with classifier-free guidance,
+    /// `2 n`) times and the VAE decoder once. Each call adds an error of at most [`FORWARD`]
+    /// of its output's size, and the samplers' updates are linear combinations with
+    /// coefficients of at most a few units: the latent's error is at most about
+    /// `n FORWARD` of its size (the tests run 2 to 8 steps), and the decoder maps latents of size
+    /// 1 to 4 onto images in [0, 1]. `5e-4` is that for the tests' step counts; the measured
+    /// differences are below 1e-4.
+    pub const IMAGE: f32 = 5e-4;
+
+    /// The largest 8-bit difference that follows from a float difference of at most `float`
+    /// (images in [0, 1], rounded to `round(255 x)`): rounding moves a value by at most half a
+    /// level, so two values `float` apart round at most `ceil(255 float)` levels apart.
+    pub fn levels(float: f32) -> u8 {
+        (255.0 * float).ceil().min(255.0) as u8
+    }
+}

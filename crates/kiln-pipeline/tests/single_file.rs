@@ -8,7 +8,7 @@ mod common;
 use std::path::{Path, PathBuf};
 
 use common::{cases, run_case};
-use kiln_nn::reference::Reference;
+use kiln_nn::reference::{Reference, tolerance};
 use kiln_pipeline::{Error, SingleFileOptions, StableDiffusionPipeline};
 
 fn checkpoint(kind: &str) -> PathBuf {
@@ -58,7 +58,7 @@ fn single_files_give_diffusers_images() {
                 "{kind}.safetensors, {}: max |float diff| {float_diff:.2e}, max 8-bit diff {byte_diff}",
                 case.name
             );
-            if byte_diff > 2 || float_diff > 5e-4 {
+            if byte_diff > tolerance::levels(tolerance::IMAGE) || float_diff > tolerance::IMAGE {
                 failures.push(format!("{}: {float_diff:e} / {byte_diff}", case.name));
             }
             ran += 1;
@@ -195,7 +195,11 @@ fn converted_folders_give_diffusers_images() {
                 "converted {kind}, {}: {float_diff:.2e} / {byte_diff}",
                 case.name
             );
-            assert!(byte_diff <= 2 && float_diff <= 5e-4, "{}", case.name);
+            assert!(
+                byte_diff <= tolerance::levels(tolerance::IMAGE) && float_diff <= tolerance::IMAGE,
+                "{}",
+                case.name
+            );
         }
         let again = kiln_pipeline::convert_to_diffusers(
             &checkpoint(kind),
