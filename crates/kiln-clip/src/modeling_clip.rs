@@ -16,6 +16,7 @@ use burn::tensor::module::attention;
 use burn::tensor::ops::AttentionModuleOptions;
 use burn::tensor::{Device, Int, Tensor, TensorData};
 use kiln_nn::activation::Activation;
+use kiln_nn::init::{Init, ParamInfo, initialize};
 use kiln_nn::weights::{LoadOptions, find_weights, load_safetensors};
 
 use crate::configuration_clip::ClipTextConfig;
@@ -224,6 +225,36 @@ impl ClipTextModel {
                 .init(device),
             config: config.clone(),
         }
+    }
+
+    /// A model of `config`'s shape with fresh weights for training from scratch, drawn from
+    /// `seed` as transformers' `CLIPTextModel` initialises them (`initializer_range` 0.02,
+    /// `initializer_factor` 1): embeddings normal with std 0.02; q/k/v and `fc2` normal with std
+    /// `hidden^-0.5 (2 layers)^-0.5`, `out_proj` `hidden^-0.5`, `fc1` `(2 hidden)^-0.5`; linear
+    /// biases 0; layer norms 1 and 0. The same seed gives the same model on every backend.
+    pub fn init(config: &ClipTextConfig, seed: u64, device: &Device) -> Self {
+        let hidden = config.hidden_size as f64;
+        let in_proj = hidden.powf(-0.5) * (2.0 * config.num_hidden_layers.max(1) as f64).powf(-0.5);
+        let rule = |p: &ParamInfo<'_>| {
+            let name = p.name;
+            if p.is_norm {
+                return kiln_nn::init::pytorch_default(p);
+            }
+            if name.ends_with(".bias") {
+                return Init::Constant(0.0);
+            }
+            if name.starts_with("embeddings.") {
+                Init::Normal(0.02)
+            } else if name.ends_with("out_proj.weight") {
+                Init::Normal(hidden.powf(-0.5))
+            } else if name.ends_with("fc1.weight") {
+                Init::Normal((2.0 * hidden).powf(-0.5))
+            } else {
+                // q_proj, k_proj, v_proj, fc2
+                Init::Normal(in_proj)
+            }
+        };
+        initialize(Self::new(config, device), seed, rule)
     }
 
     /// Loads a text-encoder folder: `config.json` and the first weight file found of

@@ -425,6 +425,17 @@ fn conv(cin: usize, cout: usize, kernel: usize, device: &Device) -> Conv2d {
 }
 
 impl UNet2DConditionModel {
+    /// A UNet of `config`'s shape with fresh weights for training from scratch, drawn from
+    /// `seed` with PyTorch's layer defaults, as diffusers builds one from a config
+    /// ([`kiln_nn::init::pytorch_default`]). The same seed gives the same model on every backend.
+    pub fn init(config: &UNet2DConditionModelConfig, seed: u64, device: &Device) -> Result<Self> {
+        Ok(kiln_nn::init::initialize(
+            Self::new(config, device)?,
+            seed,
+            kiln_nn::init::pytorch_default,
+        ))
+    }
+
     /// A randomly initialised UNet for `config` (load weights afterwards).
     pub fn new(config: &UNet2DConditionModelConfig, device: &Device) -> Result<Self> {
         let r = config.resolve()?;

@@ -227,6 +227,17 @@ pub const WEIGHT_FILES: [&str; 3] = [
 ];
 
 impl AutoencoderKL {
+    /// A VAE of `config`'s shape with fresh weights for training from scratch, drawn from
+    /// `seed` with PyTorch's layer defaults, as diffusers builds one from a config
+    /// ([`kiln_nn::init::pytorch_default`]). The same seed gives the same model on every backend.
+    pub fn init(config: &AutoencoderKLConfig, seed: u64, device: &Device) -> Result<Self> {
+        Ok(kiln_nn::init::initialize(
+            Self::new(config, device)?,
+            seed,
+            kiln_nn::init::pytorch_default,
+        ))
+    }
+
     /// A randomly initialised VAE for `config` (load weights afterwards).
     pub fn new(config: &AutoencoderKLConfig, device: &Device) -> Result<Self> {
         config.validate()?;
