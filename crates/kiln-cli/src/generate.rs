@@ -173,20 +173,12 @@ pub fn run(args: GenerateArgs, device: impl FnOnce() -> Result<Device>) -> Resul
 
     // 2. the model
     let started = Instant::now();
-    let mut pipe = if single_file {
-        let options = SingleFileOptions {
-            dtype,
-            config: args.config.clone(),
-            prediction_type,
-        };
-        StableDiffusionPipeline::from_single_file(&model_dir, &options, &device)
-    } else {
-        StableDiffusionPipeline::from_pretrained(&model_dir, LoadOptions { dtype }, &device)
-    }
-    .with_context(|| format!("cannot load the model `{}`", model_dir.display()))?;
-    if let Some(prediction) = prediction_type {
-        pipe.scheduler_config.prediction_type = prediction;
-    }
+    let load = ModelLoad {
+        dtype,
+        config: args.config.clone(),
+        prediction_type,
+    };
+    let pipe = load_pipeline(&model_dir, &load, &device)?;
     let options_sampler = SamplerOptions {
         karras: args.karras,
         eta: 0.0,
@@ -318,8 +310,42 @@ pub fn run(args: GenerateArgs, device: impl FnOnce() -> Result<Device>) -> Resul
     Ok(())
 }
 
+/// How [`load_pipeline`] reads a model: what `kiln generate` and `kiln eval` share.
+#[derive(Debug, Clone, Default)]
+pub struct ModelLoad {
+    /// UNet and VAE precision.
+    pub dtype: FloatKind,
+    /// For a single-file checkpoint: the diffusers folder whose configs describe it.
+    pub config: Option<PathBuf>,
+    /// Overrides the scheduler's prediction type.
+    pub prediction_type: Option<PredictionType>,
+}
+
+/// Loads a diffusers folder or (when `model` is a file) a single-file checkpoint.
+pub fn load_pipeline(
+    model: &Path,
+    load: &ModelLoad,
+    device: &Device,
+) -> Result<StableDiffusionPipeline> {
+    let mut pipe = if model.is_file() {
+        let options = SingleFileOptions {
+            dtype: load.dtype,
+            config: load.config.clone(),
+            prediction_type: load.prediction_type,
+        };
+        StableDiffusionPipeline::from_single_file(model, &options, device)
+    } else {
+        StableDiffusionPipeline::from_pretrained(model, LoadOptions { dtype: load.dtype }, device)
+    }
+    .with_context(|| format!("cannot load the model `{}`", model.display()))?;
+    if let Some(prediction) = load.prediction_type {
+        pipe.scheduler_config.prediction_type = prediction;
+    }
+    Ok(pipe)
+}
+
 /// A model folder, or a repo id looked up in the local Hugging Face cache.
-fn resolve_model(spec: Option<&str>) -> Result<PathBuf> {
+pub fn resolve_model(spec: Option<&str>) -> Result<PathBuf> {
     let Some(spec) = spec else {
         bail!(
             "no --model given, and this build has no embedded default model yet (it arrives with the training work); pass --model DIR or a Hugging Face repo id in the local cache"
@@ -361,7 +387,7 @@ pub fn parse_prediction_type(text: &str) -> Result<PredictionType> {
 }
 
 /// The model name for the metadata: the repo id, the checkpoint's file stem, or the folder's name.
-fn model_label(spec: Option<&str>, dir: &Path) -> String {
+pub fn model_label(spec: Option<&str>, dir: &Path) -> String {
     match spec {
         Some(s) if !Path::new(s).exists() => s.to_string(),
         _ if dir.is_file() => dir

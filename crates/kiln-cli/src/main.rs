@@ -15,6 +15,7 @@ use kiln_clip::{ClipTextModel, ClipTokenizer};
 
 mod generate;
 mod png_io;
+mod shapes;
 mod train;
 
 #[derive(Parser)]
@@ -88,6 +89,12 @@ enum Command {
     },
     /// Fine-tune a model's UNet on a folder of captioned images.
     Train(Box<train::TrainArgs>),
+    /// Write a dataset (`kiln data shapes`).
+    #[command(subcommand)]
+    Data(shapes::DataCommand),
+    /// Score what a model draws (`kiln eval shapes`).
+    #[command(subcommand)]
+    Eval(shapes::EvalCommand),
     /// List the devices this build can run on.
     Devices,
 }
@@ -190,6 +197,11 @@ fn run(cli: Cli) -> Result<()> {
         Command::Train(args) => {
             let spec = cli.device.clone();
             train::run(*args, || device(spec.as_deref()))?;
+        }
+        Command::Data(command) => shapes::run_data(command)?,
+        Command::Eval(command) => {
+            let spec = cli.device.clone();
+            shapes::run_eval(command, || device(spec.as_deref()))?;
         }
         Command::Devices => {
             for name in kiln_nn::available_devices() {

@@ -1,6 +1,8 @@
-//! `kiln train`: fine-tunes a diffusers folder's UNet on a folder of captioned images
-//! ([`kiln_train`]), with a progress bar showing the loss, checkpoints every `--save-every`
-//! steps and at the end (each written complete under a temporary name, then renamed).
+//! `kiln train`: trains a Stable Diffusion from scratch from a TOML recipe (`--config`, resumable
+//! with `--resume DIR`; [`kiln_train::run`]), or fine-tunes a diffusers folder's UNet on a folder
+//! of captioned images (`--model --data`), with a progress bar showing the loss, checkpoints
+//! every `--save-every` steps and at the end (each written complete under a temporary name, then
+//! renamed).
 
 use std::path::PathBuf;
 use std::time::Duration;
@@ -8,21 +10,36 @@ use std::time::Duration;
 use anyhow::{Result, bail};
 use burn::tensor::Device;
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
-use kiln_train::{ImageCaptionDataset, LrSchedule, TrainConfig, Trainer};
+use kiln_train::run::{ProgressBars, resume, start};
+use kiln_train::{ImageCaptionDataset, LrSchedule, Recipe, TrainConfig, Trainer};
 
 /// Arguments of `kiln train`.
 #[derive(clap::Args, Debug)]
 pub struct TrainArgs {
-    /// The diffusers model folder to start from.
-    #[arg(long)]
-    model: PathBuf,
+    /// A training recipe (TOML: the models' configs, the data, both stages' options): train a
+    /// model from scratch into the run folder `--output`.
+    #[arg(long, conflicts_with_all = ["model", "data", "resume"])]
+    config: Option<PathBuf>,
+    /// Go on with the run in this folder from its newest checkpoint.
+    #[arg(long, conflicts_with_all = ["model", "data", "output"])]
+    resume: Option<PathBuf>,
+    /// With --config: VAE steps instead of the recipe's (a short smoke run of a real recipe).
+    #[arg(long, requires = "config")]
+    vae_steps: Option<usize>,
+    /// With --config: denoiser steps instead of the recipe's.
+    #[arg(long, requires = "config")]
+    denoiser_steps: Option<usize>,
+    /// The diffusers model folder to fine-tune.
+    #[arg(long, requires = "data")]
+    model: Option<PathBuf>,
     /// A folder of images (.png, .jpg) with same-named .txt captions, or with a metadata.jsonl
     /// of {"file_name", "text"} lines.
+    #[arg(long, requires = "model")]
+    data: Option<PathBuf>,
+    /// Where to write the fine-tuned model (a complete diffusers folder), or with --config the
+    /// run folder.
     #[arg(long)]
-    data: PathBuf,
-    /// Where to write the fine-tuned model (a complete diffusers folder).
-    #[arg(long)]
-    output: PathBuf,
+    output: Option<PathBuf>,
     /// Optimiser steps.
     #[arg(long, default_value_t = 1000)]
     steps: usize,
@@ -73,17 +90,66 @@ pub struct TrainArgs {
 
 /// Runs `kiln train`.
 pub fn run(args: TrainArgs, device: impl FnOnce() -> Result<Device>) -> Result<()> {
-    if args.output.exists() && !args.overwrite {
+    if let Some(dir) = &args.resume {
+        let device = device()?;
+        let model = resume(dir, &device, &mut ProgressBars::default())?;
+        eprintln!("wrote {}", model.display());
+        return Ok(());
+    }
+    let Some(output) = args.output.clone() else {
+        bail!("give --output DIR (with --config FILE, or with --model DIR --data DIR)");
+    };
+    if let Some(config) = &args.config {
+        let mut recipe = Recipe::from_file(config)?;
+        if args.vae_steps.is_some() || args.denoiser_steps.is_some() || args.save_every.is_some() {
+            let every = args.save_every.unwrap_or(recipe.checkpoint_every);
+            let vae = args.vae_steps.unwrap_or(recipe.vae_stage.max_steps);
+            let denoiser = args
+                .denoiser_steps
+                .unwrap_or(recipe.denoiser_stage.max_steps);
+            if vae == 0 || denoiser == 0 || every == 0 {
+                bail!("--vae-steps, --denoiser-steps and --save-every must be at least 1");
+            }
+            recipe = recipe.with_steps(vae, denoiser, every);
+        }
+        if output.exists() && !args.overwrite {
+            bail!(
+                "`{}` exists; pass --overwrite to replace it, or --resume {} to go on with it",
+                output.display(),
+                output.display()
+            );
+        }
+        let device = device()?;
+        let model = start(
+            &recipe,
+            &output,
+            args.overwrite,
+            &device,
+            &mut ProgressBars::default(),
+        )?;
+        eprintln!("wrote {}", model.display());
+        return Ok(());
+    }
+    let (Some(model), Some(data)) = (args.model.clone(), args.data.clone()) else {
+        bail!("give --config FILE (train from scratch) or --model DIR --data DIR (fine-tune)");
+    };
+    let args = TrainArgs {
+        model: Some(model.clone()),
+        data: Some(data.clone()),
+        output: Some(output.clone()),
+        ..args
+    };
+    if output.exists() && !args.overwrite {
         bail!(
             "`{}` exists; pass --overwrite to replace it",
-            args.output.display()
+            output.display()
         );
     }
     if args.steps == 0 || args.save_every == Some(0) {
         bail!("--steps and --save-every must be at least 1");
     }
     let lr_schedule: LrSchedule = args.lr_scheduler.parse()?;
-    let dataset = ImageCaptionDataset::from_dir(&args.data)?;
+    let dataset = ImageCaptionDataset::from_dir(&data)?;
     let device = device()?;
     let config = TrainConfig {
         resolution: args.resolution,
@@ -102,10 +168,10 @@ pub fn run(args: TrainArgs, device: impl FnOnce() -> Result<Device>) -> Result<(
         ..TrainConfig::default()
     };
     let examples = dataset.len();
-    let mut trainer = Trainer::new(&args.model, dataset, config, &device)?;
+    let mut trainer = Trainer::new(&model, dataset, config, &device)?;
     eprintln!(
         "training {} on {examples} example(s) at {}x{} for {} steps",
-        args.model.display(),
+        model.display(),
         trainer.resolution(),
         trainer.resolution(),
         args.steps
@@ -132,11 +198,11 @@ pub fn run(args: TrainArgs, device: impl FnOnce() -> Result<Device>) -> Result<(
         ));
         bar.inc(1);
         if args.save_every.is_some_and(|n| step % n == 0) && step != args.steps {
-            trainer.save(&args.output)?;
+            trainer.save(&output)?;
         }
     }
     bar.finish();
-    trainer.save(&args.output)?;
-    eprintln!("wrote {}", args.output.display());
+    trainer.save(&output)?;
+    eprintln!("wrote {}", output.display());
     Ok(())
 }

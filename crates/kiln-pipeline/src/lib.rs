@@ -76,4 +76,5 @@ pub use pipeline_stable_diffusion::{
 };
 pub use single_file::{
     Family, SingleFileConfig, SingleFileOptions, convert_to_diffusers, infer_config,
+    write_model_index,
 };

@@ -464,22 +464,28 @@ pub fn convert_to_diffusers(path: &Path, options: &SingleFileOptions, out: &Path
             _ => kiln_clip::ClipTokenizer::write_embedded(&tokenizer, family.pad_token())?,
         }
         let inpainting = unet.in_channels == 2 * vae.latent_channels + 1;
-        let scheduler_class = json["scheduler"]["_class_name"].clone();
-        write_json(
-            &tmp.join("model_index.json"),
-            &json!({
-                "_class_name": if inpainting { "StableDiffusionInpaintPipeline" } else { "StableDiffusionPipeline" },
-                "feature_extractor": [null, null],
-                "requires_safety_checker": false,
-                "safety_checker": [null, null],
-                "scheduler": ["diffusers", scheduler_class],
-                "text_encoder": ["transformers", "CLIPTextModel"],
-                "tokenizer": ["transformers", "CLIPTokenizer"],
-                "unet": ["diffusers", "UNet2DConditionModel"],
-                "vae": ["diffusers", "AutoencoderKL"],
-            }),
-        )
+        write_model_index(tmp, &json["scheduler"], inpainting)
     })
+}
+
+/// Writes `model_index.json` of a Stable Diffusion folder into `dir`: the pipeline class
+/// (`StableDiffusionInpaintPipeline` for a 9-channel UNet), the scheduler's class from
+/// `scheduler_config`'s `_class_name`, and the standard component classes; no safety checker.
+pub fn write_model_index(dir: &Path, scheduler_config: &Value, inpainting: bool) -> Result<()> {
+    write_json(
+        &dir.join("model_index.json"),
+        &json!({
+            "_class_name": if inpainting { "StableDiffusionInpaintPipeline" } else { "StableDiffusionPipeline" },
+            "feature_extractor": [null, null],
+            "requires_safety_checker": false,
+            "safety_checker": [null, null],
+            "scheduler": ["diffusers", scheduler_config["_class_name"].clone()],
+            "text_encoder": ["transformers", "CLIPTextModel"],
+            "tokenizer": ["transformers", "CLIPTokenizer"],
+            "unet": ["diffusers", "UNet2DConditionModel"],
+            "vae": ["diffusers", "AutoencoderKL"],
+        }),
+    )
 }
 
 fn io_error(path: &Path, source: std::io::Error) -> Error {

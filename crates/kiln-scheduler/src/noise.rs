@@ -16,7 +16,10 @@ pub trait NoiseSource {
 }
 
 /// Seeded host-side Gaussian noise (SplitMix64 + Box-Muller): the same numbers on every backend.
-#[derive(Debug, Clone)]
+///
+/// Its state serializes (serde), so a training run can save its generator and resume the same
+/// stream of draws.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct SeededNoise {
     state: u64,
     spare: Option<f64>,

@@ -96,6 +96,26 @@ impl ImageCaptionDataset {
                 })
                 .collect();
             images.sort();
+            // a caption whose image is missing is a mistake worth stopping for
+            let mut orphans: Vec<PathBuf> = std::fs::read_dir(dir)
+                .map_err(|e| io(dir, e))?
+                .filter_map(|entry| entry.ok().map(|e| e.path()))
+                .filter(|p| p.extension().is_some_and(|e| e == "txt"))
+                .filter(|p| {
+                    !IMAGE_EXTENSIONS.iter().any(|ext| {
+                        p.with_extension(ext).is_file()
+                            || p.with_extension(ext.to_ascii_uppercase()).is_file()
+                    })
+                })
+                .collect();
+            orphans.sort();
+            if let Some(first) = orphans.first() {
+                return Err(fail(format!(
+                    "the caption `{}` has no image beside it ({} such caption(s)); add the image or remove the caption",
+                    first.display(),
+                    orphans.len()
+                )));
+            }
             for image in images {
                 let caption_file = image.with_extension("txt");
                 let caption = if caption_file.is_file() {
@@ -119,6 +139,21 @@ impl ImageCaptionDataset {
             root: dir.to_path_buf(),
             examples,
         })
+    }
+
+    /// Decodes every image once and leaves out those that cannot be read, returning each with
+    /// the decoder's reason, so a run reports a corrupt file once and goes on without it.
+    pub fn drop_unreadable(&mut self) -> Vec<(PathBuf, String)> {
+        let mut skipped = Vec::new();
+        self.examples
+            .retain(|example| match image::open(&example.image) {
+                Ok(_) => true,
+                Err(e) => {
+                    skipped.push((example.image.clone(), e.to_string()));
+                    false
+                }
+            });
+        skipped
     }
 
     /// The number of examples.

@@ -26,12 +26,23 @@
 
 #![warn(missing_docs)]
 
+pub mod autoencoder;
+pub mod checkpoint;
 pub mod dataset;
 pub mod ema;
 mod error;
+pub mod monitor;
+pub mod recipe;
+pub mod run;
+pub mod shapes;
 pub mod trainer;
 
+pub use autoencoder::{VaeLoss, VaeTrainConfig, VaeTrainer};
 pub use dataset::{Example, ImageCaptionDataset, Preprocess};
-pub use ema::Ema;
+pub use ema::{Ema, EmaWarmup};
 pub use error::{Error, Result};
-pub use trainer::{LrSchedule, TrainConfig, Trainer, adamw, clip_grad_norm};
+pub use monitor::{LossLog, PlotOptions, Progress, Smoothed, plot_loss_csv, read_loss_csv};
+pub use recipe::Recipe;
+pub use trainer::{
+    Components, Denoiser, LrSchedule, TokenizerFiles, TrainConfig, Trainer, adamw, clip_grad_norm,
+};

@@ -1,15 +1,16 @@
-//! The fine-tuning loop of diffusers' `train_text_to_image.py`, UNet only: each step draws a
-//! batch, encodes the images with the (frozen) VAE and the captions with the (frozen) text
-//! encoder, and takes one AdamW step on the UNet's denoising loss
-//! ([`kiln_pipeline::training::DiffusionLoss`]). Every random draw (order, crops, flips, VAE
-//! samples, noise, timesteps) comes from one seeded host generator, so a run is reproducible on
-//! every backend.
+//! The denoising loop of diffusers' `train_text_to_image.py`: each step draws a batch, encodes
+//! the images with the (frozen) VAE and the captions with the text encoder (frozen, or trained
+//! with the UNet), and takes one AdamW step on the denoising loss
+//! ([`kiln_pipeline::training::DiffusionLoss`]). Every random draw (order, crops, flips, caption
+//! dropout, VAE samples, noise, timesteps) comes from one seeded host generator, so a run is
+//! reproducible on every backend, and checkpoints hold everything a run needs to go on exactly
+//! ([`Trainer::save_checkpoint`], [`Trainer::resume`]).
 
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 use burn::module::{Module, ModuleVisitor, Param};
 use burn::optim::{AdamWConfig, GradientsAccumulator, GradientsParams, ModuleOptimizer};
-use burn::store::{BurnToPyTorchAdapter, ModuleSnapshot, SafetensorsStore};
 use burn::tensor::{DType, Device, Tensor};
 use kiln_clip::{ClipTextModel, ClipTokenizer};
 use kiln_pipeline::training::DiffusionLoss;
@@ -17,9 +18,14 @@ use kiln_scheduler::{NoiseSource, SchedulerConfig, SeededNoise};
 use kiln_unet::UNet2DConditionModel;
 use kiln_unet::unet_2d_condition::SampleSize;
 use kiln_vae::AutoencoderKL;
+use serde_json::Value;
 
+use crate::checkpoint::{
+    PipelineWeights, RunState, STATE_DIR, create_dir, load_module, load_optimizer, read_state,
+    save_module, save_optimizer, stable_param_ids, to_device, write_pipeline_folder, write_state,
+};
 use crate::dataset::{ImageCaptionDataset, Preprocess, load_image};
-use crate::ema::Ema;
+use crate::ema::{Ema, EmaWarmup};
 use crate::{Error, Result};
 
 /// The learning-rate schedule (diffusers' `get_scheduler` names), as a factor of the base rate
@@ -74,7 +80,8 @@ impl LrSchedule {
     }
 }
 
-/// Options of a fine-tuning run, with the defaults of diffusers' script where it has them.
+/// Options of a denoising run (fine-tuning or from scratch), with the defaults of diffusers'
+/// script where it has them.
 #[derive(Debug, Clone, PartialEq)]
 pub struct TrainConfig {
     /// Square training resolution in pixels (`None`: the model's default size).
@@ -99,13 +106,25 @@ pub struct TrainConfig {
     pub adam_epsilon: f32,
     /// AdamW decoupled weight decay.
     pub adam_weight_decay: f32,
-    /// Keep an exponential moving average of the UNet with this maximum decay (diffusers'
-    /// `--use_ema` uses 0.9999) and save it instead of the last weights (`None`: no average).
+    /// Keep an exponential moving average of the trained weights with this maximum decay
+    /// (diffusers' `--use_ema` uses 0.9999) and save it instead of the last weights (`None`: no
+    /// average).
     pub ema_decay: Option<f64>,
+    /// The moving average's warm-up ([`EmaWarmup`]; `None`: diffusers' default
+    /// `(1 + s) / (10 + s)` ramp).
+    pub ema_warmup: Option<EmaWarmup>,
     /// Clip the gradients to this global L2 norm before each step (`None`: no clipping).
     pub max_grad_norm: Option<f64>,
     /// Min-SNR weighting `gamma` (`None`: plain mean squared error).
     pub snr_gamma: Option<f64>,
+    /// Offset noise (the script's `--noise_offset`): `noise_offset * N(0, 1)` per sample and
+    /// channel is added to the noise, so the model learns to change an image's mean brightness.
+    pub noise_offset: f64,
+    /// Train the text encoder with the UNet (from the same loss) instead of keeping it frozen.
+    pub train_text_encoder: bool,
+    /// The probability that an example's caption is replaced by the empty caption, so the model
+    /// also learns the unconditional prediction that classifier-free guidance needs.
+    pub caption_dropout: f64,
     /// Crop the image centre (otherwise a random square).
     pub center_crop: bool,
     /// Flip half the images horizontally.
@@ -130,7 +149,11 @@ impl Default for TrainConfig {
             adam_weight_decay: 1e-2,
             max_grad_norm: Some(1.0),
             ema_decay: None,
+            ema_warmup: None,
             snr_gamma: None,
+            noise_offset: 0.0,
+            train_text_encoder: false,
+            caption_dropout: 0.0,
             center_crop: false,
             random_flip: false,
             seed: 0,
@@ -138,32 +161,158 @@ impl Default for TrainConfig {
     }
 }
 
-/// A fine-tuning run: the frozen VAE and text encoder on `device`, the trained UNet on
-/// `Device::autodiff(device)`, the optimiser state, the data and the random generator.
+impl TrainConfig {
+    /// Checks every option's range; the message names the option and its allowed values.
+    pub fn validate(&self) -> Result<()> {
+        let fail = |m: String| Err(Error::InvalidOption(m));
+        if self.batch_size == 0 || self.gradient_accumulation_steps == 0 {
+            return fail("batch size and gradient accumulation steps must be at least 1".into());
+        }
+        if !(self.learning_rate > 0.0 && self.learning_rate.is_finite()) {
+            return fail(format!(
+                "learning rate {} must be positive",
+                self.learning_rate
+            ));
+        }
+        if self
+            .max_grad_norm
+            .is_some_and(|n| !(n > 0.0 && n.is_finite()))
+        {
+            return fail(format!(
+                "max_grad_norm {:?} must be positive",
+                self.max_grad_norm
+            ));
+        }
+        if self.ema_decay.is_some_and(|d| !(0.0..1.0).contains(&d)) {
+            return fail(format!("ema_decay {:?} must be in [0, 1)", self.ema_decay));
+        }
+        if let Some(w) = self.ema_warmup
+            && !(w.inv_gamma > 0.0
+                && w.power > 0.0
+                && w.inv_gamma.is_finite()
+                && w.power.is_finite())
+        {
+            return fail(format!(
+                "EMA warm-up inv_gamma {} and power {} must be positive",
+                w.inv_gamma, w.power
+            ));
+        }
+        if !(0.0..=1.0).contains(&self.caption_dropout) {
+            return fail(format!(
+                "caption_dropout {} must be a probability in [0, 1]",
+                self.caption_dropout
+            ));
+        }
+        if !(self.noise_offset >= 0.0 && self.noise_offset.is_finite()) {
+            return fail(format!(
+                "noise_offset {} must be 0 or more",
+                self.noise_offset
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// What a denoising run trains: the UNet, and the text encoder when it learns too.
+#[derive(Module, Debug)]
+pub struct Denoiser {
+    /// The noise-prediction network.
+    pub unet: UNet2DConditionModel,
+    /// The text encoder, when it is trained (otherwise it stays frozen outside this module).
+    pub text_encoder: Option<ClipTextModel>,
+}
+
+/// Where a run's tokenizer files come from when a folder is written.
+#[derive(Debug, Clone)]
+pub enum TokenizerFiles {
+    /// Copied from this tokenizer folder.
+    Folder(PathBuf),
+    /// CLIP's embedded vocabulary with this padding token.
+    Embedded(String),
+}
+
+/// Every part of a Stable Diffusion model a run starts from, with the diffusers configs that
+/// describe them (written into each saved folder as they are).
+#[derive(Debug)]
+pub struct Components {
+    /// The tokenizer.
+    pub tokenizer: ClipTokenizer,
+    /// Where the tokenizer's files come from.
+    pub tokenizer_files: TokenizerFiles,
+    /// The text encoder (on the plain device; it moves to the autodiff device when trained).
+    pub text_encoder: ClipTextModel,
+    /// The VAE (frozen).
+    pub vae: AutoencoderKL,
+    /// The UNet (on the autodiff device).
+    pub unet: UNet2DConditionModel,
+    /// `config.json` of the UNet, VAE and text encoder and `scheduler_config.json`, by component
+    /// name (`unet`, `vae`, `text_encoder`, `scheduler`).
+    pub configs: BTreeMap<String, Value>,
+}
+
+impl Components {
+    /// Loads a diffusers folder: tokenizer, text encoder and VAE on `device`, the UNet on
+    /// `Device::autodiff(device)`, and the configs.
+    pub fn from_dir(model_dir: &Path, device: &Device) -> Result<Self> {
+        kiln_nn::config::require_dir(model_dir, "model folder")?;
+        let tokenizer = ClipTokenizer::from_dir(model_dir.join("tokenizer"))?;
+        let text_encoder = ClipTextModel::from_dir(model_dir.join("text_encoder"), device)?;
+        let vae = AutoencoderKL::from_pretrained(&model_dir.join("vae"), DType::F32, device)?;
+        let unet = UNet2DConditionModel::from_pretrained(
+            &model_dir.join("unet"),
+            DType::F32,
+            &Device::autodiff(device.clone()),
+        )?;
+        let mut configs = BTreeMap::new();
+        for (name, file) in COMPONENT_CONFIGS {
+            let value: Value = kiln_nn::config::read_json(&model_dir.join(file), file)?;
+            configs.insert(name.to_string(), value);
+        }
+        Ok(Self {
+            tokenizer,
+            tokenizer_files: TokenizerFiles::Folder(model_dir.join("tokenizer")),
+            text_encoder,
+            vae,
+            unet,
+            configs,
+        })
+    }
+}
+
+/// The components' config files in a diffusers folder.
+pub(crate) const COMPONENT_CONFIGS: [(&str, &str); 4] = [
+    ("unet", "unet/config.json"),
+    ("vae", "vae/config.json"),
+    ("text_encoder", "text_encoder/config.json"),
+    ("scheduler", "scheduler/scheduler_config.json"),
+];
+
+/// A denoising run: the frozen VAE (and text encoder, unless it is trained) on `device`, the
+/// trained [`Denoiser`] on `Device::autodiff(device)`, the optimiser state, the data and the
+/// random generator.
 pub struct Trainer {
     tokenizer: ClipTokenizer,
-    text_encoder: ClipTextModel,
+    tokenizer_files: TokenizerFiles,
+    frozen_text_encoder: Option<ClipTextModel>,
     vae: AutoencoderKL,
-    unet: Option<UNet2DConditionModel>,
-    ema: Option<Ema<UNet2DConditionModel>>,
+    model: Option<Denoiser>,
+    ema: Option<Ema<Denoiser>>,
     objective: DiffusionLoss,
     optim: ModuleOptimizer,
     rng: SeededNoise,
+    batches: Batches,
     dataset: ImageCaptionDataset,
     config: TrainConfig,
     pre: Preprocess,
     device: Device,
     train_device: Device,
-    model_dir: PathBuf,
+    configs: BTreeMap<String, Value>,
     steps: usize,
-    order: Vec<usize>,
-    cursor: usize,
 }
 
 impl std::fmt::Debug for Trainer {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Trainer")
-            .field("model_dir", &self.model_dir)
             .field("examples", &self.dataset.len())
             .field("config", &self.config)
             .field("steps", &self.steps)
@@ -173,38 +322,52 @@ impl std::fmt::Debug for Trainer {
 
 impl Trainer {
     /// Loads the diffusers folder `model_dir` (tokenizer, text encoder, VAE, UNet, scheduler
-    /// config) for fine-tuning its UNet on `dataset`.
+    /// config) for fine-tuning its UNet (and its text encoder with `train_text_encoder`) on
+    /// `dataset`.
     pub fn new(
         model_dir: &Path,
         dataset: ImageCaptionDataset,
         config: TrainConfig,
         device: &Device,
     ) -> Result<Self> {
-        kiln_nn::config::require_dir(model_dir, "model folder")?;
-        if config.batch_size == 0
-            || !(config.learning_rate > 0.0 && config.learning_rate.is_finite())
-        {
-            return Err(Error::InvalidOption(format!(
-                "batch size {} must be at least 1 and learning rate {} positive",
-                config.batch_size, config.learning_rate
-            )));
-        }
+        config.validate()?;
+        Self::from_components(
+            Components::from_dir(model_dir, device)?,
+            dataset,
+            config,
+            device,
+        )
+    }
+
+    /// A run over components built or loaded by the caller (a model trained from scratch starts
+    /// here with freshly initialised ones).
+    pub fn from_components(
+        components: Components,
+        dataset: ImageCaptionDataset,
+        config: TrainConfig,
+        device: &Device,
+    ) -> Result<Self> {
+        config.validate()?;
+        let Components {
+            tokenizer,
+            tokenizer_files,
+            text_encoder,
+            vae,
+            unet,
+            configs,
+        } = components;
         let train_device = Device::autodiff(device.clone());
-        let tokenizer = ClipTokenizer::from_dir(model_dir.join("tokenizer"))?;
-        let text_encoder = ClipTextModel::from_dir(model_dir.join("text_encoder"), device)?;
-        let vae = AutoencoderKL::from_pretrained(&model_dir.join("vae"), DType::F32, device)?;
-        let unet = UNet2DConditionModel::from_pretrained(
-            &model_dir.join("unet"),
-            DType::F32,
-            &train_device,
-        )?;
         if unet.config.in_channels != vae.config.latent_channels {
             return Err(Error::InvalidOption(
-                "this is an inpainting UNet; Kiln fine-tunes text-to-image UNets only".into(),
+                "this is an inpainting UNet; Kiln trains text-to-image UNets only".into(),
             ));
         }
-        let scheduler_config =
-            SchedulerConfig::from_file(model_dir.join("scheduler").join("scheduler_config.json"))?;
+        for name in ["unet", "vae", "text_encoder", "scheduler"] {
+            if !configs.contains_key(name) {
+                return Err(Error::InvalidOption(format!("no `{name}` config given")));
+            }
+        }
+        let scheduler_config = SchedulerConfig::from_json(&configs["scheduler"].to_string())?;
         let objective = DiffusionLoss::new(&scheduler_config, config.snr_gamma)?;
         let f = vae.scale_factor();
         let resolution = config.resolution.unwrap_or(match unet.config.sample_size {
@@ -217,28 +380,25 @@ impl Trainer {
                 "resolution {resolution} must be a positive multiple of the VAE scale factor {f}"
             )));
         }
-        if config
-            .max_grad_norm
-            .is_some_and(|n| !(n > 0.0 && n.is_finite()))
-        {
-            return Err(Error::InvalidOption(format!(
-                "max_grad_norm {:?} must be positive",
-                config.max_grad_norm
-            )));
-        }
-        if config.ema_decay.is_some_and(|d| !(0.0..1.0).contains(&d)) {
-            return Err(Error::InvalidOption(format!(
-                "ema_decay {:?} must be in [0, 1)",
-                config.ema_decay
-            )));
-        }
+        let (frozen_text_encoder, trained_text_encoder) = if config.train_text_encoder {
+            (None, Some(to_device(text_encoder, &train_device)))
+        } else {
+            (Some(text_encoder), None)
+        };
+        let model = stable_param_ids(Denoiser {
+            unet,
+            text_encoder: trained_text_encoder,
+        });
         let optim = adamw(&config);
-        let ema = config.ema_decay.map(|d| Ema::new(&unet, d));
+        let ema = config
+            .ema_decay
+            .map(|d| Ema::new(&model, d).with_warmup(config.ema_warmup));
         Ok(Self {
             tokenizer,
-            text_encoder,
+            tokenizer_files,
+            frozen_text_encoder,
             vae,
-            unet: Some(unet),
+            model: Some(model),
             ema,
             objective,
             optim,
@@ -247,13 +407,12 @@ impl Trainer {
                 resolution,
                 center_crop: config.center_crop,
             },
-            order: Vec::new(),
-            cursor: 0,
+            batches: Batches::default(),
             dataset,
             config,
             device: device.clone(),
             train_device,
-            model_dir: model_dir.to_path_buf(),
+            configs,
             steps: 0,
         })
     }
@@ -263,8 +422,13 @@ impl Trainer {
         self.steps
     }
 
-    /// The moving average of the UNet, when `ema_decay` is set.
-    pub fn ema(&self) -> Option<&Ema<UNet2DConditionModel>> {
+    /// The options of the run.
+    pub fn config(&self) -> &TrainConfig {
+        &self.config
+    }
+
+    /// The moving average of the trained weights, when `ema_decay` is set.
+    pub fn ema(&self) -> Option<&Ema<Denoiser>> {
         self.ema.as_ref()
     }
 
@@ -273,29 +437,16 @@ impl Trainer {
         self.pre.resolution
     }
 
-    /// The UNet being trained (on the autodiff device).
-    pub fn unet(&self) -> &UNet2DConditionModel {
-        self.unet
+    /// What is trained (on the autodiff device).
+    pub fn model(&self) -> &Denoiser {
+        self.model
             .as_ref()
-            .expect("the UNet is only taken out during a step")
+            .expect("the model is only taken out during a step")
     }
 
-    /// The next `batch_size` example indices: a fresh seeded shuffle every epoch.
-    fn next_batch(&mut self) -> Vec<usize> {
-        (0..self.config.batch_size)
-            .map(|_| {
-                if self.cursor == self.order.len() {
-                    self.order = (0..self.dataset.len()).collect();
-                    for i in (1..self.order.len()).rev() {
-                        let j = self.rng.next_index(i + 1);
-                        self.order.swap(i, j);
-                    }
-                    self.cursor = 0;
-                }
-                self.cursor += 1;
-                self.order[self.cursor - 1]
-            })
-            .collect()
+    /// The UNet being trained (on the autodiff device).
+    pub fn unet(&self) -> &UNet2DConditionModel {
+        &self.model().unet
     }
 
     /// The denoising loss of one batch, with every input drawn from the generator; the graph is
@@ -311,6 +462,9 @@ impl Trainer {
                 self.rng.next_index(1 << 20) as f64 / (1 << 20) as f64,
             );
             let flip = self.config.random_flip && self.rng.next_index(2) == 1;
+            let drop = self.config.caption_dropout > 0.0
+                && (self.rng.next_index(1 << 30) as f64)
+                    < self.config.caption_dropout * (1u64 << 30) as f64;
             images.push(load_image(
                 &example.image,
                 &self.pre,
@@ -318,23 +472,38 @@ impl Trainer {
                 flip,
                 &self.device,
             )?);
-            ids.push(self.tokenizer.encode(&example.caption)?);
+            ids.push(
+                self.tokenizer
+                    .encode(if drop { "" } else { &example.caption })?,
+            );
         }
         let images = Tensor::cat(images, 0);
-        // frozen encoders, outside the graph
+        // the frozen VAE, outside the graph
         let posterior = self.vae.encode(images, None)?;
         let eps = self.rng.noise(posterior.mean.dims(), &self.device)?;
         let latents = self.vae.scale_latents(posterior.sample(eps));
-        let context = self
-            .text_encoder
-            .encode_ids(&ids, 0, &self.device)?
-            .hidden_state;
-        let noise = self.rng.noise(latents.dims(), &self.device)?;
+        let mut noise = self.rng.noise(latents.dims(), &self.device)?;
+        if self.config.noise_offset > 0.0 {
+            let [b, c, _, _] = latents.dims();
+            let offset = self.rng.noise([b, c, 1, 1], &self.device)?;
+            noise = noise + offset.mul_scalar(self.config.noise_offset);
+        }
         let t_max = self.objective.num_train_timesteps();
         let timesteps: Vec<f64> = (0..n).map(|_| self.rng.next_index(t_max) as f64).collect();
 
+        let context = match (&self.frozen_text_encoder, &self.model().text_encoder) {
+            (_, Some(trained)) => {
+                trained
+                    .encode_ids(&ids, 0, &self.train_device)?
+                    .hidden_state
+            }
+            (Some(frozen), None) => {
+                let context = frozen.encode_ids(&ids, 0, &self.device)?.hidden_state;
+                Tensor::<3>::from_data(context.into_data(), &self.train_device)
+            }
+            (None, None) => unreachable!("a text encoder is frozen or trained"),
+        };
         let to_train = |t: Tensor<4>| Tensor::<4>::from_data(t.into_data(), &self.train_device);
-        let context = Tensor::<3>::from_data(context.into_data(), &self.train_device);
         Ok(self.objective.loss(
             self.unet(),
             to_train(latents),
@@ -366,76 +535,170 @@ impl Trainer {
 
     /// One optimiser step: `gradient_accumulation_steps` batches, their gradients averaged (each
     /// loss divided by the count, as accelerate does), clipped, then AdamW at the scheduled
-    /// rate. Returns the mean loss of the batches.
+    /// rate. Returns the mean loss of the batches. A loss that is not finite is an
+    /// [`Error::NonFiniteLoss`] and changes nothing.
     pub fn step(&mut self) -> Result<f32> {
         let k = self.config.gradient_accumulation_steps;
-        let mut accumulated = GradientsAccumulator::<UNet2DConditionModel>::new();
+        let mut accumulated = GradientsAccumulator::<Denoiser>::new();
         let mut total = 0.0f32;
         for _ in 0..k {
-            let indices = self.next_batch();
+            let indices =
+                self.batches
+                    .next(&mut self.rng, self.dataset.len(), self.config.batch_size);
             let loss = self.batch_loss(&indices)?;
             let value: f32 = loss.clone().into_scalar();
             if !value.is_finite() {
-                return Err(Error::InvalidOption(format!(
-                    "the loss became {value} at step {}; lower the learning rate",
-                    self.steps + 1
-                )));
+                return Err(Error::NonFiniteLoss {
+                    value,
+                    step: self.steps + 1,
+                });
             }
             total += value;
             let loss = if k > 1 { loss / k as f32 } else { loss };
-            let grads = GradientsParams::from_grads(loss.backward(), self.unet());
-            accumulated.accumulate(self.unet(), grads);
+            let grads = GradientsParams::from_grads(loss.backward(), self.model());
+            accumulated.accumulate(self.model(), grads);
         }
         let lr = self.learning_rate();
-        let unet = self.unet.take().expect("the UNet is present between steps");
+        let model = self
+            .model
+            .take()
+            .expect("the model is present between steps");
         let mut grads = accumulated.grads();
         if let Some(max_norm) = self.config.max_grad_norm {
-            clip_grad_norm(&unet, &mut grads, max_norm);
+            clip_grad_norm(&model, &mut grads, max_norm);
         }
-        let unet = self.optim.step(lr, unet, grads);
+        let model = self.optim.step(lr, model, grads);
         if let Some(ema) = &mut self.ema {
-            ema.update(&unet);
+            ema.update(&model);
         }
-        self.unet = Some(unet);
+        self.model = Some(model);
         self.steps += 1;
         Ok(total / k as f32)
     }
 
-    /// Writes a complete diffusers folder at `out`: the base model's tokenizer, text encoder,
-    /// VAE, scheduler and `model_index.json`, and the trained UNet as f32 safetensors with
-    /// diffusers' names (its moving average when `ema_decay` is set). The folder is assembled under a temporary name next to `out` and
-    /// renamed into place, replacing an earlier checkpoint only once the new one is complete.
+    /// Writes a complete diffusers folder at `out`: tokenizer, text encoder, VAE, UNet,
+    /// scheduler and `model_index.json`, the weights as f32 safetensors with diffusers' (and
+    /// transformers') names; the trained ones are their moving average when `ema_decay` is set.
+    /// The folder is assembled under a temporary name next to `out` and renamed into place,
+    /// replacing an earlier one only once the new one is complete.
     pub fn save(&self, out: &Path) -> Result<()> {
         kiln_nn::config::write_dir_atomically(out, true, |tmp: &Path| self.write_folder(tmp))
     }
 
-    fn write_folder(&self, dir: &Path) -> Result<()> {
-        for component in ["tokenizer", "text_encoder", "vae", "scheduler"] {
-            kiln_nn::config::copy_dir(&self.model_dir.join(component), &dir.join(component))?;
-        }
-        let index = self.model_dir.join("model_index.json");
-        copy_file(&index, &dir.join("model_index.json"))?;
-        let unet_dir = dir.join("unet");
-        std::fs::create_dir_all(&unet_dir).map_err(|source| Error::Io {
-            path: unet_dir.clone(),
-            source,
-        })?;
-        copy_file(
-            &self.model_dir.join("unet/config.json"),
-            &unet_dir.join("config.json"),
-        )?;
-        let weights = unet_dir.join("diffusion_pytorch_model.safetensors");
-        let mut store = SafetensorsStore::from_file(&weights)
-            .with_to_adapter(BurnToPyTorchAdapter)
-            .skip_enum_variants(true);
-        let unet = match &self.ema {
-            Some(ema) => ema.model().clone(),
-            None => self.unet().valid(),
-        };
-        unet.save_into(&mut store).map_err(|e| Error::Save {
-            path: weights.clone(),
-            message: e.to_string(),
+    /// Writes a checkpoint a run can resume from: the folder [`save`](Self::save) writes, and
+    /// under `training_state/` the trained weights as they are (not averaged), the AdamW state,
+    /// the moving average and everything else [`resume`](Self::resume) needs. Written under a
+    /// temporary name and renamed into place.
+    pub fn save_checkpoint(&self, out: &Path) -> Result<()> {
+        kiln_nn::config::write_dir_atomically(out, true, |tmp: &Path| {
+            self.write_folder(tmp)?;
+            let state = tmp.join(STATE_DIR);
+            create_dir(&state)?;
+            save_module(self.model(), &state.join("model.safetensors"))?;
+            if let Some(ema) = &self.ema {
+                save_module(ema.model(), &state.join("ema.safetensors"))?;
+            }
+            save_optimizer(&self.optim, &state.join("optimizer.bpk"))?;
+            write_state(
+                &state.join("state.json"),
+                &RunState {
+                    steps: self.steps,
+                    rng: self.rng.clone(),
+                    order: self.batches.order.clone(),
+                    cursor: self.batches.cursor,
+                    ema_updates: self.ema.as_ref().map(Ema::updates),
+                },
+            )
         })
+    }
+
+    /// Continues from a checkpoint written by [`save_checkpoint`](Self::save_checkpoint): the
+    /// weights, AdamW moments and step counts, the moving average, the data order and the
+    /// generator are restored, so the run goes on exactly as if it had not stopped.
+    /// `components` must be the run's model (as [`Components::from_dir`] reads the checkpoint's
+    /// folder); a checkpoint of another shape is refused, naming what differs.
+    pub fn resume(mut self, checkpoint: &Path) -> Result<Self> {
+        let state_dir = checkpoint.join(STATE_DIR);
+        let state: RunState = read_state(&state_dir.join("state.json"))?;
+        let model = self.model.take().expect("present between steps");
+        let model = load_module(model, &state_dir.join("model.safetensors"))?;
+        self.model = Some(model);
+        if let Some(ema) = self.ema.take() {
+            let updates = state.ema_updates.ok_or_else(|| {
+                Error::Resume(format!(
+                    "`{}` holds no moving average; resume without ema_decay or from another checkpoint",
+                    checkpoint.display()
+                ))
+            })?;
+            let averaged = load_module(ema.model().clone(), &state_dir.join("ema.safetensors"))?;
+            self.ema = Some(ema.restored(averaged, updates));
+        }
+        let optim = std::mem::replace(&mut self.optim, adamw(&self.config));
+        self.optim = load_optimizer(optim, &state_dir.join("optimizer.bpk"))?;
+        if state.order.iter().any(|&i| i >= self.dataset.len()) || state.cursor > state.order.len()
+        {
+            return Err(Error::Resume(format!(
+                "`{}` was written for a dataset of other size than this one ({} examples)",
+                checkpoint.display(),
+                self.dataset.len()
+            )));
+        }
+        self.steps = state.steps;
+        self.rng = state.rng;
+        self.batches = Batches {
+            order: state.order,
+            cursor: state.cursor,
+        };
+        Ok(self)
+    }
+
+    fn write_folder(&self, dir: &Path) -> Result<()> {
+        let model = match &self.ema {
+            Some(ema) => ema.model().clone(),
+            None => self.model().valid(),
+        };
+        let text_encoder = match (&model.text_encoder, &self.frozen_text_encoder) {
+            (Some(trained), _) => trained,
+            (None, Some(frozen)) => frozen,
+            (None, None) => unreachable!("a text encoder is frozen or trained"),
+        };
+        write_pipeline_folder(
+            dir,
+            &self.configs,
+            &self.tokenizer_files,
+            &PipelineWeights {
+                unet: &model.unet,
+                vae: &self.vae,
+                text_encoder,
+            },
+        )
+    }
+}
+
+/// The epoch order of a run and the position in it: a fresh seeded shuffle every epoch.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub(crate) struct Batches {
+    pub(crate) order: Vec<usize>,
+    pub(crate) cursor: usize,
+}
+
+impl Batches {
+    /// The next `batch` example indices of a dataset of `len` examples.
+    pub(crate) fn next(&mut self, rng: &mut SeededNoise, len: usize, batch: usize) -> Vec<usize> {
+        (0..batch)
+            .map(|_| {
+                if self.cursor >= self.order.len() {
+                    self.order = (0..len).collect();
+                    for i in (1..self.order.len()).rev() {
+                        let j = rng.next_index(i + 1);
+                        self.order.swap(i, j);
+                    }
+                    self.cursor = 0;
+                }
+                self.cursor += 1;
+                self.order[self.cursor - 1]
+            })
+            .collect()
     }
 }
 
@@ -485,15 +748,6 @@ pub fn clip_grad_norm<M: Module>(module: &M, grads: &mut GradientsParams, max_no
         module.visit(&mut Scale { grads, coef });
     }
     total
-}
-
-fn copy_file(from: &Path, to: &Path) -> Result<()> {
-    std::fs::copy(from, to)
-        .map(|_| ())
-        .map_err(|source| Error::Io {
-            path: from.to_path_buf(),
-            source,
-        })
 }
 
 #[cfg(test)]

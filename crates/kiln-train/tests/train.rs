@@ -192,7 +192,7 @@ fn accumulated_steps_with_a_schedule_train() {
     assert_eq!(ema.updates(), 20);
     let host = |t: Tensor<4>| Tensor::<4>::from_data(t.into_data(), &device());
     let trained = host(trainer.unet().conv_in.weight.val());
-    let averaged = host(ema.model().conv_in.weight.val());
+    let averaged = host(ema.model().unet.conv_in.weight.val());
     let gap: f32 = (trained - averaged.clone()).abs().max().into_scalar();
     assert!(gap > 0.0, "the average differs from the last weights");
     let out = tempfile::tempdir().unwrap();

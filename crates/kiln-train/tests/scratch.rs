@@ -1,0 +1,384 @@
+//! Training from scratch ([`kiln_train::run`]): a recipe's two stages on a tiny shapes dataset,
+//! stopped and resumed exactly, the text encoder learning, the VAE's error falling, and bad
+//! recipes and checkpoints refused with one clear message.
+
+use std::ops::ControlFlow;
+use std::path::{Path, PathBuf};
+
+use kiln_train::run::{Observer, Silent, resume, start};
+use kiln_train::shapes::{ShapesSpec, generate};
+use kiln_train::{Error, ImageCaptionDataset, Recipe, VaeTrainConfig, VaeTrainer};
+
+/// A recipe of tiny models (VAE factor 2, latents 8x8 at 16 px, one UNet downsampler, a
+/// one-layer text encoder) for `data`, with `steps` per stage and a checkpoint every 2 steps.
+fn recipe_text(data: &Path, steps: usize) -> String {
+    format!(
+        r#"
+seed = 3
+[data]
+dir = "{data}"
+resolution = 16
+[models.vae]
+down_block_types = ["DownEncoderBlock2D", "DownEncoderBlock2D"]
+up_block_types = ["UpDecoderBlock2D", "UpDecoderBlock2D"]
+block_out_channels = [8, 16]
+layers_per_block = 1
+latent_channels = 4
+norm_num_groups = 4
+sample_size = 16
+mid_block_add_attention = false
+[models.text_encoder]
+hidden_size = 16
+intermediate_size = 32
+num_hidden_layers = 1
+num_attention_heads = 2
+max_position_embeddings = 77
+[models.unet]
+sample_size = 8
+in_channels = 4
+out_channels = 4
+down_block_types = ["CrossAttnDownBlock2D", "DownBlock2D"]
+up_block_types = ["UpBlock2D", "CrossAttnUpBlock2D"]
+block_out_channels = [16, 32]
+layers_per_block = 1
+attention_head_dim = 2
+cross_attention_dim = 16
+norm_num_groups = 8
+[models.scheduler]
+_class_name = "EulerDiscreteScheduler"
+beta_schedule = "scaled_linear"
+beta_start = 0.00085
+beta_end = 0.012
+[vae]
+steps = {steps}
+batch_size = 4
+learning_rate = 2e-3
+[denoiser]
+steps = {steps}
+batch_size = 4
+learning_rate = 1e-3
+caption_dropout = 0.25
+ema_decay = 0.99
+snr_gamma = 5.0
+noise_offset = 0.05
+[checkpoints]
+every = 2
+keep = 2
+"#,
+        data = data.display()
+    )
+}
+
+fn write_recipe(dir: &Path, data: &Path, steps: usize) -> PathBuf {
+    let path = dir.join("recipe.toml");
+    std::fs::write(&path, recipe_text(data, steps)).unwrap();
+    path
+}
+
+fn shapes(dir: &Path) -> PathBuf {
+    let data = dir.join("shapes");
+    generate(&ShapesSpec::new(12, 16, 0), &data).unwrap();
+    data
+}
+
+fn device() -> burn::tensor::Device {
+    kiln_nn::parse_device("flex").unwrap()
+}
+
+/// Stops after `at` steps of `stage`.
+struct StopAt {
+    stage: String,
+    at: usize,
+    current: String,
+    step: usize,
+}
+
+impl Observer for StopAt {
+    fn stage(&mut self, stage: &str, step: usize, _total: usize) {
+        self.current = stage.to_string();
+        self.step = step;
+    }
+    fn step(&mut self, _loss: f64) -> ControlFlow<()> {
+        self.step += 1;
+        if self.current == self.stage && self.step == self.at {
+            ControlFlow::Break(())
+        } else {
+            ControlFlow::Continue(())
+        }
+    }
+    fn message(&mut self, _message: &str) {}
+}
+
+fn stop_at(stage: &str, at: usize) -> StopAt {
+    StopAt {
+        stage: stage.into(),
+        at,
+        current: String::new(),
+        step: 0,
+    }
+}
+
+/// Every file under `dir` with its bytes, by relative path.
+fn files(dir: &Path) -> Vec<(String, Vec<u8>)> {
+    let mut out = Vec::new();
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        for entry in std::fs::read_dir(&d).unwrap() {
+            let path = entry.unwrap().path();
+            if path.is_dir() {
+                stack.push(path);
+            } else {
+                let rel = path.strip_prefix(dir).unwrap().display().to_string();
+                out.push((rel, std::fs::read(&path).unwrap()));
+            }
+        }
+    }
+    out.sort();
+    out
+}
+
+#[test]
+fn stopped_and_resumed_runs_equal_a_straight_run_to_the_bit() {
+    let tmp = tempfile::tempdir().unwrap();
+    let tmp = if let Ok(keep) = std::env::var("KILN_KEEP") {
+        let _ = tmp.keep();
+        std::fs::create_dir_all(&keep).unwrap();
+        tempfile::tempdir_in(keep).unwrap().keep()
+    } else {
+        tmp.path().to_path_buf()
+    };
+    let tmp = &tmp;
+    let data = shapes(tmp);
+    let recipe = Recipe::from_file(&write_recipe(tmp, &data, 4)).unwrap();
+    let device = device();
+
+    let straight = tmp.join("straight");
+    let model = start(&recipe, &straight, false, &device, &mut Silent).unwrap();
+    assert_eq!(model, straight.join("model"));
+
+    // stopped in each stage (once between checkpoints, once right after one), resumed each time
+    let stopped = tmp.join("stopped");
+    let err = start(&recipe, &stopped, false, &device, &mut stop_at("vae", 3)).unwrap_err();
+    assert!(
+        matches!(
+            err,
+            Error::Stopped {
+                stage: "vae",
+                step: 3
+            }
+        ),
+        "{err}"
+    );
+    let err = resume(&stopped, &device, &mut stop_at("denoiser", 2)).unwrap_err();
+    assert!(
+        matches!(
+            err,
+            Error::Stopped {
+                stage: "denoiser",
+                step: 2
+            }
+        ),
+        "{err}"
+    );
+    resume(&stopped, &device, &mut Silent).unwrap();
+
+    let (a, b) = (
+        files(&straight.join("model")),
+        files(&stopped.join("model")),
+    );
+    assert!(
+        a.iter()
+            .any(|(p, _)| p.ends_with("diffusion_pytorch_model.safetensors"))
+    );
+    assert_eq!(
+        std::fs::read_to_string(straight.join("loss.csv")).unwrap(),
+        std::fs::read_to_string(stopped.join("loss.csv")).unwrap(),
+        "the same losses"
+    );
+    assert_eq!(a.len(), b.len());
+    let differing: Vec<&String> = a
+        .iter()
+        .zip(&b)
+        .filter(|((_, da), (_, db))| da != db)
+        .map(|((p, _), _)| p)
+        .collect();
+    assert!(
+        differing.is_empty(),
+        "{differing:?} differ between the straight and the resumed run"
+    );
+    // the log has each step once, in order
+    let log = std::fs::read_to_string(stopped.join("loss.csv")).unwrap();
+    let steps: Vec<String> = log
+        .lines()
+        .skip(1)
+        .map(|l| l.split(',').take(2).collect::<Vec<_>>().join(","))
+        .collect();
+    let want: Vec<String> = ["vae", "denoiser"]
+        .iter()
+        .flat_map(|s| (1..=4).map(move |i| format!("{i},{s}")))
+        .collect();
+    assert_eq!(steps, want);
+    assert_eq!(
+        std::fs::read_to_string(straight.join("loss.csv")).unwrap(),
+        log,
+        "the same losses"
+    );
+    assert!(stopped.join("loss.png").is_file());
+    assert!(stopped.join("train.toml").is_file());
+    // the newest two checkpoints of each stage are kept
+    let mut kept: Vec<String> = std::fs::read_dir(stopped.join("checkpoints"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    kept.sort();
+    assert_eq!(
+        kept,
+        [
+            "denoiser-000002",
+            "denoiser-000004",
+            "vae-000002",
+            "vae-000004"
+        ]
+    );
+
+    // the trained folder is a pipeline Kiln loads, with its generation defaults
+    let pipe = kiln_pipeline::StableDiffusionPipeline::from_pretrained(
+        &straight.join("model"),
+        kiln_pipeline::LoadOptions::default(),
+        &device,
+    )
+    .unwrap();
+    assert_eq!(pipe.default_size(), (16, 16));
+    let defaults: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(straight.join("model/kiln.json")).unwrap())
+            .unwrap();
+    assert_eq!(defaults["steps"], 25);
+}
+
+#[test]
+fn the_text_encoder_learns_and_the_vae_error_falls() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = shapes(tmp.path());
+    let recipe = Recipe::from_file(&write_recipe(tmp.path(), &data, 2)).unwrap();
+    let device = device();
+
+    // the VAE stage alone: its reconstruction error falls
+    let vae = kiln_vae::AutoencoderKL::init(&recipe.vae, 0, &device).unwrap();
+    let dataset = ImageCaptionDataset::from_dir(&data).unwrap();
+    let mut trainer = VaeTrainer::new(
+        vae,
+        recipe.models["vae"].clone(),
+        dataset,
+        VaeTrainConfig {
+            resolution: 16,
+            batch_size: 4,
+            learning_rate: 3e-3,
+            ..VaeTrainConfig::default()
+        },
+        &device,
+    )
+    .unwrap();
+    let before = trainer.eval_reconstruction(8).unwrap();
+    for _ in 0..60 {
+        trainer.step().unwrap();
+    }
+    let after = trainer.eval_reconstruction(8).unwrap();
+    eprintln!("reconstruction error {before} -> {after}");
+    assert!(
+        after < 0.6 * before,
+        "reconstruction error {before} -> {after}"
+    );
+
+    // the whole run: the text encoder's weights moved from their initial values
+    let out = tmp.path().join("run");
+    let model = start(&recipe, &out, false, &device, &mut Silent).unwrap();
+    let initial = kiln_clip::ClipTextModel::init(&recipe.text_encoder, recipe.seed + 2, &device);
+    let trained = kiln_clip::ClipTextModel::from_dir(model.join("text_encoder"), &device).unwrap();
+    let w = |m: &kiln_clip::ClipTextModel| {
+        m.encoder.layers[0]
+            .self_attn
+            .q_proj
+            .weight
+            .val()
+            .into_data()
+            .convert::<f32>()
+            .try_to_vec::<f32>()
+            .unwrap()
+    };
+    let moved = w(&initial)
+        .iter()
+        .zip(w(&trained))
+        .map(|(a, b)| (a - b).abs())
+        .fold(0f32, f32::max);
+    assert!(moved > 1e-5, "the text encoder did not change ({moved})");
+}
+
+#[test]
+fn bad_recipes_and_runs_are_one_clear_error() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = shapes(tmp.path());
+    let base = recipe_text(&data, 2);
+    let check = |text: String, needle: &str| {
+        let path = tmp.path().join("bad.toml");
+        std::fs::write(&path, text).unwrap();
+        let err = Recipe::from_file(&path).unwrap_err().to_string();
+        assert!(err.contains(needle), "{err}");
+        assert!(err.contains("bad.toml"), "names the file: {err}");
+    };
+    check(base.replace("seed = 3", "seed = 3\nsede = 4"), "sede");
+    check(
+        base.replace(
+            "layers_per_block = 1\nlatent",
+            "layers_per_block = 1\nlayer_per_block = 2\nlatent",
+        ),
+        "layer_per_block",
+    );
+    check(
+        base.replace("cross_attention_dim = 16", "cross_attention_dim = 24"),
+        "cross_attention_dim",
+    );
+    check(
+        base.replace(
+            "block_out_channels = [8, 16]",
+            "block_out_channels = [8, 18]",
+        ),
+        "norm_num_groups",
+    );
+    check(
+        base.replace("learning_rate = 1e-3", "learning_rate = 0.0"),
+        "learning rate",
+    );
+    check(
+        base.replace("resolution = 16", "resolution = 10"),
+        "resolution",
+    );
+
+    // an existing output folder is kept
+    let recipe = Recipe::from_file(&write_recipe(tmp.path(), &data, 2)).unwrap();
+    let out = tmp.path().join("exists");
+    std::fs::create_dir(&out).unwrap();
+    std::fs::write(out.join("keep.txt"), "mine").unwrap();
+    let err = start(&recipe, &out, false, &device(), &mut Silent).unwrap_err();
+    assert!(matches!(err, Error::OutputExists { .. }), "{err}");
+    assert_eq!(
+        std::fs::read_to_string(out.join("keep.txt")).unwrap(),
+        "mine"
+    );
+    let err = resume(&out, &device(), &mut Silent).unwrap_err();
+    assert!(err.to_string().contains("not a Kiln training run"), "{err}");
+
+    // a checkpoint of another model shape is refused, naming the mismatch
+    let run = tmp.path().join("run");
+    let _ = start(&recipe, &run, false, &device(), &mut stop_at("vae", 2));
+    let edited = std::fs::read_to_string(run.join("train.toml"))
+        .unwrap()
+        .replace(
+            "block_out_channels = [8, 16]",
+            "block_out_channels = [8, 24]",
+        );
+    std::fs::write(run.join("train.toml"), edited).unwrap();
+    let err = resume(&run, &device(), &mut Silent)
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("another model"), "{err}");
+}
