@@ -44,12 +44,13 @@ pub struct GenerateArgs {
     /// The negative prompt.
     #[arg(long, default_value = "")]
     negative_prompt: String,
-    /// Denoising steps.
-    #[arg(long, default_value_t = 50)]
-    steps: usize,
-    /// Classifier-free guidance scale (<= 1 disables guidance).
-    #[arg(long, default_value_t = 7.5)]
-    guidance: f64,
+    /// Denoising steps (default: the model folder's kiln.json, else 50).
+    #[arg(long)]
+    steps: Option<usize>,
+    /// Classifier-free guidance scale, <= 1 disables guidance (default: the model folder's
+    /// kiln.json, else 7.5).
+    #[arg(long)]
+    guidance: Option<f64>,
     /// diffusers' guidance_rescale (0 to 1), for zero-terminal-SNR models.
     #[arg(long, default_value_t = 0.0)]
     guidance_rescale: f64,
@@ -246,13 +247,15 @@ pub fn run(args: GenerateArgs, device: impl FnOnce() -> Result<Device>) -> Resul
         (None, _) => (Mode::Txt2Img, None),
     };
     let seed = args.seed.unwrap_or_else(clock_seed);
+    let steps = args.steps.unwrap_or(pipe.generation.steps);
+    let guidance = args.guidance.unwrap_or(pipe.generation.guidance_scale);
     let mut options = GenerateOptions::new(&args.prompt)
         .with_negative_prompt(&args.negative_prompt)
-        .with_guidance_scale(args.guidance)
+        .with_guidance_scale(guidance)
         .with_guidance_rescale(args.guidance_rescale)
         .with_num_images(batch)
         .with_size(width, height)
-        .with_steps(args.steps)
+        .with_steps(steps)
         .with_clip_skip(args.clip_skip)
         .with_mode(mode);
     if let Some(latents) = latents {
@@ -285,9 +288,9 @@ pub fn run(args: GenerateArgs, device: impl FnOnce() -> Result<Device>) -> Resul
         let params = Parameters {
             prompt: &args.prompt,
             negative_prompt: &args.negative_prompt,
-            steps: args.steps,
+            steps,
             sampler: &sampler_label,
-            guidance: args.guidance,
+            guidance,
             seed,
             width,
             height,

@@ -2,7 +2,7 @@
 //! [`kiln_train::shapes`], and the score of what a model draws for its captions, held-out
 //! combinations apart from trained ones, with an optional PNG grid of the samples.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 use anyhow::{Context, Result, bail};
 use burn::tensor::Device;
@@ -111,43 +111,6 @@ pub fn run_data(command: DataCommand) -> Result<()> {
     Ok(())
 }
 
-/// Generation defaults a trained folder carries in `kiln.json` (`steps`, `guidance_scale`).
-#[derive(Debug, Clone, Copy, PartialEq)]
-struct FolderDefaults {
-    steps: usize,
-    guidance: f64,
-}
-
-/// The folder's `kiln.json` defaults, or diffusers' pipeline defaults (50 steps, guidance 7.5)
-/// for a folder without one (or a single file).
-fn folder_defaults(model: &Path) -> Result<FolderDefaults> {
-    let base = GenerateOptions::new("");
-    let mut out = FolderDefaults {
-        steps: base.steps,
-        guidance: base.guidance_scale,
-    };
-    let path = model.join("kiln.json");
-    if !model.is_dir() || !path.is_file() {
-        return Ok(out);
-    }
-    let text = std::fs::read_to_string(&path)
-        .with_context(|| format!("cannot read `{}`", path.display()))?;
-    let value: serde_json::Value =
-        serde_json::from_str(&text).with_context(|| format!("`{}` is not JSON", path.display()))?;
-    if let Some(v) = value.get("steps") {
-        out.steps = v
-            .as_u64()
-            .and_then(|s| usize::try_from(s).ok())
-            .with_context(|| format!("`{}`: steps must be a whole number", path.display()))?;
-    }
-    if let Some(v) = value.get("guidance_scale") {
-        out.guidance = v
-            .as_f64()
-            .with_context(|| format!("`{}`: guidance_scale must be a number", path.display()))?;
-    }
-    Ok(out)
-}
-
 /// One generated image and what was read from it.
 struct Sampled {
     case: EvalCase,
@@ -182,13 +145,12 @@ pub fn run_eval(command: EvalCommand, device: impl FnOnce() -> Result<Device>) -
     }
     let cases = shapes::eval_cases(args.trained, EVAL_SEED)?;
     let model_dir = resolve_model(Some(&args.model))?;
-    let defaults = folder_defaults(&model_dir)?;
-    let steps = args.steps.unwrap_or(defaults.steps);
-    let guidance = args.guidance.unwrap_or(defaults.guidance);
 
     // 2. the model
     let device = device()?;
     let pipe = load_pipeline(&model_dir, &ModelLoad::default(), &device)?;
+    let steps = args.steps.unwrap_or(pipe.generation.steps);
+    let guidance = args.guidance.unwrap_or(pipe.generation.guidance_scale);
     let (width, height) = match args.size {
         Some(s) => (s, s),
         None => pipe.default_size(),
@@ -454,21 +416,5 @@ mod tests {
         let lines: Vec<String> = wrap("abcdefghij", 4).collect();
         assert_eq!(lines, ["abcd", "efgh", "ij"]);
         assert_eq!(wrap("", 4).count(), 0);
-    }
-
-    #[test]
-    fn folder_defaults_read_kiln_json() {
-        let dir = tempfile::tempdir().unwrap();
-        let plain = folder_defaults(dir.path()).unwrap();
-        assert_eq!((plain.steps, plain.guidance), (50, 7.5));
-        std::fs::write(
-            dir.path().join("kiln.json"),
-            r#"{"steps": 25, "guidance_scale": 4.0}"#,
-        )
-        .unwrap();
-        let d = folder_defaults(dir.path()).unwrap();
-        assert_eq!((d.steps, d.guidance), (25, 4.0));
-        std::fs::write(dir.path().join("kiln.json"), r#"{"steps": -1}"#).unwrap();
-        assert!(folder_defaults(dir.path()).is_err());
     }
 }

@@ -71,8 +71,8 @@ pub mod training;
 
 pub use error::{Error, Result};
 pub use pipeline_stable_diffusion::{
-    GenerateOptions, GenerateOutput, LoadOptions, Mode, RgbImage, StableDiffusionPipeline,
-    StepCallback, StepProgress, images_to_rgb8, rgb8_to_tensor,
+    GENERATION_FILE, GenerateOptions, GenerateOutput, GenerationDefaults, LoadOptions, Mode,
+    RgbImage, StableDiffusionPipeline, StepCallback, StepProgress, images_to_rgb8, rgb8_to_tensor,
 };
 pub use single_file::{
     Family, SingleFileConfig, SingleFileOptions, convert_to_diffusers, infer_config,

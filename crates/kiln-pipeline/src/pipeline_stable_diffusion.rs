@@ -70,6 +70,86 @@ pub enum Mode {
     },
 }
 
+/// The file of a model folder that holds its generation defaults.
+pub const GENERATION_FILE: &str = "kiln.json";
+
+/// How a model is meant to be sampled, as its folder says in `kiln.json` (Kiln writes it into the
+/// folders it trains): the defaults [`GenerateOptions::for_model`] starts from. A folder without
+/// the file gets diffusers' pipeline defaults, 50 steps and guidance 7.5.
+#[derive(Debug, Clone, Copy, PartialEq, Deserialize, serde::Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct GenerationDefaults {
+    /// Denoising steps.
+    #[serde(default = "fifty")]
+    pub steps: usize,
+    /// Classifier-free guidance scale.
+    #[serde(default = "seven_and_a_half")]
+    pub guidance_scale: f64,
+}
+
+fn fifty() -> usize {
+    50
+}
+
+fn seven_and_a_half() -> f64 {
+    7.5
+}
+
+impl Default for GenerationDefaults {
+    fn default() -> Self {
+        Self {
+            steps: fifty(),
+            guidance_scale: seven_and_a_half(),
+        }
+    }
+}
+
+impl GenerationDefaults {
+    /// Reads `dir/kiln.json`; the defaults when the folder has none. A malformed file, or
+    /// steps of 0 or a guidance that is not a finite number, is an error naming the file.
+    pub fn from_dir(dir: &Path) -> Result<Self> {
+        let path = dir.join(GENERATION_FILE);
+        if !path.is_file() {
+            return Ok(Self::default());
+        }
+        let value: Self = kiln_nn::config::read_json(&path, "generation defaults")?;
+        value.check().map_err(|message| {
+            Error::Nn(kiln_nn::Error::InvalidConfig {
+                path: path.clone(),
+                message,
+            })
+        })?;
+        Ok(value)
+    }
+
+    /// Whether the values can drive a pipeline; the message says what is wrong.
+    pub fn check(&self) -> std::result::Result<(), String> {
+        if self.steps == 0 || !self.guidance_scale.is_finite() {
+            return Err(format!(
+                "steps ({}) must be at least 1 and guidance_scale ({}) a finite number",
+                self.steps, self.guidance_scale
+            ));
+        }
+        Ok(())
+    }
+
+    /// Writes `dir/kiln.json` (through a temporary file renamed into place).
+    pub fn write(&self, dir: &Path) -> Result<()> {
+        let path = dir.join(GENERATION_FILE);
+        let tmp = dir.join(format!(".{GENERATION_FILE}.tmp"));
+        let io = |p: &Path, source| {
+            Error::Nn(kiln_nn::Error::Io {
+                path: p.to_path_buf(),
+                source,
+            })
+        };
+        let text =
+            serde_json::to_string_pretty(self).map_err(|e| Error::InvalidInput(e.to_string()))?;
+        std::fs::write(&tmp, text + "\n").map_err(|e| io(&tmp, e))?;
+        std::fs::rename(&tmp, &path).map_err(|e| io(&path, e))
+    }
+}
+
 /// Everything one generation needs besides the pipeline, the scheduler and the noise source.
 ///
 /// Build with [`GenerateOptions::new`] and the `with_*` methods; unset sizes and step counts take
@@ -124,6 +204,13 @@ impl GenerateOptions {
             negative_prompt_embeds: None,
             mode: Mode::Txt2Img,
         }
+    }
+
+    /// Options for `prompt` with `pipe`'s generation defaults (its folder's `kiln.json`).
+    pub fn for_model(pipe: &StableDiffusionPipeline, prompt: impl Into<String>) -> Self {
+        Self::new(prompt)
+            .with_steps(pipe.generation.steps)
+            .with_guidance_scale(pipe.generation.guidance_scale)
     }
 
     /// Sets the negative prompt.
@@ -299,6 +386,8 @@ pub struct StableDiffusionPipeline {
     pub class_name: String,
     /// Where the model was loaded from.
     pub source: PathBuf,
+    /// The folder's generation defaults (`kiln.json`), or diffusers' (50 steps, guidance 7.5).
+    pub generation: GenerationDefaults,
     device: Device,
     dtype: DType,
 }
@@ -350,6 +439,7 @@ impl StableDiffusionPipeline {
             scheduler_config,
             class_name: index.class_name,
             source: dir.to_path_buf(),
+            generation: GenerationDefaults::from_dir(dir)?,
             device: device.clone(),
             dtype,
         })
@@ -445,6 +535,10 @@ impl StableDiffusionPipeline {
                 "StableDiffusionPipeline".into()
             },
             source: path.to_path_buf(),
+            generation: match &options.config {
+                Some(dir) => GenerationDefaults::from_dir(dir)?,
+                None => GenerationDefaults::default(),
+            },
             device: device.clone(),
             dtype,
         })

@@ -39,6 +39,7 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 use kiln_clip::ClipTextConfig;
+use kiln_pipeline::GenerationDefaults;
 use kiln_unet::UNet2DConditionModelConfig;
 use kiln_vae::AutoencoderKLConfig;
 use serde::Deserialize;
@@ -71,7 +72,7 @@ pub struct Recipe {
     /// The UNet's config, parsed.
     pub unet: UNet2DConditionModelConfig,
     /// Generation defaults written into the trained folder.
-    pub generation: Generation,
+    pub generation: GenerationDefaults,
     /// Stage 1.
     pub vae_stage: VaeTrainConfig,
     /// Stage 2.
@@ -84,25 +85,6 @@ pub struct Recipe {
     pub pad_token: String,
 }
 
-/// The defaults `kiln generate` and the pipeline take from a trained folder (`kiln.json`).
-#[derive(Debug, Clone, PartialEq, Deserialize, serde::Serialize)]
-#[serde(deny_unknown_fields)]
-pub struct Generation {
-    /// Denoising steps.
-    #[serde(default = "default_steps")]
-    pub steps: usize,
-    /// Classifier-free guidance scale.
-    #[serde(default = "default_guidance")]
-    pub guidance_scale: f64,
-}
-
-fn default_steps() -> usize {
-    25
-}
-fn default_guidance() -> f64 {
-    5.0
-}
-
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct File {
@@ -110,19 +92,12 @@ struct File {
     seed: u64,
     data: DataSection,
     models: ModelsSection,
-    #[serde(default = "default_generation")]
-    generation: Generation,
+    #[serde(default)]
+    generation: GenerationDefaults,
     vae: VaeSection,
     denoiser: DenoiserSection,
     #[serde(default)]
     checkpoints: CheckpointSection,
-}
-
-fn default_generation() -> Generation {
-    Generation {
-        steps: default_steps(),
-        guidance_scale: default_guidance(),
-    }
 }
 
 #[derive(Deserialize)]

@@ -341,19 +341,7 @@ fn train_denoiser(
     }
     let model = out.join("model");
     trainer.save(&model)?;
-    write_generation_defaults(&model, recipe)?;
+    recipe.generation.write(&model)?;
     plot(out, observer);
     Ok(model)
-}
-
-/// `kiln.json` in a trained folder: the generation defaults of its recipe.
-fn write_generation_defaults(model: &Path, recipe: &Recipe) -> Result<()> {
-    let path = model.join("kiln.json");
-    let tmp = model.join(".kiln.json.tmp");
-    let text = serde_json::to_string_pretty(&recipe.generation).expect("serializes") + "\n";
-    std::fs::write(&tmp, text).map_err(|source| Error::Io {
-        path: tmp.clone(),
-        source,
-    })?;
-    std::fs::rename(&tmp, &path).map_err(|source| Error::Io { path, source })
 }

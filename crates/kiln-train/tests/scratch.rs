@@ -49,6 +49,9 @@ _class_name = "EulerDiscreteScheduler"
 beta_schedule = "scaled_linear"
 beta_start = 0.00085
 beta_end = 0.012
+[generation]
+steps = 7
+guidance_scale = 3.0
 [vae]
 steps = {steps}
 batch_size = 4
@@ -249,10 +252,10 @@ fn stopped_and_resumed_runs_equal_a_straight_run_to_the_bit() {
     )
     .unwrap();
     assert_eq!(pipe.default_size(), (16, 16));
-    let defaults: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(straight.join("model/kiln.json")).unwrap())
-            .unwrap();
-    assert_eq!(defaults["steps"], 25);
+    assert_eq!(
+        (pipe.generation.steps, pipe.generation.guidance_scale),
+        (7, 3.0)
+    );
 }
 
 #[test]
