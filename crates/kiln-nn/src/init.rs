@@ -125,8 +125,9 @@ fn fan_in(shape: &[usize]) -> Option<usize> {
     }
 }
 
-/// FNV-1a of the name: the parameter's stream.
-fn stream(name: &str) -> u64 {
+/// FNV-1a of a parameter's name: its initialisation stream here, and a stable parameter id for
+/// training state (`kiln_train::checkpoint::stable_param_ids`).
+pub fn name_hash(name: &str) -> u64 {
     name.bytes().fold(0xcbf2_9ce4_8422_2325, |h, b| {
         (h ^ u64::from(b)).wrapping_mul(0x0000_0100_0000_01b3)
     })
@@ -160,7 +161,7 @@ impl<F: Fn(&ParamInfo<'_>) -> Init> ModuleMapper for Draw<F> {
             is_norm,
         });
         let mut rng = ChaCha8Rng::seed_from_u64(self.seed);
-        rng.set_stream(stream(&name));
+        rng.set_stream(name_hash(&name));
         let n: usize = shape.iter().product();
         let values: Vec<f32> = match init {
             Init::Constant(c) => vec![c as f32; n],

@@ -18,8 +18,8 @@ use kiln_vae::AutoencoderKL;
 use serde_json::Value;
 
 use crate::checkpoint::{
-    RunState, STATE_DIR, create_dir, load_module, load_optimizer, read_state, save_module,
-    save_optimizer, stable_param_ids, to_device, write_state,
+    RunState, STATE_DIR, load_module, load_optimizer, read_state, stable_param_ids, to_device,
+    write_training_state,
 };
 use crate::dataset::{ImageCaptionDataset, Preprocess, load_image};
 use crate::trainer::{Batches, LrSchedule, TrainConfig, adamw, clip_grad_norm};
@@ -322,12 +322,11 @@ impl VaeTrainer {
                 "AutoencoderKL",
                 &self.vae(),
             )?;
-            let state = tmp.join(STATE_DIR);
-            create_dir(&state)?;
-            save_module(self.trained(), &state.join("model.safetensors"))?;
-            save_optimizer(&self.optim, &state.join("optimizer.bpk"))?;
-            write_state(
-                &state.join("state.json"),
+            write_training_state(
+                tmp,
+                self.trained(),
+                None,
+                &self.optim,
                 &RunState {
                     steps: self.steps,
                     rng: self.rng.clone(),
@@ -348,20 +347,9 @@ impl VaeTrainer {
         self.vae = Some(load_module(vae, &dir.join("model.safetensors"))?);
         let optim = std::mem::replace(&mut self.optim, adamw(&self.config.optimizer()));
         self.optim = load_optimizer(optim, &dir.join("optimizer.bpk"))?;
-        if state.order.iter().any(|&i| i >= self.dataset.len()) || state.cursor > state.order.len()
-        {
-            return Err(Error::Resume(format!(
-                "`{}` was written for a dataset of other size than this one ({} examples)",
-                checkpoint.display(),
-                self.dataset.len()
-            )));
-        }
+        self.batches = state.batches(self.dataset.len(), checkpoint)?;
         self.steps = state.steps;
         self.rng = state.rng;
-        self.batches = Batches {
-            order: state.order,
-            cursor: state.cursor,
-        };
         Ok(self)
     }
 }

@@ -14,14 +14,14 @@ use burn::optim::ModuleOptimizer;
 use burn::store::{BurnToPyTorchAdapter, ModuleSnapshot, SafetensorsStore};
 use burn::tensor::{Device, Tensor};
 use kiln_clip::{ClipTextModel, ClipTokenizer};
-use kiln_nn::init::checkpoint_name;
+use kiln_nn::init::{checkpoint_name, name_hash};
 use kiln_scheduler::SeededNoise;
 use kiln_unet::UNet2DConditionModel;
 use kiln_vae::AutoencoderKL;
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 
-use crate::trainer::TokenizerFiles;
+use crate::trainer::{Batches, TokenizerFiles};
 use crate::{Error, Result};
 
 /// The folder inside a checkpoint that holds the training state.
@@ -41,6 +41,23 @@ pub(crate) struct RunState {
     pub(crate) ema_updates: Option<usize>,
 }
 
+impl RunState {
+    /// The epoch order and position this state holds, checked against a dataset of `len`
+    /// examples (a checkpoint of a run over other data is refused).
+    pub(crate) fn batches(&self, len: usize, checkpoint: &Path) -> Result<Batches> {
+        if self.order.iter().any(|&i| i >= len) || self.cursor > self.order.len() {
+            return Err(Error::Resume(format!(
+                "`{}` was written for a dataset of another size than this one ({len} examples)",
+                checkpoint.display()
+            )));
+        }
+        Ok(Batches {
+            order: self.order.clone(),
+            cursor: self.cursor,
+        })
+    }
+}
+
 /// Gives every float parameter of `module` an id derived from its name (FNV-1a of the
 /// checkpoint name), so optimiser state saved by one process applies to the same model built by
 /// another.
@@ -57,11 +74,8 @@ pub fn stable_param_ids<M: Module>(module: M) -> M {
         }
         fn map_float<const D: usize>(&mut self, param: Param<Tensor<D>>) -> Param<Tensor<D>> {
             let name = checkpoint_name(&self.path);
-            let id = name.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
-                (h ^ u64::from(b)).wrapping_mul(0x0000_0100_0000_01b3)
-            });
             let (_, tensor, mapper) = param.consume();
-            Param::from_mapped_value(ParamId::from(id), tensor, mapper)
+            Param::from_mapped_value(ParamId::from(name_hash(&name)), tensor, mapper)
         }
     }
     module.map(&mut Ids { path: Vec::new() })
@@ -107,8 +121,23 @@ fn write_json(path: &Path, value: &impl Serialize) -> Result<()> {
     })
 }
 
-pub(crate) fn write_state(path: &Path, state: &RunState) -> Result<()> {
-    write_json(path, state)
+/// Writes `checkpoint/training_state/`: the trained weights as they are, their moving average
+/// when there is one, the optimiser's state and `state.json`.
+pub(crate) fn write_training_state<M: Module>(
+    checkpoint: &Path,
+    model: &M,
+    ema: Option<&M>,
+    optim: &ModuleOptimizer,
+    state: &RunState,
+) -> Result<()> {
+    let dir = checkpoint.join(STATE_DIR);
+    create_dir(&dir)?;
+    save_module(model, &dir.join("model.safetensors"))?;
+    if let Some(ema) = ema {
+        save_module(ema, &dir.join("ema.safetensors"))?;
+    }
+    save_optimizer(optim, &dir.join("optimizer.bpk"))?;
+    write_json(&dir.join("state.json"), state)
 }
 
 pub(crate) fn read_state(path: &Path) -> Result<RunState> {
@@ -123,7 +152,7 @@ pub(crate) fn read_state(path: &Path) -> Result<RunState> {
 }
 
 /// Writes `module`'s parameters as they are (burn's names, f32) to a safetensors file.
-pub(crate) fn save_module<M: Module>(module: &M, path: &Path) -> Result<()> {
+fn save_module<M: Module>(module: &M, path: &Path) -> Result<()> {
     // one metadata entry: burn's default metadata is a hash map, whose order (and so the file's
     // bytes) changes from run to run
     let mut store = SafetensorsStore::from_file(path)
@@ -183,7 +212,7 @@ pub(crate) fn load_module<M: Module>(mut module: M, path: &Path) -> Result<M> {
     Ok(module)
 }
 
-pub(crate) fn save_optimizer(optim: &ModuleOptimizer, path: &Path) -> Result<()> {
+fn save_optimizer(optim: &ModuleOptimizer, path: &Path) -> Result<()> {
     optim.save(path).map_err(|e| Error::Save {
         path: path.to_path_buf(),
         message: format!("{e:?}"),

@@ -21,8 +21,8 @@ use kiln_vae::AutoencoderKL;
 use serde_json::Value;
 
 use crate::checkpoint::{
-    PipelineWeights, RunState, STATE_DIR, create_dir, load_module, load_optimizer, read_state,
-    save_module, save_optimizer, stable_param_ids, to_device, write_pipeline_folder, write_state,
+    PipelineWeights, RunState, STATE_DIR, load_module, load_optimizer, read_state,
+    stable_param_ids, to_device, write_pipeline_folder, write_training_state,
 };
 use crate::dataset::{ImageCaptionDataset, Preprocess, load_image};
 use crate::ema::{Ema, EmaWarmup};
@@ -592,15 +592,11 @@ impl Trainer {
     pub fn save_checkpoint(&self, out: &Path) -> Result<()> {
         kiln_nn::config::write_dir_atomically(out, true, |tmp: &Path| {
             self.write_folder(tmp)?;
-            let state = tmp.join(STATE_DIR);
-            create_dir(&state)?;
-            save_module(self.model(), &state.join("model.safetensors"))?;
-            if let Some(ema) = &self.ema {
-                save_module(ema.model(), &state.join("ema.safetensors"))?;
-            }
-            save_optimizer(&self.optim, &state.join("optimizer.bpk"))?;
-            write_state(
-                &state.join("state.json"),
+            write_training_state(
+                tmp,
+                self.model(),
+                self.ema.as_ref().map(Ema::model),
+                &self.optim,
                 &RunState {
                     steps: self.steps,
                     rng: self.rng.clone(),
@@ -635,20 +631,9 @@ impl Trainer {
         }
         let optim = std::mem::replace(&mut self.optim, adamw(&self.config));
         self.optim = load_optimizer(optim, &state_dir.join("optimizer.bpk"))?;
-        if state.order.iter().any(|&i| i >= self.dataset.len()) || state.cursor > state.order.len()
-        {
-            return Err(Error::Resume(format!(
-                "`{}` was written for a dataset of other size than this one ({} examples)",
-                checkpoint.display(),
-                self.dataset.len()
-            )));
-        }
+        self.batches = state.batches(self.dataset.len(), checkpoint)?;
         self.steps = state.steps;
         self.rng = state.rng;
-        self.batches = Batches {
-            order: state.order,
-            cursor: state.cursor,
-        };
         Ok(self)
     }
 
