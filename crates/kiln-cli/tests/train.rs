@@ -122,3 +122,169 @@ fn train_writes_a_checkpoint_that_generate_loads() {
     assert_eq!(err.trim().lines().count(), 1, "{err}");
     assert!(!other.exists());
 }
+
+/// A run folder with the shapes data and the tiny test recipe beside it.
+fn scratch_run() -> tempfile::TempDir {
+    let dir = tempfile::tempdir().unwrap();
+    let shapes = dir.path().join("shapes");
+    let out = kiln(&[
+        "data",
+        "shapes",
+        "--count",
+        "12",
+        "--size",
+        "16",
+        "--output",
+        shapes.to_str().unwrap(),
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    std::fs::copy(
+        root().join("fixtures/training/tiny-recipe.toml"),
+        dir.path().join("recipe.toml"),
+    )
+    .unwrap();
+    dir
+}
+
+fn model_files(dir: &Path) -> Vec<(String, Vec<u8>)> {
+    let mut out = Vec::new();
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        for entry in std::fs::read_dir(&d).unwrap() {
+            let path = entry.unwrap().path();
+            if path.is_dir() {
+                stack.push(path);
+            } else {
+                let rel = path.strip_prefix(dir).unwrap().display().to_string();
+                out.push((rel, std::fs::read(&path).unwrap()));
+            }
+        }
+    }
+    out.sort();
+    out
+}
+
+/// `kill -9` while a checkpoint is being written: the newest complete checkpoint is untouched,
+/// `--resume` goes on from it, and the model equals a straight run's to the byte.
+#[test]
+fn a_run_killed_mid_checkpoint_resumes_to_the_same_model() {
+    let dir = scratch_run();
+    let recipe = dir.path().join("recipe.toml");
+    let args = |out: &Path| {
+        [
+            "train",
+            "--config",
+            recipe.to_str().unwrap(),
+            "--output",
+            out.to_str().unwrap(),
+            "--vae-steps",
+            "5",
+            "--denoiser-steps",
+            "5",
+            "--save-every",
+            "1",
+        ]
+        .map(String::from)
+    };
+    let straight = dir.path().join("straight");
+    let out = kiln(
+        &args(&straight)
+            .iter()
+            .map(String::as_str)
+            .collect::<Vec<_>>(),
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    let killed = dir.path().join("killed");
+    let mut child = Command::new(env!("CARGO_BIN_EXE_kiln"))
+        .args(args(&killed))
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    // wait for a checkpoint of the denoiser stage to be half-written, then kill
+    let checkpoints = killed.join("checkpoints");
+    let started = std::time::Instant::now();
+    let mut caught = false;
+    while started.elapsed() < std::time::Duration::from_secs(120) {
+        let writing = std::fs::read_dir(&checkpoints).ok().is_some_and(|entries| {
+            entries.filter_map(|e| e.ok()).any(|e| {
+                let name = e.file_name().to_string_lossy().into_owned();
+                name.starts_with(".denoiser-") && name.contains(".tmp-")
+            })
+        });
+        if writing {
+            child.kill().unwrap();
+            caught = true;
+            break;
+        }
+        if child.try_wait().unwrap().is_some() {
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(1));
+    }
+    let _ = child.wait();
+    assert!(caught, "no checkpoint write was caught in progress");
+    assert!(!killed.join("model").exists(), "the run did not finish");
+
+    let out = kiln(&["train", "--resume", killed.to_str().unwrap()]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let (a, b) = (
+        model_files(&straight.join("model")),
+        model_files(&killed.join("model")),
+    );
+    assert_eq!(
+        a.iter().map(|(p, _)| p).collect::<Vec<_>>(),
+        b.iter().map(|(p, _)| p).collect::<Vec<_>>()
+    );
+    for ((path, x), (_, y)) in a.iter().zip(&b) {
+        assert!(x == y, "{path} differs after the kill and resume");
+    }
+    // nothing half-written is left behind
+    let leftovers: Vec<String> = std::fs::read_dir(&checkpoints)
+        .unwrap()
+        .filter_map(|e| e.ok())
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|n| n.starts_with('.'))
+        .collect();
+    assert!(leftovers.is_empty(), "{leftovers:?}");
+}
+
+#[test]
+fn bad_training_input_is_one_clear_line() {
+    let dir = scratch_run();
+    let bad = dir.path().join("bad.toml");
+    let text = std::fs::read_to_string(dir.path().join("recipe.toml")).unwrap();
+    std::fs::write(&bad, text.replace("seed = 3", "seed = 3\nlearning_rat = 1")).unwrap();
+    let run = dir.path().join("run");
+    let out = kiln(&[
+        "train",
+        "--config",
+        bad.to_str().unwrap(),
+        "--output",
+        run.to_str().unwrap(),
+    ]);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("learning_rat") && err.trim().lines().count() == 1,
+        "{err}"
+    );
+    assert!(!run.exists(), "nothing is written for a bad recipe");
+
+    let out = kiln(&["train", "--resume", dir.path().to_str().unwrap()]);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("not a Kiln training run"), "{err}");
+}

@@ -287,9 +287,18 @@ impl Recipe {
     }
 
     fn parse(text: &str, path: &Path) -> Result<Self> {
-        let file: File = toml::from_str(text).map_err(|e| Error::Config {
-            path: path.to_path_buf(),
-            message: e.to_string().trim().to_string(),
+        let file: File = toml::from_str(text).map_err(|e| {
+            // one line: where, and what (toml's own rendering spans several lines)
+            let at = e.span().map(|span| {
+                let before = &text[..span.start.min(text.len())];
+                let line = before.matches('\n').count() + 1;
+                let column = before.len() - before.rfind('\n').map_or(0, |i| i + 1) + 1;
+                format!("line {line}, column {column}: ")
+            });
+            Error::Config {
+                path: path.to_path_buf(),
+                message: format!("{}{}", at.unwrap_or_default(), e.message().trim()),
+            }
         })?;
         let (vae, vae_json): (AutoencoderKLConfig, _) = model_config(&file.models.vae, "vae")?;
         let (text_encoder, text_json): (ClipTextConfig, _) =

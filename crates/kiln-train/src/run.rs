@@ -29,10 +29,14 @@ use crate::recipe::Recipe;
 use crate::trainer::{Components, TokenizerFiles, Trainer};
 use crate::{Error, ImageCaptionDataset, Result, VaeTrainer};
 
-/// Where the run's data is, as resolved when it started.
+/// Where the run's data is, as resolved when it started, and the step counts it runs to (the
+/// recipe's, or those a smoke run set with [`Recipe::with_steps`]).
 #[derive(Debug, Serialize, Deserialize)]
 struct RunFile {
     data_dir: PathBuf,
+    vae_steps: usize,
+    denoiser_steps: usize,
+    checkpoint_every: usize,
 }
 
 /// How a run reports progress.
@@ -114,7 +118,13 @@ pub fn start(
     std::fs::create_dir_all(out).map_err(|e| io(out, e))?;
     std::fs::write(out.join("train.toml"), &recipe.text).map_err(|e| io(out, e))?;
     let data_dir = std::path::absolute(&recipe.data_dir).map_err(|e| io(&recipe.data_dir, e))?;
-    let run = serde_json::to_string_pretty(&RunFile { data_dir }).expect("serializes");
+    let run = serde_json::to_string_pretty(&RunFile {
+        data_dir,
+        vae_steps: recipe.vae_stage.max_steps,
+        denoiser_steps: recipe.denoiser_stage.max_steps,
+        checkpoint_every: recipe.checkpoint_every,
+    })
+    .expect("serializes");
     std::fs::write(out.join("run.json"), run).map_err(|e| io(out, e))?;
     LossLog::create(out, &["loss"])?;
     train(recipe, out, device, observer)
@@ -143,7 +153,7 @@ pub fn load(out: &Path) -> Result<Recipe> {
     let run: RunFile = serde_json::from_str(&text)
         .map_err(|e| Error::Resume(format!("`{}`: {e}", out.join("run.json").display())))?;
     recipe.data_dir = run.data_dir;
-    Ok(recipe)
+    Ok(recipe.with_steps(run.vae_steps, run.denoiser_steps, run.checkpoint_every))
 }
 
 /// The dataset with every image that cannot be decoded reported once and left out.
@@ -208,12 +218,32 @@ fn checkpoint_path(out: &Path, stage: &str, step: usize) -> PathBuf {
     out.join("checkpoints").join(format!("{stage}-{step:06}"))
 }
 
+/// Removes what a killed write left: temporary folders (`.NAME.tmp-PID`, `.NAME.old-PID`) in the
+/// run folder and its checkpoints.
+fn remove_stale_temporaries(out: &Path) -> Result<()> {
+    for dir in [out.to_path_buf(), out.join("checkpoints")] {
+        let Ok(entries) = std::fs::read_dir(&dir) else {
+            continue;
+        };
+        for entry in entries.filter_map(|e| e.ok()) {
+            let name = entry.file_name().to_string_lossy().into_owned();
+            let stale = name.starts_with('.') && (name.contains(".tmp-") || name.contains(".old-"));
+            if stale && entry.path().is_dir() {
+                let path = entry.path();
+                std::fs::remove_dir_all(&path).map_err(|source| Error::Io { path, source })?;
+            }
+        }
+    }
+    Ok(())
+}
+
 fn train(
     recipe: &Recipe,
     out: &Path,
     device: &Device,
     observer: &mut dyn Observer,
 ) -> Result<PathBuf> {
+    remove_stale_temporaries(out)?;
     let dataset = checked_dataset(recipe, observer)?;
     std::fs::create_dir_all(out.join("checkpoints")).map_err(|source| Error::Io {
         path: out.join("checkpoints"),

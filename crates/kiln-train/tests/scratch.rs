@@ -9,67 +9,15 @@ use kiln_train::run::{Observer, Silent, resume, start};
 use kiln_train::shapes::{ShapesSpec, generate};
 use kiln_train::{Error, ImageCaptionDataset, Recipe, VaeTrainConfig, VaeTrainer};
 
-/// A recipe of tiny models (VAE factor 2, latents 8x8 at 16 px, one UNet downsampler, a
-/// one-layer text encoder) for `data`, with `steps` per stage and a checkpoint every 2 steps.
+/// The tiny test recipe (`fixtures/training/tiny-recipe.toml`) with the data folder `data` and
+/// `steps` per stage.
 fn recipe_text(data: &Path, steps: usize) -> String {
-    format!(
-        r#"
-seed = 3
-[data]
-dir = "{data}"
-resolution = 16
-[models.vae]
-down_block_types = ["DownEncoderBlock2D", "DownEncoderBlock2D"]
-up_block_types = ["UpDecoderBlock2D", "UpDecoderBlock2D"]
-block_out_channels = [8, 16]
-layers_per_block = 1
-latent_channels = 4
-norm_num_groups = 4
-sample_size = 16
-mid_block_add_attention = false
-[models.text_encoder]
-hidden_size = 16
-intermediate_size = 32
-num_hidden_layers = 1
-num_attention_heads = 2
-max_position_embeddings = 77
-[models.unet]
-sample_size = 8
-in_channels = 4
-out_channels = 4
-down_block_types = ["CrossAttnDownBlock2D", "DownBlock2D"]
-up_block_types = ["UpBlock2D", "CrossAttnUpBlock2D"]
-block_out_channels = [16, 32]
-layers_per_block = 1
-attention_head_dim = 2
-cross_attention_dim = 16
-norm_num_groups = 8
-[models.scheduler]
-_class_name = "EulerDiscreteScheduler"
-beta_schedule = "scaled_linear"
-beta_start = 0.00085
-beta_end = 0.012
-[generation]
-steps = 7
-guidance_scale = 3.0
-[vae]
-steps = {steps}
-batch_size = 4
-learning_rate = 2e-3
-[denoiser]
-steps = {steps}
-batch_size = 4
-learning_rate = 1e-3
-caption_dropout = 0.25
-ema_decay = 0.99
-snr_gamma = 5.0
-noise_offset = 0.05
-[checkpoints]
-every = 2
-keep = 2
-"#,
-        data = data.display()
-    )
+    let path =
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("../../fixtures/training/tiny-recipe.toml");
+    std::fs::read_to_string(path)
+        .unwrap()
+        .replace("dir = \"shapes\"", &format!("dir = \"{}\"", data.display()))
+        .replace("steps = 4", &format!("steps = {steps}"))
 }
 
 fn write_recipe(dir: &Path, data: &Path, steps: usize) -> PathBuf {
