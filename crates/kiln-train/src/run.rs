@@ -24,7 +24,7 @@ use kiln_unet::UNet2DConditionModel;
 use kiln_vae::AutoencoderKL;
 use serde::{Deserialize, Serialize};
 
-use crate::monitor::{LossLog, PlotOptions, Progress, plot_loss_csv};
+use crate::monitor::{LossLog, PlotOptions, Progress, plot_loss_csv, read_loss_csv};
 use crate::recipe::Recipe;
 use crate::trainer::{Components, TokenizerFiles, Trainer};
 use crate::{Error, ImageCaptionDataset, Result, VaeTrainer};
@@ -126,7 +126,7 @@ pub fn start(
     })
     .expect("serializes");
     std::fs::write(out.join("run.json"), run).map_err(|e| io(out, e))?;
-    LossLog::create(out, &["loss"])?;
+    LossLog::create(out, &LOG_COLUMNS)?;
     train(recipe, out, device, observer)
 }
 
@@ -256,8 +256,20 @@ fn train(
     train_denoiser(recipe, out, dataset, device, observer)
 }
 
-fn log_for(out: &Path, stage: &str, step: usize) -> Result<LossLog> {
-    LossLog::resume(out, stage, step as u64)
+/// The columns of `loss.csv` after `step,stage`: the step's loss, its learning rate, and the
+/// training time so far in seconds (summed over every session of the run).
+const LOG_COLUMNS: [&str; 3] = ["loss", "learning_rate", "seconds"];
+
+/// The log cut back to `step` of `stage`, and the training seconds it had reached there.
+fn log_for(out: &Path, stage: &str, step: usize) -> Result<(LossLog, f64)> {
+    let log = LossLog::resume(out, stage, step as u64)?;
+    let table = read_loss_csv(log.path())?;
+    let seconds = table
+        .column("seconds")
+        .and_then(|c| table.rows.last().map(|r| r.values[c]))
+        .filter(|s| s.is_finite())
+        .unwrap_or(0.0);
+    Ok((log, seconds))
 }
 
 fn plot(out: &Path, observer: &mut dyn Observer) {
@@ -289,12 +301,19 @@ fn train_vae(
         trainer = trainer.resume(&checkpoint)?;
         observer.message(&format!("vae: resumed from `{}`", checkpoint.display()));
     }
-    let mut log = log_for(out, "vae", trainer.steps())?;
+    let (mut log, seconds) = log_for(out, "vae", trainer.steps())?;
+    let clock = std::time::Instant::now();
     let total = recipe.vae_stage.max_steps;
     observer.stage("vae", trainer.steps(), total);
     while trainer.steps() < total {
+        let lr = trainer.learning_rate();
         let loss = trainer.step()?;
-        log.record("vae", trainer.steps() as u64, &[f64::from(loss.total)])?;
+        let elapsed = seconds + clock.elapsed().as_secs_f64();
+        log.record(
+            "vae",
+            trainer.steps() as u64,
+            &[f64::from(loss.total), lr, elapsed],
+        )?;
         let flow = observer.step(f64::from(loss.total));
         let step = trainer.steps();
         if step.is_multiple_of(recipe.checkpoint_every) || step == total {
@@ -349,12 +368,19 @@ fn train_denoiser(
             checkpoint.display()
         ));
     }
-    let mut log = log_for(out, "denoiser", trainer.steps())?;
+    let (mut log, seconds) = log_for(out, "denoiser", trainer.steps())?;
+    let clock = std::time::Instant::now();
     let total = recipe.denoiser_stage.max_steps;
     observer.stage("denoiser", trainer.steps(), total);
     while trainer.steps() < total {
+        let lr = trainer.learning_rate();
         let loss = trainer.step()?;
-        log.record("denoiser", trainer.steps() as u64, &[f64::from(loss)])?;
+        let elapsed = seconds + clock.elapsed().as_secs_f64();
+        log.record(
+            "denoiser",
+            trainer.steps() as u64,
+            &[f64::from(loss), lr, elapsed],
+        )?;
         let flow = observer.step(f64::from(loss));
         let step = trainer.steps();
         if step.is_multiple_of(recipe.checkpoint_every) || step == total {
