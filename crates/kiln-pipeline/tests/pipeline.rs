@@ -133,9 +133,9 @@ fn thread_count_does_not_change_the_image() {
 }
 
 /// A fixed seed, sampler and step count against `fixtures/pipeline/golden-sd1-euler-a-seed42.png`,
-/// within [`tolerance::levels`] of [`tolerance::IMAGE`] (1/255) per channel: the golden image was
-/// rounded from one machine's float image, which is within `IMAGE` of this machine's. `KILN_BLESS=1`
-/// rewrites the golden image.
+/// within [`tolerance::levels`] of twice [`tolerance::IMAGE`] (1/255) per channel: the golden
+/// image was rounded from another machine's float image, and both machines' are within `IMAGE`
+/// of diffusers', so within `2 IMAGE` of each other. `KILN_BLESS=1` rewrites the golden image.
 #[test]
 fn golden_image() {
     let dir = common::model("sd1");
@@ -171,7 +171,7 @@ fn golden_image() {
         .max()
         .unwrap();
     assert!(
-        worst <= tolerance::levels(tolerance::IMAGE),
+        worst <= tolerance::levels(2.0 * tolerance::IMAGE),
         "max 8-bit difference to the golden image: {worst}"
     );
 }

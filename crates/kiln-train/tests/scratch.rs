@@ -371,3 +371,75 @@ fn the_shipped_recipe_trains() {
     .unwrap();
     assert_eq!(pipe.default_size(), (recipe.resolution, recipe.resolution));
 }
+
+/// A corrupt image is reported once and left out; a caption without its image is one clear
+/// error; a loss that stops being a number ends the run with a message and keeps the last good
+/// checkpoint, from which the run resumes.
+#[test]
+fn bad_data_and_diverging_runs() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = shapes(tmp.path());
+    std::fs::write(data.join("zz-broken.png"), b"not a png").unwrap();
+    std::fs::write(
+        data.join("zz-broken.txt"),
+        "a red circle on a blue background",
+    )
+    .unwrap();
+    let mut dataset = ImageCaptionDataset::from_dir(&data).unwrap();
+    let n = dataset.len();
+    let skipped = dataset.drop_unreadable();
+    assert_eq!(skipped.len(), 1);
+    assert!(skipped[0].0.ends_with("zz-broken.png"));
+    assert_eq!(dataset.len(), n - 1);
+
+    // the run reports it and trains on the rest
+    struct Messages(Vec<String>);
+    impl Observer for Messages {
+        fn stage(&mut self, _: &str, _: usize, _: usize) {}
+        fn step(&mut self, _: f64) -> ControlFlow<()> {
+            ControlFlow::Continue(())
+        }
+        fn message(&mut self, m: &str) {
+            self.0.push(m.to_string());
+        }
+    }
+    let recipe = Recipe::from_file(&write_recipe(tmp.path(), &data, 1)).unwrap();
+    let mut seen = Messages(Vec::new());
+    start(&recipe, &tmp.path().join("ok"), false, &device(), &mut seen).unwrap();
+    assert_eq!(
+        seen.0
+            .iter()
+            .filter(|m| m.contains("zz-broken.png"))
+            .count(),
+        1,
+        "{:?}",
+        seen.0
+    );
+
+    // a caption whose image is missing
+    std::fs::remove_file(data.join("zz-broken.png")).unwrap();
+    let err = ImageCaptionDataset::from_dir(&data)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("zz-broken.txt") && err.contains("no image"),
+        "{err}"
+    );
+    std::fs::remove_file(data.join("zz-broken.txt")).unwrap();
+
+    // an absurd learning rate makes the VAE's loss infinite: the run stops, the checkpoint
+    // before it stays
+    let text = recipe_text(&data, 4).replace("learning_rate = 2e-3", "learning_rate = 1e30");
+    let path = tmp.path().join("diverging.toml");
+    std::fs::write(&path, text.replace("every = 2", "every = 1")).unwrap();
+    let recipe = Recipe::from_file(&path).unwrap();
+    let run = tmp.path().join("diverging");
+    let err = start(&recipe, &run, false, &device(), &mut Silent).unwrap_err();
+    assert!(err.to_string().contains("lower the learning rate"), "{err}");
+    let Error::NonFiniteLoss { step, .. } = err else {
+        panic!("{err}")
+    };
+    assert!(step >= 2, "the first step's loss is finite");
+    let last_good = run.join(format!("checkpoints/vae-{:06}", step - 1));
+    assert!(last_good.join("training_state/state.json").is_file());
+}
