@@ -40,7 +40,8 @@ enum Task {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
     },
-    /// Run `cargo test --workspace --no-fail-fast` with every test binary under qemu's user-mode
+    /// Run `cargo test --no-fail-fast` (on the workspace, or on the `-p` packages given) with
+    /// every test binary under qemu's user-mode
     /// emulation of another CPU model (Debian package `qemu-user`), e.g. `EPYC-Milan` (Zen 3:
     /// AVX2 and FMA, no AVX-512) on an AVX-512 machine. Binaries the tests start themselves (the
     /// `kiln` CLI) still run natively.
@@ -151,7 +152,11 @@ fn main() -> Result<()> {
                         "CARGO_TARGET_X86_64_UNKNOWN_LINUX_GNU_RUNNER",
                         format!("qemu-x86_64 -cpu {cpu}"),
                     )
-                    .args(["test", "--workspace", "--no-fail-fast"])
+                    .args(["test", "--no-fail-fast"])
+                    .args(
+                        (!args.iter().any(|a| a == "-p" || a.starts_with("--package")))
+                            .then_some("--workspace"),
+                    )
                     .args(args),
             )?;
         }
