@@ -384,7 +384,10 @@ fn train_denoiser(
         let flow = observer.step(f64::from(loss));
         let step = trainer.steps();
         if step.is_multiple_of(recipe.checkpoint_every) || step == total {
-            trainer.save_checkpoint(&checkpoint_path(out, "denoiser", step))?;
+            let checkpoint = checkpoint_path(out, "denoiser", step);
+            trainer.save_checkpoint(&checkpoint)?;
+            // a checkpoint is a usable model folder, with the recipe's generation defaults
+            recipe.generation.write(&checkpoint)?;
             prune(out, "denoiser", recipe.checkpoints_kept)?;
             plot(out, observer);
         }

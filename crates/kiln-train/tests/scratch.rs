@@ -194,6 +194,12 @@ fn stopped_and_resumed_runs_equal_a_straight_run_to_the_bit() {
             "vae-000004"
         ]
     );
+    // a denoiser checkpoint is a usable model folder, generation defaults included
+    assert!(
+        stopped
+            .join("checkpoints/denoiser-000002/kiln.json")
+            .is_file()
+    );
 
     // the trained folder is a pipeline Kiln loads, with its generation defaults
     let pipe = kiln_pipeline::StableDiffusionPipeline::from_pretrained(
