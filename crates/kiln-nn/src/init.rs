@@ -75,7 +75,7 @@ pub fn initialize<M: Module>(module: M, seed: u64, rule: impl Fn(&ParamInfo<'_>)
 /// variants (CamelCase) add no segment and norms' `gamma` / `beta` are `weight` / `bias`.
 pub fn checkpoint_name(path: &[String]) -> String {
     path.iter()
-        .filter(|s| !s.starts_with(|c: char| c.is_ascii_uppercase()))
+        .filter(|s| !s.is_empty() && !s.starts_with(|c: char| c.is_ascii_uppercase()))
         .map(|s| match s.as_str() {
             "gamma" => "weight",
             "beta" => "bias",

@@ -49,20 +49,7 @@ impl ModuleVisitor for GradCollector<'_> {
             return;
         };
         self.sq_norm += grad.clone().powi_scalar(2).sum().into_scalar::<f64>();
-        let name = self
-            .path
-            .iter()
-            // enum variants (CamelCase) add no key segment in checkpoints
-            .filter(|s| !s.is_empty() && !s.starts_with(|c: char| c.is_ascii_uppercase()))
-            .cloned()
-            .collect::<Vec<_>>()
-            .join(".");
-        // burn's norm parameters under PyTorch's names
-        let name = match name.rsplit_once('.') {
-            Some((stem, "gamma")) => format!("{stem}.weight"),
-            Some((stem, "beta")) => format!("{stem}.bias"),
-            _ => name,
-        };
+        let name = kiln_nn::init::checkpoint_name(&self.path);
         let grad: Tensor<4> = match D {
             // burn's Linear weight is [in, out]
             2 => grad.transpose().unsqueeze(),

@@ -69,18 +69,7 @@ impl ModuleVisitor for Named<'_> {
     }
 
     fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<D>>) {
-        // enum variants (CamelCase) add no key segment; norms' gamma/beta are weight/bias
-        let name = self
-            .path
-            .iter()
-            .filter(|s| !s.starts_with(|c: char| c.is_ascii_uppercase()))
-            .map(|s| match s.as_str() {
-                "gamma" => "weight",
-                "beta" => "bias",
-                other => other,
-            })
-            .collect::<Vec<_>>()
-            .join(".");
+        let name = kiln_nn::init::checkpoint_name(&self.path);
         let value = match self.grads {
             Some(grads) => match grads.get::<D>(param.id) {
                 Some(g) => g,
