@@ -174,6 +174,8 @@ struct DenoiserSection {
     ema_power: f64,
     #[serde(default = "adam_wd")]
     adam_weight_decay: f32,
+    #[serde(default)]
+    gradient_checkpointing: bool,
 }
 
 #[derive(Deserialize)]
@@ -405,6 +407,7 @@ impl Recipe {
             noise_offset: d.noise_offset,
             train_text_encoder: d.train_text_encoder,
             caption_dropout: d.caption_dropout,
+            gradient_checkpointing: d.gradient_checkpointing,
             center_crop: true,
             random_flip: file.data.random_flip,
             seed: file.seed.wrapping_add(1),

@@ -125,6 +125,10 @@ pub struct TrainConfig {
     /// The probability that an example's caption is replaced by the empty caption, so the model
     /// also learns the unconditional prediction that classifier-free guidance needs.
     pub caption_dropout: f64,
+    /// Recompute the memory-bound parts of the forward pass during the backward pass instead of
+    /// keeping their activations (burn's balanced gradient checkpointing, over the UNet and a
+    /// trained text encoder): less memory, some more time; the same values.
+    pub gradient_checkpointing: bool,
     /// Crop the image centre (otherwise a random square).
     pub center_crop: bool,
     /// Flip half the images horizontally.
@@ -154,6 +158,7 @@ impl Default for TrainConfig {
             noise_offset: 0.0,
             train_text_encoder: false,
             caption_dropout: 0.0,
+            gradient_checkpointing: false,
             center_crop: false,
             random_flip: false,
             seed: 0,
@@ -356,7 +361,10 @@ impl Trainer {
             unet,
             configs,
         } = components;
-        let train_device = Device::autodiff(device.clone());
+        let train_device = match config.gradient_checkpointing {
+            true => Device::autodiff(device.clone()).gradient_checkpointing(),
+            false => Device::autodiff(device.clone()),
+        };
         if unet.config.in_channels != vae.config.latent_channels {
             return Err(Error::InvalidOption(
                 "this is an inpainting UNet; Kiln trains text-to-image UNets only".into(),
@@ -384,6 +392,11 @@ impl Trainer {
             (None, Some(to_device(text_encoder, &train_device)))
         } else {
             (Some(text_encoder), None)
+        };
+        // parameters live under the training device's checkpointing strategy
+        let unet = match config.gradient_checkpointing {
+            true => to_device(unet, &train_device),
+            false => unet,
         };
         let model = stable_param_ids(Denoiser {
             unet,
