@@ -71,6 +71,18 @@ pub struct TrainArgs {
     /// Min-SNR weighting gamma (5 is the paper's choice; default: plain MSE).
     #[arg(long)]
     snr_gamma: Option<f64>,
+    /// Train the text encoder with the UNet (otherwise it stays frozen).
+    #[arg(long)]
+    train_text_encoder: bool,
+    /// Probability that a caption is replaced by the empty one (for classifier-free guidance).
+    #[arg(long, default_value_t = 0.0)]
+    caption_dropout: f64,
+    /// Offset noise: this times N(0, 1) per sample and channel added to the noise.
+    #[arg(long, default_value_t = 0.0)]
+    noise_offset: f64,
+    /// Recompute memory-bound activations in the backward pass (less memory, same values).
+    #[arg(long)]
+    gradient_checkpointing: bool,
     /// Crop the image centre instead of a random square.
     #[arg(long)]
     center_crop: bool,
@@ -133,12 +145,6 @@ pub fn run(args: TrainArgs, device: impl FnOnce() -> Result<Device>) -> Result<(
     let (Some(model), Some(data)) = (args.model.clone(), args.data.clone()) else {
         bail!("give --config FILE (train from scratch) or --model DIR --data DIR (fine-tune)");
     };
-    let args = TrainArgs {
-        model: Some(model.clone()),
-        data: Some(data.clone()),
-        output: Some(output.clone()),
-        ..args
-    };
     if output.exists() && !args.overwrite {
         bail!(
             "`{}` exists; pass --overwrite to replace it",
@@ -162,6 +168,10 @@ pub fn run(args: TrainArgs, device: impl FnOnce() -> Result<Device>) -> Result<(
         snr_gamma: args.snr_gamma,
         max_grad_norm: (args.max_grad_norm != 0.0).then_some(args.max_grad_norm),
         ema_decay: args.ema_decay,
+        train_text_encoder: args.train_text_encoder,
+        caption_dropout: args.caption_dropout,
+        noise_offset: args.noise_offset,
+        gradient_checkpointing: args.gradient_checkpointing,
         center_crop: args.center_crop,
         random_flip: args.random_flip,
         seed: args.seed,
