@@ -350,9 +350,8 @@ pub fn load_pipeline(
 /// A model folder, or a repo id looked up in the local Hugging Face cache.
 pub fn resolve_model(spec: Option<&str>) -> Result<PathBuf> {
     let Some(spec) = spec else {
-        bail!(
-            "no --model given, and this build has no embedded default model yet (it arrives with the training work); pass --model DIR or a Hugging Face repo id in the local cache"
-        );
+        // the default model compiled into Kiln, written out once as a folder
+        return kiln_pipeline::embedded::folder().context("cannot write out the embedded model");
     };
     let path = Path::new(spec);
     if path.exists() {
@@ -392,6 +391,7 @@ pub fn parse_prediction_type(text: &str) -> Result<PredictionType> {
 /// The model name for the metadata: the repo id, the checkpoint's file stem, or the folder's name.
 pub fn model_label(spec: Option<&str>, dir: &Path) -> String {
     match spec {
+        None => kiln_pipeline::embedded::NAME.to_string(),
         Some(s) if !Path::new(s).exists() => s.to_string(),
         _ if dir.is_file() => dir
             .file_stem()

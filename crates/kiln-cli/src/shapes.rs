@@ -60,9 +60,9 @@ pub enum EvalCommand {
 #[derive(clap::Args, Debug)]
 pub struct EvalShapesArgs {
     /// The model: a diffusers folder, a single-file checkpoint or a repo id in the local
-    /// Hugging Face cache, as `kiln generate` takes.
+    /// Hugging Face cache, as `kiln generate` takes (default: the embedded model).
     #[arg(long)]
-    model: String,
+    model: Option<String>,
     /// Images per prompt, seeds 0 to N-1.
     #[arg(long, default_value_t = 4)]
     seeds: usize,
@@ -144,7 +144,7 @@ pub fn run_eval(command: EvalCommand, device: impl FnOnce() -> Result<Device>) -
         check_output(grid, args.overwrite)?;
     }
     let cases = shapes::eval_cases(args.trained, EVAL_SEED)?;
-    let model_dir = resolve_model(Some(&args.model))?;
+    let model_dir = resolve_model(args.model.as_deref())?;
 
     // 2. the model
     let device = device()?;
@@ -159,7 +159,7 @@ pub fn run_eval(command: EvalCommand, device: impl FnOnce() -> Result<Device>) -
         Some(name) => name.as_str().to_string(),
         None => pipe.scheduler_config.kind.class_name().to_string(),
     };
-    let model_name = model_label(Some(&args.model), &model_dir);
+    let model_name = model_label(args.model.as_deref(), &model_dir);
     eprintln!(
         "evaluating {model_name}: {} prompts x {} seeds, {width}x{height}, {steps} steps, guidance {guidance}, {scheduler_label}",
         cases.len(),

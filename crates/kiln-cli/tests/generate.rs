@@ -424,23 +424,30 @@ fn bad_input_is_one_clear_line_and_no_file() {
     let text = text.replace("\"cross_attention_dim\": 8", "\"cross_attention_dim\": 16");
     std::fs::write(&config, text).unwrap();
     fails_cleanly(mismatched.path(), &[], "cross-attention width is 16");
+}
 
+/// No `--model`: the embedded default model, at its own size and with its own defaults.
+#[test]
+fn no_model_means_the_embedded_one() {
+    let dir = tempfile::tempdir().unwrap();
+    let output = dir.path().join("shape.png");
     let out = kiln(
         &[
             "generate",
             "--prompt",
-            "x",
+            "a red circle on a blue background",
+            "--seed",
+            "0",
             "--output",
-            dir.path().join("d.png").to_str().unwrap(),
+            output.to_str().unwrap(),
         ],
         &[],
     );
-    assert!(!out.status.success());
-    assert!(
-        stderr(&out).contains("embedded default model"),
-        "{}",
-        stderr(&out)
-    );
+    assert!(out.status.success(), "{}", stderr(&out));
+    let (w, h, _, text) = read_png(&output);
+    assert_eq!((w, h), (32, 32));
+    assert!(text.contains("Model: kiln-tiny-shapes"), "{text}");
+    assert!(text.contains("Steps: 25"), "{text}");
 }
 
 #[test]

@@ -64,6 +64,8 @@
 
 #![warn(missing_docs)]
 
+#[cfg(feature = "embedded-model")]
+pub mod embedded;
 mod error;
 pub mod pipeline_stable_diffusion;
 pub mod single_file;

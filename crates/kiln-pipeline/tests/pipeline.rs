@@ -292,3 +292,29 @@ fn half_precision_stays_close_to_f32() {
         assert!(diff <= bound, "{kind:?}: max difference {diff}");
     }
 }
+
+/// The embedded default model loads, with its own size and generation defaults, and draws.
+#[test]
+fn embedded_model_generates_at_its_size() {
+    let device = common::device();
+    let pipe = StableDiffusionPipeline::embedded(&device).unwrap();
+    assert_eq!(pipe.default_size(), (32, 32));
+    assert_eq!(
+        (pipe.generation.steps, pipe.generation.guidance_scale),
+        (25, 4.0)
+    );
+    let options = GenerateOptions::for_model(&pipe, "a red circle on a blue background");
+    let mut scheduler = pipe.scheduler(None, SamplerOptions::default()).unwrap();
+    let out = pipe
+        .generate(&mut scheduler, &options, &mut SeededNoise::new(0), None)
+        .unwrap();
+    assert_eq!(out.images.dims(), [1, 3, 32, 32]);
+    // a flat blue background: the corner pixel is far more blue than red
+    let rgb = out.to_rgb8().unwrap().remove(0);
+    let (r, b) = (rgb.data[0], rgb.data[2]);
+    assert!(
+        b > r.saturating_add(60),
+        "corner pixel {:?}",
+        &rgb.data[..3]
+    );
+}
