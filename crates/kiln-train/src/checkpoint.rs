@@ -249,6 +249,24 @@ fn with_class(mut config: Value, class: &str) -> Value {
     config
 }
 
+/// burn-store creates its files readable by their owner only (0600, a temporary file's mode);
+/// a model folder is shared, so its files get the usual 0644.
+fn make_shareable(path: &Path) -> Result<()> {
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o644)).map_err(
+            |source| Error::Io {
+                path: path.to_path_buf(),
+                source,
+            },
+        )?;
+    }
+    #[cfg(not(unix))]
+    let _ = path;
+    Ok(())
+}
+
 fn save_pytorch<M: Module>(module: &M, path: &Path, prefix: Option<&str>) -> Result<()> {
     // `format: pt` is what transformers' loader requires of a safetensors file's metadata (burn's
     // default says `safetensors`, and its several entries come in hash order: files of equal
@@ -265,7 +283,8 @@ fn save_pytorch<M: Module>(module: &M, path: &Path, prefix: Option<&str>) -> Res
     module.save_into(&mut store).map_err(|e| Error::Save {
         path: path.to_path_buf(),
         message: e.to_string(),
-    })
+    })?;
+    make_shareable(path)
 }
 
 /// Writes one component folder `dir` (created if missing): `config.json` (with the loaders'

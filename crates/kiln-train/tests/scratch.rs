@@ -194,6 +194,15 @@ fn stopped_and_resumed_runs_equal_a_straight_run_to_the_bit() {
             "vae-000004"
         ]
     );
+    // model files are shared files (burn-store alone writes them 0600)
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let meta =
+            std::fs::metadata(straight.join("model/unet/diffusion_pytorch_model.safetensors"))
+                .unwrap();
+        assert_eq!(meta.permissions().mode() & 0o777, 0o644);
+    }
     // a denoiser checkpoint is a usable model folder, generation defaults included
     assert!(
         stopped
