@@ -128,7 +128,12 @@ fn fan_in(shape: &[usize]) -> Option<usize> {
 /// FNV-1a of a parameter's name: its initialisation stream here, and a stable parameter id for
 /// training state (`kiln_train::checkpoint::stable_param_ids`).
 pub fn name_hash(name: &str) -> u64 {
-    name.bytes().fold(0xcbf2_9ce4_8422_2325, |h, b| {
+    fnv1a(name.bytes())
+}
+
+/// The 64-bit FNV-1a hash of `bytes`: stable across machines and releases.
+pub fn fnv1a(bytes: impl IntoIterator<Item = u8>) -> u64 {
+    bytes.into_iter().fold(0xcbf2_9ce4_8422_2325, |h, b| {
         (h ^ u64::from(b)).wrapping_mul(0x0000_0100_0000_01b3)
     })
 }

@@ -40,12 +40,11 @@ const FILES: &[(&str, &[u8])] = files![
 fn digest() -> u64 {
     static DIGEST: OnceLock<u64> = OnceLock::new();
     *DIGEST.get_or_init(|| {
-        FILES
-            .iter()
-            .flat_map(|(name, bytes)| name.as_bytes().iter().chain(bytes.iter()))
-            .fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
-                (h ^ u64::from(*b)).wrapping_mul(0x0000_0100_0000_01b3)
-            })
+        kiln_nn::init::fnv1a(
+            FILES
+                .iter()
+                .flat_map(|(name, bytes)| name.bytes().chain(bytes.iter().copied())),
+        )
     })
 }
 

@@ -187,10 +187,7 @@ impl VaeTrainer {
 
     /// The learning rate of the next step.
     pub fn learning_rate(&self) -> f64 {
-        let c = &self.config;
-        c.learning_rate
-            * c.lr_schedule
-                .factor(self.steps, c.lr_warmup_steps, c.max_steps)
+        self.config.optimizer().learning_rate_at(self.steps)
     }
 
     fn images(&mut self, indices: &[usize], device: &Device) -> Result<Tensor<4>> {

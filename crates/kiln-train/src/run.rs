@@ -172,27 +172,8 @@ fn checked_dataset(recipe: &Recipe, observer: &mut dyn Observer) -> Result<Image
     Ok(dataset)
 }
 
-/// The newest complete checkpoint of `stage` in `out/checkpoints` and its step.
-fn latest_checkpoint(out: &Path, stage: &str) -> Option<(PathBuf, usize)> {
-    let dir = out.join("checkpoints");
-    let prefix = format!("{stage}-");
-    std::fs::read_dir(dir)
-        .ok()?
-        .filter_map(|e| e.ok())
-        .filter_map(|e| {
-            let name = e.file_name().to_string_lossy().into_owned();
-            let step = name.strip_prefix(&prefix)?.parse::<usize>().ok()?;
-            e.path()
-                .join(crate::checkpoint::STATE_DIR)
-                .join("state.json")
-                .is_file()
-                .then(|| (e.path(), step))
-        })
-        .max_by_key(|(_, step)| *step)
-}
-
-/// Removes all but the newest `keep` checkpoints of `stage`.
-fn prune(out: &Path, stage: &str, keep: usize) -> Result<()> {
+/// The checkpoints of `stage` in `out/checkpoints`, oldest first, with their steps.
+fn checkpoints(out: &Path, stage: &str) -> Result<Vec<(usize, PathBuf)>> {
     let dir = out.join("checkpoints");
     let prefix = format!("{stage}-");
     let mut found: Vec<(usize, PathBuf)> = std::fs::read_dir(&dir)
@@ -207,6 +188,25 @@ fn prune(out: &Path, stage: &str, keep: usize) -> Result<()> {
         })
         .collect();
     found.sort();
+    Ok(found)
+}
+
+/// The newest complete checkpoint of `stage`.
+fn latest_checkpoint(out: &Path, stage: &str) -> Result<Option<PathBuf>> {
+    Ok(checkpoints(out, stage)?
+        .into_iter()
+        .rev()
+        .map(|(_, path)| path)
+        .find(|path| {
+            path.join(crate::checkpoint::STATE_DIR)
+                .join("state.json")
+                .is_file()
+        }))
+}
+
+/// Removes all but the newest `keep` checkpoints of `stage`.
+fn prune(out: &Path, stage: &str, keep: usize) -> Result<()> {
+    let found = checkpoints(out, stage)?;
     let excess = found.len().saturating_sub(keep);
     for (_, path) in found.into_iter().take(excess) {
         std::fs::remove_dir_all(&path).map_err(|source| Error::Io { path, source })?;
@@ -297,7 +297,7 @@ fn train_vae(
         recipe.vae_stage.clone(),
         device,
     )?;
-    if let Some((checkpoint, _)) = latest_checkpoint(out, "vae") {
+    if let Some(checkpoint) = latest_checkpoint(out, "vae")? {
         trainer = trainer.resume(&checkpoint)?;
         observer.message(&format!("vae: resumed from `{}`", checkpoint.display()));
     }
@@ -361,7 +361,7 @@ fn train_denoiser(
     };
     let mut trainer =
         Trainer::from_components(components, dataset, recipe.denoiser_stage.clone(), device)?;
-    if let Some((checkpoint, _)) = latest_checkpoint(out, "denoiser") {
+    if let Some(checkpoint) = latest_checkpoint(out, "denoiser")? {
         trainer = trainer.resume(&checkpoint)?;
         observer.message(&format!(
             "denoiser: resumed from `{}`",

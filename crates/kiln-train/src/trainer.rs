@@ -167,6 +167,14 @@ impl Default for TrainConfig {
 }
 
 impl TrainConfig {
+    /// The learning rate of optimiser step `step` (0-based): the base rate times the schedule.
+    pub fn learning_rate_at(&self, step: usize) -> f64 {
+        self.learning_rate
+            * self
+                .lr_schedule
+                .factor(step, self.lr_warmup_steps, self.max_steps)
+    }
+
     /// Checks every option's range; the message names the option and its allowed values.
     pub fn validate(&self) -> Result<()> {
         let fail = |m: String| Err(Error::InvalidOption(m));
@@ -540,10 +548,7 @@ impl Trainer {
 
     /// The learning rate of the next optimiser step.
     pub fn learning_rate(&self) -> f64 {
-        let c = &self.config;
-        c.learning_rate
-            * c.lr_schedule
-                .factor(self.steps, c.lr_warmup_steps, c.max_steps)
+        self.config.learning_rate_at(self.steps)
     }
 
     /// One optimiser step: `gradient_accumulation_steps` batches, their gradients averaged (each
