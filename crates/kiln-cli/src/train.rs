@@ -11,7 +11,7 @@ use anyhow::{Result, bail};
 use burn::tensor::Device;
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use kiln_train::run::{ProgressBars, resume, start};
-use kiln_train::{ImageCaptionDataset, LrSchedule, Recipe, TrainConfig, Trainer};
+use kiln_train::{ImageCaptionDataset, LrSchedule, MixedPrecision, Recipe, TrainConfig, Trainer};
 
 /// Arguments of `kiln train`.
 #[derive(clap::Args, Debug)]
@@ -83,6 +83,10 @@ pub struct TrainArgs {
     /// Recompute memory-bound activations in the backward pass (less memory, same values).
     #[arg(long)]
     gradient_checkpointing: bool,
+    /// The UNet forward's precision: no (f32) or bf16 (autocast; the weights, the optimiser and
+    /// the loss stay f32).
+    #[arg(long, default_value = "no", value_parser = parse_precision)]
+    mixed_precision: MixedPrecision,
     /// Crop the image centre instead of a random square.
     #[arg(long)]
     center_crop: bool,
@@ -172,6 +176,7 @@ pub fn run(args: TrainArgs, device: impl FnOnce() -> Result<Device>) -> Result<(
         caption_dropout: args.caption_dropout,
         noise_offset: args.noise_offset,
         gradient_checkpointing: args.gradient_checkpointing,
+        mixed_precision: args.mixed_precision,
         center_crop: args.center_crop,
         random_flip: args.random_flip,
         seed: args.seed,
@@ -215,4 +220,8 @@ pub fn run(args: TrainArgs, device: impl FnOnce() -> Result<Device>) -> Result<(
     trainer.save(&output)?;
     eprintln!("wrote {}", output.display());
     Ok(())
+}
+
+fn parse_precision(s: &str) -> std::result::Result<MixedPrecision, String> {
+    s.parse().map_err(|e: kiln_train::Error| e.to_string())
 }

@@ -12,6 +12,7 @@ pub mod embeddings;
 mod error;
 pub mod init;
 pub mod normalization;
+pub mod precision;
 pub mod reference;
 pub mod resampling;
 pub mod resnet;

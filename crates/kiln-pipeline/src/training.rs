@@ -118,7 +118,9 @@ impl DiffusionLoss {
         };
         let t: Vec<f32> = timesteps.iter().map(|&t| t as f32).collect();
         let t = Tensor::<1>::from_data(TensorData::new(t, [batch]), &device);
-        let pred = unet.forward(noisy, t, encoder_hidden_states)?;
+        // the UNet runs in its weights' dtype (bf16 for mixed precision, `kiln_nn::precision`)
+        let dtype = unet.dtype();
+        let pred = unet.forward(noisy.cast(dtype), t, encoder_hidden_states.cast(dtype))?;
         // the error in f32 whatever the UNet's dtype, as `F.mse_loss(pred.float(), target.float())`
         let err = (pred.cast(DType::F32) - target.cast(DType::F32)).powi_scalar(2);
         let Some(gamma) = self.snr_gamma else {

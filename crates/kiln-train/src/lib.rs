@@ -44,5 +44,6 @@ pub use error::{Error, Result};
 pub use monitor::{LossLog, PlotOptions, Progress, Smoothed, plot_loss_csv, read_loss_csv};
 pub use recipe::Recipe;
 pub use trainer::{
-    Components, Denoiser, LrSchedule, TokenizerFiles, TrainConfig, Trainer, adamw, clip_grad_norm,
+    Components, Denoiser, LrSchedule, MixedPrecision, TokenizerFiles, TrainConfig, Trainer, adamw,
+    clip_grad_norm,
 };

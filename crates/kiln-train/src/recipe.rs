@@ -25,6 +25,7 @@
 //! steps = 3000
 //! [denoiser]                 # stage 2
 //! steps = 20000
+//! mixed_precision = "no"     # or "bf16" (autocast of the UNet's forward)
 //!
 //! [checkpoints]
 //! every = 500
@@ -47,7 +48,7 @@ use serde::de::DeserializeOwned;
 use serde_json::Value;
 
 use crate::ema::EmaWarmup;
-use crate::trainer::{LrSchedule, TrainConfig};
+use crate::trainer::{LrSchedule, MixedPrecision, TrainConfig};
 use crate::{Error, Result, VaeTrainConfig};
 
 /// A parsed and checked recipe.
@@ -176,6 +177,26 @@ struct DenoiserSection {
     adam_weight_decay: f32,
     #[serde(default)]
     gradient_checkpointing: bool,
+    #[serde(default)]
+    mixed_precision: Precision,
+}
+
+/// A mixed-precision choice as the TOML spells it (diffusers' `--mixed_precision` values).
+#[derive(Deserialize, Default, Clone, Copy)]
+#[serde(rename_all = "snake_case")]
+enum Precision {
+    #[default]
+    No,
+    Bf16,
+}
+
+impl From<Precision> for MixedPrecision {
+    fn from(p: Precision) -> Self {
+        match p {
+            Precision::No => Self::No,
+            Precision::Bf16 => Self::Bf16,
+        }
+    }
 }
 
 #[derive(Deserialize)]
@@ -408,6 +429,7 @@ impl Recipe {
             train_text_encoder: d.train_text_encoder,
             caption_dropout: d.caption_dropout,
             gradient_checkpointing: d.gradient_checkpointing,
+            mixed_precision: d.mixed_precision.into(),
             center_crop: true,
             random_flip: file.data.random_flip,
             seed: file.seed.wrapping_add(1),

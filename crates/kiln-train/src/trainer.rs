@@ -80,6 +80,46 @@ impl LrSchedule {
     }
 }
 
+/// The precision of the UNet's forward pass in training (the script's `--mixed_precision`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum MixedPrecision {
+    /// Everything in f32 (the script's `no`).
+    #[default]
+    No,
+    /// bf16 autocast: each step runs the UNet's forward (and so its backward) on a bf16 copy of
+    /// the f32 weights ([`kiln_nn::precision::cast_params`]); the loss is computed in f32 and
+    /// AdamW updates the f32 weights, which are what checkpoints hold. GroupNorm statistics stay
+    /// in f32. Halves the activations' memory; the speed depends on the backend's bf16 kernels.
+    Bf16,
+}
+
+impl std::str::FromStr for MixedPrecision {
+    type Err = Error;
+
+    fn from_str(s: &str) -> Result<Self> {
+        match s {
+            "no" | "f32" | "fp32" => Ok(Self::No),
+            "bf16" => Ok(Self::Bf16),
+            "fp16" | "f16" => Err(Error::InvalidOption(
+                "fp16 mixed precision needs loss scaling, which Kiln does not do: use bf16 (same range as f32) or no".into(),
+            )),
+            other => Err(Error::InvalidOption(format!(
+                "unknown mixed precision `{other}`: use no or bf16"
+            ))),
+        }
+    }
+}
+
+impl MixedPrecision {
+    /// The dtype the UNet's forward pass runs in.
+    pub fn dtype(self) -> DType {
+        match self {
+            Self::No => DType::F32,
+            Self::Bf16 => DType::BF16,
+        }
+    }
+}
+
 /// Options of a denoising run (fine-tuning or from scratch), with the defaults of diffusers'
 /// script where it has them.
 #[derive(Debug, Clone, PartialEq)]
@@ -129,6 +169,8 @@ pub struct TrainConfig {
     /// keeping their activations (burn's balanced gradient checkpointing, over the UNet and a
     /// trained text encoder): less memory, some more time; the same values.
     pub gradient_checkpointing: bool,
+    /// The UNet forward's precision (the weights and the optimiser stay f32).
+    pub mixed_precision: MixedPrecision,
     /// Crop the image centre (otherwise a random square).
     pub center_crop: bool,
     /// Flip half the images horizontally.
@@ -159,6 +201,7 @@ impl Default for TrainConfig {
             train_text_encoder: false,
             caption_dropout: 0.0,
             gradient_checkpointing: false,
+            mixed_precision: MixedPrecision::No,
             center_crop: false,
             random_flip: false,
             seed: 0,
@@ -525,8 +568,18 @@ impl Trainer {
             (None, None) => unreachable!("a text encoder is frozen or trained"),
         };
         let to_train = |t: Tensor<4>| Tensor::<4>::from_data(t.into_data(), &self.train_device);
+        // autocast: a low-precision copy of the weights, inside the graph (its gradients flow
+        // back to the f32 weights)
+        let autocast;
+        let unet = match self.config.mixed_precision {
+            MixedPrecision::No => self.unet(),
+            precision => {
+                autocast = kiln_nn::precision::cast_params(self.unet().clone(), precision.dtype());
+                &autocast
+            }
+        };
         Ok(self.objective.loss(
-            self.unet(),
+            unet,
             to_train(latents),
             to_train(noise),
             &timesteps,

@@ -559,6 +559,12 @@ impl UNet2DConditionModel {
         Ok(load_safetensors(self, path, &options)?)
     }
 
+    /// The float dtype of the weights, which is the dtype `forward` computes in (the caller
+    /// casts the inputs to it).
+    pub fn dtype(&self) -> DType {
+        self.conv_in.weight.val().dtype()
+    }
+
     /// The time-embedding projection (no parameters) this config describes.
     fn time_proj(&self) -> Timesteps {
         Timesteps::new(
