@@ -211,6 +211,29 @@ pub struct ClipTextModel {
 }
 
 impl ClipTextModel {
+    /// FLOPs of one [`forward`](Self::forward) on `batch` sequences of `tokens` tokens, counted
+    /// as PyTorch's `FlopCounterMode` counts them ([`kiln_nn::flops`]).
+    pub fn flops(&self, batch: usize, tokens: usize) -> u64 {
+        use kiln_nn::flops::{attention, linear};
+        let rows = batch * tokens;
+        let heads = self.config.num_attention_heads;
+        let head_dim = self.config.hidden_size / heads;
+        self.encoder
+            .layers
+            .iter()
+            .map(|l| {
+                let a = &l.self_attn;
+                linear(&a.q_proj, rows)
+                    + linear(&a.k_proj, rows)
+                    + linear(&a.v_proj, rows)
+                    + attention(batch * heads, tokens, tokens, head_dim)
+                    + linear(&a.out_proj, rows)
+                    + linear(&l.mlp.fc1, rows)
+                    + linear(&l.mlp.fc2, rows)
+            })
+            .sum()
+    }
+
     /// A model of `config`'s shape with zero weights (load weights next).
     pub fn new(config: &ClipTextConfig, device: &Device) -> Self {
         Self {

@@ -179,6 +179,17 @@ impl Attention {
         }
     }
 
+    /// FLOPs of [`forward`](Self::forward) for `batch` sequences of `queries` queries attending
+    /// to `keys` keys ([`crate::flops`]).
+    pub fn flops(&self, batch: usize, queries: usize, keys: usize) -> u64 {
+        let inner = self.to_q.weight.lazy_shape()[1];
+        crate::flops::linear(&self.to_q, batch * queries)
+            + crate::flops::linear(&self.to_k, batch * keys)
+            + crate::flops::linear(&self.to_v, batch * keys)
+            + crate::flops::attention(batch * self.heads, queries, keys, inner / self.heads)
+            + crate::flops::linear(&self.to_out.0, batch * queries)
+    }
+
     /// Self-attention over the pixels of a feature map (the VAE's mid-block attention).
     ///
     /// # Shapes

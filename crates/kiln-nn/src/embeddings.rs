@@ -113,6 +113,11 @@ impl TimestepEmbedding {
         self.linear_2
             .forward(self.act.forward(self.linear_1.forward(x)))
     }
+
+    /// FLOPs of [`forward`](Self::forward) on `batch` rows ([`crate::flops`]).
+    pub fn flops(&self, batch: usize) -> u64 {
+        crate::flops::linear(&self.linear_1, batch) + crate::flops::linear(&self.linear_2, batch)
+    }
 }
 
 #[cfg(test)]

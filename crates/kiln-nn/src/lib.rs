@@ -10,6 +10,7 @@ pub mod config;
 pub mod device;
 pub mod embeddings;
 mod error;
+pub mod flops;
 pub mod init;
 pub mod normalization;
 pub mod precision;

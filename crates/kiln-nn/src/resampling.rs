@@ -42,6 +42,11 @@ impl Downsample2D {
     pub fn forward(&self, x: Tensor<4>) -> Tensor<4> {
         self.conv.forward(x)
     }
+
+    /// FLOPs of [`forward`](Self::forward) on `batch` maps of `size`, and the output size.
+    pub fn flops(&self, batch: usize, size: [usize; 2]) -> (u64, [usize; 2]) {
+        crate::flops::conv2d(&self.conv, batch, size)
+    }
 }
 
 /// Doubles height and width by nearest-neighbour repetition, then applies a 3x3 convolution.
@@ -66,6 +71,12 @@ impl Upsample2D {
     /// - output: `[batch, out_channels, 2 * height, 2 * width]`
     pub fn forward(&self, x: Tensor<4>) -> Tensor<4> {
         self.forward_to(x, None)
+    }
+
+    /// FLOPs of [`forward_to`](Self::forward_to) producing `batch` maps of `size` (the
+    /// convolution runs at the upsampled size).
+    pub fn flops(&self, batch: usize, size: [usize; 2]) -> u64 {
+        crate::flops::conv2d(&self.conv, batch, size).0
     }
 
     /// Upsamples to `size` (`[height, width]`; twice the input when `None`) with PyTorch's

@@ -112,6 +112,19 @@ pub struct ResnetBlock2D {
 }
 
 impl ResnetBlock2D {
+    /// FLOPs of [`forward`](Self::forward) on `batch` maps of `size` with a time embedding
+    /// ([`crate::flops`]).
+    pub fn flops(&self, batch: usize, size: [usize; 2]) -> u64 {
+        let conv = |c: &burn::nn::conv::Conv2d| crate::flops::conv2d(c, batch, size).0;
+        conv(&self.conv1)
+            + conv(&self.conv2)
+            + self.conv_shortcut.as_ref().map_or(0, conv)
+            + self
+                .time_emb_proj
+                .as_ref()
+                .map_or(0, |l| crate::flops::linear(l, batch))
+    }
+
     /// Runs the block.
     ///
     /// # Shapes

@@ -93,7 +93,22 @@ pub struct BasicTransformerBlock {
     pub ff: FeedForward,
 }
 
+impl FeedForward {
+    /// FLOPs on `rows` tokens ([`kiln_nn::flops`]).
+    pub fn flops(&self, rows: usize) -> u64 {
+        kiln_nn::flops::linear(&self.net.0.proj, rows) + kiln_nn::flops::linear(&self.net.2, rows)
+    }
+}
+
 impl BasicTransformerBlock {
+    /// FLOPs of [`forward`](Self::forward) on `batch` sequences of `tokens` tokens with
+    /// `context_tokens` context tokens.
+    pub fn flops(&self, batch: usize, tokens: usize, context_tokens: usize) -> u64 {
+        self.attn1.flops(batch, tokens, tokens)
+            + self.attn2.flops(batch, tokens, context_tokens)
+            + self.ff.flops(batch * tokens)
+    }
+
     /// A randomly initialised block (load weights afterwards).
     pub fn new(config: &TransformerBlockConfig, device: &Device) -> Self {
         let norm = || {

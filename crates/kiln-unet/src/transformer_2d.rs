@@ -67,7 +67,30 @@ pub struct Transformer2DModel {
     pub proj_out: Projection,
 }
 
+impl Projection {
+    /// FLOPs on `batch` maps of `size` (a 1x1 convolution, or a linear layer on every pixel).
+    fn flops(&self, batch: usize, size: [usize; 2]) -> u64 {
+        match self {
+            Self::Conv(conv) => kiln_nn::flops::conv2d(conv, batch, size).0,
+            Self::Linear(linear) => kiln_nn::flops::linear(linear, batch * size[0] * size[1]),
+        }
+    }
+}
+
 impl Transformer2DModel {
+    /// FLOPs of [`forward`](Self::forward) on `batch` maps of `size` with `context_tokens`
+    /// context tokens ([`kiln_nn::flops`]).
+    pub fn flops(&self, batch: usize, size: [usize; 2], context_tokens: usize) -> u64 {
+        let tokens = size[0] * size[1];
+        self.proj_in.flops(batch, size)
+            + self
+                .transformer_blocks
+                .iter()
+                .map(|b| b.flops(batch, tokens, context_tokens))
+                .sum::<u64>()
+            + self.proj_out.flops(batch, size)
+    }
+
     /// A randomly initialised model (load weights afterwards).
     pub fn new(config: &Transformer2DConfig, device: &Device) -> Self {
         let inner = config.heads * config.head_dim;

@@ -381,7 +381,98 @@ pub enum UpBlock {
     UpBlock2D(UpBlock2D),
 }
 
+/// What the FLOP count of a pass needs: the batch, the context length, and the sizes of the
+/// skip connections as the down blocks push them (the up blocks upsample to them).
+#[derive(Debug, Clone)]
+pub struct FlopCount {
+    /// Batch size.
+    pub batch: usize,
+    /// Context tokens of the cross-attention.
+    pub context_tokens: usize,
+    /// `[height, width]` of each skip connection, as the forward pass's stack holds them.
+    pub skips: Vec<[usize; 2]>,
+}
+
+impl FlopCount {
+    fn transformers(&self, attentions: &[Transformer2DModel], size: [usize; 2]) -> u64 {
+        attentions
+            .iter()
+            .map(|a| a.flops(self.batch, size, self.context_tokens))
+            .sum()
+    }
+
+    fn down(
+        &mut self,
+        resnets: &[ResnetBlock2D],
+        attentions: &[Transformer2DModel],
+        downsamplers: &[Downsample2D],
+        size: [usize; 2],
+    ) -> (u64, [usize; 2]) {
+        let mut flops = 0;
+        for (i, resnet) in resnets.iter().enumerate() {
+            flops += resnet.flops(self.batch, size);
+            flops += self.transformers(attentions.get(i..=i).unwrap_or(&[]), size);
+            self.skips.push(size);
+        }
+        let mut size = size;
+        for down in downsamplers {
+            let (f, out) = down.flops(self.batch, size);
+            flops += f;
+            size = out;
+            self.skips.push(size);
+        }
+        (flops, size)
+    }
+
+    fn up(
+        &mut self,
+        resnets: &[ResnetBlock2D],
+        attentions: &[Transformer2DModel],
+        upsamplers: &[Upsample2D],
+        size: [usize; 2],
+    ) -> (u64, [usize; 2]) {
+        let mut flops = 0;
+        for (i, resnet) in resnets.iter().enumerate() {
+            self.skips.pop();
+            flops += resnet.flops(self.batch, size);
+            flops += self.transformers(attentions.get(i..=i).unwrap_or(&[]), size);
+        }
+        let mut size = size;
+        for up in upsamplers {
+            size = self
+                .skips
+                .last()
+                .copied()
+                .unwrap_or([2 * size[0], 2 * size[1]]);
+            flops += up.flops(self.batch, size);
+        }
+        (flops, size)
+    }
+}
+
+impl UNetMidBlock2DCrossAttn {
+    /// FLOPs of [`forward`](Self::forward) on maps of `size` ([`kiln_nn::flops`]).
+    pub fn flops(&self, count: &FlopCount, size: [usize; 2]) -> u64 {
+        self.resnets
+            .iter()
+            .map(|r| r.flops(count.batch, size))
+            .sum::<u64>()
+            + count.transformers(&self.attentions, size)
+    }
+}
+
 impl DownBlock {
+    /// FLOPs of [`forward`](Self::forward) on maps of `size`, pushing its skip sizes onto
+    /// `count`; returns them and the output size.
+    pub fn flops(&self, count: &mut FlopCount, size: [usize; 2]) -> (u64, [usize; 2]) {
+        match self {
+            Self::CrossAttnDownBlock2D(b) => {
+                count.down(&b.resnets, &b.attentions, &b.downsamplers, size)
+            }
+            Self::DownBlock2D(b) => count.down(&b.resnets, &[], &b.downsamplers, size),
+        }
+    }
+
     /// Runs the block, pushing its skip connections.
     pub fn forward(
         &self,
@@ -406,6 +497,15 @@ impl DownBlock {
 }
 
 impl UpBlock {
+    /// FLOPs of [`forward`](Self::forward) on maps of `size`, popping its skips from `count`;
+    /// returns them and the output size.
+    pub fn flops(&self, count: &mut FlopCount, size: [usize; 2]) -> (u64, [usize; 2]) {
+        match self {
+            Self::CrossAttnUpBlock2D(b) => count.up(&b.resnets, &b.attentions, &b.upsamplers, size),
+            Self::UpBlock2D(b) => count.up(&b.resnets, &[], &b.upsamplers, size),
+        }
+    }
+
     /// Runs the block, popping its skip connections.
     pub fn forward(
         &self,

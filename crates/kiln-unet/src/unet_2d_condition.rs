@@ -559,6 +559,32 @@ impl UNet2DConditionModel {
         Ok(load_safetensors(self, path, &options)?)
     }
 
+    /// FLOPs of one [`forward`](Self::forward) on `batch` latents of `height x width` with
+    /// `context_tokens` text tokens, counted as PyTorch's `FlopCounterMode` counts them
+    /// ([`kiln_nn::flops`]; checked against it in `tests/flops.rs`).
+    pub fn flops(&self, batch: usize, height: usize, width: usize, context_tokens: usize) -> u64 {
+        let mut count = crate::unet_2d_blocks::FlopCount {
+            batch,
+            context_tokens,
+            skips: Vec::new(),
+        };
+        let (mut flops, mut size) = kiln_nn::flops::conv2d(&self.conv_in, batch, [height, width]);
+        flops += self.time_embedding.flops(batch);
+        count.skips.push(size);
+        for block in &self.down_blocks {
+            let (f, s) = block.flops(&mut count, size);
+            flops += f;
+            size = s;
+        }
+        flops += self.mid_block.flops(&count, size);
+        for block in &self.up_blocks {
+            let (f, s) = block.flops(&mut count, size);
+            flops += f;
+            size = s;
+        }
+        flops + kiln_nn::flops::conv2d(&self.conv_out, batch, size).0
+    }
+
     /// The float dtype of the weights, which is the dtype `forward` computes in (the caller
     /// casts the inputs to it).
     pub fn dtype(&self) -> DType {

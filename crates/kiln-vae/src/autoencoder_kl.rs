@@ -367,6 +367,26 @@ impl AutoencoderKL {
         }
     }
 
+    /// FLOPs of an untiled [`encode`](Self::encode) of `batch` images of `height x width`
+    /// pixels, counted as PyTorch's `FlopCounterMode` counts them ([`kiln_nn::flops`]).
+    pub fn encode_flops(&self, batch: usize, height: usize, width: usize) -> u64 {
+        let (flops, size) = self.encoder.flops(batch, [height, width]);
+        flops
+            + self
+                .quant_conv
+                .as_ref()
+                .map_or(0, |c| kiln_nn::flops::conv2d(c, batch, size).0)
+    }
+
+    /// FLOPs of an untiled [`decode`](Self::decode) of `batch` latents of `height x width`.
+    pub fn decode_flops(&self, batch: usize, height: usize, width: usize) -> u64 {
+        let post = self
+            .post_quant_conv
+            .as_ref()
+            .map_or(0, |c| kiln_nn::flops::conv2d(c, batch, [height, width]).0);
+        post + self.decoder.flops(batch, [height, width]).0
+    }
+
     fn encode_moments(&self, x: Tensor<4>) -> Tensor<4> {
         let h = self.encoder.forward(x);
         match &self.quant_conv {

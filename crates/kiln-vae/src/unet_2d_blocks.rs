@@ -72,6 +72,18 @@ impl DownEncoderBlock2D {
         let x = self.resnets.iter().fold(x, |x, r| r.forward(x, None));
         self.downsamplers.iter().fold(x, |x, d| d.forward(x))
     }
+
+    /// FLOPs of [`forward`](Self::forward) on `batch` maps of `size`, and the output size
+    /// ([`kiln_nn::flops`]).
+    pub fn flops(&self, batch: usize, size: [usize; 2]) -> (u64, [usize; 2]) {
+        let resnets: u64 = self.resnets.iter().map(|r| r.flops(batch, size)).sum();
+        self.downsamplers
+            .iter()
+            .fold((resnets, size), |(flops, size), d| {
+                let (f, out) = d.flops(batch, size);
+                (flops + f, out)
+            })
+    }
 }
 
 /// `num_layers` ResNet blocks, then an optional nearest x2 upsampler with a convolution.
@@ -114,6 +126,17 @@ impl UpDecoderBlock2D {
     pub fn forward(&self, x: Tensor<4>) -> Tensor<4> {
         let x = self.resnets.iter().fold(x, |x, r| r.forward(x, None));
         self.upsamplers.iter().fold(x, |x, u| u.forward(x))
+    }
+
+    /// FLOPs of [`forward`](Self::forward) on `batch` maps of `size`, and the output size
+    /// ([`kiln_nn::flops`]).
+    pub fn flops(&self, batch: usize, size: [usize; 2]) -> (u64, [usize; 2]) {
+        let resnets: u64 = self.resnets.iter().map(|r| r.flops(batch, size)).sum();
+        self.upsamplers
+            .iter()
+            .fold((resnets, size), |(flops, [h, w]), u| {
+                (flops + u.flops(batch, [2 * h, 2 * w]), [2 * h, 2 * w])
+            })
     }
 }
 
@@ -159,5 +182,19 @@ impl UNetMidBlock2D {
             x = self.resnets[1].forward(x, None);
         }
         x
+    }
+
+    /// FLOPs of [`forward`](Self::forward) on `batch` maps of `size` ([`kiln_nn::flops`]).
+    pub fn flops(&self, batch: usize, size: [usize; 2]) -> u64 {
+        let pixels = size[0] * size[1];
+        self.resnets
+            .iter()
+            .map(|r| r.flops(batch, size))
+            .sum::<u64>()
+            + self
+                .attentions
+                .iter()
+                .map(|a| a.flops(batch, pixels, pixels))
+                .sum::<u64>()
     }
 }

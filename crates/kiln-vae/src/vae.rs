@@ -93,6 +93,20 @@ impl Encoder {
         let x = self.act.forward(group_norm_forward(&self.conv_norm_out, x));
         self.conv_out.forward(x)
     }
+
+    /// FLOPs of [`forward`](Self::forward) on `batch` images of `size`, and the latent size
+    /// ([`kiln_nn::flops`]).
+    pub fn flops(&self, batch: usize, size: [usize; 2]) -> (u64, [usize; 2]) {
+        let (mut flops, mut size) = kiln_nn::flops::conv2d(&self.conv_in, batch, size);
+        for block in &self.down_blocks {
+            let (f, s) = block.flops(batch, size);
+            flops += f;
+            size = s;
+        }
+        flops += self.mid_block.flops(batch, size);
+        let (f, size) = kiln_nn::flops::conv2d(&self.conv_out, batch, size);
+        (flops + f, size)
+    }
 }
 
 /// Latent to image, upsampling by `2^(blocks - 1)`.
@@ -160,6 +174,20 @@ impl Decoder {
         let x = self.up_blocks.iter().fold(x, |x, b| b.forward(x));
         let x = self.act.forward(group_norm_forward(&self.conv_norm_out, x));
         self.conv_out.forward(x)
+    }
+
+    /// FLOPs of [`forward`](Self::forward) on `batch` latents of `size`, and the image size
+    /// ([`kiln_nn::flops`]).
+    pub fn flops(&self, batch: usize, size: [usize; 2]) -> (u64, [usize; 2]) {
+        let (mut flops, mut size) = kiln_nn::flops::conv2d(&self.conv_in, batch, size);
+        flops += self.mid_block.flops(batch, size);
+        for block in &self.up_blocks {
+            let (f, s) = block.flops(batch, size);
+            flops += f;
+            size = s;
+        }
+        let (f, size) = kiln_nn::flops::conv2d(&self.conv_out, batch, size);
+        (flops + f, size)
     }
 }
 
