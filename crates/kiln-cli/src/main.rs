@@ -13,6 +13,7 @@ use burn::tensor::Device;
 use clap::{Parser, Subcommand};
 use kiln_clip::{ClipTextModel, ClipTokenizer};
 
+mod bench;
 mod generate;
 mod png_io;
 mod shapes;
@@ -95,6 +96,9 @@ enum Command {
     /// Score what a model draws (`kiln eval shapes`).
     #[command(subcommand)]
     Eval(shapes::EvalCommand),
+    /// Time a workload (UNet, VAE, text encoder, whole generation) on a preset's shapes with
+    /// random weights or on a model folder; prints one JSON object (median, FLOP/s, peak RSS).
+    Bench(Box<bench::BenchArgs>),
     /// List the devices this build can run on.
     Devices,
 }
@@ -199,6 +203,10 @@ fn run(cli: Cli) -> Result<()> {
             train::run(*args, || device(spec.as_deref()))?;
         }
         Command::Data(command) => shapes::run_data(command)?,
+        Command::Bench(args) => {
+            let spec = cli.device.clone();
+            bench::run(*args, || device(spec.as_deref()))?;
+        }
         Command::Eval(command) => {
             let spec = cli.device.clone();
             shapes::run_eval(command, || device(spec.as_deref()))?;

@@ -68,6 +68,7 @@
 pub mod embedded;
 mod error;
 pub mod pipeline_stable_diffusion;
+pub mod presets;
 pub mod single_file;
 pub mod training;
 
@@ -76,6 +77,7 @@ pub use pipeline_stable_diffusion::{
     GENERATION_FILE, GenerateOptions, GenerateOutput, GenerationDefaults, LoadOptions, Mode,
     RgbImage, StableDiffusionPipeline, StepCallback, StepProgress, images_to_rgb8, rgb8_to_tensor,
 };
+pub use presets::{ModelConfigs, Preset};
 pub use single_file::{
     Family, SingleFileConfig, SingleFileOptions, convert_to_diffusers, infer_config,
     write_model_index,

@@ -445,6 +445,33 @@ impl StableDiffusionPipeline {
         })
     }
 
+    /// A pipeline of loaded components (checked by the caller).
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn from_parts(
+        tokenizer: ClipTokenizer,
+        text_encoder: ClipTextModel,
+        unet: UNet2DConditionModel,
+        vae: AutoencoderKL,
+        scheduler_config: SchedulerConfig,
+        source: PathBuf,
+        generation: GenerationDefaults,
+        device: &Device,
+        dtype: DType,
+    ) -> Self {
+        Self {
+            tokenizer,
+            text_encoder,
+            unet,
+            vae,
+            scheduler_config,
+            class_name: "StableDiffusionPipeline".into(),
+            source,
+            generation,
+            device: device.clone(),
+            dtype,
+        }
+    }
+
     /// Loads a single-file SD 1.x / 2.x checkpoint (`.safetensors` with the original CompVis key
     /// names), its configs inferred from the tensor shapes or read from `options.config`; see
     /// [`crate::single_file`]. Pickle `.ckpt` files are refused.
@@ -918,7 +945,7 @@ impl StableDiffusionPipeline {
 
 /// Checks that the text encoder's width is the UNet's cross-attention width and that the UNet
 /// takes and returns the VAE's latents (or, for inpainting, latents + mask + masked latents).
-fn check_components(
+pub(crate) fn check_components(
     text: &ClipTextConfig,
     unet: &UNet2DConditionModelConfig,
     vae: &AutoencoderKLConfig,
