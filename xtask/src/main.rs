@@ -11,6 +11,8 @@
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
+mod bench_compare;
+
 use anyhow::{Context, Result, bail};
 use clap::{Parser, Subcommand};
 
@@ -40,6 +42,24 @@ enum Task {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
     },
+    /// Time the same workloads through `kiln bench` (release) and diffusers / PyTorch (the venv,
+    /// 2 threads), alternating, and write the ratio table into docs/performance.md and the UNet
+    /// plot into docs/images/ (results kept in target/bench-compare/results.jsonl).
+    BenchCompare {
+        /// `quick` (minutes) or `full` (the UNet at 256 to 1024 px, VAE, text encoder, a
+        /// 20-step generation; about an hour on 2 cores).
+        #[arg(long, default_value = "quick")]
+        set: String,
+        /// Rounds of each configuration (each side once per round).
+        #[arg(long, default_value_t = 2)]
+        rounds: usize,
+        /// Also time the UNet in bf16.
+        #[arg(long)]
+        bf16: bool,
+        /// Only redraw the table and the plot from the saved results.
+        #[arg(long)]
+        report: bool,
+    },
     /// Run `cargo test --no-fail-fast` (on the workspace, or on the `-p` packages given) with
     /// every test binary under qemu's user-mode
     /// emulation of another CPU model (Debian package `qemu-user`), e.g. `EPYC-Milan` (Zen 3:
@@ -62,7 +82,7 @@ fn root() -> PathBuf {
         .to_path_buf()
 }
 
-fn run(cmd: &mut Command) -> Result<()> {
+pub(crate) fn run(cmd: &mut Command) -> Result<()> {
     let status = cmd
         .status()
         .with_context(|| format!("cannot start {cmd:?}"))?;
@@ -85,7 +105,7 @@ fn venv(root: &Path) -> Result<PathBuf> {
     Ok(python)
 }
 
-fn python_env(cmd: &mut Command, root: &Path) {
+pub(crate) fn python_env(cmd: &mut Command, root: &Path) {
     cmd.current_dir(root)
         .env("PYTHONHASHSEED", "0")
         .env("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
@@ -134,6 +154,23 @@ fn main() -> Result<()> {
             cmd.arg(root.join("xtask").join(script)).args(args);
             python_env(&mut cmd, &root);
             run(&mut cmd)?;
+        }
+        Task::BenchCompare {
+            set,
+            rounds,
+            bf16,
+            report,
+        } => {
+            if report {
+                bench_compare::report(
+                    &root,
+                    &root.join("target/bench-compare/results.jsonl"),
+                    None,
+                )?;
+            } else {
+                let python = venv(&root)?;
+                bench_compare::run(&root, &python, &set, rounds.max(1), bf16)?;
+            }
         }
         Task::EmulateCpu { cpu, args } => {
             let probe = Command::new("qemu-x86_64").args(["-cpu", "help"]).output();
