@@ -28,6 +28,22 @@ fn repeats_by_design(kind: SchedulerKind) -> bool {
     )
 }
 
+/// Kinds that look their sigmas up by interpolation, clamped at the schedule's ends: with
+/// `leading` spacing, `steps_offset` 1 and 1000 steps their first timestep is 1000 (one past the
+/// last training step), exactly as diffusers 0.42.1 gives it (`timesteps[0] == 1000`, sigma that
+/// of 999); the samplers that index `alphas_cumprod` refuse that case instead.
+fn interpolates_sigmas(kind: SchedulerKind) -> bool {
+    matches!(
+        kind,
+        SchedulerKind::Lms
+            | SchedulerKind::Euler
+            | SchedulerKind::EulerAncestral
+            | SchedulerKind::Heun
+            | SchedulerKind::Kdpm2
+            | SchedulerKind::Kdpm2Ancestral
+    )
+}
+
 fn config(kind: SchedulerKind, spacing: TimestepSpacing, offset: usize) -> SchedulerConfig {
     let mut c = SchedulerConfig::stable_diffusion(kind).with_timestep_spacing(spacing, offset);
     c.skip_prk_steps = true;
@@ -66,7 +82,9 @@ proptest! {
         }
         let ts = s.timesteps().to_vec();
         prop_assert!(!ts.is_empty());
-        prop_assert!(ts.iter().all(|t| t.is_finite() && *t >= 0.0 && *t < 1000.0), "{kind}: {ts:?}");
+        let past_end = interpolates_sigmas(kind) && offset == 1;
+        let in_range = |t: f64| t.is_finite() && t >= 0.0 && (t < 1000.0 || (past_end && t == 1000.0));
+        prop_assert!(ts.iter().all(|&t| in_range(t as f64)), "{kind}: {ts:?}");
         for w in ts.windows(2) {
             if repeats_by_design(kind) {
                 prop_assert!(w[1] <= w[0] + 1e-3, "{kind} {steps}: {ts:?}");
@@ -314,5 +332,24 @@ fn every_cli_sampler_runs_from_the_stable_diffusion_config() {
                 "{name} karras={karras}"
             );
         }
+    }
+}
+
+/// The corner the range property above allows: diffusers 0.42.1's Euler and LMS with `leading`
+/// spacing, `steps_offset` 1 and 1000 steps start at timestep 1000 with the sigma of 999
+/// (14.6146...), their interpolation clamped; Kiln gives the same.
+#[test]
+fn sigma_samplers_start_one_past_the_end_like_diffusers() {
+    for kind in [SchedulerKind::Euler, SchedulerKind::Lms] {
+        let mut s = AnyScheduler::new(config(kind, TimestepSpacing::Leading, 1)).unwrap();
+        s.set_timesteps(1000).unwrap();
+        assert_eq!(&s.timesteps()[..2], &[1000.0, 999.0], "{kind}");
+        let sigmas = s.sigmas();
+        assert!(
+            (sigmas[0] - 14.614647).abs() < 1e-4,
+            "{kind}: {}",
+            sigmas[0]
+        );
+        assert_eq!(sigmas[0], sigmas[1], "{kind}");
     }
 }
