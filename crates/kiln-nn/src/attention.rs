@@ -216,9 +216,10 @@ impl Attention {
 /// flex's attention is cheap enough not to bother).
 const SPLIT_MIN_SCORES: usize = 1 << 18;
 
-/// burn's fused attention (`scale` 1/sqrt(d), no mask), with one CPU-specific refinement.
+/// burn's fused attention (`scale` 1/sqrt(d), no mask), on flex in f32 Kiln's own kernel
+/// ([`crate::kernels::attention`], 2-3x faster at the UNet's shapes).
 ///
-/// burn-flex runs one (batch, head) pair per thread with single-threaded GEMMs, so the VAE's
+/// For flex's own op (f16 / bf16): burn-flex runs one (batch, head) pair per thread with single-threaded GEMMs, so the VAE's
 /// single-head attention (batch 1) would use one core. On flex, when there are fewer
 /// (batch, head) pairs than cores, the queries are cut into chunks that become extra "heads"
 /// sharing the same keys and values: each query row is computed exactly as before, only in
@@ -229,6 +230,12 @@ const SPLIT_MIN_SCORES: usize = 1 << 18;
 ///   `v`: `[batch, heads, keys, dv]`
 /// - output: `[batch, heads, queries, dv]`
 pub fn fused_attention(q: Tensor<4>, k: Tensor<4>, v: Tensor<4>) -> Tensor<4> {
+    #[cfg(feature = "flex")]
+    if is_flex(&q.device())
+        && let Some(out) = crate::kernels::attention(q.clone(), k.clone(), v.clone())
+    {
+        return out;
+    }
     let [b, h, n, d] = q.dims();
     let [_, _, m, dv] = v.dims();
     let threads = std::thread::available_parallelism().map_or(1, |t| t.get());

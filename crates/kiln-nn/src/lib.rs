@@ -12,6 +12,8 @@ pub mod embeddings;
 mod error;
 pub mod flops;
 pub mod init;
+#[cfg(feature = "flex")]
+pub mod kernels;
 pub mod normalization;
 pub mod precision;
 pub mod reference;

@@ -1,0 +1,309 @@
+//! Kiln's own CPU kernels, for the ops where burn-flex's are well below what the CPU can do
+//! (docs/performance.md). Each runs on the host data of a flex tensor and returns a new one, so
+//! it serves inference only: on an autodiff device, and on every other backend, the callers use
+//! burn's op. Each is checked against the burn op it replaces (`tests` below).
+//!
+//! **Attention** ([`attention`]): burn-flex's flash attention tiles the keys 64 at a time over all
+//! the queries of a head, rescales the whole output after every tile, and computes its softmax
+//! one scalar `exp` at a time; at the UNet's shapes (4096 queries and keys, heads of 40) it runs
+//! at about 50 GFLOP/s against PyTorch's 128. Here each task takes a block of queries of one head
+//! whose full score rows fit in L2 (`SCORE_BUDGET`), so the softmax is exact in two passes with no
+//! rescaling; both products go through the `gemm` crate (as flex's do), and the exponentials are
+//! a vector loop compiled for AVX-512, AVX2+FMA and NEON and chosen at run time (`multiversion`).
+//! Blocks run in parallel on rayon; a row's arithmetic does not depend on how the work is split,
+//! so the result is the same for any thread count.
+
+use burn::tensor::{DType, Tensor, TensorData};
+use rayon::prelude::*;
+
+/// Score elements one task holds (`rows x keys`): 1 Mi f32, 4 MB (256 query rows at 4096 keys).
+/// Measured on a 2-core Xeon with AVX-512 (2026-12-02) for the SD 1.5 UNet's self-attention at
+/// 512 px (`cargo bench --workspace --bench attention`): 2^16 0.80 s, 2^18 0.72 s, 2^19 0.68 s,
+/// 2^20 0.62 s, 2^21 0.91 s (burn's op: 1.60 s).
+const SCORE_BUDGET: usize = 1 << 20;
+
+/// Below this many keys burn's op is as fast (its naive path has no copies to make; measured:
+/// the UNet's cross-attention to 77 tokens, 39 ms burn against 42 ms here), so it keeps them.
+pub const MIN_KEYS: usize = 256;
+
+/// `softmax(Q K^T / sqrt(d)) V` of f32 tensors on the host, or `None` for other dtypes and for
+/// fewer than [`MIN_KEYS`] keys (the caller then uses burn's op).
+///
+/// # Shapes
+/// - `q`: `[batch, heads, queries, d]`, `k`: `[batch, heads, keys, d]`,
+///   `v`: `[batch, heads, keys, dv]`
+/// - output: `[batch, heads, queries, dv]`
+pub fn attention(q: Tensor<4>, k: Tensor<4>, v: Tensor<4>) -> Option<Tensor<4>> {
+    if [q.dtype(), k.dtype(), v.dtype()] != [DType::F32; 3] || k.dims()[2] < MIN_KEYS {
+        return None;
+    }
+    host_attention(q, k, v)
+}
+
+/// [`attention`] without the choice of when to use it.
+fn host_attention(q: Tensor<4>, k: Tensor<4>, v: Tensor<4>) -> Option<Tensor<4>> {
+    let device = q.device();
+    let [b, h, n, d] = q.dims();
+    let [_, _, m, dv] = v.dims();
+    let out_shape = [b, h, n, dv];
+    if b * h * n * dv == 0 {
+        return Some(Tensor::zeros(out_shape, &device));
+    }
+    let q: Vec<f32> = q.into_data().try_into_vec().ok()?;
+    let k: Vec<f32> = k.into_data().try_into_vec().ok()?;
+    let v: Vec<f32> = v.into_data().try_into_vec().ok()?;
+    let mut out = vec![0f32; b * h * n * dv];
+    let scale = (d as f32).sqrt().recip();
+    let rows = (SCORE_BUDGET / m.max(1)).clamp(4, 1024).min(n);
+    out.par_chunks_mut(n * dv)
+        .enumerate()
+        .for_each(|(head, out_head)| {
+            let qh = &q[head * n * d..(head + 1) * n * d];
+            let kh = &k[head * m * d..(head + 1) * m * d];
+            let vh = &v[head * m * dv..(head + 1) * m * dv];
+            out_head
+                .par_chunks_mut(rows * dv)
+                .enumerate()
+                .for_each_init(
+                    || (vec![0f32; rows * m], vec![0f32; rows]),
+                    |(scores, inverse), (block, o)| {
+                        let r = o.len() / dv;
+                        let q0 = block * rows;
+                        attention_block(
+                            &qh[q0 * d..(q0 + r) * d],
+                            kh,
+                            vh,
+                            o,
+                            &mut scores[..r * m],
+                            &mut inverse[..r],
+                            [d, m, dv],
+                            scale,
+                        );
+                    },
+                );
+        });
+    Some(Tensor::from_data(TensorData::new(out, out_shape), &device))
+}
+
+/// One block of `r` query rows of one head: `o = softmax(scale q k^T) v`.
+#[allow(clippy::too_many_arguments)]
+fn attention_block(
+    q: &[f32],
+    k: &[f32],
+    v: &[f32],
+    o: &mut [f32],
+    scores: &mut [f32],
+    inverse: &mut [f32],
+    [d, m, dv]: [usize; 3],
+    scale: f32,
+) {
+    let r = inverse.len();
+    debug_assert_eq!(q.len(), r * d);
+    debug_assert_eq!(scores.len(), r * m);
+    debug_assert_eq!(o.len(), r * dv);
+    // SAFETY: every pointer covers the matrix its sizes and strides describe (the slices'
+    // lengths are checked above), `scores` and `o` are not aliased by the inputs.
+    unsafe {
+        // scores [r, m] = scale * q [r, d] @ k^T (k is [m, d] row-major)
+        gemm::gemm(
+            r,
+            m,
+            d,
+            scores.as_mut_ptr(),
+            1,
+            m as isize,
+            false,
+            q.as_ptr(),
+            1,
+            d as isize,
+            k.as_ptr(),
+            d as isize,
+            1,
+            0.0,
+            scale,
+            false,
+            false,
+            false,
+            gemm::Parallelism::None,
+        );
+    }
+    for (row, inv) in scores.chunks_exact_mut(m).zip(inverse.iter_mut()) {
+        *inv = softmax_numerator(row).recip();
+    }
+    // SAFETY: as above; `v` is [m, dv] row-major.
+    unsafe {
+        // o [r, dv] = exp-scores [r, m] @ v [m, dv]
+        gemm::gemm(
+            r,
+            dv,
+            m,
+            o.as_mut_ptr(),
+            1,
+            dv as isize,
+            false,
+            scores.as_ptr(),
+            1,
+            m as isize,
+            v.as_ptr(),
+            1,
+            dv as isize,
+            0.0,
+            1.0,
+            false,
+            false,
+            false,
+            gemm::Parallelism::None,
+        );
+    }
+    for (row, inv) in o.chunks_exact_mut(dv).zip(inverse.iter()) {
+        for x in row {
+            *x *= inv;
+        }
+    }
+}
+
+/// Lanes of the vector loops' accumulators: one AVX-512 register of f32 (two AVX2 ones).
+const LANES: usize = 16;
+
+/// Replaces `row` by `exp(row - max(row))` and returns its sum (the softmax's denominator).
+#[multiversion::multiversion(targets(
+    "x86_64+avx512f+avx512bw+avx512vl+avx512dq",
+    "x86_64+avx2+fma",
+    "aarch64+neon"
+))]
+fn softmax_numerator(row: &mut [f32]) -> f32 {
+    let mut max = [f32::NEG_INFINITY; LANES];
+    let mut chunks = row.chunks_exact(LANES);
+    for chunk in &mut chunks {
+        for (m, &x) in max.iter_mut().zip(chunk) {
+            *m = if x > *m { x } else { *m };
+        }
+    }
+    let mut max = max.into_iter().fold(f32::NEG_INFINITY, f32::max);
+    for &x in chunks.remainder() {
+        max = max.max(x);
+    }
+    if max == f32::NEG_INFINITY {
+        max = 0.0;
+    }
+    let mut sum = [0f32; LANES];
+    let mut chunks = row.chunks_exact_mut(LANES);
+    for chunk in &mut chunks {
+        for (s, x) in sum.iter_mut().zip(chunk.iter_mut()) {
+            let e = exp(*x - max);
+            *x = e;
+            *s += e;
+        }
+    }
+    let mut total: f32 = sum.iter().sum();
+    for x in chunks.into_remainder() {
+        let e = exp(*x - max);
+        *x = e;
+        total += e;
+    }
+    total
+}
+
+/// `e^x` for `x <= 0` to within 2 ulp (Cephes' `expf` polynomial, branch-free so that the loops
+/// above vectorise): `x = n ln 2 + r`, `|r| <= ln 2 / 2`, `e^x = 2^n e^r`. Below -87 the result
+/// is 2^-126 e^r-ish tiny values flushed toward 0 as f32 would (well below any softmax weight
+/// that matters next to the row's maximum, which is 1).
+#[inline(always)]
+fn exp(x: f32) -> f32 {
+    const LOG2E: f32 = std::f32::consts::LOG2_E;
+    // 1.5 * 2^23: adding it rounds to an integer held in the low mantissa bits
+    const ROUND: f32 = 12_582_912.0;
+    const LN2_HI: f32 = 0.693_359_4;
+    const LN2_LO: f32 = -2.121_944_4e-4;
+    let x = x.max(-87.0);
+    let t = x * LOG2E + ROUND;
+    let n = t - ROUND;
+    let ni = (t.to_bits() as i32).wrapping_sub(ROUND.to_bits() as i32);
+    let r = x - n * LN2_HI - n * LN2_LO;
+    let p = 1.987_569_1e-4_f32;
+    let p = p * r + 1.398_199_9e-3;
+    let p = p * r + 8.333_452e-3;
+    let p = p * r + 4.166_579_6e-2;
+    let p = p * r + 1.666_666_5e-1;
+    let p = p * r + 0.5; // Cephes: 5.0000001201e-1, which is 0.5 in f32
+    let e = p * r * r + r + 1.0;
+    e * f32::from_bits(((ni + 127) as u32) << 23)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use burn::tensor::module::attention as burn_attention;
+    use burn::tensor::ops::AttentionModuleOptions;
+    use burn::tensor::{Device, Distribution};
+
+    #[test]
+    fn exp_is_within_two_ulps() {
+        let mut worst = 0f64;
+        for i in 0..=200_000 {
+            let x = -87.0 * i as f32 / 200_000.0;
+            let ours = exp(x) as f64;
+            let exact = (x as f64).exp();
+            worst = worst.max((ours - exact).abs() / exact);
+        }
+        assert!(
+            worst < 2.0 * f32::EPSILON as f64,
+            "worst relative error {worst:e}"
+        );
+        assert_eq!(exp(0.0), 1.0);
+        assert!(exp(-1e30) >= 0.0 && exp(-1e30) < 1e-37);
+    }
+
+    /// Against burn's fused attention (the op it replaces) on flex, within 1e-5 relative, at
+    /// shapes that exercise partial blocks, cross-attention lengths, a single wide head (the
+    /// VAE's) and `dv != d`.
+    #[test]
+    fn matches_burns_attention() {
+        let device = Device::flex();
+        for [b, h, n, m, d, dv] in [
+            [2, 3, 37, 37, 8, 8],
+            [1, 2, 300, 77, 40, 40],
+            [2, 1, 257, 257, 64, 32],
+            [1, 1, 1000, 1000, 512, 512],
+            [1, 4, 5, 3000, 16, 16],
+        ] {
+            let normal = Distribution::Normal(0.0, 1.0);
+            let q = Tensor::<4>::random([b, h, n, d], normal, &device) * 2.0;
+            let k = Tensor::<4>::random([b, h, m, d], normal, &device);
+            let v = Tensor::<4>::random([b, h, m, dv], normal, &device);
+            let ours = host_attention(q.clone(), k.clone(), v.clone()).unwrap();
+            let reference = burn_attention(q, k, v, None, None, AttentionModuleOptions::default());
+            let error = crate::reference::max_relative_error(&ours, &reference);
+            assert!(error < 1e-5, "{:?}: {error:e}", [b, h, n, m, d, dv]);
+        }
+    }
+
+    #[test]
+    fn thread_count_does_not_change_the_result() {
+        let device = Device::flex();
+        let normal = Distribution::Normal(0.0, 1.0);
+        let q = Tensor::<4>::random([1, 2, 500, 40], normal, &device);
+        let k = Tensor::<4>::random([1, 2, 600, 40], normal, &device);
+        let v = Tensor::<4>::random([1, 2, 600, 40], normal, &device);
+        let run = |threads: usize| {
+            let pool = rayon::ThreadPoolBuilder::new()
+                .num_threads(threads)
+                .build()
+                .unwrap();
+            let out = pool.install(|| attention(q.clone(), k.clone(), v.clone()).unwrap());
+            out.into_data().try_into_vec::<f32>().unwrap()
+        };
+        assert_eq!(run(1), run(3));
+    }
+
+    #[test]
+    fn other_dtypes_and_short_contexts_are_left_to_burn() {
+        let device = Device::flex();
+        let q = Tensor::<4>::zeros([1, 1, 4, 8], &device);
+        let long = Tensor::<4>::zeros([1, 1, MIN_KEYS, 8], &device);
+        assert!(attention(q.clone(), long.clone(), long.clone()).is_some());
+        assert!(attention(q.clone(), q.clone(), q.clone()).is_none());
+        let half = |t: &Tensor<4>| t.clone().cast(DType::F16);
+        assert!(attention(half(&q), half(&long), half(&long)).is_none());
+    }
+}
