@@ -84,7 +84,7 @@ proptest! {
         prop_assert!(!ts.is_empty());
         let past_end = interpolates_sigmas(kind) && offset == 1;
         let in_range = |t: f64| t.is_finite() && t >= 0.0 && (t < 1000.0 || (past_end && t == 1000.0));
-        prop_assert!(ts.iter().all(|&t| in_range(t as f64)), "{kind}: {ts:?}");
+        prop_assert!(ts.iter().all(|&t| in_range(t)), "{kind}: {ts:?}");
         for w in ts.windows(2) {
             if repeats_by_design(kind) {
                 prop_assert!(w[1] <= w[0] + 1e-3, "{kind} {steps}: {ts:?}");
