@@ -140,8 +140,7 @@ def main() -> int:
         model = build_text()
         work = lambda: run(model)  # noqa: E731
     else:
-        scheduler_cfg = dict(cfg["scheduler"])
-        scheduler = SCHEDULERS[scheduler_cfg.pop("_class_name")](**scheduler_cfg)
+        scheduler = SCHEDULERS[cfg["scheduler"]["_class_name"]].from_config(cfg["scheduler"])
         unet = build_unet().to(dtype)
         pipe = StableDiffusionPipeline(
             vae=build_vae().to(dtype),
