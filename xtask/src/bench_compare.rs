@@ -311,10 +311,21 @@ pub fn report(root: &Path, results: &Path, session: Option<&str>) -> Result<()> 
     }
     let gib = |b: u64| b as f64 / (1u64 << 30) as f64;
     let mut table = String::new();
+    let rounds = lines
+        .iter()
+        .filter(|l| l["session"] == session.as_str())
+        .filter_map(|l| l["round"].as_u64())
+        .max()
+        .map_or(0, |r| r + 1);
+    let order = if rounds > 1 {
+        format!("{rounds} rounds, the side that runs first swapping each round")
+    } else {
+        "one round, Kiln first".to_string()
+    };
     writeln!(
         table,
         "Measured {session} on {} with 2 threads each, PyTorch {}, `cargo xtask bench-compare` \
-         (the two sides alternating, medians of each side's runs; the ratio is of the medians):\n",
+         ({order}; medians of each side's runs, the ratio of the medians):\n",
         cpu(),
         lines
             .iter()
