@@ -13,12 +13,12 @@ use std::time::Instant;
 use anyhow::{Context, Result, bail};
 use burn::tensor::{Device, Distribution, Tensor, TensorData};
 use clap::{Args, ValueEnum};
-use kiln_clip::{ClipTextConfig, ClipTextModel};
+use kiln_clip::ClipTextModel;
 use kiln_nn::FloatKind;
 use kiln_pipeline::{GenerateOptions, LoadOptions, ModelConfigs, Preset, StableDiffusionPipeline};
-use kiln_scheduler::{NoiseSource, SamplerOptions, SchedulerConfig, SeededNoise};
-use kiln_unet::{UNet2DConditionModel, UNet2DConditionModelConfig};
-use kiln_vae::{AutoencoderKL, AutoencoderKLConfig};
+use kiln_scheduler::{NoiseSource, SamplerOptions, SeededNoise};
+use kiln_unet::UNet2DConditionModel;
+use kiln_vae::AutoencoderKL;
 
 /// What `kiln bench` times.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -103,13 +103,7 @@ impl Source {
     fn configs(&self) -> Result<ModelConfigs> {
         Ok(match self {
             Self::Preset(p) => p.configs()?,
-            Self::Folder(dir) => ModelConfigs {
-                text_encoder: ClipTextConfig::from_file(&dir.join("text_encoder/config.json"))?,
-                unet: UNet2DConditionModelConfig::from_file(&dir.join("unet/config.json"))?,
-                vae: AutoencoderKLConfig::from_file(&dir.join("vae/config.json"))?,
-                scheduler: SchedulerConfig::from_file(dir.join("scheduler/scheduler_config.json"))?,
-                pad_token: "<|endoftext|>".into(),
-            },
+            Self::Folder(dir) => ModelConfigs::from_dir(dir)?,
         })
     }
 

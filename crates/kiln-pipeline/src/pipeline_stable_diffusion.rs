@@ -417,13 +417,10 @@ impl StableDiffusionPipeline {
             kiln_nn::config::read_json(&dir.join("model_index.json"), "model index")?;
         // the configs first: mismatched components fail with one clear message before any
         // weight is read
-        let text_config = ClipTextConfig::from_file(&dir.join("text_encoder").join("config.json"))?;
-        let unet_config =
-            UNet2DConditionModelConfig::from_file(&dir.join("unet").join("config.json"))?;
-        let vae_config = AutoencoderKLConfig::from_file(&dir.join("vae").join("config.json"))?;
-        check_components(&text_config, &unet_config, &vae_config)?;
-        let scheduler_config =
-            SchedulerConfig::from_file(dir.join("scheduler").join("scheduler_config.json"))?;
+        let crate::ModelConfigs {
+            scheduler: scheduler_config,
+            ..
+        } = crate::ModelConfigs::from_dir(dir)?;
 
         let dtype = options.dtype.dtype();
         let _span = tracing::info_span!("load_pipeline", dir = %dir.display()).entered();

@@ -100,6 +100,29 @@ impl Preset {
     }
 }
 
+impl ModelConfigs {
+    /// The configs of a diffusers folder (`text_encoder/config.json`, `unet/config.json`,
+    /// `vae/config.json`, `scheduler/scheduler_config.json`), checked to fit together, before any
+    /// weight is read. `pad_token` is SD 1.x's: a folder's own tokenizer files say its padding.
+    pub fn from_dir(dir: &Path) -> Result<Self> {
+        let configs = Self {
+            text_encoder: ClipTextConfig::from_file(&dir.join("text_encoder").join("config.json"))?,
+            unet: UNet2DConditionModelConfig::from_file(&dir.join("unet").join("config.json"))?,
+            vae: AutoencoderKLConfig::from_file(&dir.join("vae").join("config.json"))?,
+            scheduler: SchedulerConfig::from_file(
+                dir.join("scheduler").join("scheduler_config.json"),
+            )?,
+            pad_token: "<|endoftext|>".into(),
+        };
+        crate::pipeline_stable_diffusion::check_components(
+            &configs.text_encoder,
+            &configs.unet,
+            &configs.vae,
+        )?;
+        Ok(configs)
+    }
+}
+
 fn preset_error(preset: Preset, e: serde_json::Error) -> Error {
     Error::InvalidInput(format!("preset {}: {e}", preset.name()))
 }
