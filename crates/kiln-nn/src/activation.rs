@@ -9,6 +9,23 @@ pub fn quick_gelu<const D: usize>(x: Tensor<D>) -> Tensor<D> {
     x.clone() * activation::sigmoid(x * 1.702)
 }
 
+/// GEGLU's gating, `hidden * gelu(gate)` of the two halves of `h`'s last dimension (exact
+/// GELU), in one pass through Kiln's kernel on flex in f32 inference.
+///
+/// # Shapes
+/// - `h`: `[batch, tokens, 2 * n]`
+/// - output: `[batch, tokens, n]`
+pub fn geglu(h: Tensor<3>) -> Tensor<3> {
+    #[cfg(feature = "flex")]
+    if let Some(out) = crate::kernels::geglu(&h) {
+        return out;
+    }
+    let half = h.dims()[2] / 2;
+    let hidden = h.clone().narrow(2, 0, half);
+    let gate = h.narrow(2, half, half);
+    hidden * activation::gelu(gate)
+}
+
 /// Activation names as transformers' and diffusers' configs spell them (`hidden_act`, `act_fn`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
 pub enum Activation {
@@ -30,18 +47,31 @@ pub enum Activation {
 }
 
 impl Activation {
-    /// Applies the activation.
+    /// Applies the activation (GELU and SiLU through Kiln's kernels on flex in f32 inference,
+    /// [`crate::kernels`]).
     pub fn forward<const D: usize>(self, x: Tensor<D>) -> Tensor<D> {
         match self {
             Self::QuickGelu => quick_gelu(x),
-            Self::Gelu => activation::gelu(x),
+            Self::Gelu => {
+                #[cfg(feature = "flex")]
+                if let Some(y) = crate::kernels::gelu(&x) {
+                    return y;
+                }
+                activation::gelu(x)
+            }
             Self::GeluTanh => {
                 // 0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3)))
                 let inner = (x.clone() + x.clone().powi_scalar(3) * 0.044715)
                     * (2.0f64 / std::f64::consts::PI).sqrt();
                 x * (inner.tanh() + 1.0) * 0.5
             }
-            Self::Silu => activation::silu(x),
+            Self::Silu => {
+                #[cfg(feature = "flex")]
+                if let Some(y) = crate::kernels::silu(&x) {
+                    return y;
+                }
+                activation::silu(x)
+            }
             Self::Relu => activation::relu(x),
         }
     }

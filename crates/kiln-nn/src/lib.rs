@@ -7,6 +7,7 @@
 pub mod activation;
 pub mod attention;
 pub mod config;
+pub mod conv;
 pub mod device;
 pub mod embeddings;
 mod error;

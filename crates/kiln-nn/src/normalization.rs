@@ -8,7 +8,9 @@
 //! full-size tensor is touched by one reduction pass and one fused multiply-add.
 
 use burn::nn::{GroupNorm, GroupNormConfig};
-use burn::tensor::{DType, Device, Tensor, activation};
+use burn::tensor::{DType, Device, Tensor};
+
+use crate::activation::Activation;
 
 /// Builds an affine [`GroupNorm`] over `channels` in `groups` groups.
 pub fn group_norm(groups: usize, channels: usize, eps: f64, device: &Device) -> GroupNorm {
@@ -17,7 +19,70 @@ pub fn group_norm(groups: usize, channels: usize, eps: f64, device: &Device) -> 
         .init(device)
 }
 
-/// Applies `norm` to `x`.
+/// Applies `norm` to `x`: on flex in f32 inference through Kiln's kernel
+/// ([`crate::kernels::group_norm`], one pass for the statistics and one for the output), with
+/// burn's tensor ops everywhere else ([`reference_group_norm`]).
+///
+/// # Shapes
+/// - `x`: `[batch, channels, ...]` (any rank `D >= 3`)
+/// - output: same as `x`
+pub fn group_norm_forward<const D: usize>(norm: &GroupNorm, x: Tensor<D>) -> Tensor<D> {
+    #[cfg(feature = "flex")]
+    if let Some(y) = kernel_group_norm(norm, &x, false) {
+        return y;
+    }
+    reference_group_norm(norm, x)
+}
+
+/// [`group_norm_forward`] followed by `act`, fused into one pass for SiLU on flex in f32.
+///
+/// # Shapes
+/// - `x`: `[batch, channels, ...]`
+/// - output: same as `x`
+pub fn group_norm_act<const D: usize>(
+    norm: &GroupNorm,
+    act: Activation,
+    x: Tensor<D>,
+) -> Tensor<D> {
+    #[cfg(feature = "flex")]
+    if act == Activation::Silu
+        && let Some(y) = kernel_group_norm(norm, &x, true)
+    {
+        return y;
+    }
+    act.forward(group_norm_forward(norm, x))
+}
+
+/// [`group_norm_act`] with SiLU, the pairing of every ResNet block.
+///
+/// # Shapes
+/// - `x`: `[batch, channels, ...]`
+/// - output: same as `x`
+pub fn group_norm_silu<const D: usize>(norm: &GroupNorm, x: Tensor<D>) -> Tensor<D> {
+    group_norm_act(norm, Activation::Silu, x)
+}
+
+#[cfg(feature = "flex")]
+fn kernel_group_norm<const D: usize>(
+    norm: &GroupNorm,
+    x: &Tensor<D>,
+    silu: bool,
+) -> Option<Tensor<D>> {
+    let affine = match (&norm.gamma, &norm.beta) {
+        (Some(gamma), Some(beta)) => Some((gamma.val(), beta.val())),
+        (None, None) => None,
+        _ => return None,
+    };
+    crate::kernels::group_norm(
+        x,
+        norm.num_groups,
+        norm.epsilon,
+        affine.as_ref().map(|(g, b)| (g, b)),
+        silu,
+    )
+}
+
+/// GroupNorm of burn's tensor ops, on every backend and dtype.
 ///
 /// The mean and the biased variance of each (sample, group) are computed in f32 (widened from
 /// f16/bf16 inputs), then `y = x * a + s` with `a = gamma / sqrt(var + eps)` and
@@ -26,7 +91,7 @@ pub fn group_norm(groups: usize, channels: usize, eps: f64, device: &Device) -> 
 /// # Shapes
 /// - `x`: `[batch, channels, ...]` (any rank `D >= 3`)
 /// - output: same as `x`
-pub fn group_norm_forward<const D: usize>(norm: &GroupNorm, x: Tensor<D>) -> Tensor<D> {
+pub fn reference_group_norm<const D: usize>(norm: &GroupNorm, x: Tensor<D>) -> Tensor<D> {
     let dims = x.dims();
     let (batch, channels) = (dims[0], dims[1]);
     let groups = norm.num_groups;
@@ -65,15 +130,6 @@ pub fn group_norm_forward<const D: usize>(norm: &GroupNorm, x: Tensor<D>) -> Ten
     affine_shape[0] = batch;
     affine_shape[1] = channels;
     x * scale.reshape(affine_shape) + shift.reshape(affine_shape)
-}
-
-/// [`group_norm_forward`] followed by SiLU, the pairing of every ResNet block.
-///
-/// # Shapes
-/// - `x`: `[batch, channels, ...]`
-/// - output: same as `x`
-pub fn group_norm_silu<const D: usize>(norm: &GroupNorm, x: Tensor<D>) -> Tensor<D> {
-    activation::silu(group_norm_forward(norm, x))
 }
 
 #[cfg(test)]

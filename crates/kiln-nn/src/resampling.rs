@@ -3,6 +3,7 @@
 //! Mirrors `diffusers/models/downsampling.py` and `upsampling.py` (diffusers 0.42.1) with
 //! `use_conv=True`, no norm and no transposed convolution, as SD's UNet and VAE use them.
 
+use crate::conv::conv2d;
 use burn::module::Module;
 use burn::nn::PaddingConfig2d;
 use burn::nn::conv::{Conv2d, Conv2dConfig};
@@ -40,7 +41,7 @@ impl Downsample2D {
     /// - output: `[batch, out_channels, ceil(height / 2), ceil(width / 2)]` (padding 1), or
     ///   `[.., floor(height / 2), floor(width / 2)]` (padding 0)
     pub fn forward(&self, x: Tensor<4>) -> Tensor<4> {
-        self.conv.forward(x)
+        conv2d(&self.conv, x)
     }
 
     /// FLOPs of [`forward`](Self::forward) on `batch` maps of `size`, and the output size.
@@ -101,7 +102,7 @@ impl Upsample2D {
             let cols = Tensor::<1, Int>::from_data(nearest_indices(w, ow).as_slice(), &device);
             x.select(2, rows).select(3, cols)
         };
-        self.conv.forward(up)
+        conv2d(&self.conv, up)
     }
 }
 

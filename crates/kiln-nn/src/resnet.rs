@@ -11,7 +11,8 @@ use burn::nn::{GroupNorm, Linear, LinearConfig, PaddingConfig2d};
 use burn::tensor::{Device, Tensor};
 
 use crate::activation::Activation;
-use crate::normalization::{group_norm, group_norm_forward};
+use crate::conv::conv2d;
+use crate::normalization::{group_norm, group_norm_act};
 
 /// Shape of a [`ResnetBlock2D`].
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -133,9 +134,10 @@ impl ResnetBlock2D {
     /// - output: `[batch, out_channels, height, width]`
     pub fn forward(&self, x: Tensor<4>, temb: Option<&Tensor<2>>) -> Tensor<4> {
         // 1. norm1 -> act -> conv1
-        let h = self
-            .conv1
-            .forward(self.act.forward(group_norm_forward(&self.norm1, x.clone())));
+        let h = conv2d(
+            &self.conv1,
+            group_norm_act(&self.norm1, self.act, x.clone()),
+        );
         // 2. + time_emb_proj(act(temb))[:, :, None, None]
         let h = match (&self.time_emb_proj, temb) {
             (Some(proj), Some(temb)) => {
@@ -146,12 +148,10 @@ impl ResnetBlock2D {
             _ => h,
         };
         // 3. norm2 -> act -> (dropout) -> conv2
-        let h = self
-            .conv2
-            .forward(self.act.forward(group_norm_forward(&self.norm2, h)));
+        let h = conv2d(&self.conv2, group_norm_act(&self.norm2, self.act, h));
         // 4. residual, scaled
         let shortcut = match &self.conv_shortcut {
-            Some(conv) => conv.forward(x),
+            Some(conv) => conv2d(conv, x),
             None => x,
         };
         let out = shortcut + h;

@@ -8,7 +8,7 @@
 
 use burn::module::Module;
 use burn::nn::{Dropout, DropoutConfig, LayerNorm, LayerNormConfig, Linear, LinearConfig};
-use burn::tensor::{Device, Tensor, activation};
+use burn::tensor::{Device, Tensor};
 use kiln_nn::attention::{Attention, AttentionConfig};
 
 /// `proj` to twice the width, then `hidden * gelu(gate)` (exact GELU).
@@ -23,11 +23,7 @@ impl GEGLU {
     /// - `x`: `[batch, tokens, dim_in]`
     /// - output: `[batch, tokens, dim_out]`
     pub fn forward(&self, x: Tensor<3>) -> Tensor<3> {
-        let h = self.proj.forward(x);
-        let half = h.dims()[2] / 2;
-        let hidden = h.clone().narrow(2, 0, half);
-        let gate = h.narrow(2, half, half);
-        hidden * activation::gelu(gate)
+        kiln_nn::activation::geglu(self.proj.forward(x))
     }
 }
 

@@ -13,6 +13,7 @@ use burn::tensor::{Device, Tensor};
 use kiln_nn::normalization::{group_norm, group_norm_forward};
 
 use crate::attention::{BasicTransformerBlock, TransformerBlockConfig};
+use kiln_nn::conv::conv2d;
 
 /// Input and output projection: 1x1 convolution or linear layer (`use_linear_projection`).
 #[derive(Module, Debug)]
@@ -130,7 +131,7 @@ impl Transformer2DModel {
         let x = group_norm_forward(&self.norm, x);
         let tokens = match &self.proj_in {
             Projection::Conv(conv) => {
-                let x = conv.forward(x);
+                let x = conv2d(conv, x);
                 let inner = x.dims()[1];
                 x.reshape([b, inner, h * w]).swap_dims(1, 2)
             }
@@ -145,7 +146,7 @@ impl Transformer2DModel {
         let out = match &self.proj_out {
             Projection::Conv(conv) => {
                 let inner = tokens.dims()[2];
-                conv.forward(tokens.swap_dims(1, 2).reshape([b, inner, h, w]))
+                conv2d(conv, tokens.swap_dims(1, 2).reshape([b, inner, h, w]))
             }
             Projection::Linear(linear) => {
                 linear.forward(tokens).swap_dims(1, 2).reshape([b, c, h, w])

@@ -16,7 +16,7 @@ use burn::tensor::{DType, Device, Tensor};
 use kiln_nn::activation::Activation;
 use kiln_nn::config::read_json;
 use kiln_nn::embeddings::{TimestepEmbedding, Timesteps};
-use kiln_nn::normalization::{group_norm, group_norm_forward};
+use kiln_nn::normalization::{group_norm, group_norm_act};
 use kiln_nn::weights::{LoadOptions, find_weights, load_safetensors};
 use serde::Deserialize;
 
@@ -25,6 +25,7 @@ use crate::unet_2d_blocks::{
     DownBlock2D, UNetMidBlock2DCrossAttn, UpBlock, UpBlock2D,
 };
 use crate::{Error, Result};
+use kiln_nn::conv::conv2d;
 
 /// Down block types of the SD 1.x/2.x family.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
@@ -692,7 +693,7 @@ impl UNet2DConditionModel {
         let emb = self.time_embedding.forward(t_emb);
 
         // 2. pre-process
-        let mut x = self.conv_in.forward(sample);
+        let mut x = conv2d(&self.conv_in, sample);
 
         // 3. down, keeping every intermediate state as a skip connection
         let mut skips = vec![x.clone()];
@@ -709,10 +710,7 @@ impl UNet2DConditionModel {
         }
 
         // 6. post-process
-        let x = self
-            .config
-            .act_fn
-            .forward(group_norm_forward(&self.conv_norm_out, x));
-        Ok(self.conv_out.forward(x))
+        let x = group_norm_act(&self.conv_norm_out, self.config.act_fn, x);
+        Ok(conv2d(&self.conv_out, x))
     }
 }

@@ -17,6 +17,7 @@ use serde::Deserialize;
 
 use crate::vae::{Decoder, DiagonalGaussianDistribution, Encoder};
 use crate::{Error, Result};
+use kiln_nn::conv::conv2d;
 
 /// The encoder block types diffusers' `AutoencoderKL` accepts for SD.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
@@ -390,14 +391,14 @@ impl AutoencoderKL {
     fn encode_moments(&self, x: Tensor<4>) -> Tensor<4> {
         let h = self.encoder.forward(x);
         match &self.quant_conv {
-            Some(conv) => conv.forward(h),
+            Some(conv) => conv2d(conv, h),
             None => h,
         }
     }
 
     fn decode_plain(&self, z: Tensor<4>) -> Tensor<4> {
         let z = match &self.post_quant_conv {
-            Some(conv) => conv.forward(z),
+            Some(conv) => conv2d(conv, z),
             None => z,
         };
         self.decoder.forward(z)

@@ -9,10 +9,11 @@ use burn::module::Module;
 use burn::nn::conv::{Conv2d, Conv2dConfig};
 use burn::nn::{GroupNorm, PaddingConfig2d};
 use burn::tensor::{Device, Tensor};
-use kiln_nn::normalization::{group_norm, group_norm_forward};
+use kiln_nn::normalization::{group_norm, group_norm_act};
 
 use crate::autoencoder_kl::AutoencoderKLConfig;
 use crate::unet_2d_blocks::{BlockNorm, DownEncoderBlock2D, UNetMidBlock2D, UpDecoderBlock2D};
+use kiln_nn::conv::conv2d;
 
 /// GroupNorm epsilon of every norm in the VAE (fixed in diffusers, not in the config).
 pub const VAE_NORM_EPS: f64 = 1e-6;
@@ -87,11 +88,11 @@ impl Encoder {
     /// - `x`: `[batch, in_channels, height, width]`
     /// - output: `[batch, 2 * latent_channels, height / f, width / f]`, `f = 2^(blocks - 1)`
     pub fn forward(&self, x: Tensor<4>) -> Tensor<4> {
-        let x = self.conv_in.forward(x);
+        let x = conv2d(&self.conv_in, x);
         let x = self.down_blocks.iter().fold(x, |x, b| b.forward(x));
         let x = self.mid_block.forward(x);
-        let x = self.act.forward(group_norm_forward(&self.conv_norm_out, x));
-        self.conv_out.forward(x)
+        let x = group_norm_act(&self.conv_norm_out, self.act, x);
+        conv2d(&self.conv_out, x)
     }
 
     /// FLOPs of [`forward`](Self::forward) on `batch` images of `size`, and the latent size
@@ -169,11 +170,11 @@ impl Decoder {
     /// - `z`: `[batch, latent_channels, height, width]`
     /// - output: `[batch, out_channels, height * f, width * f]`, `f = 2^(blocks - 1)`
     pub fn forward(&self, z: Tensor<4>) -> Tensor<4> {
-        let x = self.conv_in.forward(z);
+        let x = conv2d(&self.conv_in, z);
         let x = self.mid_block.forward(x);
         let x = self.up_blocks.iter().fold(x, |x, b| b.forward(x));
-        let x = self.act.forward(group_norm_forward(&self.conv_norm_out, x));
-        self.conv_out.forward(x)
+        let x = group_norm_act(&self.conv_norm_out, self.act, x);
+        conv2d(&self.conv_out, x)
     }
 
     /// FLOPs of [`forward`](Self::forward) on `batch` latents of `size`, and the image size

@@ -1,20 +1,19 @@
-//! Kiln's own CPU kernels, for the ops where burn-flex's are well below what the CPU can do
-//! (docs/performance.md). Each runs on the host data of a flex tensor and returns a new one, so
-//! it serves inference only: on an autodiff device, and on every other backend, the callers use
-//! burn's op. Each is checked against the burn op it replaces (`tests` below).
+//! Kiln's attention kernel: `softmax(Q K^T / sqrt(d)) V` in f32 on the host.
 //!
-//! **Attention** ([`attention`]): burn-flex's flash attention tiles the keys 64 at a time over all
-//! the queries of a head, rescales the whole output after every tile, and computes its softmax
-//! one scalar `exp` at a time; at the UNet's shapes (4096 queries and keys, heads of 40) it runs
-//! at about 50 GFLOP/s against PyTorch's 128. Here each task takes a block of queries of one head
-//! whose full score rows fit in L2 (`SCORE_BUDGET`), so the softmax is exact in two passes with no
-//! rescaling; both products go through the `gemm` crate (as flex's do), and the exponentials are
-//! a vector loop compiled for AVX-512, AVX2+FMA and NEON and chosen at run time (`multiversion`).
-//! Blocks run in parallel on rayon; a row's arithmetic does not depend on how the work is split,
-//! so the result is the same for any thread count.
+//! burn-flex's flash attention tiles the keys 64 at a time over all the queries of a head,
+//! rescales the whole output after every tile, and computes its softmax one scalar `exp` at a
+//! time; at the UNet's shapes (4096 queries and keys, heads of 40) it runs at about 50 GFLOP/s
+//! against PyTorch's 128. Here each task takes a block of queries of one head whose full score
+//! rows fit in L2 (`SCORE_BUDGET`), so the softmax is exact in two passes with no rescaling; both
+//! products go through the `gemm` crate (as flex's do), and the exponentials are a vector loop
+//! compiled for AVX-512, AVX2+FMA and NEON and chosen at run time (`multiversion`). Blocks run in
+//! parallel on rayon; a row's arithmetic does not depend on how the work is split, so the result
+//! is the same for any thread count.
 
 use burn::tensor::{DType, Tensor, TensorData};
 use rayon::prelude::*;
+
+use super::exp;
 
 /// Score elements one task holds (`rows x keys`): 1 Mi f32, 4 MB (256 query rows at 4096 keys).
 /// Measured on a 2-core Xeon with AVX-512 (2026-12-02) for the SD 1.5 UNet's self-attention at
@@ -204,55 +203,12 @@ fn softmax_numerator(row: &mut [f32]) -> f32 {
     total
 }
 
-/// `e^x` for `x <= 0` to within 2 ulp (Cephes' `expf` polynomial, branch-free so that the loops
-/// above vectorise): `x = n ln 2 + r`, `|r| <= ln 2 / 2`, `e^x = 2^n e^r`. Below -87 the result
-/// is 2^-126 e^r-ish tiny values flushed toward 0 as f32 would (well below any softmax weight
-/// that matters next to the row's maximum, which is 1).
-#[inline(always)]
-fn exp(x: f32) -> f32 {
-    const LOG2E: f32 = std::f32::consts::LOG2_E;
-    // 1.5 * 2^23: adding it rounds to an integer held in the low mantissa bits
-    const ROUND: f32 = 12_582_912.0;
-    const LN2_HI: f32 = 0.693_359_4;
-    const LN2_LO: f32 = -2.121_944_4e-4;
-    let x = x.max(-87.0);
-    let t = x * LOG2E + ROUND;
-    let n = t - ROUND;
-    let ni = (t.to_bits() as i32).wrapping_sub(ROUND.to_bits() as i32);
-    let r = x - n * LN2_HI - n * LN2_LO;
-    let p = 1.987_569_1e-4_f32;
-    let p = p * r + 1.398_199_9e-3;
-    let p = p * r + 8.333_452e-3;
-    let p = p * r + 4.166_579_6e-2;
-    let p = p * r + 1.666_666_5e-1;
-    let p = p * r + 0.5; // Cephes: 5.0000001201e-1, which is 0.5 in f32
-    let e = p * r * r + r + 1.0;
-    e * f32::from_bits(((ni + 127) as u32) << 23)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
     use burn::tensor::module::attention as burn_attention;
     use burn::tensor::ops::AttentionModuleOptions;
     use burn::tensor::{Device, Distribution};
-
-    #[test]
-    fn exp_is_within_two_ulps() {
-        let mut worst = 0f64;
-        for i in 0..=200_000 {
-            let x = -87.0 * i as f32 / 200_000.0;
-            let ours = exp(x) as f64;
-            let exact = (x as f64).exp();
-            worst = worst.max((ours - exact).abs() / exact);
-        }
-        assert!(
-            worst < 2.0 * f32::EPSILON as f64,
-            "worst relative error {worst:e}"
-        );
-        assert_eq!(exp(0.0), 1.0);
-        assert!(exp(-1e30) >= 0.0 && exp(-1e30) < 1e-37);
-    }
 
     /// Against burn's fused attention (the op it replaces) on flex, within 1e-5 relative, at
     /// shapes that exercise partial blocks, cross-attention lengths, a single wide head (the

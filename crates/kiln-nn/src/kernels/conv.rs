@@ -1,0 +1,425 @@
+//! Kiln's 2-D convolution kernel (f32, NCHW, groups 1).
+//!
+//! burn-flex convolves through a tiled im2col: it transposes the whole input to NHWC on one
+//! thread, repacks the weights on every call, allocates a fresh column buffer and a fresh GEMM
+//! result for every 512-pixel tile (page faults), and copies each result into the NCHW output
+//! one strided element at a time; at the deep levels (8x8 pixels, 1280 channels) it leaves one
+//! core idle. It reaches 40-150 GFLOP/s at SD's shapes on the 2-core Xeon.
+//!
+//! Here the work is cut into tasks of (image, panel of output rows, block of output channels),
+//! run on rayon. A task gathers its panel's columns straight from NCHW into a `[K, pixels]`
+//! buffer of its thread (each row of it is a shifted copy of one input row, so for stride 1 a
+//! `memcpy` with zeroed edges), kept to [`PANEL_BUDGET`] elements so that it stays in L2, and
+//! multiplies it on that thread with the weights as stored (`[out, in * kh * kw]` row-major is
+//! already the left operand) into its block of the output in place, on top of the bias the
+//! block was filled with. 1x1 convolutions with stride 1 and no padding multiply the input
+//! directly. 150-220 GFLOP/s at the same shapes (`cargo bench --workspace --bench conv`). The
+//! split depends on the shapes only, not on the thread count, so neither does the result.
+
+use burn::tensor::Tensor;
+use rayon::prelude::*;
+use std::cell::RefCell;
+
+use super::host::{self, HostF32};
+
+/// Elements of one task's column panel (`K x pixels`): 256 Ki f32, 1 MB, so that it stays in
+/// the core's L2 between being gathered and being packed by gemm. Measured on the 2-core Xeon
+/// (2026-12-02) at the SD 1.5 UNet's and VAE's shapes, alternating settings in one process:
+/// 128 Ki to 512 Ki elements were within the machine's noise of each other, 1 Mi and 2 Mi were
+/// 10-40% slower on the 64x64 and 16x16 levels.
+const PANEL_BUDGET: usize = 1 << 18;
+
+/// Pixels of one panel at least, even past the budget (the deep levels' `K` is 11520): fewer
+/// columns leave gemm's microkernel short rows to work on.
+const MIN_COLS: usize = 128;
+
+/// A 2-D convolution's geometry (groups 1).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Conv2dOptions {
+    /// `[height, width]` strides.
+    pub stride: [usize; 2],
+    /// `[[top, bottom], [left, right]]` zero padding.
+    pub padding: [[usize; 2]; 2],
+    /// `[height, width]` dilation.
+    pub dilation: [usize; 2],
+}
+
+/// `conv2d(x, weight) + bias` for plain f32 flex tensors, or `None` (the caller then uses burn's
+/// op): another backend or dtype, an autodiff tensor, channels that do not match (groups other
+/// than 1), or an empty output.
+///
+/// # Shapes
+/// - `x`: `[batch, in, height, width]`, `weight`: `[out, in, kh, kw]`, `bias`: `[out]`
+/// - output: `[batch, out, out_height, out_width]`, as PyTorch's `F.conv2d`
+pub fn conv2d(
+    x: &Tensor<4>,
+    weight: &Tensor<4>,
+    bias: Option<&Tensor<1>>,
+    options: Conv2dOptions,
+) -> Option<Tensor<4>> {
+    let [batch, cin, h, w] = x.dims();
+    let [cout, wcin, kh, kw] = weight.dims();
+    if wcin != cin || bias.is_some_and(|b| b.dims() != [cout]) {
+        return None;
+    }
+    let shape = ConvShape::new([batch, cin, h, w], [cout, kh, kw], options)?;
+    let x = HostF32::new(x.clone())?;
+    let weight = HostF32::new(weight.clone())?;
+    let bias = match bias {
+        Some(b) => Some(HostF32::new(b.clone())?),
+        None => None,
+    };
+    let mut out = vec![0f32; batch * cout * shape.oh * shape.ow];
+    conv2d_host(
+        x.as_slice(),
+        weight.as_slice(),
+        bias.as_ref().map(HostF32::as_slice),
+        &shape,
+        &mut out,
+    );
+    Some(host::tensor(out, [batch, cout, shape.oh, shape.ow]))
+}
+
+/// The sizes of one convolution.
+#[derive(Clone, Copy, Debug)]
+struct ConvShape {
+    batch: usize,
+    cin: usize,
+    h: usize,
+    w: usize,
+    cout: usize,
+    kh: usize,
+    kw: usize,
+    oh: usize,
+    ow: usize,
+    options: Conv2dOptions,
+}
+
+impl ConvShape {
+    /// `None` for an empty output or a zero stride or dilation.
+    fn new(
+        [batch, cin, h, w]: [usize; 4],
+        [cout, kh, kw]: [usize; 3],
+        options: Conv2dOptions,
+    ) -> Option<Self> {
+        let out = |size: usize, [before, after]: [usize; 2], k: usize, s: usize, d: usize| {
+            let span = d.checked_mul(k.checked_sub(1)?)?.checked_add(1)?;
+            let padded = size.checked_add(before)?.checked_add(after)?;
+            (s > 0 && padded >= span).then(|| (padded - span) / s + 1)
+        };
+        let Conv2dOptions {
+            stride,
+            padding,
+            dilation,
+            ..
+        } = options;
+        let oh = out(h, padding[0], kh, stride[0], dilation[0])?;
+        let ow = out(w, padding[1], kw, stride[1], dilation[1])?;
+        let nonempty = [batch, cin, cout, oh, ow].iter().all(|&n| n > 0);
+        nonempty.then_some(Self {
+            batch,
+            cin,
+            h,
+            w,
+            cout,
+            kh,
+            kw,
+            oh,
+            ow,
+            options,
+        })
+    }
+
+    /// The reduction length: `in * kh * kw`.
+    fn k(&self) -> usize {
+        self.cin * self.kh * self.kw
+    }
+
+    /// A 1x1 convolution with stride 1 and no padding: the input is already the right operand.
+    fn is_pointwise(&self) -> bool {
+        self.kh == 1
+            && self.kw == 1
+            && self.options.stride == [1, 1]
+            && self.options.padding == [[0, 0], [0, 0]]
+    }
+}
+
+thread_local! {
+    /// Each thread's column panel, kept between calls so that it is not faulted in again.
+    static PANEL: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
+}
+
+/// The output pointer shared by the tasks, each of which writes its own disjoint block.
+#[derive(Clone, Copy)]
+struct OutPtr(*mut f32);
+// SAFETY: the tasks write disjoint blocks of the output (see `conv2d_host`).
+unsafe impl Send for OutPtr {}
+unsafe impl Sync for OutPtr {}
+
+impl OutPtr {
+    /// The pointer (a method, so that closures capture the whole `Sync` wrapper).
+    fn get(self) -> *mut f32 {
+        self.0
+    }
+}
+
+/// Fewer tasks than this and the output channels are split too (so that the deep, small levels
+/// keep every core busy). A constant rather than the thread count: the split, and with it the
+/// GEMMs' blocking, must not depend on the machine, so that the result does not either.
+const MIN_TASKS: usize = 8;
+
+/// Output channels of one task at least (gemm's f32 AVX-512 microkernel is 64 rows tall).
+const MIN_CHANNELS: usize = 64;
+
+/// The convolution on host slices: `out` (`[batch, cout, oh, ow]`) is overwritten.
+///
+/// The work is cut into tasks of (image, panel of output rows, block of output channels); each
+/// task gathers its panel into its thread's buffer and multiplies it on that thread.
+fn conv2d_host(x: &[f32], weight: &[f32], bias: Option<&[f32]>, s: &ConvShape, out: &mut [f32]) {
+    let k = s.k();
+    let pixels = s.oh * s.ow;
+    let in_plane = s.cin * s.h * s.w;
+    assert_eq!(x.len(), s.batch * in_plane);
+    assert_eq!(weight.len(), s.cout * k);
+    assert_eq!(out.len(), s.batch * s.cout * pixels);
+    assert!(bias.is_none_or(|b| b.len() == s.cout));
+    let pointwise = s.is_pointwise();
+    let rows = if pointwise {
+        s.oh
+    } else {
+        (PANEL_BUDGET / (k * s.ow))
+            .max(MIN_COLS.div_ceil(s.ow))
+            .clamp(1, s.oh)
+    };
+    let panels = s.oh.div_ceil(rows);
+    // the same number of panels, as even as possible
+    let rows = s.oh.div_ceil(panels);
+    let images_panels = s.batch * panels;
+    let blocks = MIN_TASKS
+        .div_ceil(images_panels)
+        .min(s.cout / MIN_CHANNELS)
+        .max(1);
+    let channels = s.cout.div_ceil(blocks);
+    let blocks = s.cout.div_ceil(channels);
+    let out_ptr = OutPtr(out.as_mut_ptr());
+    (0..images_panels * blocks)
+        .into_par_iter()
+        .for_each(|task| {
+            let (image_panel, block) = (task / blocks, task % blocks);
+            let (image, panel) = (image_panel / panels, image_panel % panels);
+            let row0 = panel * rows;
+            let rows = rows.min(s.oh - row0);
+            let cols = rows * s.ow;
+            let c0 = block * channels;
+            let channels = channels.min(s.cout - c0);
+            let x_b = &x[image * in_plane..(image + 1) * in_plane];
+            // SAFETY: this task's block, channels c0..c0 + channels by columns row0 * ow ..
+            // row0 * ow + cols of image `image`, is inside `out` and no other task's.
+            let dst = unsafe {
+                out_ptr
+                    .get()
+                    .add((image * s.cout + c0) * pixels + row0 * s.ow)
+            };
+            if let Some(bias) = bias {
+                for c in 0..channels {
+                    // SAFETY: row c of this task's block (as above).
+                    let row = unsafe { std::slice::from_raw_parts_mut(dst.add(c * pixels), cols) };
+                    row.fill(bias[c0 + c]);
+                }
+            }
+            let lhs = &weight[c0 * k..(c0 + channels) * k];
+            let multiply = |rhs: &[f32], rhs_rs: usize| {
+                debug_assert!(rhs.len() >= (k - 1) * rhs_rs + cols);
+                // SAFETY: dst is this task's [channels, cols] block with row stride `pixels` (as
+                // above), lhs is [channels, k] row-major, rhs is [k, cols] with row stride `rhs_rs`
+                // (checked above); dst aliases neither.
+                unsafe {
+                    gemm::gemm(
+                        channels,
+                        cols,
+                        k,
+                        dst,
+                        1,
+                        pixels as isize,
+                        bias.is_some(),
+                        lhs.as_ptr(),
+                        1,
+                        k as isize,
+                        rhs.as_ptr(),
+                        1,
+                        rhs_rs as isize,
+                        1.0,
+                        1.0,
+                        false,
+                        false,
+                        false,
+                        gemm::Parallelism::None,
+                    );
+                }
+            };
+            if pointwise {
+                multiply(&x_b[row0 * s.ow..], pixels);
+            } else {
+                PANEL.with_borrow_mut(|panel| {
+                    if panel.len() < k * cols {
+                        *panel = vec![0f32; k * rows * s.ow];
+                    }
+                    let panel = &mut panel[..k * cols];
+                    im2col(x_b, s, row0, rows, panel);
+                    multiply(panel, cols);
+                });
+            }
+        });
+}
+
+/// Fills `panel` (`[k, rows * ow]` row-major) with the input patches of output rows
+/// `row0..row0 + rows` of one image `x` (`[cin, h, w]`): element `((c, i, j), (y, x))` is
+/// `x[c, y * sh + i * dh - top, x * sw + j * dw - left]`, or 0 in the padding.
+fn im2col(x: &[f32], s: &ConvShape, row0: usize, rows: usize, panel: &mut [f32]) {
+    let Conv2dOptions {
+        stride: [sh, sw],
+        padding: [[top, _], [left, _]],
+        dilation: [dh, dw],
+    } = s.options;
+    let cols = rows * s.ow;
+    panel
+        .chunks_exact_mut(cols)
+        .enumerate()
+        .for_each(|(kk, dst)| {
+            let (c, ij) = (kk / (s.kh * s.kw), kk % (s.kh * s.kw));
+            let (i, j) = (ij / s.kw, ij % s.kw);
+            let plane = &x[c * s.h * s.w..(c + 1) * s.h * s.w];
+            // Output columns whose input column is inside the image: x * sw + j * dw - left in
+            // [0, w), i.e. x in [lo, hi).
+            let shift = j * dw;
+            let lo = left.saturating_sub(shift).div_ceil(sw).min(s.ow);
+            let hi = (s.w + left)
+                .checked_sub(shift)
+                .map_or(0, |end| end.div_ceil(sw))
+                .clamp(lo, s.ow);
+            for (r, dst) in dst.chunks_exact_mut(s.ow).enumerate() {
+                let y = (row0 + r) * sh + i * dh;
+                if y < top || y - top >= s.h {
+                    dst.fill(0.0);
+                    continue;
+                }
+                let src = &plane[(y - top) * s.w..(y - top + 1) * s.w];
+                dst[..lo].fill(0.0);
+                dst[hi..].fill(0.0);
+                let start = lo * sw + shift - left;
+                if sw == 1 {
+                    dst[lo..hi].copy_from_slice(&src[start..start + (hi - lo)]);
+                } else {
+                    for (d, &v) in dst[lo..hi].iter_mut().zip(src[start..].iter().step_by(sw)) {
+                        *d = v;
+                    }
+                }
+            }
+        });
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use burn::tensor::module::conv2d as burn_conv2d;
+    use burn::tensor::ops::ConvOptions;
+    use burn::tensor::{Device, Distribution};
+
+    fn burn_reference(
+        x: &Tensor<4>,
+        weight: &Tensor<4>,
+        bias: Option<&Tensor<1>>,
+        o: Conv2dOptions,
+    ) -> Tensor<4> {
+        let options = ConvOptions::new_with_padding(
+            o.stride,
+            [
+                (o.padding[0][0], o.padding[0][1]),
+                (o.padding[1][0], o.padding[1][1]),
+            ],
+            o.dilation,
+            1,
+        );
+        burn_conv2d(x.clone(), weight.clone(), bias.cloned(), options)
+    }
+
+    /// Against burn's conv2d (the op it replaces) on flex, within 1e-5 relative: 3x3 with
+    /// padding 1 (the UNet's and the VAE's), stride 2 with symmetric and one-sided padding (the
+    /// UNet's and the VAE's downsamplers), 1x1 (shortcuts, projections), no bias, dilation,
+    /// rectangular kernels and inputs, and panels that split an image (K * width large).
+    #[test]
+    fn matches_burns_conv2d() {
+        let device = Device::flex();
+        let normal = Distribution::Normal(0.0, 1.0);
+        let o = |stride: usize, [t, b, l, r]: [usize; 4], dilation: usize| Conv2dOptions {
+            stride: [stride; 2],
+            padding: [[t, b], [l, r]],
+            dilation: [dilation; 2],
+        };
+        for (x, w, options, bias) in [
+            ([2, 5, 9, 7], [6, 5, 3, 3], o(1, [1; 4], 1), true),
+            ([1, 8, 10, 11], [4, 8, 3, 3], o(2, [1; 4], 1), true),
+            ([1, 8, 10, 11], [4, 8, 3, 3], o(2, [0, 1, 0, 1], 1), false),
+            ([2, 16, 6, 5], [7, 16, 1, 1], o(1, [0; 4], 1), true),
+            ([1, 3, 12, 12], [5, 3, 3, 3], o(1, [2; 4], 2), true),
+            ([1, 4, 9, 13], [3, 4, 2, 5], o(1, [0, 1, 2, 0], 1), true),
+            ([1, 2, 5, 5], [3, 2, 1, 1], o(2, [1; 4], 1), true),
+            ([1, 600, 40, 37], [8, 600, 3, 3], o(1, [1; 4], 1), true),
+        ] {
+            let xt = Tensor::<4>::random(x, normal, &device);
+            let wt = Tensor::<4>::random(w, normal, &device);
+            let bt = bias.then(|| Tensor::<1>::random([w[0]], normal, &device));
+            let ours = conv2d(&xt, &wt, bt.as_ref(), options).unwrap();
+            let reference = burn_reference(&xt, &wt, bt.as_ref(), options);
+            assert_eq!(ours.dims(), reference.dims(), "{x:?} {w:?} {options:?}");
+            let error = crate::reference::max_relative_error(&ours, &reference);
+            assert!(error < 1e-5, "{x:?} {w:?} {options:?}: {error:e}");
+        }
+    }
+
+    #[test]
+    fn thread_count_does_not_change_the_result() {
+        let device = Device::flex();
+        let normal = Distribution::Normal(0.0, 1.0);
+        let x = Tensor::<4>::random([2, 64, 24, 24], normal, &device);
+        let w = Tensor::<4>::random([96, 64, 3, 3], normal, &device);
+        let b = Tensor::<1>::random([96], normal, &device);
+        let options = Conv2dOptions {
+            stride: [1, 1],
+            padding: [[1, 1], [1, 1]],
+            dilation: [1, 1],
+        };
+        let run = |threads: usize| {
+            let pool = rayon::ThreadPoolBuilder::new()
+                .num_threads(threads)
+                .build()
+                .unwrap();
+            let out = pool.install(|| conv2d(&x, &w, Some(&b), options).unwrap());
+            out.into_data().try_into_vec::<f32>().unwrap()
+        };
+        assert_eq!(run(1), run(3));
+    }
+
+    #[test]
+    fn other_dtypes_groups_and_empty_outputs_are_left_to_burn() {
+        let device = Device::flex();
+        let options = Conv2dOptions {
+            stride: [1, 1],
+            padding: [[0, 0], [0, 0]],
+            dilation: [1, 1],
+        };
+        let x = Tensor::<4>::zeros([1, 4, 5, 5], &device);
+        let w = Tensor::<4>::zeros([2, 4, 3, 3], &device);
+        assert!(conv2d(&x, &w, None, options).is_some());
+        let half = |t: &Tensor<4>| t.clone().cast(burn::tensor::DType::F16);
+        assert!(conv2d(&half(&x), &half(&w), None, options).is_none());
+        // grouped weights: [out, in / groups, ..]
+        assert!(conv2d(&x, &Tensor::zeros([2, 2, 3, 3], &device), None, options).is_none());
+        // a kernel larger than the input
+        assert!(conv2d(&x, &Tensor::zeros([2, 4, 7, 7], &device), None, options).is_none());
+        // autodiff tensors keep burn's op (and its backward)
+        let ad = Device::flex().autodiff();
+        let xa = Tensor::<4>::zeros([1, 4, 5, 5], &ad).require_grad();
+        assert!(conv2d(&xa, &Tensor::zeros([2, 4, 3, 3], &ad), None, options).is_none());
+    }
+}

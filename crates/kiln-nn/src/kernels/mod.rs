@@ -1,0 +1,71 @@
+//! Kiln's own CPU kernels, for the ops where burn-flex's are well below what the CPU can do
+//! (docs/performance.md). Each reads the host data of plain (not autodiff) f32 flex tensors in
+//! place and returns a new tensor, so it serves inference only: on an autodiff device, for other
+//! dtypes and on every other backend it returns `None` and the callers use burn's op. Each is
+//! checked against the burn op it replaces (the `tests` of each module).
+//!
+//! - [`attention`]: exact two-pass softmax over query blocks whose score rows fit in cache.
+//! - [`conv2d`]: im2col straight from NCHW into cache-sized column panels, one GEMM per panel
+//!   on the weights as stored, written in place into the output.
+//! - [`gelu`], [`geglu`], [`silu`], [`group_norm`] (with an optional SiLU): one vectorised pass
+//!   each where burn computes one scalar libm call per element or several tensor passes.
+
+mod attention;
+mod conv;
+mod elementwise;
+mod host;
+
+pub use attention::{MIN_KEYS, attention};
+pub use conv::{Conv2dOptions, conv2d};
+pub use elementwise::{geglu, gelu, group_norm, silu};
+
+/// `e^x` for `x <= 0` to within 2 ulp (Cephes' `expf` polynomial, branch-free so that the
+/// kernels' loops vectorise): `x = n ln 2 + r`, `|r| <= ln 2 / 2`, `e^x = 2^n e^r`. Below -87
+/// (near f32's smallest normal number) the result is 0.
+#[inline(always)]
+fn exp(x: f32) -> f32 {
+    const LOG2E: f32 = std::f32::consts::LOG2_E;
+    // 1.5 * 2^23: adding it rounds to an integer held in the low mantissa bits
+    const ROUND: f32 = 12_582_912.0;
+    const LN2_HI: f32 = 0.693_359_4;
+    const LN2_LO: f32 = -2.121_944_4e-4;
+    let tiny = x < -87.0;
+    let x = x.max(-87.0);
+    let t = x * LOG2E + ROUND;
+    let n = t - ROUND;
+    let ni = (t.to_bits() as i32).wrapping_sub(ROUND.to_bits() as i32);
+    let r = x - n * LN2_HI - n * LN2_LO;
+    let p = 1.987_569_1e-4_f32;
+    let p = p * r + 1.398_199_9e-3;
+    let p = p * r + 8.333_452e-3;
+    let p = p * r + 4.166_579_6e-2;
+    let p = p * r + 1.666_666_5e-1;
+    let p = p * r + 0.5; // Cephes: 5.0000001201e-1, which is 0.5 in f32
+    let e = p * r * r + r + 1.0;
+    let e = e * f32::from_bits(((ni + 127) as u32) << 23);
+    if tiny { 0.0 } else { e }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn exp_is_within_two_ulps() {
+        let mut worst = 0f64;
+        for i in 0..=200_000 {
+            let x = -87.0 * i as f32 / 200_000.0;
+            let ours = exp(x) as f64;
+            let exact = (x as f64).exp();
+            worst = worst.max((ours - exact).abs() / exact);
+        }
+        assert!(
+            worst < 2.0 * f32::EPSILON as f64,
+            "worst relative error {worst:e}"
+        );
+        assert_eq!(exp(0.0), 1.0);
+        assert_eq!(exp(-88.0), 0.0);
+        assert_eq!(exp(-1e30), 0.0);
+        assert_eq!(exp(f32::NEG_INFINITY), 0.0);
+    }
+}
