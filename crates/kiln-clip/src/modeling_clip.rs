@@ -21,6 +21,7 @@ use kiln_nn::weights::{LoadOptions, find_weights, load_safetensors};
 
 use crate::configuration_clip::ClipTextConfig;
 use crate::{Error, Result};
+use kiln_nn::linear::linear as layer;
 
 /// Weight files tried in a text-encoder folder, in order, for a run in full precision.
 pub const WEIGHT_FILES: [&str; 3] = [
@@ -101,17 +102,16 @@ impl ClipAttention {
         let heads = self.num_heads;
         // [b, s, h] -> [b, heads, s, head_dim]
         let split = |t: Tensor<3>| t.reshape([b, s, heads, h / heads]).swap_dims(1, 2);
-        let q = split(self.q_proj.forward(x.clone()));
-        let k = split(self.k_proj.forward(x.clone()));
-        let v = split(self.v_proj.forward(x));
+        let q = split(layer(&self.q_proj, x.clone()));
+        let k = split(layer(&self.k_proj, x.clone()));
+        let v = split(layer(&self.v_proj, x));
         let options = AttentionModuleOptions {
             is_causal: true,
             ..Default::default()
         };
         let out = attention(q, k, v, None, None, options);
         // [b, heads, s, head_dim] -> [b, s, h]
-        self.out_proj
-            .forward(out.swap_dims(1, 2).reshape([b, s, h]))
+        layer(&self.out_proj, out.swap_dims(1, 2).reshape([b, s, h]))
     }
 }
 
@@ -138,8 +138,7 @@ impl ClipMlp {
     /// # Shapes
     /// `[batch, seq, hidden]` -> `[batch, seq, hidden]`.
     pub fn forward(&self, x: Tensor<3>) -> Tensor<3> {
-        self.fc2
-            .forward(self.activation.forward(self.fc1.forward(x)))
+        layer(&self.fc2, self.activation.forward(layer(&self.fc1, x)))
     }
 }
 

@@ -14,6 +14,7 @@ use burn::tensor::module::attention;
 use burn::tensor::ops::AttentionModuleOptions;
 use burn::tensor::{DType, Device, Tensor};
 
+use crate::linear::linear;
 use crate::normalization::{group_norm, group_norm_forward};
 
 /// Shape and options of an [`Attention`] layer.
@@ -153,9 +154,9 @@ impl Attention {
             None => x,
         };
         let kv_source = context.cloned().unwrap_or_else(|| x.clone());
-        let q = self.heads_first(self.to_q.forward(x));
-        let k = self.heads_first(self.to_k.forward(kv_source.clone()));
-        let v = self.heads_first(self.to_v.forward(kv_source));
+        let q = self.heads_first(linear(&self.to_q, x));
+        let k = self.heads_first(linear(&self.to_k, kv_source.clone()));
+        let v = self.heads_first(linear(&self.to_v, kv_source));
 
         let dtype = q.dtype();
         let upcast = self.upcast && matches!(dtype, DType::F16 | DType::BF16);
@@ -167,7 +168,7 @@ impl Attention {
         // [b, heads, n, d] -> [b, n, heads, d] -> [b, n, heads * d]
         let [b, h, n, d] = out.dims();
         let out = out.swap_dims(1, 2).reshape([b, n, h * d]);
-        let out = self.to_out.0.forward(out);
+        let out = linear(&self.to_out.0, out);
         let out = match residual {
             Some(r) => out + r,
             None => out,

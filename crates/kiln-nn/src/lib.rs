@@ -15,6 +15,7 @@ pub mod flops;
 pub mod init;
 #[cfg(feature = "flex")]
 pub mod kernels;
+pub mod linear;
 pub mod normalization;
 pub mod precision;
 pub mod reference;

@@ -10,6 +10,7 @@ use burn::module::Module;
 use burn::nn::{Dropout, DropoutConfig, LayerNorm, LayerNormConfig, Linear, LinearConfig};
 use burn::tensor::{Device, Tensor};
 use kiln_nn::attention::{Attention, AttentionConfig};
+use kiln_nn::linear::linear;
 
 /// `proj` to twice the width, then `hidden * gelu(gate)` (exact GELU).
 #[derive(Module, Debug)]
@@ -23,7 +24,7 @@ impl GEGLU {
     /// - `x`: `[batch, tokens, dim_in]`
     /// - output: `[batch, tokens, dim_out]`
     pub fn forward(&self, x: Tensor<3>) -> Tensor<3> {
-        kiln_nn::activation::geglu(self.proj.forward(x))
+        kiln_nn::activation::geglu(linear(&self.proj, x))
     }
 }
 
@@ -53,7 +54,7 @@ impl FeedForward {
     /// - `x`: `[batch, tokens, dim]`
     /// - output: same as `x`
     pub fn forward(&self, x: Tensor<3>) -> Tensor<3> {
-        self.net.2.forward(self.net.0.forward(x))
+        linear(&self.net.2, self.net.0.forward(x))
     }
 }
 

@@ -14,6 +14,7 @@ use kiln_nn::normalization::{group_norm, group_norm_forward};
 
 use crate::attention::{BasicTransformerBlock, TransformerBlockConfig};
 use kiln_nn::conv::conv2d;
+use kiln_nn::linear::linear;
 
 /// Input and output projection: 1x1 convolution or linear layer (`use_linear_projection`).
 #[derive(Module, Debug)]
@@ -135,7 +136,7 @@ impl Transformer2DModel {
                 let inner = x.dims()[1];
                 x.reshape([b, inner, h * w]).swap_dims(1, 2)
             }
-            Projection::Linear(linear) => linear.forward(x.reshape([b, c, h * w]).swap_dims(1, 2)),
+            Projection::Linear(layer) => linear(layer, x.reshape([b, c, h * w]).swap_dims(1, 2)),
         };
         // 2. Transformer blocks
         let tokens = self
@@ -148,8 +149,8 @@ impl Transformer2DModel {
                 let inner = tokens.dims()[2];
                 conv2d(conv, tokens.swap_dims(1, 2).reshape([b, inner, h, w]))
             }
-            Projection::Linear(linear) => {
-                linear.forward(tokens).swap_dims(1, 2).reshape([b, c, h, w])
+            Projection::Linear(layer) => {
+                linear(layer, tokens).swap_dims(1, 2).reshape([b, c, h, w])
             }
         };
         // 4. Residual

@@ -288,7 +288,12 @@ mod tests {
         xs.extend([-1e30, -100.0, -88.0, 88.0, 100.0, 1e30, 0.0, -0.0]);
         let x = Tensor::<1>::from_data(xs.as_slice(), &device);
         for (name, ours, reference, approximation) in [
-            ("gelu", gelu(&x).unwrap(), activation::gelu(x.clone()), (1.5e-7 + 6e-8) / 2.0),
+            (
+                "gelu",
+                gelu(&x).unwrap(),
+                activation::gelu(x.clone()),
+                (1.5e-7 + 6e-8) / 2.0,
+            ),
             ("silu", silu(&x).unwrap(), activation::silu(x.clone()), 0.0),
         ] {
             for ((&x, o), r) in xs.iter().zip(values(&ours)).zip(values(&reference)) {

@@ -7,6 +7,7 @@
 //! - [`attention`]: exact two-pass softmax over query blocks whose score rows fit in cache.
 //! - [`conv2d`]: im2col straight from NCHW into cache-sized column panels, one GEMM per panel
 //!   on the weights as stored, written in place into the output.
+//! - [`linear`]: one GEMM of the flattened rows onto the bias.
 //! - [`gelu`], [`geglu`], [`silu`], [`group_norm`] (with an optional SiLU): one vectorised pass
 //!   each where burn computes one scalar libm call per element or several tensor passes.
 
@@ -14,10 +15,12 @@ mod attention;
 mod conv;
 mod elementwise;
 mod host;
+mod linear;
 
 pub use attention::{MIN_KEYS, attention};
 pub use conv::{Conv2dOptions, conv2d};
 pub use elementwise::{geglu, gelu, group_norm, silu};
+pub use linear::linear;
 
 /// `e^x` for `x <= 0` to within 2 ulp (Cephes' `expf` polynomial, branch-free so that the
 /// kernels' loops vectorise): `x = n ln 2 + r`, `|r| <= ln 2 / 2`, `e^x = 2^n e^r`. Below -87
