@@ -84,9 +84,10 @@ fn config(workload: &'static str, batch: usize, size: usize, runs: usize) -> Con
     }
 }
 
-/// The configurations of a set: `quick` (a few minutes) or `full` (the table: the UNet
-/// at 256 to 1024 px, the VAE, the text encoder, a 20-step 512 px generation; about an hour on
-/// 2 cores).
+/// The configurations of a set: `quick` (a few minutes), `goals` (the rows the speed goals are
+/// stated for: the UNet at 256 and 512 px, a 512 px decode, a 20-step 512 px generation; about
+/// 15 minutes) or `full` (the table: the UNet at 256 to 1024 px, the VAE, the text
+/// encoder, a 20-step 512 px generation; about an hour on 2 cores).
 fn configs(set: &str, bf16: bool) -> Result<Vec<Config>> {
     let mut all = match set {
         "quick" => vec![
@@ -107,7 +108,16 @@ fn configs(set: &str, bf16: bool) -> Result<Vec<Config>> {
                 ..config("pipeline", 1, 512, 1)
             },
         ],
-        other => bail!("unknown set `{other}`: use quick or full"),
+        "goals" => vec![
+            config("unet", 2, 256, 2),
+            config("unet", 2, 512, 2),
+            config("vae-decode", 1, 512, 1),
+            Config {
+                warmup: 0,
+                ..config("pipeline", 1, 512, 1)
+            },
+        ],
+        other => bail!("unknown set `{other}`: use quick, goals or full"),
     };
     if bf16 {
         all.push(Config {

@@ -46,8 +46,9 @@ enum Task {
     /// 2 threads), alternating, and write the ratio table into docs/performance.md and the UNet
     /// plot into docs/images/ (results kept in target/bench-compare/results.jsonl).
     BenchCompare {
-        /// `quick` (minutes) or `full` (the UNet at 256 to 1024 px, VAE, text encoder, a
-        /// 20-step generation; about an hour on 2 cores).
+        /// `quick` (minutes), `goals` (the UNet at 256 and 512 px, a 512 px decode, a 20-step
+        /// generation; about 15 minutes) or `full` (the UNet at 256 to 1024 px, VAE, text
+        /// encoder, a 20-step generation; about an hour on 2 cores).
         #[arg(long, default_value = "quick")]
         set: String,
         /// Rounds of each configuration (each side once per round).

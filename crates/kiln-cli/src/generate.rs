@@ -60,6 +60,10 @@ pub struct GenerateArgs {
     /// Image height in pixels (default: the model's, or the input image's).
     #[arg(long)]
     height: Option<usize>,
+    /// Memory the run may use beyond the loaded weights, in GiB (default: what the system has
+    /// available). A size whose estimate is larger is refused before anything is allocated.
+    #[arg(long, value_name = "GIB")]
+    max_memory: Option<f64>,
     /// Random seed (default: from the clock; written into the PNG metadata).
     #[arg(long)]
     seed: Option<u64>,
@@ -261,6 +265,13 @@ pub fn run(args: GenerateArgs, device: impl FnOnce() -> Result<Device>) -> Resul
     if let Some(latents) = latents {
         options = options.with_latents(latents);
     }
+    if let Some(gib) = args.max_memory {
+        if gib.is_nan() || gib <= 0.0 {
+            bail!("--max-memory {gib} must be a positive number of GiB");
+        }
+        options =
+            options.with_memory_limit((gib * (1u64 << 30) as f64).min(u64::MAX as f64) as u64);
+    }
 
     // 4. the run, with a progress bar on stderr
     let bar = ProgressBar::with_draw_target(None, ProgressDrawTarget::stderr());
@@ -277,7 +288,14 @@ pub fn run(args: GenerateArgs, device: impl FnOnce() -> Result<Device>) -> Resul
         std::ops::ControlFlow::Continue(())
     };
     let mut noise = SeededNoise::new(seed);
-    let out = pipe.generate(&mut scheduler, &options, &mut noise, Some(&mut on_step))?;
+    let out = match pipe.generate(&mut scheduler, &options, &mut noise, Some(&mut on_step)) {
+        Ok(out) => out,
+        Err(e @ kiln_pipeline::Error::InsufficientMemory { .. }) => {
+            bar.finish_and_clear();
+            bail!("{e} (--max-memory GIB sets the limit)")
+        }
+        Err(e) => return Err(e.into()),
+    };
     bar.finish_and_clear();
 
     // 5. encode every PNG, then write them all

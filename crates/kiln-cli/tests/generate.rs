@@ -362,6 +362,14 @@ fn bad_input_is_one_clear_line_and_no_file() {
     fails_cleanly(sd1.path(), &["--width", "31"], "multiples of 2");
     fails_cleanly(sd1.path(), &["--scheduler", "pndm", "--karras"], "--karras");
     fails_cleanly(sd1.path(), &["--dtype", "f64"], "f64");
+    // sizes too large for memory: refused before anything is allocated, with the estimate
+    fails_cleanly(
+        sd1.path(),
+        &["--width", "100000", "--height", "100000"],
+        "GiB beyond the loaded weights",
+    );
+    fails_cleanly(sd1.path(), &["--max-memory", "0.000001"], "--max-memory");
+    fails_cleanly(sd1.path(), &["--max-memory=-1"], "--max-memory");
 
     let dir = tempfile::tempdir().unwrap();
     let png_path = dir.path().join("img.png");

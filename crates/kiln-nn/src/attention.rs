@@ -224,7 +224,8 @@ const SPLIT_MIN_SCORES: usize = 1 << 18;
 /// single-head attention (batch 1) would use one core. On flex, when there are fewer
 /// (batch, head) pairs than cores, the queries are cut into chunks that become extra "heads"
 /// sharing the same keys and values: each query row is computed exactly as before, only in
-/// parallel. Other backends get the op unchanged.
+/// parallel. Other backends get the op unchanged, except that at most [`MAX_SCORES`] scores go
+/// through one call (queries in blocks), so memory stays bounded at any size.
 ///
 /// # Shapes
 /// - `q`: `[batch, heads, queries, d]`, `k`: `[batch, heads, keys, d]`,
@@ -237,6 +238,35 @@ pub fn fused_attention(q: Tensor<4>, k: Tensor<4>, v: Tensor<4>) -> Tensor<4> {
     {
         return out;
     }
+    in_query_blocks(q, k, v, MAX_SCORES)
+}
+
+/// burn's op on blocks of queries of at most `max_scores` scores each.
+fn in_query_blocks(q: Tensor<4>, k: Tensor<4>, v: Tensor<4>, max_scores: usize) -> Tensor<4> {
+    let [b, h, n, _] = q.dims();
+    let m = k.dims()[2];
+    // Bounded memory: burn's op may hold every score of the batch at once (its naive path, and
+    // every path under autodiff), so long sequences go through it a block of queries at a time.
+    let rows = (max_scores / (b * h * m).max(1)).max(1);
+    if rows < n {
+        let blocks: Vec<Tensor<4>> = (0..n)
+            .step_by(rows)
+            .map(|start| {
+                let len = rows.min(n - start);
+                burn_attention(q.clone().narrow(2, start, len), k.clone(), v.clone())
+            })
+            .collect();
+        return Tensor::cat(blocks, 2);
+    }
+    burn_attention(q, k, v)
+}
+
+/// Scores one call of burn's attention op may hold: 2^26 (256 MiB in f32). Queries beyond it are
+/// split into blocks ([`fused_attention`]); each query row is computed exactly as before.
+pub const MAX_SCORES: usize = 1 << 26;
+
+/// burn's op, with flex's single-thread heads split over the cores (see [`fused_attention`]).
+fn burn_attention(q: Tensor<4>, k: Tensor<4>, v: Tensor<4>) -> Tensor<4> {
     let [b, h, n, d] = q.dims();
     let [_, _, m, dv] = v.dims();
     let threads = std::thread::available_parallelism().map_or(1, |t| t.get());
@@ -330,6 +360,32 @@ mod tests {
         );
         let split = fused_attention(q, k, v);
         split
+            .into_data()
+            .assert_approx_eq::<f32>(&plain.into_data(), Tolerance::<f32>::absolute(1e-6));
+    }
+
+    /// Queries in blocks (bounded memory) give the op's result, here under autodiff, where burn
+    /// materialises the scores, and with gradients flowing through the blocks.
+    #[test]
+    fn query_blocks_match_the_plain_op() {
+        let device = Device::default().autodiff();
+        let normal = Distribution::Normal(0.0, 1.0);
+        let q = Tensor::<4>::random([2, 3, 50, 8], normal, &device).require_grad();
+        let k = Tensor::<4>::random([2, 3, 40, 8], normal, &device);
+        let v = Tensor::<4>::random([2, 3, 40, 8], normal, &device);
+        let plain = attention(
+            q.clone(),
+            k.clone(),
+            v.clone(),
+            None,
+            None,
+            AttentionModuleOptions::default(),
+        );
+        // 6 (batch, head) pairs x 40 keys: blocks of 7 queries
+        let blocked = in_query_blocks(q.clone(), k, v, 6 * 40 * 7);
+        let grad = blocked.clone().sum().backward();
+        assert!(q.grad(&grad).is_some());
+        blocked
             .into_data()
             .assert_approx_eq::<f32>(&plain.into_data(), Tolerance::<f32>::absolute(1e-6));
     }

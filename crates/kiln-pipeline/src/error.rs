@@ -49,6 +49,29 @@ pub enum Error {
     /// An option or input tensor the caller gave is out of range or misshaped.
     #[error("invalid input: {0}")]
     InvalidInput(String),
+    /// A generation would need more memory than it may use (estimated before anything is
+    /// allocated).
+    #[error(
+        "a {width}x{height} generation of {num_images} image(s) needs about {:.2} GiB beyond the \
+         loaded weights (UNet {:.2} GiB, VAE decode {:.2} GiB), more than the {:.2} GiB it may \
+         use; choose a smaller size or fewer images, or raise the memory limit",
+        crate::memory::gib(estimate.peak()),
+        crate::memory::gib(estimate.unet),
+        crate::memory::gib(estimate.vae_decode),
+        crate::memory::gib(*limit)
+    )]
+    InsufficientMemory {
+        /// Image width in pixels.
+        width: usize,
+        /// Image height in pixels.
+        height: usize,
+        /// Images in the batch.
+        num_images: usize,
+        /// The estimate.
+        estimate: crate::memory::MemoryEstimate,
+        /// The limit it exceeds, in bytes.
+        limit: u64,
+    },
     /// The step callback asked to stop.
     #[error("generation cancelled at step {step}")]
     Cancelled {

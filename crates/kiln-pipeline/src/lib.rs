@@ -67,6 +67,7 @@
 #[cfg(feature = "embedded-model")]
 pub mod embedded;
 mod error;
+pub mod memory;
 pub mod pipeline_stable_diffusion;
 pub mod presets;
 pub mod single_file;

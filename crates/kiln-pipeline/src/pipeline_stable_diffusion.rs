@@ -184,6 +184,11 @@ pub struct GenerateOptions {
     pub negative_prompt_embeds: Option<Tensor<3>>,
     /// Text to image, image to image or inpainting.
     pub mode: Mode,
+    /// Bytes the generation may use beyond the loaded weights, checked against
+    /// [`StableDiffusionPipeline::estimate_memory`] before anything is allocated. `None`: the
+    /// memory available when the generation starts ([`crate::memory::available_memory`]);
+    /// `Some(u64::MAX)` checks nothing.
+    pub memory_limit: Option<u64>,
 }
 
 impl GenerateOptions {
@@ -203,6 +208,7 @@ impl GenerateOptions {
             prompt_embeds: None,
             negative_prompt_embeds: None,
             mode: Mode::Txt2Img,
+            memory_limit: None,
         }
     }
 
@@ -266,6 +272,12 @@ impl GenerateOptions {
     pub fn with_prompt_embeds(mut self, embeds: Tensor<3>, negative: Option<Tensor<3>>) -> Self {
         self.prompt_embeds = Some(embeds);
         self.negative_prompt_embeds = negative;
+        self
+    }
+
+    /// Sets the memory limit in bytes beyond the loaded weights ([`Self::memory_limit`]).
+    pub fn with_memory_limit(mut self, bytes: u64) -> Self {
+        self.memory_limit = Some(bytes);
         self
     }
 
@@ -573,6 +585,11 @@ impl StableDiffusionPipeline {
         &self.device
     }
 
+    /// The dtype the models compute in.
+    pub fn dtype(&self) -> DType {
+        self.dtype
+    }
+
     /// Whether the UNet is an inpainting UNet (latents, mask and masked-image latents as input).
     pub fn is_inpainting_unet(&self) -> bool {
         self.unet.config.in_channels == 2 * self.vae.config.latent_channels + 1
@@ -676,13 +693,27 @@ impl StableDiffusionPipeline {
                 options.guidance_scale, options.guidance_rescale
             )));
         }
+        let do_cfg = options.guidance_scale > 1.0;
+        let estimate = self.estimate_memory(width, height, n, do_cfg);
+        if let Some(limit) = options
+            .memory_limit
+            .or_else(crate::memory::available_memory)
+            && estimate.peak() > limit
+        {
+            return Err(Error::InsufficientMemory {
+                width,
+                height,
+                num_images: n,
+                estimate,
+                limit,
+            });
+        }
         let f = self.vae_scale_factor();
         let latent_channels = self.vae.config.latent_channels;
         let shape = [n, latent_channels, height / f, width / f];
         let _span = tracing::info_span!("generate", width, height, steps = options.steps).entered();
 
         // 1. prompt embeddings, [uncond x n, cond x n] under guidance
-        let do_cfg = options.guidance_scale > 1.0;
         let context = self.context(options, do_cfg)?;
 
         // 2. timesteps, cut to the strength point for img2img / inpainting

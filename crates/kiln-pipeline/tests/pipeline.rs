@@ -318,3 +318,43 @@ fn embedded_model_generates_at_its_size() {
         &rgb.data[..3]
     );
 }
+
+/// A size too large for memory is refused before anything is allocated, with the estimate and
+/// the limit; the estimate grows with the size, the batch and guidance; a limit above the
+/// estimate lets the run go.
+#[test]
+fn sizes_too_large_for_memory_are_refused_up_front() {
+    let dir = common::model("sd1");
+    let pipe = load(dir.path()).unwrap();
+    let huge = GenerateOptions::new("a cat")
+        .with_steps(1)
+        .with_size(100_000, 100_000);
+    let started = std::time::Instant::now();
+    match run(&pipe, &huge, 0) {
+        Err(e @ Error::InsufficientMemory { .. }) => {
+            let message = e.to_string();
+            assert!(message.contains("100000x100000"), "{message}");
+            assert!(message.contains("GiB"), "{message}");
+        }
+        other => panic!("expected InsufficientMemory, got {other:?}"),
+    }
+    // refused before the prompt is even encoded (timing is not asserted, only reported)
+    eprintln!("refused in {:?}", started.elapsed());
+
+    let estimate = |w, h, n, cfg| pipe.estimate_memory(w, h, n, cfg);
+    let base = estimate(64, 64, 1, true);
+    assert!(estimate(128, 128, 1, true).unet > base.unet);
+    assert!(estimate(128, 128, 1, true).vae_decode > base.vae_decode);
+    assert!(estimate(64, 64, 2, true).unet > base.unet);
+    assert!(estimate(64, 64, 1, false).unet < base.unet);
+    assert_eq!(base.peak(), base.unet.max(base.vae_decode));
+    assert_eq!(estimate(usize::MAX, usize::MAX, 1, true).peak(), u64::MAX);
+
+    let small_run = small("a cat");
+    let needed = pipe.estimate_memory(48, 32, 1, true).peak();
+    match run(&pipe, &small_run.clone().with_memory_limit(needed - 1), 0) {
+        Err(Error::InsufficientMemory { limit, .. }) => assert_eq!(limit, needed - 1),
+        other => panic!("expected InsufficientMemory, got {other:?}"),
+    }
+    assert!(run(&pipe, &small_run.with_memory_limit(needed), 0).is_ok());
+}
