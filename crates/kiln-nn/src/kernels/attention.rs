@@ -165,43 +165,40 @@ fn attention_block(
 /// Lanes of the vector loops' accumulators: one AVX-512 register of f32 (two AVX2 ones).
 const LANES: usize = 16;
 
-/// Replaces `row` by `exp(row - max(row))` and returns its sum (the softmax's denominator).
-#[multiversion::multiversion(targets(
-    "x86_64+avx512f+avx512bw+avx512vl+avx512dq",
-    "x86_64+avx2+fma",
-    "aarch64+neon"
-))]
-fn softmax_numerator(row: &mut [f32]) -> f32 {
-    let mut max = [f32::NEG_INFINITY; LANES];
-    let mut chunks = row.chunks_exact(LANES);
-    for chunk in &mut chunks {
-        for (m, &x) in max.iter_mut().zip(chunk) {
-            *m = if x > *m { x } else { *m };
+vectorised! {
+    /// Replaces `row` by `exp(row - max(row))` and returns its sum (the softmax's denominator).
+    fn softmax_numerator(row: &mut [f32]) -> f32 {
+        let mut max = [f32::NEG_INFINITY; LANES];
+        let mut chunks = row.chunks_exact(LANES);
+        for chunk in &mut chunks {
+            for (m, &x) in max.iter_mut().zip(chunk) {
+                *m = if x > *m { x } else { *m };
+            }
         }
-    }
-    let mut max = max.into_iter().fold(f32::NEG_INFINITY, f32::max);
-    for &x in chunks.remainder() {
-        max = max.max(x);
-    }
-    if max == f32::NEG_INFINITY {
-        max = 0.0;
-    }
-    let mut sum = [0f32; LANES];
-    let mut chunks = row.chunks_exact_mut(LANES);
-    for chunk in &mut chunks {
-        for (s, x) in sum.iter_mut().zip(chunk.iter_mut()) {
+        let mut max = max.into_iter().fold(f32::NEG_INFINITY, f32::max);
+        for &x in chunks.remainder() {
+            max = max.max(x);
+        }
+        if max == f32::NEG_INFINITY {
+            max = 0.0;
+        }
+        let mut sum = [0f32; LANES];
+        let mut chunks = row.chunks_exact_mut(LANES);
+        for chunk in &mut chunks {
+            for (s, x) in sum.iter_mut().zip(chunk.iter_mut()) {
+                let e = exp(*x - max);
+                *x = e;
+                *s += e;
+            }
+        }
+        let mut total: f32 = sum.iter().sum();
+        for x in chunks.into_remainder() {
             let e = exp(*x - max);
             *x = e;
-            *s += e;
+            total += e;
         }
+        total
     }
-    let mut total: f32 = sum.iter().sum();
-    for x in chunks.into_remainder() {
-        let e = exp(*x - max);
-        *x = e;
-        total += e;
-    }
-    total
 }
 
 #[cfg(test)]

@@ -165,105 +165,87 @@ fn silu_one(x: f32) -> f32 {
     x * s
 }
 
-#[multiversion::multiversion(targets(
-    "x86_64+avx512f+avx512bw+avx512vl+avx512dq",
-    "x86_64+avx2+fma",
-    "aarch64+neon"
-))]
-fn gelu_slice(x: &[f32], out: &mut [f32]) {
-    for (o, &x) in out.iter_mut().zip(x) {
-        *o = gelu_one(x);
+vectorised! {
+    fn gelu_slice(x: &[f32], out: &mut [f32]) {
+        for (o, &x) in out.iter_mut().zip(x) {
+            *o = gelu_one(x);
+        }
     }
 }
 
-#[multiversion::multiversion(targets(
-    "x86_64+avx512f+avx512bw+avx512vl+avx512dq",
-    "x86_64+avx2+fma",
-    "aarch64+neon"
-))]
-fn silu_slice(x: &[f32], out: &mut [f32]) {
-    for (o, &x) in out.iter_mut().zip(x) {
-        *o = silu_one(x);
+vectorised! {
+    fn silu_slice(x: &[f32], out: &mut [f32]) {
+        for (o, &x) in out.iter_mut().zip(x) {
+            *o = silu_one(x);
+        }
     }
 }
 
-#[multiversion::multiversion(targets(
-    "x86_64+avx512f+avx512bw+avx512vl+avx512dq",
-    "x86_64+avx2+fma",
-    "aarch64+neon"
-))]
-fn geglu_row(hidden: &[f32], gate: &[f32], out: &mut [f32]) {
-    for ((o, &h), &g) in out.iter_mut().zip(hidden).zip(gate) {
-        *o = h * gelu_one(g);
+vectorised! {
+    fn geglu_row(hidden: &[f32], gate: &[f32], out: &mut [f32]) {
+        for ((o, &h), &g) in out.iter_mut().zip(hidden).zip(gate) {
+            *o = h * gelu_one(g);
+        }
     }
 }
 
 /// Lanes of the reductions' accumulators: one AVX-512 register of f32 (two AVX2 ones).
 const LANES: usize = 16;
 
-/// `sum(x)`, in f32 lanes over chunks of 1024 elements, each chunk's total added in f64.
-#[multiversion::multiversion(targets(
-    "x86_64+avx512f+avx512bw+avx512vl+avx512dq",
-    "x86_64+avx2+fma",
-    "aarch64+neon"
-))]
-fn sum(x: &[f32]) -> f64 {
-    let mut total = 0f64;
-    for block in x.chunks(1024) {
-        let mut acc = [0f32; LANES];
-        let mut chunks = block.chunks_exact(LANES);
-        for chunk in &mut chunks {
-            for (a, &v) in acc.iter_mut().zip(chunk) {
-                *a += v;
+vectorised! {
+    /// `sum(x)`, in f32 lanes over chunks of 1024 elements, each chunk's total added in f64.
+    fn sum(x: &[f32]) -> f64 {
+        let mut total = 0f64;
+        for block in x.chunks(1024) {
+            let mut acc = [0f32; LANES];
+            let mut chunks = block.chunks_exact(LANES);
+            for chunk in &mut chunks {
+                for (a, &v) in acc.iter_mut().zip(chunk) {
+                    *a += v;
+                }
             }
+            let rest: f32 = chunks.remainder().iter().sum();
+            total += acc.iter().map(|&a| a as f64).sum::<f64>() + rest as f64;
         }
-        let rest: f32 = chunks.remainder().iter().sum();
-        total += acc.iter().map(|&a| a as f64).sum::<f64>() + rest as f64;
+        total
     }
-    total
 }
 
-/// `sum((x - mean)^2)`, accumulated as [`sum`] is.
-#[multiversion::multiversion(targets(
-    "x86_64+avx512f+avx512bw+avx512vl+avx512dq",
-    "x86_64+avx2+fma",
-    "aarch64+neon"
-))]
-fn centered_squares(x: &[f32], mean: f32) -> f64 {
-    let mut total = 0f64;
-    for block in x.chunks(1024) {
-        let mut acc = [0f32; LANES];
-        let mut chunks = block.chunks_exact(LANES);
-        for chunk in &mut chunks {
-            for (a, &v) in acc.iter_mut().zip(chunk) {
-                let d = v - mean;
-                *a += d * d;
+vectorised! {
+    /// `sum((x - mean)^2)`, accumulated as [`sum`] is.
+    fn centered_squares(x: &[f32], mean: f32) -> f64 {
+        let mut total = 0f64;
+        for block in x.chunks(1024) {
+            let mut acc = [0f32; LANES];
+            let mut chunks = block.chunks_exact(LANES);
+            for chunk in &mut chunks {
+                for (a, &v) in acc.iter_mut().zip(chunk) {
+                    let d = v - mean;
+                    *a += d * d;
+                }
             }
+            let rest: f32 = chunks
+                .remainder()
+                .iter()
+                .map(|&v| (v - mean) * (v - mean))
+                .sum();
+            total += acc.iter().map(|&a| a as f64).sum::<f64>() + rest as f64;
         }
-        let rest: f32 = chunks
-            .remainder()
-            .iter()
-            .map(|&v| (v - mean) * (v - mean))
-            .sum();
-        total += acc.iter().map(|&a| a as f64).sum::<f64>() + rest as f64;
+        total
     }
-    total
 }
 
-/// `out = x * scale + shift`, then SiLU when `silu`.
-#[multiversion::multiversion(targets(
-    "x86_64+avx512f+avx512bw+avx512vl+avx512dq",
-    "x86_64+avx2+fma",
-    "aarch64+neon"
-))]
-fn scale_shift(x: &[f32], scale: f32, shift: f32, silu: bool, out: &mut [f32]) {
-    if silu {
-        for (o, &x) in out.iter_mut().zip(x) {
-            *o = silu_one(x * scale + shift);
-        }
-    } else {
-        for (o, &x) in out.iter_mut().zip(x) {
-            *o = x * scale + shift;
+vectorised! {
+    /// `out = x * scale + shift`, then SiLU when `silu`.
+    fn scale_shift(x: &[f32], scale: f32, shift: f32, silu: bool, out: &mut [f32]) {
+        if silu {
+            for (o, &x) in out.iter_mut().zip(x) {
+                *o = silu_one(x * scale + shift);
+            }
+        } else {
+            for (o, &x) in out.iter_mut().zip(x) {
+                *o = x * scale + shift;
+            }
         }
     }
 }

@@ -11,6 +11,21 @@
 //! - [`gelu`], [`geglu`], [`silu`], [`group_norm`] (with an optional SiLU): one vectorised pass
 //!   each where burn computes one scalar libm call per element or several tensor passes.
 
+/// Compiles each function given for AVX-512, AVX2+FMA and NEON (and the baseline), the version
+/// chosen at run time from the CPU's features (`multiversion`).
+macro_rules! vectorised {
+    ($($item:item)*) => {
+        $(
+            #[multiversion::multiversion(targets(
+                "x86_64+avx512f+avx512bw+avx512vl+avx512dq",
+                "x86_64+avx2+fma",
+                "aarch64+neon"
+            ))]
+            $item
+        )*
+    };
+}
+
 mod attention;
 mod conv;
 mod elementwise;
