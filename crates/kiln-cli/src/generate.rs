@@ -60,6 +60,10 @@ pub struct GenerateArgs {
     /// Image height in pixels (default: the model's, or the input image's).
     #[arg(long)]
     height: Option<usize>,
+    /// Decode (and encode) the image in overlapping tiles of the VAE's own size, blended as
+    /// diffusers' `enable_tiling()` does: memory bounded by one tile at any image size.
+    #[arg(long)]
+    vae_tiling: bool,
     /// Memory the run may use beyond the loaded weights, in GiB (default: what the system has
     /// available). A size whose estimate is larger is refused before anything is allocated.
     #[arg(long, value_name = "GIB")]
@@ -265,6 +269,9 @@ pub fn run(args: GenerateArgs, device: impl FnOnce() -> Result<Device>) -> Resul
     if let Some(latents) = latents {
         options = options.with_latents(latents);
     }
+    if args.vae_tiling {
+        options = options.with_vae_tiling(kiln_vae::TilingOptions::from_config(&pipe.vae.config));
+    }
     if let Some(gib) = args.max_memory {
         if gib.is_nan() || gib <= 0.0 {
             bail!("--max-memory {gib} must be a positive number of GiB");
@@ -292,7 +299,7 @@ pub fn run(args: GenerateArgs, device: impl FnOnce() -> Result<Device>) -> Resul
         Ok(out) => out,
         Err(e @ kiln_pipeline::Error::InsufficientMemory { .. }) => {
             bar.finish_and_clear();
-            bail!("{e} (--max-memory GIB sets the limit)")
+            bail!("{e} (--vae-tiling bounds the decode; --max-memory GIB sets the limit)")
         }
         Err(e) => return Err(e.into()),
     };

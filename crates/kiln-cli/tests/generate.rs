@@ -616,3 +616,35 @@ fn input_images_of_other_sizes_are_resized_as_diffusers_does() {
         assert_eq!((w, h), size);
     }
 }
+
+#[test]
+fn vae_tiling_writes_the_image() {
+    let sd1 = model("sd1");
+    let dir = tempfile::tempdir().unwrap();
+    let output = dir.path().join("tiled.png");
+    let out = kiln(
+        &[
+            "generate",
+            "--model",
+            sd1.path().to_str().unwrap(),
+            "--prompt",
+            "x",
+            "--steps",
+            "2",
+            "--width",
+            "96",
+            "--height",
+            "64",
+            "--vae-tiling",
+            "--output",
+            output.to_str().unwrap(),
+        ],
+        &[],
+    );
+    assert!(out.status.success(), "{}", stderr(&out));
+    let decoder = png::Decoder::new(std::io::BufReader::new(
+        std::fs::File::open(&output).unwrap(),
+    ));
+    let info = decoder.read_info().unwrap().info().clone();
+    assert_eq!((info.width, info.height), (96, 64));
+}

@@ -54,7 +54,7 @@ pub enum Error {
     #[error(
         "a {width}x{height} generation of {num_images} image(s) needs about {:.2} GiB beyond the \
          loaded weights (UNet {:.2} GiB, VAE decode {:.2} GiB), more than the {:.2} GiB it may \
-         use; choose a smaller size or fewer images, or raise the memory limit",
+         use; choose a smaller size or fewer images, tile the VAE, or raise the memory limit",
         crate::memory::gib(estimate.peak()),
         crate::memory::gib(estimate.unet),
         crate::memory::gib(estimate.vae_decode),

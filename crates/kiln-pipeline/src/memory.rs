@@ -10,7 +10,8 @@
 //!   in Kiln's kernel).
 //! - **VAE decode** (batch `n`): 7 maps of the first block's width at the full image size (the
 //!   up block's input, norm, activation, convolution and residual, the upsampled map of the
-//!   block below) and the decoded image.
+//!   block below) and the decoded image; tiled, the maps of one tile and three images' worth
+//!   of decoded tiles and blending.
 //!
 //! The score bound (256 MiB) is counted whether or not the kernel runs, so the estimate errs
 //! high at small sizes. Against peak RSS (2026-12-02, the 2-core Xeon, release build): the SD
@@ -20,6 +21,7 @@
 //! (estimated 0.70).
 
 use burn::tensor::DType;
+use kiln_vae::TilingOptions;
 
 use crate::pipeline_stable_diffusion::StableDiffusionPipeline;
 
@@ -57,13 +59,15 @@ pub fn available_memory() -> Option<u64> {
 
 impl StableDiffusionPipeline {
     /// Estimates the memory a `width x height` generation of `num_images` images needs beyond
-    /// the loaded weights (see [`crate::memory`]); `guidance` doubles the UNet's batch.
+    /// the loaded weights (see [`crate::memory`]); `guidance` doubles the UNet's batch, `tiling`
+    /// bounds the decoder's maps by one tile.
     pub fn estimate_memory(
         &self,
         width: usize,
         height: usize,
         num_images: usize,
         guidance: bool,
+        tiling: Option<&TilingOptions>,
     ) -> MemoryEstimate {
         // f64 throughout: sizes too large for memory must not overflow on the way to the error
         let element = match self.dtype() {
@@ -98,8 +102,18 @@ impl StableDiffusionPipeline {
             .copied()
             .unwrap_or(128) as f64;
         let image_pixels = height as f64 * width as f64;
-        let vae_decode =
-            num_images as f64 * image_pixels * (7.0 * top * element + 3.0 * 4.0) + scores;
+        // tiled: one tile's maps at a time, and the decoded tiles (overlaps included, about
+        // twice the image) kept until they are blended
+        let (map_pixels, image_copies) = match tiling {
+            Some(t) => {
+                let side = t.tile_sample_size.max(1);
+                (height.min(side) as f64 * width.min(side) as f64, 3.0)
+            }
+            None => (image_pixels, 1.0),
+        };
+        let vae_decode = num_images as f64
+            * (map_pixels * 7.0 * top * element + image_pixels * 3.0 * 4.0 * image_copies)
+            + scores;
         MemoryEstimate {
             unet: to_bytes(unet),
             vae_decode: to_bytes(vae_decode),

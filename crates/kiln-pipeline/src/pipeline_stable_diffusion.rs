@@ -17,7 +17,7 @@ use kiln_scheduler::{
 };
 use kiln_unet::unet_2d_condition::SampleSize;
 use kiln_unet::{UNet2DConditionModel, UNet2DConditionModelConfig};
-use kiln_vae::{AutoencoderKL, AutoencoderKLConfig};
+use kiln_vae::{AutoencoderKL, AutoencoderKLConfig, TilingOptions};
 use serde::Deserialize;
 
 use crate::single_file::{self, SingleFileOptions};
@@ -189,6 +189,9 @@ pub struct GenerateOptions {
     /// memory available when the generation starts ([`crate::memory::available_memory`]);
     /// `Some(u64::MAX)` checks nothing.
     pub memory_limit: Option<u64>,
+    /// Tiled VAE encode and decode (diffusers' `enable_tiling()`), for images larger than the
+    /// VAE's tiles: decode memory is then bounded by one tile. `None`: untiled.
+    pub vae_tiling: Option<TilingOptions>,
 }
 
 impl GenerateOptions {
@@ -209,6 +212,7 @@ impl GenerateOptions {
             negative_prompt_embeds: None,
             mode: Mode::Txt2Img,
             memory_limit: None,
+            vae_tiling: None,
         }
     }
 
@@ -278,6 +282,12 @@ impl GenerateOptions {
     /// Sets the memory limit in bytes beyond the loaded weights ([`Self::memory_limit`]).
     pub fn with_memory_limit(mut self, bytes: u64) -> Self {
         self.memory_limit = Some(bytes);
+        self
+    }
+
+    /// Decodes (and encodes) in tiles ([`Self::vae_tiling`]).
+    pub fn with_vae_tiling(mut self, tiling: TilingOptions) -> Self {
+        self.vae_tiling = Some(tiling);
         self
     }
 
@@ -694,7 +704,7 @@ impl StableDiffusionPipeline {
             )));
         }
         let do_cfg = options.guidance_scale > 1.0;
-        let estimate = self.estimate_memory(width, height, n, do_cfg);
+        let estimate = self.estimate_memory(width, height, n, do_cfg, options.vae_tiling.as_ref());
         if let Some(limit) = options
             .memory_limit
             .or_else(crate::memory::available_memory)
@@ -757,7 +767,9 @@ impl StableDiffusionPipeline {
             }
             Mode::Img2Img { image, .. } => {
                 self.check_image(image, width, height, 3, "image")?;
-                let init = self.encode_image(image.clone(), noise)?.repeat_dim(0, n);
+                let init = self
+                    .encode_image(image.clone(), options.vae_tiling.as_ref(), noise)?
+                    .repeat_dim(0, n);
                 let eps = match user_latents {
                     Some(l) => l,
                     None => noise.noise(shape, &self.device)?,
@@ -774,7 +786,10 @@ impl StableDiffusionPipeline {
                     .float();
                 let regular = !self.is_inpainting_unet();
                 let image_latents = if regular || (user_latents.is_none() && strength < 1.0) {
-                    Some(self.encode_image(image.clone(), noise)?.repeat_dim(0, n))
+                    Some(
+                        self.encode_image(image.clone(), options.vae_tiling.as_ref(), noise)?
+                            .repeat_dim(0, n),
+                    )
                 } else {
                     None
                 };
@@ -794,7 +809,10 @@ impl StableDiffusionPipeline {
                 } else {
                     let keep = mask.clone().lower_elem(0.5).float();
                     let masked = image.clone().cast(DType::F32) * keep;
-                    Some(self.encode_image(masked, noise)?.repeat_dim(0, n))
+                    Some(
+                        self.encode_image(masked, options.vae_tiling.as_ref(), noise)?
+                            .repeat_dim(0, n),
+                    )
                 };
                 inpaint = Some(InpaintState {
                     mask: latent_mask,
@@ -871,7 +889,7 @@ impl StableDiffusionPipeline {
         }
 
         // 5. decode
-        let images = self.decode(latents.clone())?;
+        let images = self.decode_tiled(latents.clone(), options.vae_tiling.as_ref())?;
         Ok(GenerateOutput { images, latents })
     }
 
@@ -880,14 +898,29 @@ impl StableDiffusionPipeline {
     /// # Shapes
     /// `[b, 4, h, w]` -> `[b, 3, h * f, w * f]`
     pub fn decode(&self, latents: Tensor<4>) -> Result<Tensor<4>> {
+        self.decode_tiled(latents, None)
+    }
+
+    /// [`decode`](Self::decode), in tiles when `tiling` is given and the latents are larger
+    /// than a tile.
+    pub fn decode_tiled(
+        &self,
+        latents: Tensor<4>,
+        tiling: Option<&TilingOptions>,
+    ) -> Result<Tensor<4>> {
         let z = self.vae.unscale_latents(latents).cast(self.dtype);
-        let x = self.vae.decode(z, None)?.cast(DType::F32);
+        let x = self.vae.decode(z, tiling)?.cast(DType::F32);
         Ok((x / 2.0 + 0.5).clamp(0.0, 1.0))
     }
 
     /// Encodes an image in [-1, 1] to scaled latents, sampling the posterior with `noise`.
-    fn encode_image(&self, image: Tensor<4>, noise: &mut dyn NoiseSource) -> Result<Tensor<4>> {
-        let posterior = self.vae.encode(image.cast(self.dtype), None)?;
+    fn encode_image(
+        &self,
+        image: Tensor<4>,
+        tiling: Option<&TilingOptions>,
+        noise: &mut dyn NoiseSource,
+    ) -> Result<Tensor<4>> {
+        let posterior = self.vae.encode(image.cast(self.dtype), tiling)?;
         let eps = noise.noise(posterior.mean.dims(), &self.device)?;
         let z = posterior.sample(eps.cast(self.dtype)).cast(DType::F32);
         Ok(z * self.vae.scaling_factor())

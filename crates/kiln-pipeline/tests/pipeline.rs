@@ -341,7 +341,7 @@ fn sizes_too_large_for_memory_are_refused_up_front() {
     // refused before the prompt is even encoded (timing is not asserted, only reported)
     eprintln!("refused in {:?}", started.elapsed());
 
-    let estimate = |w, h, n, cfg| pipe.estimate_memory(w, h, n, cfg);
+    let estimate = |w, h, n, cfg| pipe.estimate_memory(w, h, n, cfg, None);
     let base = estimate(64, 64, 1, true);
     assert!(estimate(128, 128, 1, true).unet > base.unet);
     assert!(estimate(128, 128, 1, true).vae_decode > base.vae_decode);
@@ -351,10 +351,42 @@ fn sizes_too_large_for_memory_are_refused_up_front() {
     assert_eq!(estimate(usize::MAX, usize::MAX, 1, true).peak(), u64::MAX);
 
     let small_run = small("a cat");
-    let needed = pipe.estimate_memory(48, 32, 1, true).peak();
+    let needed = pipe.estimate_memory(48, 32, 1, true, None).peak();
+    // tiles bound the decoder's maps
+    let tiles = kiln_vae::TilingOptions {
+        tile_sample_size: 64,
+        overlap_factor: 0.25,
+    };
+    assert!(
+        pipe.estimate_memory(4096, 4096, 1, true, Some(&tiles))
+            .vae_decode
+            < estimate(4096, 4096, 1, true).vae_decode
+    );
     match run(&pipe, &small_run.clone().with_memory_limit(needed - 1), 0) {
         Err(Error::InsufficientMemory { limit, .. }) => assert_eq!(limit, needed - 1),
         other => panic!("expected InsufficientMemory, got {other:?}"),
     }
     assert!(run(&pipe, &small_run.with_memory_limit(needed), 0).is_ok());
+}
+
+/// `vae_tiling` decodes in tiles: at a size within one tile the image is the untiled one to the
+/// bit, at a larger size it stays close to it (the tiles overlap and are blended).
+#[test]
+fn vae_tiling_is_the_untiled_decode_within_a_tile_and_close_beyond() {
+    let dir = common::model("sd1");
+    let pipe = load(dir.path()).unwrap();
+    let tiles = kiln_vae::TilingOptions::from_config(&pipe.vae.config);
+    let side = tiles.tile_sample_size;
+    let at = |w: usize, h: usize, tiled: bool| {
+        let mut options = small("a cat").with_size(w, h);
+        if tiled {
+            options = options.with_vae_tiling(tiles);
+        }
+        run(&pipe, &options, 3).unwrap().images
+    };
+    assert_eq!(max_diff(&at(side, side, false), &at(side, side, true)), 0.0);
+    let (untiled, tiled) = (at(3 * side, 2 * side, false), at(3 * side, 2 * side, true));
+    assert_eq!(tiled.dims(), [1, 3, 2 * side, 3 * side]);
+    let mean = (untiled - tiled).abs().mean().into_scalar::<f32>();
+    assert!(mean > 0.0 && mean < 0.1, "mean difference {mean}");
 }
