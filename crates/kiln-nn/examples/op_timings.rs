@@ -20,6 +20,7 @@ fn time<F: FnMut()>(mut f: F) -> f64 {
     }
     best * 1e3
 }
+
 fn main() {
     let device = Device::flex();
     let d = Distribution::Normal(0.0, 1.0);
@@ -31,28 +32,17 @@ fn main() {
     ] {
         let lin = LinearConfig::new(din, dout).init(&device);
         let x = Tensor::<3>::random([2, tokens, din], d, &device);
-        let t = time(|| {
+        let burn = time(|| {
             let _ = lin.forward(x.clone()).into_data();
         });
-        println!(
-            "burn linear [2,{tokens},{din}]->{dout}: {t:.1} ms {:.0} GFLOP/s",
-            4.0 * (tokens * din * dout) as f64 / t / 1e6
-        );
-    }
-    for (tokens, din, dout) in [
-        (4096, 320, 320),
-        (4096, 320, 2560),
-        (4096, 1280, 320),
-        (1024, 640, 5120),
-    ] {
-        let lin = LinearConfig::new(din, dout).init(&device);
-        let x = Tensor::<3>::random([2, tokens, din], d, &device);
-        let tk = time(|| {
+        let kiln = time(|| {
             let _ = kiln_nn::linear::linear(&lin, x.clone()).into_data();
         });
+        let gflop = 4.0 * (tokens * din * dout) as f64 / 1e6;
         println!(
-            "kiln linear [2,{tokens},{din}]->{dout}: {tk:.1} ms {:.0} GFLOP/s",
-            4.0 * (tokens * din * dout) as f64 / tk / 1e6
+            "linear [2,{tokens},{din}]->{dout}: burn {burn:.1} ms ({:.0} GFLOP/s), kiln {kiln:.1} ms ({:.0} GFLOP/s)",
+            gflop / burn,
+            gflop / kiln
         );
     }
     let x = Tensor::<4>::random([2, 320, 64, 64], d, &device);
