@@ -342,6 +342,12 @@ mod tests {
         assert_eq!(attn.context_dim(), 7);
     }
 
+    /// burn's fused op, unsplit.
+    fn plain_attention(q: &Tensor<4>, k: &Tensor<4>, v: &Tensor<4>) -> Tensor<4> {
+        let options = AttentionModuleOptions::default();
+        attention(q.clone(), k.clone(), v.clone(), None, None, options)
+    }
+
     /// The query-split path (one head, many queries) equals the plain fused op.
     #[test]
     fn split_queries_match_the_plain_op() {
@@ -350,14 +356,7 @@ mod tests {
         let q = Tensor::<4>::random([1, 1, 1024, 16], normal, &device);
         let k = Tensor::<4>::random([1, 1, 512, 16], normal, &device);
         let v = Tensor::<4>::random([1, 1, 512, 8], normal, &device);
-        let plain = attention(
-            q.clone(),
-            k.clone(),
-            v.clone(),
-            None,
-            None,
-            AttentionModuleOptions::default(),
-        );
+        let plain = plain_attention(&q, &k, &v);
         let split = fused_attention(q, k, v);
         split
             .into_data()
@@ -373,14 +372,7 @@ mod tests {
         let q = Tensor::<4>::random([2, 3, 50, 8], normal, &device).require_grad();
         let k = Tensor::<4>::random([2, 3, 40, 8], normal, &device);
         let v = Tensor::<4>::random([2, 3, 40, 8], normal, &device);
-        let plain = attention(
-            q.clone(),
-            k.clone(),
-            v.clone(),
-            None,
-            None,
-            AttentionModuleOptions::default(),
-        );
+        let plain = plain_attention(&q, &k, &v);
         // 6 (batch, head) pairs x 40 keys: blocks of 7 queries
         let blocked = in_query_blocks(q.clone(), k, v, 6 * 40 * 7);
         let grad = blocked.clone().sum().backward();

@@ -192,46 +192,36 @@ vectorised! {
 /// Lanes of the reductions' accumulators: one AVX-512 register of f32 (two AVX2 ones).
 const LANES: usize = 16;
 
-vectorised! {
-    /// `sum(x)`, in f32 lanes over chunks of 1024 elements, each chunk's total added in f64.
-    fn sum(x: &[f32]) -> f64 {
-        let mut total = 0f64;
-        for block in x.chunks(1024) {
-            let mut acc = [0f32; LANES];
-            let mut chunks = block.chunks_exact(LANES);
-            for chunk in &mut chunks {
-                for (a, &v) in acc.iter_mut().zip(chunk) {
-                    *a += v;
-                }
+/// `sum(f(x))`, in f32 lanes over chunks of 1024 elements, each chunk's total added in f64.
+/// Inlined into each vectorised caller, so that it is compiled for that caller's CPU features.
+#[inline(always)]
+fn blocked_sum(x: &[f32], f: impl Fn(f32) -> f32) -> f64 {
+    let mut total = 0f64;
+    for block in x.chunks(1024) {
+        let mut acc = [0f32; LANES];
+        let mut chunks = block.chunks_exact(LANES);
+        for chunk in &mut chunks {
+            for (a, &v) in acc.iter_mut().zip(chunk) {
+                *a += f(v);
             }
-            let rest: f32 = chunks.remainder().iter().sum();
-            total += acc.iter().map(|&a| a as f64).sum::<f64>() + rest as f64;
         }
-        total
+        let rest: f32 = chunks.remainder().iter().map(|&v| f(v)).sum();
+        total += acc.iter().map(|&a| a as f64).sum::<f64>() + rest as f64;
+    }
+    total
+}
+
+vectorised! {
+    /// `sum(x)` ([`blocked_sum`]).
+    fn sum(x: &[f32]) -> f64 {
+        blocked_sum(x, |v| v)
     }
 }
 
 vectorised! {
-    /// `sum((x - mean)^2)`, accumulated as [`sum`] is.
+    /// `sum((x - mean)^2)` ([`blocked_sum`]).
     fn centered_squares(x: &[f32], mean: f32) -> f64 {
-        let mut total = 0f64;
-        for block in x.chunks(1024) {
-            let mut acc = [0f32; LANES];
-            let mut chunks = block.chunks_exact(LANES);
-            for chunk in &mut chunks {
-                for (a, &v) in acc.iter_mut().zip(chunk) {
-                    let d = v - mean;
-                    *a += d * d;
-                }
-            }
-            let rest: f32 = chunks
-                .remainder()
-                .iter()
-                .map(|&v| (v - mean) * (v - mean))
-                .sum();
-            total += acc.iter().map(|&a| a as f64).sum::<f64>() + rest as f64;
-        }
-        total
+        blocked_sum(x, |v| (v - mean) * (v - mean))
     }
 }
 
