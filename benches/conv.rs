@@ -1,6 +1,7 @@
 //! 2-D convolutions at the shapes Stable Diffusion runs them, f32 on flex: burn's op (`/burn`)
 //! against what Kiln runs (`/kiln`: `kiln_nn::conv::conv2d`, which takes Kiln's kernel
-//! `kiln_nn::kernels::conv2d`).
+//! `kiln_nn::kernels::conv2d`, Winograd's algorithm where it pays) and Kiln's im2col kernel
+//! alone (`/kiln_im2col`, for the 3x3 stride-1 shapes).
 //!
 //! `cargo bench --workspace --bench conv`. Shapes (`[batch, in, height, width] -> out, kernel,
 //! stride`): the SD 1.5 UNet's 3x3 convolutions at each level of a 512 px step (batch 2), its
@@ -52,6 +53,27 @@ fn bench(c: &mut Criterion) {
         group.bench_function(format!("{name}/kiln"), |bench| {
             bench.iter(|| black_box(kiln_nn::conv::conv2d(&conv, x.clone()).into_data()))
         });
+        if k == 3 && stride == 1 {
+            let options = kiln_nn::kernels::Conv2dOptions {
+                stride: [1, 1],
+                padding: [[1, 1], [1, 1]],
+                dilation: [1, 1],
+            };
+            let (weight, bias) = (conv.weight.val(), conv.bias.as_ref().map(|b| b.val()));
+            group.bench_function(format!("{name}/kiln_im2col"), |bench| {
+                bench.iter(|| {
+                    let algorithm = kiln_nn::kernels::Conv2dAlgorithm::Im2col;
+                    let y = kiln_nn::kernels::conv2d_with(
+                        &x,
+                        &weight,
+                        bias.as_ref(),
+                        options,
+                        algorithm,
+                    );
+                    black_box(y.map(|y| y.into_data()))
+                })
+            });
+        }
     }
     group.finish();
 }

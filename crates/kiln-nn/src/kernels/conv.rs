@@ -21,6 +21,7 @@ use rayon::prelude::*;
 use std::cell::RefCell;
 
 use super::host::{self, HostF32};
+use super::winograd;
 
 /// Elements of one task's column panel (`K x pixels`): 256 Ki f32, 1 MB, so that it stays in
 /// the core's L2 between being gathered and being packed by gemm. Measured on the 2-core Xeon
@@ -57,6 +58,46 @@ pub fn conv2d(
     bias: Option<&Tensor<1>>,
     options: Conv2dOptions,
 ) -> Option<Tensor<4>> {
+    conv2d_with(x, weight, bias, options, Conv2dAlgorithm::Auto)
+}
+
+/// What [`Conv2dAlgorithm::Auto`] means in this process: `KILN_CONV=im2col` or
+/// `KILN_CONV=winograd` in the environment force that algorithm wherever it applies (a
+/// diagnostic, to compare the two in whole models and to run the models' tests through either;
+/// read once), anything else leaves the choice to the shapes.
+fn auto_algorithm() -> Conv2dAlgorithm {
+    static AUTO: std::sync::OnceLock<Conv2dAlgorithm> = std::sync::OnceLock::new();
+    *AUTO.get_or_init(|| match std::env::var("KILN_CONV").as_deref() {
+        Ok("im2col") => Conv2dAlgorithm::Im2col,
+        Ok("winograd") => Conv2dAlgorithm::Winograd,
+        _ => Conv2dAlgorithm::Auto,
+    })
+}
+
+/// How [`conv2d_with`] computes a convolution.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Conv2dAlgorithm {
+    /// Winograd's F(2x2, 3x3) for 3x3 kernels with stride 1 and dilation 1 from 16x16 output
+    /// pixels up (where it was measured faster), im2col panels otherwise: what [`conv2d`] runs.
+    /// `KILN_CONV=im2col` or `KILN_CONV=winograd` in the environment forces one of the two.
+    #[default]
+    Auto,
+    /// im2col panels and one GEMM each, for every geometry.
+    Im2col,
+    /// Winograd's F(2x2, 3x3) wherever the geometry allows it (3x3, stride 1, dilation 1),
+    /// whatever the size; im2col for the rest.
+    Winograd,
+}
+
+/// [`conv2d`] with the algorithm chosen by the caller (the benches compare them; the results
+/// agree within f32 rounding).
+pub fn conv2d_with(
+    x: &Tensor<4>,
+    weight: &Tensor<4>,
+    bias: Option<&Tensor<1>>,
+    options: Conv2dOptions,
+    algorithm: Conv2dAlgorithm,
+) -> Option<Tensor<4>> {
     let [batch, cin, h, w] = x.dims();
     let [cout, wcin, kh, kw] = weight.dims();
     if wcin != cin || bias.is_some_and(|b| b.dims() != [cout]) {
@@ -70,29 +111,39 @@ pub fn conv2d(
         None => None,
     };
     let mut out = vec![0f32; batch * cout * shape.oh * shape.ow];
-    conv2d_host(
-        x.as_slice(),
-        weight.as_slice(),
-        bias.as_ref().map(HostF32::as_slice),
-        &shape,
-        &mut out,
-    );
+    let algorithm = match algorithm {
+        Conv2dAlgorithm::Auto => auto_algorithm(),
+        chosen => chosen,
+    };
+    let winograd = winograd::applies(&shape)
+        && match algorithm {
+            Conv2dAlgorithm::Auto => winograd::pays(&shape),
+            Conv2dAlgorithm::Im2col => false,
+            Conv2dAlgorithm::Winograd => true,
+        };
+    let (x, weight) = (x.as_slice(), weight.as_slice());
+    let bias = bias.as_ref().map(HostF32::as_slice);
+    if winograd {
+        winograd::conv3x3(x, weight, bias, &shape, &mut out);
+    } else {
+        conv2d_host(x, weight, bias, &shape, &mut out);
+    }
     Some(host::tensor(out, [batch, cout, shape.oh, shape.ow]))
 }
 
 /// The sizes of one convolution.
 #[derive(Clone, Copy, Debug)]
-struct ConvShape {
-    batch: usize,
-    cin: usize,
-    h: usize,
-    w: usize,
-    cout: usize,
-    kh: usize,
-    kw: usize,
-    oh: usize,
-    ow: usize,
-    options: Conv2dOptions,
+pub(super) struct ConvShape {
+    pub(super) batch: usize,
+    pub(super) cin: usize,
+    pub(super) h: usize,
+    pub(super) w: usize,
+    pub(super) cout: usize,
+    pub(super) kh: usize,
+    pub(super) kw: usize,
+    pub(super) oh: usize,
+    pub(super) ow: usize,
+    pub(super) options: Conv2dOptions,
 }
 
 impl ConvShape {
@@ -151,14 +202,14 @@ thread_local! {
 
 /// The output pointer shared by the tasks, each of which writes its own disjoint block.
 #[derive(Clone, Copy)]
-struct OutPtr(*mut f32);
+pub(super) struct OutPtr(pub(super) *mut f32);
 // SAFETY: the tasks write disjoint blocks of the output (see `conv2d_host`).
 unsafe impl Send for OutPtr {}
 unsafe impl Sync for OutPtr {}
 
 impl OutPtr {
     /// The pointer (a method, so that closures capture the whole `Sync` wrapper).
-    fn get(self) -> *mut f32 {
+    pub(super) fn get(self) -> *mut f32 {
         self.0
     }
 }
@@ -166,10 +217,10 @@ impl OutPtr {
 /// Fewer tasks than this and the output channels are split too (so that the deep, small levels
 /// keep every core busy). A constant rather than the thread count: the split, and with it the
 /// GEMMs' blocking, must not depend on the machine, so that the result does not either.
-const MIN_TASKS: usize = 8;
+pub(super) const MIN_TASKS: usize = 8;
 
 /// Output channels of one task at least (gemm's f32 AVX-512 microkernel is 64 rows tall).
-const MIN_CHANNELS: usize = 64;
+pub(super) const MIN_CHANNELS: usize = 64;
 
 /// The convolution on host slices: `out` (`[batch, cout, oh, ow]`) is overwritten.
 ///
