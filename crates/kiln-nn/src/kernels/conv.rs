@@ -312,15 +312,21 @@ fn conv2d_host(x: &[f32], weight: &[f32], bias: Option<&[f32]>, s: &ConvShape, o
                 multiply(&x_b[row0 * s.ow..], pixels);
             } else {
                 PANEL.with_borrow_mut(|panel| {
-                    if panel.len() < k * cols {
-                        *panel = vec![0f32; k * rows * s.ow];
-                    }
+                    grow(panel, k * rows * s.ow);
                     let panel = &mut panel[..k * cols];
                     im2col(x_b, s, row0, rows, panel);
                     multiply(panel, cols);
                 });
             }
         });
+}
+
+/// Makes the thread buffer `buf` at least `len` long (zeros; its contents are overwritten before
+/// use), reallocating only when it is too short so that it is not faulted in again.
+pub(super) fn grow(buf: &mut Vec<f32>, len: usize) {
+    if buf.len() < len {
+        *buf = vec![0f32; len];
+    }
 }
 
 /// Fills `panel` (`[k, rows * ow]` row-major) with the input patches of output rows

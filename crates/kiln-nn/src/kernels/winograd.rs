@@ -27,7 +27,7 @@
 use rayon::prelude::*;
 use std::cell::RefCell;
 
-use super::conv::{ConvShape, MIN_CHANNELS, MIN_TASKS, OutPtr};
+use super::conv::{ConvShape, MIN_CHANNELS, MIN_TASKS, OutPtr, grow};
 
 /// Output tiles per image (16x16 output pixels), and over the batch (two such images), below
 /// which [`pays`] declines. Measured on the 2-core Xeon (`cargo run --release -p kiln-nn
@@ -126,7 +126,7 @@ pub(super) fn conv3x3(
             grow(u, 16 * sub * cin);
             grow(m, 16 * sub * tile_rows * tw);
             // a task of one panel (the deep levels) transforms its input once, before the
-            // rounds; one of several panels transforms each panel's in every round
+            // rounds; a task of several transforms each panel's input in every round
             let one_panel = group_panels == 1;
             let panel_rows = |panel: usize| {
                 let row0 = panel * tile_rows;
@@ -258,13 +258,6 @@ fn transform_filters(weight: &[f32], cin: usize, u: &mut [f32]) {
             false,
             gemm::Parallelism::None,
         );
-    }
-}
-
-/// Makes `buf` at least `len` long (zeros; its contents are overwritten before use).
-fn grow(buf: &mut Vec<f32>, len: usize) {
-    if buf.len() < len {
-        *buf = vec![0f32; len];
     }
 }
 
