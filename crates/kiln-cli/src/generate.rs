@@ -44,6 +44,24 @@ pub struct GenerateArgs {
     /// The negative prompt.
     #[arg(long, default_value = "")]
     negative_prompt: String,
+    #[command(flatten)]
+    prompt_syntax: crate::PromptArgs,
+    /// A LoRA file to fuse into the model, with its strength (default 1); repeatable. The
+    /// prompt's `<lora:NAME:SCALE>` tags add more, from --lora-dir.
+    #[arg(long, value_name = "FILE[:SCALE]")]
+    lora: Vec<String>,
+    /// The folder where `<lora:NAME:SCALE>` tags find `NAME.safetensors`.
+    #[arg(long, value_name = "DIR")]
+    lora_dir: Option<PathBuf>,
+    /// A textual-inversion embedding (`.safetensors`, the A1111 web UI's or diffusers' layout);
+    /// its token is the file name, or TOKEN; repeatable. Use the token in the prompt or the
+    /// negative prompt.
+    #[arg(long, value_name = "FILE[:TOKEN]")]
+    embedding: Vec<String>,
+    /// Skip the keys of LoRA files that belong to no LoRA layer (they are listed) instead of
+    /// failing on them.
+    #[arg(long)]
+    lora_allow_unknown_keys: bool,
     /// Denoising steps (default: the model folder's kiln.json, else 50).
     #[arg(long)]
     steps: Option<usize>,
@@ -166,6 +184,11 @@ pub fn run(args: GenerateArgs, device: impl FnOnce() -> Result<Device>) -> Resul
     for path in &outputs {
         crate::check_output(path, args.overwrite)?;
     }
+    let ([prompt, negative_prompt], loras) = crate::loras::collect(
+        &args.lora,
+        args.lora_dir.as_deref(),
+        [&args.prompt, &args.negative_prompt],
+    )?;
     let image = args.image.as_deref().map(read_image).transpose()?;
     let mask = args.mask.as_deref().map(read_image).transpose()?;
     if let (Some(image), Some(mask)) = (&image, &mask)
@@ -187,7 +210,9 @@ pub fn run(args: GenerateArgs, device: impl FnOnce() -> Result<Device>) -> Resul
         config: args.config.clone(),
         prediction_type,
     };
-    let pipe = load_pipeline(&model_dir, &load, &device)?;
+    let mut pipe = load_pipeline(&model_dir, &load, &device)?;
+    let embeddings = crate::loras::load_embeddings(&mut pipe, &args.embedding)?;
+    crate::loras::apply(&mut pipe, &loras, args.lora_allow_unknown_keys)?;
     let options_sampler = SamplerOptions {
         karras: args.karras,
         eta: 0.0,
@@ -257,14 +282,15 @@ pub fn run(args: GenerateArgs, device: impl FnOnce() -> Result<Device>) -> Resul
     let seed = args.seed.unwrap_or_else(clock_seed);
     let steps = args.steps.unwrap_or(pipe.generation.steps);
     let guidance = args.guidance.unwrap_or(pipe.generation.guidance_scale);
-    let mut options = GenerateOptions::new(&args.prompt)
-        .with_negative_prompt(&args.negative_prompt)
+    let mut options = GenerateOptions::new(&prompt)
+        .with_negative_prompt(&negative_prompt)
         .with_guidance_scale(guidance)
         .with_guidance_rescale(args.guidance_rescale)
         .with_num_images(batch)
         .with_size(width, height)
         .with_steps(steps)
         .with_clip_skip(args.clip_skip)
+        .with_prompt_syntax(args.prompt_syntax.syntax())
         .with_mode(mode);
     if let Some(latents) = latents {
         options = options.with_latents(latents);
@@ -308,11 +334,20 @@ pub fn run(args: GenerateArgs, device: impl FnOnce() -> Result<Device>) -> Resul
     // 5. encode every PNG, then write them all
     let images = out.to_rgb8()?;
     let model_name = model_label(args.model.as_deref(), &model_dir);
+    // the prompt as given, with `--lora` files as tags, so that it reproduces the image
+    let mut written_prompt = args.prompt.clone();
+    for r in loras.iter().filter(|r| !r.from_prompt) {
+        written_prompt.push_str(&format!(" <lora:{}:{}>", r.name, r.scale));
+    }
+    let lora_hashes = crate::loras::hashes(&loras)?;
+    let ti_hashes = crate::loras::embedding_hashes(&embeddings)?;
     let mut encoded = Vec::new();
     for (i, image) in images.iter().enumerate() {
         let params = Parameters {
-            prompt: &args.prompt,
+            prompt: &written_prompt,
             negative_prompt: &args.negative_prompt,
+            lora_hashes: &lora_hashes,
+            ti_hashes: &ti_hashes,
             steps,
             sampler: &sampler_label,
             guidance,
@@ -530,6 +565,10 @@ struct Parameters<'a> {
     strength: Option<f64>,
     clip_skip: usize,
     batch: (usize, usize),
+    /// `name: hash, ...` of the LoRAs used (empty: none).
+    lora_hashes: &'a str,
+    /// `token: hash, ...` of the textual-inversion embeddings loaded (empty: none).
+    ti_hashes: &'a str,
 }
 
 impl std::fmt::Display for Parameters<'_> {
@@ -548,6 +587,12 @@ impl std::fmt::Display for Parameters<'_> {
         }
         if self.clip_skip > 0 {
             write!(f, ", Clip skip: {}", self.clip_skip + 1)?;
+        }
+        if !self.lora_hashes.is_empty() {
+            write!(f, ", Lora hashes: \"{}\"", self.lora_hashes)?;
+        }
+        if !self.ti_hashes.is_empty() {
+            write!(f, ", TI hashes: \"{}\"", self.ti_hashes)?;
         }
         if self.batch.0 > 1 {
             write!(

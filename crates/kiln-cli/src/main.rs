@@ -11,10 +11,11 @@ use std::process::ExitCode;
 use anyhow::{Context, Result, bail};
 use burn::tensor::Device;
 use clap::{Parser, Subcommand};
-use kiln_clip::{ClipTextModel, ClipTokenizer};
+use kiln_clip::{ClipTextModel, ClipTokenizer, PromptSyntax};
 
 mod bench;
 mod generate;
+mod loras;
 mod png_io;
 mod shapes;
 mod train;
@@ -41,9 +42,8 @@ enum Command {
         /// The prompt.
         #[arg(long)]
         prompt: String,
-        /// Also print the 75-token windows of the long-prompt (chunked) mode.
-        #[arg(long)]
-        chunked: bool,
+        #[command(flatten)]
+        syntax: PromptArgs,
     },
     /// Encode a prompt with the text encoder and write the embeddings to a safetensors file
     /// (`prompt_embeds` [1, seq, hidden] and `pooled_prompt_embeds` [1, hidden]).
@@ -57,9 +57,8 @@ enum Command {
         /// Layers to skip from the end (diffusers' `clip_skip`; A1111's "Clip skip: 2" is 1).
         #[arg(long, default_value_t = 0)]
         clip_skip: usize,
-        /// Keep every token of long prompts: encode 75-token windows and concatenate them.
-        #[arg(long)]
-        chunked: bool,
+        #[command(flatten)]
+        syntax: PromptArgs,
         /// Output `.safetensors` file.
         #[arg(long)]
         output: PathBuf,
@@ -103,6 +102,31 @@ enum Command {
     Devices,
 }
 
+/// How prompts are read (`tokenize`, `encode`, `generate`).
+#[derive(clap::Args, Debug, Clone, Copy)]
+pub struct PromptArgs {
+    /// Read prompts literally: no A1111 emphasis (`(text)`, `[text]`, `(text:1.3)`), escapes or
+    /// `BREAK`. Long prompts still keep every token.
+    #[arg(long)]
+    no_prompt_syntax: bool,
+    /// Read prompts as diffusers does: literally, truncated to one window of 77 tokens.
+    #[arg(long, conflicts_with = "no_prompt_syntax")]
+    truncate_prompt: bool,
+}
+
+impl PromptArgs {
+    /// The library's name for the chosen rules.
+    pub fn syntax(&self) -> PromptSyntax {
+        if self.truncate_prompt {
+            PromptSyntax::Plain
+        } else if self.no_prompt_syntax {
+            PromptSyntax::Long
+        } else {
+            PromptSyntax::A1111
+        }
+    }
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     match run(cli) {
@@ -126,23 +150,23 @@ fn run(cli: Cli) -> Result<()> {
         Command::Tokenize {
             model,
             prompt,
-            chunked,
+            syntax,
         } => {
             let tokenizer = ClipTokenizer::from_dir(&model)?;
             let input_ids = tokenizer.encode(&prompt)?;
             let content = tokenizer.content_ids(&prompt)?;
             let room = tokenizer.max_length() - 2;
-            let mut out = serde_json::json!({
+            let windows = tokenizer.tokenize_prompt(&prompt, syntax.syntax())?;
+            let out = serde_json::json!({
                 "prompt": prompt,
                 "input_ids": input_ids,
                 "tokens": tokenizer.tokens(&input_ids),
                 "num_tokens": content.len(),
                 "truncated": content.len() > room,
                 "max_length": tokenizer.max_length(),
+                "windows": windows.ids,
+                "weights": windows.weights,
             });
-            if chunked {
-                out["chunks"] = serde_json::json!(tokenizer.encode_chunked(&prompt)?);
-            }
             let mut stdout = std::io::stdout().lock();
             serde_json::to_writer(&mut stdout, &out)?;
             writeln!(stdout)?;
@@ -151,7 +175,7 @@ fn run(cli: Cli) -> Result<()> {
             model,
             prompt,
             clip_skip,
-            chunked,
+            syntax,
             output,
             overwrite,
         } => {
@@ -159,14 +183,10 @@ fn run(cli: Cli) -> Result<()> {
             let device = device(cli.device.as_deref())?;
             let tokenizer = ClipTokenizer::from_dir(&model)?;
             let encoder = ClipTextModel::from_dir(&model, &device)?;
-            let windows = if chunked {
-                tokenizer.encode_chunked(&prompt)?
-            } else {
-                vec![tokenizer.encode(&prompt)?]
-            };
-            let embeds = encoder.encode_chunked(&windows, clip_skip, &device)?;
+            let windows = tokenizer.tokenize_prompt(&prompt, syntax.syntax())?;
+            let embeds = encoder.encode_windows(&windows, clip_skip, &device)?;
             // The pooled output is the first window's, as the A1111 UI and diffusers use it.
-            let pooled = encoder.encode_ids(&windows[..1], 0, &device)?.pooled;
+            let pooled = encoder.encode_ids(&windows.ids[..1], 0, &device)?.pooled;
             write_safetensors(
                 &output,
                 &[

@@ -46,7 +46,7 @@ fn tokenize_prints_the_77_ids_as_json() {
 }
 
 #[test]
-fn tokenize_chunked_keeps_long_prompts() {
+fn tokenize_keeps_long_prompts_in_windows() {
     let prompt = "a photo of a cat, ".repeat(30);
     let out = kiln(&[
         "tokenize",
@@ -54,13 +54,14 @@ fn tokenize_chunked_keeps_long_prompts() {
         model().to_str().unwrap(),
         "--prompt",
         &prompt,
-        "--chunked",
     ]);
     assert!(out.status.success(), "{}", stderr(&out));
     let json: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(json["truncated"], true);
     assert_eq!(json["num_tokens"], 180);
-    assert_eq!(json["chunks"].as_array().unwrap().len(), 3);
+    let windows = json["windows"].as_array().unwrap();
+    assert_eq!(windows.len(), 3);
+    assert!(windows.iter().all(|w| w.as_array().unwrap().len() == 77));
 }
 
 #[test]

@@ -89,7 +89,18 @@ fn write_png(path: &Path, width: u32, height: u32, color: png::ColorType, data: 
 
 /// Reads `name` from the pipeline fixtures as f32 values with its shape.
 fn fixture_tensor(name: &str) -> (Vec<usize>, Vec<f32>) {
-    let bytes = std::fs::read(root().join("fixtures/pipeline/expected.safetensors")).unwrap();
+    fixture_tensor_in("pipeline", name)
+}
+
+/// Reads `name` from `fixtures/<area>/expected.safetensors` as f32 values with its shape.
+fn fixture_tensor_in(area: &str, name: &str) -> (Vec<usize>, Vec<f32>) {
+    let bytes = std::fs::read(
+        root()
+            .join("fixtures")
+            .join(area)
+            .join("expected.safetensors"),
+    )
+    .unwrap();
     let file = safetensors::SafeTensors::deserialize(&bytes).unwrap();
     let view = file.tensor(name).unwrap();
     let values = view
@@ -647,4 +658,201 @@ fn vae_tiling_writes_the_image() {
     ));
     let info = decoder.read_info().unwrap().info().clone();
     assert_eq!((info.width, info.height), (96, 64));
+}
+
+/// The largest 8-bit difference between a PNG's pixels (HWC) and a float image (CHW) of a fixture.
+fn worst_level(pixels: &[u8], expected: &[f32], plane: usize) -> u8 {
+    (0..plane * 3)
+        .map(|i| {
+            let (p, c) = (i / 3, i % 3);
+            pixels[i].abs_diff((expected[c * plane + p] * 255.0).round() as u8)
+        })
+        .max()
+        .unwrap()
+}
+
+/// `kiln generate` with `args` after the model; fails with one line holding `needle`, no file.
+fn refuses(model: &Path, args: &[&str], needle: &str) {
+    let dir = tempfile::tempdir().unwrap();
+    let output = dir.path().join("out.png");
+    let mut all = vec![
+        "generate",
+        "--model",
+        model.to_str().unwrap(),
+        "--steps",
+        "2",
+    ];
+    all.extend_from_slice(args);
+    all.extend_from_slice(&["--output", output.to_str().unwrap()]);
+    let out = kiln(&all, &[]);
+    let err = stderr(&out);
+    assert!(!out.status.success(), "{args:?} succeeded");
+    assert!(
+        err.starts_with("error: ") && err.contains(needle),
+        "{args:?}: {err}"
+    );
+    assert_eq!(err.trim().lines().count(), 1, "one clear line: {err}");
+    assert_eq!(
+        std::fs::read_dir(dir.path()).unwrap().count(),
+        0,
+        "{args:?} left a file"
+    );
+}
+
+#[test]
+fn loras_from_flags_and_prompt_tags_match_diffusers() {
+    let model = model("sd1");
+    let dir = tempfile::tempdir().unwrap();
+    let (shape, values) = fixture_tensor_in("lora", "sd1_both.latents");
+    let latents = dir.path().join("latents.safetensors");
+    write_latents(&latents, &shape, &values);
+    let loras = root().join("fixtures/lora");
+    let (_, expected) = fixture_tensor_in("lora", "sd1_both.image");
+    let run = |name: &str, prompt: &str, extra: &[&str]| {
+        let output = dir.path().join(name);
+        let mut args = vec![
+            "generate",
+            "--model",
+            model.path().to_str().unwrap(),
+            "--prompt",
+            prompt,
+            "--negative-prompt",
+            "blurry",
+            "--scheduler",
+            "ddim",
+            "--steps",
+            "4",
+            "--width",
+            "48",
+            "--height",
+            "32",
+            "--latents",
+            latents.to_str().unwrap(),
+            "--output",
+            output.to_str().unwrap(),
+        ];
+        args.extend_from_slice(extra);
+        let out = kiln(&args, &[]);
+        assert!(out.status.success(), "{}", stderr(&out));
+        read_png(&output)
+    };
+    let peft = loras.join("sd1-peft.safetensors");
+    let peft_arg = format!("{}:0.6", peft.display());
+    let prompt = "a photo of an astronaut riding a horse";
+    let (_, _, flags, text) = run(
+        "flags.png",
+        &format!("{prompt} <lora:sd1-kohya:0.9>"),
+        &["--lora", &peft_arg, "--lora-dir", loras.to_str().unwrap()],
+    );
+    let worst = worst_level(&flags, &expected, 32 * 48);
+    assert!(
+        worst <= tolerance::levels(tolerance::IMAGE),
+        "max 8-bit difference {worst}"
+    );
+    // the written prompt holds both LoRAs as tags, and the hashes are listed
+    let first = text.lines().next().unwrap();
+    assert!(
+        first.contains("<lora:sd1-kohya:0.9>") && first.contains("<lora:sd1-peft:0.6>"),
+        "{text}"
+    );
+    assert!(
+        text.contains("Lora hashes: \"sd1-peft: ") && text.contains(", sd1-kohya: "),
+        "{text}"
+    );
+    // ... so that the written prompt alone, with --lora-dir, gives the same image
+    let (_, _, tags, _) = run("tags.png", first, &["--lora-dir", loras.to_str().unwrap()]);
+    assert!(tags == flags, "the written prompt gives another image");
+}
+
+#[test]
+fn prompt_syntax_lora_and_embedding_mistakes_are_one_clear_line() {
+    let sd1 = model("sd1");
+    let loras = root().join("fixtures/lora");
+    let lora_dir = loras.to_str().unwrap();
+    for (args, needle) in [
+        (vec!["--prompt", "a (cat"], "character 3"),
+        (vec!["--prompt", "a cat)"], "closes nothing"),
+        (vec!["--prompt", "a (cat:1,2)"], "not a number"),
+        (
+            vec!["--prompt", "a <lora:nope:1>", "--lora-dir", lora_dir],
+            "nope.safetensors",
+        ),
+        (vec!["--prompt", "a <lora:sd1-peft:1>"], "--lora-dir"),
+        (
+            vec![
+                "--prompt",
+                "a <lora:sd1-peft:strong>",
+                "--lora-dir",
+                lora_dir,
+            ],
+            "not a number",
+        ),
+        (
+            vec!["--prompt", "a <hypernet:foo:1>"],
+            "only `<lora:NAME:SCALE>`",
+        ),
+        (
+            vec!["--prompt", "x", "--lora", "/nonexistent/x.safetensors"],
+            "no such file",
+        ),
+        (
+            vec!["--prompt", "x", "--embedding", "/nonexistent/e.safetensors"],
+            "no such file",
+        ),
+    ] {
+        refuses(sd1.path(), &args, needle);
+    }
+}
+
+#[test]
+fn embeddings_and_long_weighted_prompts_generate() {
+    let model = model("sd1");
+    let dir = tempfile::tempdir().unwrap();
+    let (shape, values) = fixture_tensor_in("textual-inversion", "latents");
+    let latents = dir.path().join("latents.safetensors");
+    write_latents(&latents, &shape, &values);
+    let ti = root().join("fixtures/textual-inversion");
+    let output = dir.path().join("ti.png");
+    let cat = ti.join("learned_embeds.safetensors");
+    let style = ti.join("style2.safetensors");
+    let out = kiln(
+        &[
+            "generate",
+            "--model",
+            model.path().to_str().unwrap(),
+            "--prompt",
+            "a photo of a <cat-toy> on a table, style2 style",
+            "--negative-prompt",
+            "style2, blurry",
+            "--embedding",
+            cat.to_str().unwrap(),
+            "--embedding",
+            style.to_str().unwrap(),
+            "--scheduler",
+            "ddim",
+            "--steps",
+            "4",
+            "--width",
+            "48",
+            "--height",
+            "32",
+            "--latents",
+            latents.to_str().unwrap(),
+            "--output",
+            output.to_str().unwrap(),
+        ],
+        &[],
+    );
+    assert!(out.status.success(), "{}", stderr(&out));
+    let (_, _, pixels, text) = read_png(&output);
+    let (_, expected) = fixture_tensor_in("textual-inversion", "image");
+    let worst = worst_level(&pixels, &expected, 32 * 48);
+    assert!(
+        worst <= tolerance::levels(tolerance::IMAGE),
+        "max 8-bit difference {worst}"
+    );
+    assert!(
+        text.contains("TI hashes: \"<cat-toy>: ") && text.contains(", style2: "),
+        "{text}"
+    );
 }

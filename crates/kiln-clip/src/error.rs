@@ -29,6 +29,24 @@ pub enum Error {
     /// Tokenizing a prompt failed.
     #[error("cannot tokenize the prompt: {0}")]
     Encode(String),
+    /// A textual-inversion embedding file cannot be used.
+    #[error("embedding `{path}` {message}")]
+    Embedding {
+        /// The file.
+        path: PathBuf,
+        /// What is wrong.
+        message: String,
+    },
+    /// The prompt's emphasis syntax is malformed (see [`crate::prompt`]).
+    #[error("cannot read the prompt at character {position} (near `{context}`): {message}")]
+    PromptSyntax {
+        /// 1-based position of the offending character.
+        position: usize,
+        /// The text around it.
+        context: String,
+        /// What is wrong and how to fix it.
+        message: String,
+    },
     /// The caller passed ids or options the model cannot take.
     #[error("invalid input: {0}")]
     InvalidInput(String),

@@ -1,8 +1,9 @@
 //! The text side of Stable Diffusion: CLIP's BPE tokenizer and text encoder.
 //!
 //! - [`ClipTokenizer`] turns a prompt into the 77 ids the encoder reads, exactly as transformers'
-//!   `CLIPTokenizer` does, from either tokenizer folder layout; [`ClipTokenizer::encode_chunked`]
-//!   keeps every token of long prompts.
+//!   `CLIPTokenizer` does, from either tokenizer folder layout; [`ClipTokenizer::tokenize_prompt`]
+//!   reads the A1111 web UI's emphasis syntax and keeps every token of long prompts
+//!   ([`prompt`]).
 //! - [`ClipTextModel`] is transformers' `CLIPTextModel`, its shape read from `config.json`
 //!   (SD 1.x's ViT-L/14 tower with quick-GELU, SD 2.x's OpenCLIP ViT-H/14 tower with GELU), with
 //!   clip skip and the pooled output.
@@ -21,9 +22,15 @@
 pub mod configuration_clip;
 mod error;
 pub mod modeling_clip;
+pub mod prompt;
+pub mod textual_inversion;
 pub mod tokenization_clip;
 
 pub use configuration_clip::ClipTextConfig;
 pub use error::{Error, Result};
 pub use modeling_clip::{ClipTextModel, ClipTextOutput};
+pub use prompt::{
+    ExtraNetwork, PromptPiece, PromptSyntax, PromptWindows, extract_extra_networks, parse_prompt,
+};
+pub use textual_inversion::TextualInversion;
 pub use tokenization_clip::ClipTokenizer;

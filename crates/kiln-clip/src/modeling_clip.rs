@@ -8,7 +8,7 @@
 
 use std::path::Path;
 
-use burn::module::Module;
+use burn::module::{Module, Param};
 use burn::nn::{
     Embedding, EmbeddingConfig, Initializer, LayerNorm, LayerNormConfig, Linear, LinearConfig,
 };
@@ -20,6 +20,7 @@ use kiln_nn::init::{Init, ParamInfo, initialize};
 use kiln_nn::weights::{LoadOptions, find_weights, load_safetensors};
 
 use crate::configuration_clip::ClipTextConfig;
+use crate::prompt::PromptWindows;
 use crate::{Error, Result};
 use kiln_nn::linear::linear as layer;
 
@@ -323,18 +324,44 @@ impl ClipTextModel {
         self.forward(ids, clip_skip)
     }
 
-    /// Encodes the windows of one long prompt (from
-    /// [`ClipTokenizer::encode_chunked`](crate::ClipTokenizer::encode_chunked)) separately and
-    /// concatenates their hidden states along the sequence axis: `[1, windows * seq, hidden]`.
-    pub fn encode_chunked(
+    /// Encodes a prompt's windows (from
+    /// [`ClipTokenizer::tokenize_prompt`](crate::ClipTokenizer::tokenize_prompt)): each window
+    /// separately, its hidden states multiplied by the token weights and rescaled so that the
+    /// window's mean is what it was unweighted (the A1111 web UI's "Original" emphasis), the
+    /// windows concatenated along the sequence axis: `[1, windows * seq, hidden]`. Unweighted
+    /// windows are used exactly as encoded.
+    pub fn encode_windows(
         &self,
-        windows: &[Vec<u32>],
+        windows: &PromptWindows,
         clip_skip: usize,
         device: &Device,
     ) -> Result<Tensor<3>> {
-        let out = self.encode_ids(windows, clip_skip, device)?;
-        let [n, seq, hidden] = out.hidden_state.dims();
-        Ok(out.hidden_state.reshape([1, n * seq, hidden]))
+        if windows.weights.len() != windows.ids.len()
+            || windows
+                .weights
+                .iter()
+                .zip(&windows.ids)
+                .any(|(w, ids)| w.len() != ids.len())
+        {
+            return Err(Error::InvalidInput(
+                "prompt windows need one weight per token id".into(),
+            ));
+        }
+        let mut z = self
+            .encode_ids(&windows.ids, clip_skip, device)?
+            .hidden_state;
+        let [n, seq, hidden] = z.dims();
+        if !windows.is_unweighted() {
+            let flat: Vec<f32> = windows.weights.iter().flatten().copied().collect();
+            let weights =
+                Tensor::<3>::from_data(TensorData::new(flat, [n, seq, 1]), device).cast(z.dtype());
+            let mean = |z: &Tensor<3>| z.clone().reshape([n, seq * hidden]).mean_dim(1);
+            let original = mean(&z);
+            z = z * weights;
+            let restore = (original / mean(&z)).reshape([n, 1, 1]);
+            z = z * restore;
+        }
+        Ok(z.reshape([1, n * seq, hidden]))
     }
 
     /// Encodes token ids.
@@ -422,4 +449,17 @@ pub fn load_options() -> LoadOptions {
     LoadOptions::default()
         .with_remap(r"^text_model\.", "")
         .with_ignored(r"^embeddings\.position_ids$")
+}
+
+impl ClipTextModel {
+    /// Appends rows to the token embedding table (`[vectors, width]`); they take the next ids.
+    pub(crate) fn add_token_embeddings(&mut self, vectors: TensorData) {
+        let count = vectors.shape()[0];
+        let table = self.embeddings.token_embedding.weight.val();
+        let device = table.device();
+        let rows = Tensor::<2>::from_data(vectors, &device).cast(table.dtype());
+        let table = Tensor::cat(vec![table, rows], 0);
+        self.embeddings.token_embedding.weight = Param::from_tensor(table);
+        self.config.vocab_size += count;
+    }
 }

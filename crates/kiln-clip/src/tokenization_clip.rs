@@ -155,6 +155,8 @@ pub struct ClipTokenizer {
     eos_id: u32,
     pad_id: u32,
     max_length: usize,
+    /// Textual-inversion tokens of several vectors: first id -> number of ids.
+    embeddings: std::collections::BTreeMap<u32, usize>,
 }
 
 impl ClipTokenizer {
@@ -280,6 +282,7 @@ impl ClipTokenizer {
             pad_id: id(&special.pad, "pad")?,
             max_length: special.max_length,
             inner,
+            embeddings: Default::default(),
         })
     }
 
@@ -395,17 +398,90 @@ impl ClipTokenizer {
         self.pad_id
     }
 
-    /// The prompt's token ids without BOS/EOS, untruncated.
+    /// The prompt's token ids without BOS/EOS, untruncated. A textual-inversion token of `n`
+    /// vectors gives its `n` ids.
     pub fn content_ids(&self, prompt: &str) -> Result<Vec<u32>> {
         let encoding = self
             .inner
             .encode(prompt, false)
             .map_err(|e| Error::Encode(e.to_string()))?;
-        Ok(encoding.get_ids().to_vec())
+        let ids = encoding.get_ids();
+        if self.embeddings.is_empty() {
+            return Ok(ids.to_vec());
+        }
+        let mut out = Vec::with_capacity(ids.len());
+        for &id in ids {
+            let n = self.embedding_len(id);
+            out.extend((0..n as u32).map(|k| id + k));
+        }
+        Ok(out)
+    }
+
+    /// How many ids `id` stands for: the vectors of a textual-inversion token it starts, else 1.
+    pub(crate) fn embedding_len(&self, id: u32) -> usize {
+        self.embeddings.get(&id).copied().unwrap_or(1)
+    }
+
+    /// Adds a textual-inversion token of `vectors` vectors (see
+    /// [`crate::textual_inversion`]): `token` and, for more vectors, `token_1`, ... as
+    /// diffusers names them, with the next free ids. The word `token` in a prompt then gives
+    /// all of them.
+    pub(crate) fn add_embedding_token(
+        &mut self,
+        token: &str,
+        vectors: usize,
+    ) -> std::result::Result<Vec<u32>, String> {
+        if vectors > self.max_length - 2 {
+            return Err(format!(
+                "has {vectors} vectors; at most {} fit in a window",
+                self.max_length - 2
+            ));
+        }
+        let names: Vec<String> = (0..vectors)
+            .map(|i| {
+                if i == 0 {
+                    token.to_string()
+                } else {
+                    format!("{token}_{i}")
+                }
+            })
+            .collect();
+        if let Some(taken) = names.iter().find(|n| self.inner.token_to_id(n).is_some()) {
+            return Err(format!(
+                "would add the token `{taken}`, which the tokenizer has already; name the \
+                 embedding another word (FILE:TOKEN)"
+            ));
+        }
+        let first = self.vocab_size() as u32;
+        let added: Vec<AddedToken> = names
+            .iter()
+            .map(|n| AddedToken::from(n.clone(), false))
+            .collect();
+        self.inner.add_tokens(&added);
+        let ids: Vec<u32> = names
+            .iter()
+            .map(|n| self.inner.token_to_id(n).unwrap_or(u32::MAX))
+            .collect();
+        if ids
+            .iter()
+            .enumerate()
+            .any(|(i, &id)| id != first + i as u32)
+        {
+            return Err(format!(
+                "the tokenizer gave the new tokens ids {ids:?}, not {first}.."
+            ));
+        }
+        self.embeddings.insert(first, vectors);
+        Ok(ids)
+    }
+
+    /// The id of a token of the vocabulary (such as `,</w>`), if it has one.
+    pub fn token_id(&self, token: &str) -> Option<u32> {
+        self.inner.token_to_id(token)
     }
 
     /// Wraps at most `max_length - 2` content ids in BOS/EOS and pads to `max_length`.
-    fn wrap(&self, content: &[u32]) -> Vec<u32> {
+    pub(crate) fn wrap(&self, content: &[u32]) -> Vec<u32> {
         let room = self.max_length - 2;
         let content = &content[..content.len().min(room)];
         let mut ids = Vec::with_capacity(self.max_length);
@@ -420,22 +496,6 @@ impl ClipTokenizer {
     /// (the EOS token stays last).
     pub fn encode(&self, prompt: &str) -> Result<Vec<u32>> {
         Ok(self.wrap(&self.content_ids(prompt)?))
-    }
-
-    /// Tokenizes `prompt` into one or more windows of `max_length` ids without dropping any token:
-    /// the content is cut into runs of `max_length - 2` tokens (75), each wrapped in BOS/EOS and
-    /// padded. This is the long-prompt mode of the A1111 web UI (without its comma back-tracking);
-    /// the text encoder encodes each window separately and the results are concatenated along the
-    /// sequence axis. An empty prompt gives one window.
-    pub fn encode_chunked(&self, prompt: &str) -> Result<Vec<Vec<u32>>> {
-        let content = self.content_ids(prompt)?;
-        if content.is_empty() {
-            return Ok(vec![self.wrap(&[])]);
-        }
-        Ok(content
-            .chunks(self.max_length - 2)
-            .map(|chunk| self.wrap(chunk))
-            .collect())
     }
 
     /// The token strings of `ids` (byte-level BPE pieces such as `cat</w>`).

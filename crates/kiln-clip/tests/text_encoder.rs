@@ -91,15 +91,18 @@ fn a_wrong_weight_changes_the_output() {
 }
 
 #[test]
-fn chunked_encoding_concatenates_windows() {
+fn windows_are_encoded_separately_and_concatenated() {
     let dir = fixtures().join("te-sd1");
     let device = device();
     let model = ClipTextModel::from_dir(&dir, &device).unwrap();
     let a: Vec<u32> = (0..77).map(|i| (i * 7 % 990) as u32).collect();
     let b: Vec<u32> = (0..77).map(|i| (i * 13 % 990) as u32).collect();
-    let both = model
-        .encode_chunked(&[a.clone(), b.clone()], 0, &device)
-        .unwrap();
+    let windows = kiln_clip::PromptWindows {
+        ids: vec![a.clone(), b.clone()],
+        weights: vec![vec![1.0; 77]; 2],
+        num_tokens: 150,
+    };
+    let both = model.encode_windows(&windows, 0, &device).unwrap();
     assert_eq!(both.dims(), [1, 154, 32]);
     let first = model.encode_ids(&[a], 0, &device).unwrap().hidden_state;
     let second = model.encode_ids(&[b], 0, &device).unwrap().hidden_state;

@@ -120,6 +120,17 @@ pub enum Error {
     /// A dtype name is not one of f32, f16, bf16.
     #[error("unknown dtype `{0}`: use f32, f16 or bf16")]
     DType(String),
+    /// A LoRA file cannot be used: a key of an unknown kind, a layer the model lacks, factors
+    /// that do not fit, a damaged value.
+    #[error("LoRA `{path}`: `{key}` {message}")]
+    Lora {
+        /// The file.
+        path: PathBuf,
+        /// The key (or key stem) concerned.
+        key: String,
+        /// What is wrong.
+        message: String,
+    },
     /// A tensor given by the caller has the wrong shape or values.
     #[error("invalid input: {0}")]
     InvalidInput(String),

@@ -16,6 +16,7 @@ pub mod init;
 #[cfg(feature = "flex")]
 pub mod kernels;
 pub mod linear;
+pub mod lora;
 pub mod normalization;
 pub mod precision;
 pub mod reference;

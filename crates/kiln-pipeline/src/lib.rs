@@ -67,6 +67,7 @@
 #[cfg(feature = "embedded-model")]
 pub mod embedded;
 mod error;
+pub mod lora;
 pub mod memory;
 pub mod pipeline_stable_diffusion;
 pub mod presets;
@@ -74,6 +75,8 @@ pub mod single_file;
 pub mod training;
 
 pub use error::{Error, Result};
+pub use kiln_clip::PromptSyntax;
+pub use lora::{LoadedLora, LoraOptions};
 pub use pipeline_stable_diffusion::{
     GENERATION_FILE, GenerateOptions, GenerateOutput, GenerationDefaults, LoadOptions, Mode,
     RgbImage, StableDiffusionPipeline, StepCallback, StepProgress, images_to_rgb8, rgb8_to_tensor,

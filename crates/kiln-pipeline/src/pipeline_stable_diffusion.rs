@@ -9,7 +9,7 @@ use std::ops::ControlFlow;
 use std::path::{Path, PathBuf};
 
 use burn::tensor::{DType, Device, Tensor, TensorData};
-use kiln_clip::{ClipTextConfig, ClipTextModel, ClipTokenizer};
+use kiln_clip::{ClipTextConfig, ClipTextModel, ClipTokenizer, PromptSyntax};
 use kiln_nn::weights::{SafetensorsFile, load_tensors};
 use kiln_scheduler::{
     AnyScheduler, NoiseSource, SamplerName, SamplerOptions, Scheduler, SchedulerConfig,
@@ -175,6 +175,10 @@ pub struct GenerateOptions {
     pub steps: usize,
     /// Text-encoder layers skipped from the end (diffusers' `clip_skip`).
     pub clip_skip: usize,
+    /// How the prompts are read: [`PromptSyntax::Plain`] (diffusers: literal, 77 tokens; the
+    /// default), [`PromptSyntax::Long`] (every token, in windows of 75) or
+    /// [`PromptSyntax::A1111`] (the web UI's emphasis and `BREAK` as well).
+    pub prompt_syntax: PromptSyntax,
     /// Initial latents `[num_images, 4, h / f, w / f]` with unit variance (diffusers' `latents=`);
     /// scaled by the scheduler's `init_noise_sigma`. `None`: drawn from the noise source.
     pub latents: Option<Tensor<4>>,
@@ -207,6 +211,7 @@ impl GenerateOptions {
             width: None,
             steps: 50,
             clip_skip: 0,
+            prompt_syntax: PromptSyntax::Plain,
             latents: None,
             prompt_embeds: None,
             negative_prompt_embeds: None,
@@ -263,6 +268,12 @@ impl GenerateOptions {
     /// Sets clip skip.
     pub fn with_clip_skip(mut self, clip_skip: usize) -> Self {
         self.clip_skip = clip_skip;
+        self
+    }
+
+    /// Sets how prompts are read (see [`PromptSyntax`]).
+    pub fn with_prompt_syntax(mut self, syntax: PromptSyntax) -> Self {
+        self.prompt_syntax = syntax;
         self
     }
 
@@ -410,6 +421,8 @@ pub struct StableDiffusionPipeline {
     pub source: PathBuf,
     /// The folder's generation defaults (`kiln.json`), or diffusers' (50 steps, guidance 7.5).
     pub generation: GenerationDefaults,
+    /// The loaded LoRAs ([`crate::lora`]).
+    pub(crate) loras: crate::lora::LoraSet,
     device: Device,
     dtype: DType,
 }
@@ -459,6 +472,7 @@ impl StableDiffusionPipeline {
             class_name: index.class_name,
             source: dir.to_path_buf(),
             generation: GenerationDefaults::from_dir(dir)?,
+            loras: Default::default(),
             device: device.clone(),
             dtype,
         })
@@ -486,6 +500,7 @@ impl StableDiffusionPipeline {
             class_name: "StableDiffusionPipeline".into(),
             source,
             generation,
+            loras: Default::default(),
             device: device.clone(),
             dtype,
         }
@@ -585,6 +600,7 @@ impl StableDiffusionPipeline {
                 Some(dir) => GenerationDefaults::from_dir(dir)?,
                 None => GenerationDefaults::default(),
             },
+            loras: Default::default(),
             device: device.clone(),
             dtype,
         })
@@ -663,13 +679,27 @@ impl StableDiffusionPipeline {
         })
     }
 
-    /// Encodes one prompt: `[1, 77, width]`.
-    pub fn encode_prompt(&self, prompt: &str, clip_skip: usize) -> Result<Tensor<3>> {
-        let ids = self.tokenizer.encode(prompt)?;
+    /// Encodes one prompt by `syntax`'s rules: `[1, 77 * windows, width]` (one window for
+    /// [`PromptSyntax::Plain`]).
+    pub fn encode_prompt(
+        &self,
+        prompt: &str,
+        syntax: PromptSyntax,
+        clip_skip: usize,
+    ) -> Result<Tensor<3>> {
+        let windows = self.tokenizer.tokenize_prompt(prompt, syntax)?;
         Ok(self
             .text_encoder
-            .encode_ids(&[ids], clip_skip, &self.device)?
-            .hidden_state)
+            .encode_windows(&windows, clip_skip, &self.device)?)
+    }
+
+    /// Loads a textual-inversion embedding ([`kiln_clip::textual_inversion`]): `token`, or the
+    /// file's own name for it, becomes a word that prompts and negative prompts can use. Returns
+    /// the token.
+    pub fn load_textual_inversion(&mut self, path: &Path, token: Option<&str>) -> Result<String> {
+        let embedding = kiln_clip::TextualInversion::open(path, token)?;
+        embedding.load_into(&mut self.tokenizer, &mut self.text_encoder)?;
+        Ok(embedding.token)
     }
 
     /// Runs the pipeline.
@@ -965,13 +995,13 @@ impl StableDiffusionPipeline {
     }
 
     /// The UNet's context: `[n, seq, d]`, or `[2n, seq, d]` (negative first) under guidance.
+    ///
+    /// Under guidance the shorter of the two encodings is padded with windows of the empty
+    /// prompt's, as the A1111 web UI pads them, so both have the same length.
     fn context(&self, options: &GenerateOptions, do_cfg: bool) -> Result<Tensor<3>> {
         let n = options.num_images;
-        let cond = match &options.prompt_embeds {
-            Some(e) => e.clone().cast(DType::F32),
-            None => self.encode_prompt(&options.prompt, options.clip_skip)?,
-        };
         let width = self.text_encoder.config().hidden_size;
+        let window = self.tokenizer.max_length();
         let check = |e: &Tensor<3>, what: &str| -> Result<()> {
             let d = e.dims();
             if d[0] != 1 || d[1] == 0 || d[2] != width {
@@ -981,26 +1011,45 @@ impl StableDiffusionPipeline {
             }
             Ok(())
         };
+        let encode = |prompt: &str| -> Result<Tensor<3>> {
+            self.encode_prompt(prompt, options.prompt_syntax, options.clip_skip)
+        };
+        let mut cond = match &options.prompt_embeds {
+            Some(e) => e.clone().cast(DType::F32),
+            None => encode(&options.prompt)?,
+        };
         check(&cond, "prompt embeddings")?;
-        let cond = cond.repeat_dim(0, n);
-        let context = if do_cfg {
-            let uncond = match &options.negative_prompt_embeds {
-                Some(e) => e.clone().cast(DType::F32),
-                None => self.encode_prompt(&options.negative_prompt, options.clip_skip)?,
-            };
-            check(&uncond, "negative prompt embeddings")?;
-            if uncond.dims() != [1, cond.dims()[1], width] {
+        if !do_cfg {
+            return Ok(cond.repeat_dim(0, n).cast(self.dtype));
+        }
+        let mut uncond = match &options.negative_prompt_embeds {
+            Some(e) => e.clone().cast(DType::F32),
+            None => encode(&options.negative_prompt)?,
+        };
+        check(&uncond, "negative prompt embeddings")?;
+        let (a, b) = (cond.dims()[1], uncond.dims()[1]);
+        if a != b {
+            // windows of the empty prompt make up the difference when both are whole windows
+            let given = options.prompt_embeds.is_some() || options.negative_prompt_embeds.is_some();
+            if given || a % window != 0 || b % window != 0 {
                 return Err(Error::InvalidInput(format!(
                     "negative prompt embeddings {:?} and prompt embeddings {:?} differ in length",
                     uncond.dims(),
                     cond.dims()
                 )));
             }
-            Tensor::cat(vec![uncond.repeat_dim(0, n), cond], 0)
-        } else {
-            cond
-        };
-        Ok(context.cast(self.dtype))
+            let empty = encode("")?;
+            let pad = |e: Tensor<3>, to: usize| -> Tensor<3> {
+                let windows = (to - e.dims()[1]) / window;
+                Tensor::cat(vec![e, empty.clone().repeat_dim(1, windows)], 1)
+            };
+            if a < b {
+                cond = pad(cond, b);
+            } else {
+                uncond = pad(uncond, a);
+            }
+        }
+        Ok(Tensor::cat(vec![uncond.repeat_dim(0, n), cond.repeat_dim(0, n)], 0).cast(self.dtype))
     }
 }
 

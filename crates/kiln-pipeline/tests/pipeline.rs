@@ -10,8 +10,8 @@ use burn::tensor::{Tensor, TensorData};
 use kiln_nn::FloatKind;
 use kiln_nn::reference::tolerance;
 use kiln_pipeline::{
-    Error, GenerateOptions, GenerateOutput, LoadOptions, Mode, RgbImage, StableDiffusionPipeline,
-    StepProgress,
+    Error, GenerateOptions, GenerateOutput, LoadOptions, Mode, PromptSyntax, RgbImage,
+    StableDiffusionPipeline, StepProgress,
 };
 use kiln_scheduler::{SamplerName, SamplerOptions, SeededNoise};
 
@@ -66,8 +66,8 @@ fn seeds_guidance_embeddings_and_callbacks() {
     );
 
     // supplied embeddings stand in for the prompts
-    let embeds = pipe.encode_prompt("a cat", 0).unwrap();
-    let empty = pipe.encode_prompt("", 0).unwrap();
+    let embeds = pipe.encode_prompt("a cat", PromptSyntax::Plain, 0).unwrap();
+    let empty = pipe.encode_prompt("", PromptSyntax::Plain, 0).unwrap();
     let supplied = run(
         &pipe,
         &small("ignored").with_prompt_embeds(embeds, Some(empty)),

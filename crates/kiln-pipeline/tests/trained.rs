@@ -13,7 +13,7 @@ mod common;
 
 use burn::tensor::Tensor;
 use kiln_nn::reference::{Reference, max_relative_error, tolerance};
-use kiln_pipeline::{GenerateOptions, StableDiffusionPipeline, images_to_rgb8};
+use kiln_pipeline::{GenerateOptions, PromptSyntax, StableDiffusionPipeline, images_to_rgb8};
 use kiln_scheduler::{QueuedNoise, SamplerOptions};
 use serde::Deserialize;
 
@@ -37,7 +37,9 @@ fn diffusers_draws_what_kiln_draws_with_the_embedded_model() {
     let mut failures = Vec::new();
     for case in &cases {
         let name = |what: &str| format!("{}.{what}", case.name);
-        let embeds = pipe.encode_prompt(&case.prompt, 0).unwrap();
+        let embeds = pipe
+            .encode_prompt(&case.prompt, PromptSyntax::Plain, 0)
+            .unwrap();
         let expected_embeds: Tensor<3> = reference.tensor(&name("prompt_embeds"), &device).unwrap();
         let embed_error = max_relative_error(&embeds, &expected_embeds);
 

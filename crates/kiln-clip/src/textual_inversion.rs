@@ -1,0 +1,142 @@
+//! Textual-inversion embeddings: learned token vectors that a prompt names by a word.
+//!
+//! Two file layouts load, both `.safetensors` holding one tensor of `[width]` or
+//! `[vectors, width]`: the A1111 web UI's (`emb_params`, or `string_to_param.*`) and diffusers'
+//! `learned_embeds.safetensors` (the tensor named after its token, such as `<cat-toy>`). Pickle
+//! files (`.pt`, `.bin`) are refused.
+//!
+//! [`TextualInversion::load_into`] adds the token to the tokenizer and the vectors to the text
+//! encoder's token embedding table. An embedding of `n` vectors takes `n` ids: the word gives
+//! all of them, as diffusers' `load_textual_inversion` expands `token` to
+//! `token token_1 ... token_{n-1}`, and the long-prompt windows keep them together, as the web
+//! UI does.
+
+use std::path::{Path, PathBuf};
+
+use burn::tensor::TensorData;
+use kiln_nn::weights::SafetensorsFile;
+
+use crate::{ClipTextModel, ClipTokenizer, Error, Result};
+
+/// An embedding read from a file.
+#[derive(Debug, Clone)]
+pub struct TextualInversion {
+    /// The word that names it in prompts.
+    pub token: String,
+    /// The vectors, f32 `[vectors, width]`.
+    pub vectors: TensorData,
+    /// The file.
+    pub path: PathBuf,
+}
+
+impl TextualInversion {
+    /// Reads an embedding file. `token` names it in prompts; `None`: diffusers' key if the file
+    /// has one (`<cat-toy>`), else the file name without extension (the web UI's rule).
+    pub fn open(path: &Path, token: Option<&str>) -> Result<Self> {
+        kiln_nn::lora::refuse_pickle(path)?;
+        let file = SafetensorsFile::open(path)?;
+        let bad = |message: String| Error::Embedding {
+            path: path.to_path_buf(),
+            message,
+        };
+        let names: Vec<String> = file.tensors().map(|(n, _)| n.to_string()).collect();
+        let [name] = names.as_slice() else {
+            let hint = if names.iter().any(|n| n == "clip_l") {
+                " (an SDXL embedding with `clip_l` and `clip_g`, which needs SDXL's two text encoders)"
+            } else {
+                ""
+            };
+            return Err(bad(format!(
+                "holds {} tensors ({names:?}); an embedding file holds one{hint}",
+                names.len()
+            )));
+        };
+        let tensor = file.tensor(name)?;
+        let (count, width) = match *tensor.shape() {
+            [width] => (1, width),
+            [count, width] => (count, width),
+            ref other => {
+                return Err(bad(format!(
+                    "`{name}` has shape {other:?}; expected [width] or [vectors, width]"
+                )));
+            }
+        };
+        if count == 0 || width == 0 {
+            return Err(bad(format!("`{name}` is empty")));
+        }
+        let values = tensor
+            .read()?
+            .convert::<f32>()
+            .try_into_vec::<f32>()
+            .map_err(|e| bad(format!("cannot read `{name}`: {e:?}")))?;
+        if let Some(i) = values.iter().position(|v| !v.is_finite()) {
+            return Err(bad(format!("`{name}` holds {} at index {i}", values[i])));
+        }
+        let diffusers_key = name != "emb_params" && !name.starts_with("string_to_param");
+        let token = match token {
+            Some(t) => t.to_string(),
+            None if diffusers_key => name.clone(),
+            None => path
+                .file_stem()
+                .and_then(|s| s.to_str())
+                .unwrap_or("embedding")
+                .to_string(),
+        };
+        if token.trim().is_empty() || token.chars().any(char::is_whitespace) {
+            return Err(bad(format!(
+                "the token `{token}` must be one word without spaces"
+            )));
+        }
+        Ok(Self {
+            token,
+            vectors: TensorData::new(values, [count, width]),
+            path: path.to_path_buf(),
+        })
+    }
+
+    /// The number of vectors (ids the token stands for).
+    pub fn len(&self) -> usize {
+        self.vectors.shape()[0]
+    }
+
+    /// Whether there are no vectors (never, for an opened file).
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Adds the token to `tokenizer` and the vectors to `encoder`'s token embeddings; returns the
+    /// ids they take. Fails if the width is not the encoder's or the token exists already.
+    pub fn load_into(
+        &self,
+        tokenizer: &mut ClipTokenizer,
+        encoder: &mut ClipTextModel,
+    ) -> Result<Vec<u32>> {
+        let width = encoder.config().hidden_size;
+        let [count, file_width] = [self.vectors.shape()[0], self.vectors.shape()[1]];
+        if file_width != width {
+            return Err(Error::Embedding {
+                path: self.path.clone(),
+                message: format!(
+                    "has vectors of width {file_width}, but this text encoder's are {width} wide; \
+                     is it for another model (SD 1.x: 768, SD 2.x: 1024)?"
+                ),
+            });
+        }
+        let first = encoder.config().vocab_size;
+        if tokenizer.vocab_size() != first {
+            return Err(Error::InvalidInput(format!(
+                "the tokenizer has {} ids and the text encoder {first}: add embeddings to both together",
+                tokenizer.vocab_size()
+            )));
+        }
+        let ids = tokenizer
+            .add_embedding_token(&self.token, count)
+            .map_err(|message| Error::Embedding {
+                path: self.path.clone(),
+                message,
+            })?;
+        debug_assert_eq!(ids[0] as usize, first);
+        encoder.add_token_embeddings(self.vectors.clone());
+        Ok(ids)
+    }
+}

@@ -1,0 +1,190 @@
+//! LoRAs on a pipeline: load several files with a scale each, fuse them into the UNet's and the
+//! text encoder's weights (no cost per step), unfuse back to the original weights exactly.
+//!
+//! ```no_run
+//! # fn main() -> kiln_pipeline::Result<()> {
+//! # let device = kiln_nn::default_device()?;
+//! use kiln_pipeline::{LoadOptions, LoraOptions, StableDiffusionPipeline};
+//! let mut pipe = StableDiffusionPipeline::from_pretrained(
+//!     "stable-diffusion-v1-5".as_ref(), LoadOptions::default(), &device)?;
+//! pipe.load_lora("pixel-art.safetensors".as_ref(), 0.8, LoraOptions::default())?;
+//! pipe.fuse_loras()?;   // generate with it ...
+//! pipe.set_lora_scale("pixel-art", 0.5)?;
+//! pipe.fuse_loras()?;   // ... at another strength
+//! pipe.unfuse_loras()?; // the original weights, bit for bit
+//! # Ok(()) }
+//! ```
+//!
+//! The file layouts are those of [`kiln_nn::lora`]: kohya / A1111 and diffusers / PEFT.
+
+use std::path::Path;
+
+use kiln_nn::lora::{LoraComponent, LoraFile, LoraFuser, ScaledLora};
+
+use crate::{Error, Result, StableDiffusionPipeline};
+
+/// The text encoder's checkpoint prefix, which LoRA files keep and Kiln's module paths drop.
+const TEXT_PREFIX: &[&str] = &["text_model."];
+
+/// How to read a LoRA file.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct LoraOptions {
+    /// Skip keys that belong to no LoRA layer instead of failing (they are listed in
+    /// [`LoadedLora::skipped`]).
+    pub allow_unknown_keys: bool,
+}
+
+/// A LoRA loaded into a pipeline.
+#[derive(Debug, Clone)]
+pub struct LoadedLora {
+    /// Its name: the file name without extension.
+    pub name: String,
+    /// Its layers.
+    pub file: LoraFile,
+    /// The strength it is fused with.
+    pub scale: f32,
+    /// UNet layers it updates.
+    pub unet_layers: usize,
+    /// Text-encoder layers it updates.
+    pub text_encoder_layers: usize,
+}
+
+impl LoadedLora {
+    /// The keys skipped as unknown (only with [`LoraOptions::allow_unknown_keys`]).
+    pub fn skipped(&self) -> &[String] {
+        self.file.skipped()
+    }
+}
+
+/// The LoRAs of a pipeline and what is fused.
+#[derive(Debug, Default)]
+pub struct LoraSet {
+    loaded: Vec<LoadedLora>,
+    unet: LoraFuser,
+    text_encoder: LoraFuser,
+}
+
+impl StableDiffusionPipeline {
+    /// Loads a LoRA file with a strength (1: as trained), checking that every layer matches a
+    /// layer of this model and fits its shape. Nothing changes until
+    /// [`fuse_loras`](Self::fuse_loras).
+    pub fn load_lora(
+        &mut self,
+        path: &Path,
+        scale: f32,
+        options: LoraOptions,
+    ) -> Result<&LoadedLora> {
+        if !scale.is_finite() {
+            return Err(Error::InvalidInput(format!(
+                "LoRA scale {scale} for `{}` must be a finite number",
+                path.display()
+            )));
+        }
+        let file = LoraFile::open(path, options.allow_unknown_keys)?;
+        let name = path
+            .file_stem()
+            .and_then(|s| s.to_str())
+            .unwrap_or("lora")
+            .to_string();
+        if self.loras.loaded.iter().any(|l| l.name == name) {
+            return Err(Error::InvalidInput(format!(
+                "a LoRA named `{name}` is loaded already (from `{}`)",
+                path.display()
+            )));
+        }
+        let one = [ScaledLora { file: &file, scale }];
+        let unet_layers = LoraFuser::check(&self.unet, LoraComponent::Unet, &one, &[])?;
+        let text_encoder_layers = LoraFuser::check(
+            &self.text_encoder,
+            LoraComponent::TextEncoder,
+            &one,
+            TEXT_PREFIX,
+        )?;
+        self.loras.loaded.push(LoadedLora {
+            name,
+            file,
+            scale,
+            unet_layers,
+            text_encoder_layers,
+        });
+        Ok(self.loras.loaded.last().expect("just pushed"))
+    }
+
+    /// The loaded LoRAs, in loading order.
+    pub fn loras(&self) -> &[LoadedLora] {
+        &self.loras.loaded
+    }
+
+    /// Sets the strength of the LoRA named `name`; takes effect at the next
+    /// [`fuse_loras`](Self::fuse_loras).
+    pub fn set_lora_scale(&mut self, name: &str, scale: f32) -> Result<()> {
+        if !scale.is_finite() {
+            return Err(Error::InvalidInput(format!(
+                "LoRA scale {scale} must be a finite number"
+            )));
+        }
+        let known: Vec<String> = self.loras.loaded.iter().map(|l| l.name.clone()).collect();
+        let lora = self
+            .loras
+            .loaded
+            .iter_mut()
+            .find(|l| l.name == name)
+            .ok_or_else(|| {
+                Error::InvalidInput(format!(
+                    "no LoRA named `{name}` is loaded (loaded: {known:?})"
+                ))
+            })?;
+        lora.scale = scale;
+        Ok(())
+    }
+
+    /// Fuses every loaded LoRA, at its scale, into the UNet's and the text encoder's weights
+    /// (replacing what was fused before). Generation then costs what it costs without LoRAs.
+    pub fn fuse_loras(&mut self) -> Result<()> {
+        self.unfuse_loras()?;
+        let scaled: Vec<ScaledLora<'_>> = self
+            .loras
+            .loaded
+            .iter()
+            .map(|l| ScaledLora {
+                file: &l.file,
+                scale: l.scale,
+            })
+            .collect();
+        let device = self.device().clone();
+        self.loras
+            .unet
+            .fuse(&mut self.unet, LoraComponent::Unet, &scaled, &[], &device)?;
+        if let Err(e) = self.loras.text_encoder.fuse(
+            &mut self.text_encoder,
+            LoraComponent::TextEncoder,
+            &scaled,
+            TEXT_PREFIX,
+            &device,
+        ) {
+            self.loras.unet.unfuse(&mut self.unet)?;
+            return Err(e.into());
+        }
+        Ok(())
+    }
+
+    /// Restores the weights as they were before [`fuse_loras`](Self::fuse_loras), bit for bit.
+    /// The LoRAs stay loaded.
+    pub fn unfuse_loras(&mut self) -> Result<()> {
+        self.loras.unet.unfuse(&mut self.unet)?;
+        self.loras.text_encoder.unfuse(&mut self.text_encoder)?;
+        Ok(())
+    }
+
+    /// Whether LoRAs are fused into the weights now.
+    pub fn loras_fused(&self) -> bool {
+        self.loras.unet.is_fused() || self.loras.text_encoder.is_fused()
+    }
+
+    /// Unfuses and forgets every LoRA.
+    pub fn clear_loras(&mut self) -> Result<()> {
+        self.unfuse_loras()?;
+        self.loras.loaded.clear();
+        Ok(())
+    }
+}
