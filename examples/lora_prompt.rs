@@ -10,14 +10,19 @@
 //! end; each `--embedding FILE` makes its file name a word of the prompts. The prompts are read
 //! with the A1111 web UI's emphasis and no 77-token limit (docs/prompts.md).
 
-use kiln_pipeline::{GenerateOptions, LoadOptions, LoraOptions, PromptSyntax, StableDiffusionPipeline};
+use kiln_pipeline::{
+    GenerateOptions, LoadOptions, LoraOptions, PromptSyntax, StableDiffusionPipeline,
+};
 use kiln_scheduler::{SamplerName, SamplerOptions, SeededNoise};
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let mut args: Vec<String> = std::env::args().skip(1).collect();
     let usage = "usage: lora_prompt MODEL_DIR OUT.ppm [--lora FILE:SCALE]... [--embedding FILE]... PROMPT [NEGATIVE]";
     let (mut loras, mut embeddings) = (Vec::new(), Vec::new());
-    while let Some(i) = args.iter().position(|a| a == "--lora" || a == "--embedding") {
+    while let Some(i) = args
+        .iter()
+        .position(|a| a == "--lora" || a == "--embedding")
+    {
         if i + 1 >= args.len() {
             return Err(usage.into());
         }
@@ -45,7 +50,10 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             None => (spec.as_str(), 1.0),
         };
         let lora = pipe.load_lora(file.as_ref(), scale, LoraOptions::default())?;
-        eprintln!("{}: {} UNet and {} text-encoder layers", lora.name, lora.unet_layers, lora.text_encoder_layers);
+        eprintln!(
+            "{}: {} UNet and {} text-encoder layers",
+            lora.name, lora.unet_layers, lora.text_encoder_layers
+        );
     }
     pipe.fuse_loras()?;
 

@@ -8,7 +8,9 @@
 //! - diffusers / PEFT: `unet.<module>` and `text_encoder.<module>` with `.lora_A.weight` and
 //!   `.lora_B.weight`, or the older `.lora.down.weight` / `.lora.up.weight` (also
 //!   `.lora_linear_layer.` and attention processors' `.processor.to_q_lora.`), optionally with
-//!   `.alpha` (else `alpha = rank`, a scale of 1).
+//!   `.alpha`, or peft's `lora_alpha` / `alpha_pattern` / `use_rslora` from the
+//!   `lora_adapter_metadata` that diffusers writes into the header (else `alpha = rank`, a
+//!   scale of 1).
 //!
 //! [`LoraFile::open`] reads the file's layout and groups its tensors into [`LoraLayer`]s by
 //! component; [`LoraFuser`] resolves them against a module's own parameter paths, adds the
@@ -157,6 +159,7 @@ impl LoraFile {
                 ),
             ));
         }
+        let configs = PeftConfigs::read(&file).map_err(|m| bad("__metadata__", m))?;
         let mut layers = Vec::with_capacity(groups.len());
         for ((component, target, flat), (stem, (down, up, alpha))) in groups {
             let (Some(down), Some(up)) = (down, up) else {
@@ -165,9 +168,17 @@ impl LoraFile {
                     "has only one of its two factors (down/A and up/B)".into(),
                 ));
             };
+            let down = file.tensor(&down)?;
             let alpha = match alpha {
                 Some(key) => Some(read_alpha(&file, &key).map_err(|m| bad(&key, m))?),
-                None => None,
+                // diffusers' files name modules by dotted paths
+                None => match configs.get(component) {
+                    Some(config) if !flat => {
+                        let rank = down.shape().first().copied().unwrap_or(1);
+                        Some(config.alpha(&target, rank))
+                    }
+                    _ => None,
+                },
             };
             layers.push(LoraLayer {
                 component,
@@ -176,7 +187,7 @@ impl LoraFile {
                 } else {
                     LoraTarget::Path(target)
                 },
-                down: file.tensor(&down)?,
+                down,
                 up: file.tensor(&up)?,
                 alpha,
                 key: stem,
@@ -213,6 +224,93 @@ impl LoraFile {
     /// The layers of one component.
     pub fn component(&self, component: LoraComponent) -> impl Iterator<Item = &LoraLayer> {
         self.layers.iter().filter(move |l| l.component == component)
+    }
+}
+
+/// The adapter configs diffusers writes into a LoRA file's `__metadata__`
+/// (`lora_adapter_metadata`: peft's `LoraConfig` per component, keys `unet.lora_alpha`, ...).
+#[derive(Debug, Default)]
+struct PeftConfigs {
+    unet: Option<PeftConfig>,
+    text_encoder: Option<PeftConfig>,
+}
+
+/// The fields of peft's `LoraConfig` that decide the scale.
+#[derive(Debug)]
+struct PeftConfig {
+    lora_alpha: f32,
+    alpha_pattern: Vec<(regex::Regex, f32)>,
+    use_rslora: bool,
+}
+
+impl PeftConfigs {
+    fn read(file: &SafetensorsFile) -> std::result::Result<Self, String> {
+        let Some(text) = file.metadata().get("lora_adapter_metadata") else {
+            return Ok(Self::default());
+        };
+        let value: serde_json::Value = serde_json::from_str(text)
+            .map_err(|e| format!("holds `lora_adapter_metadata` that is not JSON: {e}"))?;
+        let component = |prefix: &str| -> std::result::Result<Option<PeftConfig>, String> {
+            let field = |name: &str| value.get(format!("{prefix}.{name}"));
+            let Some(alpha) = field("lora_alpha") else {
+                return Ok(None);
+            };
+            if field("use_dora").and_then(|v| v.as_bool()) == Some(true) {
+                return Err(format!(
+                    "describes a DoRA adapter for the {prefix}, which Kiln does not support"
+                ));
+            }
+            let lora_alpha = alpha
+                .as_f64()
+                .ok_or_else(|| format!("has `{prefix}.lora_alpha` = {alpha}, not a number"))?
+                as f32;
+            let mut alpha_pattern = Vec::new();
+            if let Some(map) = field("alpha_pattern").and_then(|v| v.as_object()) {
+                for (pattern, alpha) in map {
+                    let re = regex::Regex::new(&format!(r"(^|\.)({pattern})$"))
+                        .map_err(|e| format!("has the alpha pattern `{pattern}`: {e}"))?;
+                    let alpha = alpha.as_f64().ok_or_else(|| {
+                        format!("has the alpha of `{pattern}` = {alpha}, not a number")
+                    })?;
+                    alpha_pattern.push((re, alpha as f32));
+                }
+            }
+            Ok(Some(PeftConfig {
+                lora_alpha,
+                alpha_pattern,
+                use_rslora: field("use_rslora").and_then(|v| v.as_bool()) == Some(true),
+            }))
+        };
+        Ok(Self {
+            unet: component("unet")?,
+            text_encoder: component("text_encoder")?,
+        })
+    }
+
+    fn get(&self, component: LoraComponent) -> Option<&PeftConfig> {
+        match component {
+            LoraComponent::Unet => self.unet.as_ref(),
+            LoraComponent::TextEncoder => self.text_encoder.as_ref(),
+        }
+    }
+}
+
+impl PeftConfig {
+    /// The alpha of the module at `path` such that `alpha / rank` is peft's scaling
+    /// (`lora_alpha / r`, or `lora_alpha / sqrt(r)` with rsLoRA).
+    fn alpha(&self, path: &str, rank: usize) -> f32 {
+        let matched: Vec<f32> = self
+            .alpha_pattern
+            .iter()
+            .filter(|(re, _)| re.is_match(path))
+            .map(|(_, a)| *a)
+            .collect();
+        let alpha = matched.first().copied().unwrap_or(self.lora_alpha);
+        if self.use_rslora {
+            alpha * (rank as f32).sqrt()
+        } else {
+            alpha
+        }
     }
 }
 

@@ -51,7 +51,15 @@ struct RawEntry {
 }
 
 /// Opens `path` and parses its header: the open file, where the data starts, and every entry.
-fn parse_header(path: &Path) -> Result<(std::fs::File, u64, BTreeMap<String, Entry>)> {
+/// The parsed header: the open file, where the data starts, every entry, and `__metadata__`.
+type Header = (
+    std::fs::File,
+    u64,
+    BTreeMap<String, Entry>,
+    BTreeMap<String, String>,
+);
+
+fn parse_header(path: &Path) -> Result<Header> {
     let not_st = |reason: String| Error::NotSafetensors {
         path: path.to_path_buf(),
         reason,
@@ -96,8 +104,17 @@ fn parse_header(path: &Path) -> Result<(std::fs::File, u64, BTreeMap<String, Ent
     let data_start = 8 + header_len;
     let data_len = file_len - data_start;
     let mut entries = BTreeMap::new();
+    let mut metadata = BTreeMap::new();
     for (name, value) in raw {
         if name == "__metadata__" {
+            // string to string, as the format defines it; other values are ignored
+            if let serde_json::Value::Object(map) = value {
+                for (k, v) in map {
+                    if let serde_json::Value::String(v) = v {
+                        metadata.insert(k, v);
+                    }
+                }
+            }
             continue;
         }
         let raw: RawEntry = serde_json::from_value(value)
@@ -123,7 +140,7 @@ fn parse_header(path: &Path) -> Result<(std::fs::File, u64, BTreeMap<String, Ent
             },
         );
     }
-    Ok((file, data_start, entries))
+    Ok((file, data_start, entries, metadata))
 }
 
 /// burn's dtype for a safetensors dtype name, for the dtypes Kiln reads.
@@ -144,7 +161,7 @@ fn dtype_of(name: &str) -> Option<DType> {
 /// Fails with [`Error::NotSafetensors`] when the file is too short, the header length is absurd or
 /// the header is not the JSON the format prescribes.
 pub fn read_header(path: &Path) -> Result<BTreeMap<String, TensorInfo>> {
-    let (_, _, entries) = parse_header(path)?;
+    let (_, _, entries, _) = parse_header(path)?;
     Ok(entries.into_iter().map(|(k, e)| (k, e.info)).collect())
 }
 
@@ -161,18 +178,20 @@ struct FileInner {
     file: Mutex<std::fs::File>,
     data_start: u64,
     entries: BTreeMap<String, Entry>,
+    metadata: BTreeMap<String, String>,
 }
 
 impl SafetensorsFile {
     /// Opens `path` and reads its header.
     pub fn open(path: &Path) -> Result<Self> {
-        let (file, data_start, entries) = parse_header(path)?;
+        let (file, data_start, entries, metadata) = parse_header(path)?;
         Ok(Self {
             inner: Arc::new(FileInner {
                 path: path.to_path_buf(),
                 file: Mutex::new(file),
                 data_start,
                 entries,
+                metadata,
             }),
         })
     }
@@ -188,6 +207,11 @@ impl SafetensorsFile {
             .entries
             .iter()
             .map(|(name, entry)| (name.as_str(), &entry.info))
+    }
+
+    /// The header's `__metadata__` (string values).
+    pub fn metadata(&self) -> &BTreeMap<String, String> {
+        &self.inner.metadata
     }
 
     /// One tensor's dtype and shape.
