@@ -66,9 +66,9 @@ def cpu_name():
     return platform.processor() or None
 
 
-def flops_of(build, run) -> int:
+def flops_of(build, run, dtype=torch.float32) -> int:
     with torch.device("meta"):
-        model = build()
+        model = build().to(dtype)
     with FlopCounterMode(display=False) as counter:
         run(model, "meta")
     return int(counter.get_total_flops())
@@ -114,7 +114,7 @@ def main() -> int:
             t = torch.full((batch,), 500.0, device=device)
             return model(x, t, ctx).sample
 
-        flops = flops_of(build_unet, run)
+        flops = flops_of(build_unet, run, dtype)
         model = build_unet().to(dtype)
         work = lambda: run(model)  # noqa: E731
     elif args.workload in ("vae-decode", "vae-encode"):
@@ -127,7 +127,7 @@ def main() -> int:
             x = torch.randn(batch, cfg["vae"].get("in_channels", 3), height, width, device=device, dtype=dtype)
             return model.encode(x).latent_dist.mean
 
-        flops = flops_of(build_vae, run)
+        flops = flops_of(build_vae, run, dtype)
         model = build_vae().to(dtype)
         work = lambda: run(model)  # noqa: E731
     elif args.workload == "text-encoder":
