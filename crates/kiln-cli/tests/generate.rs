@@ -845,7 +845,7 @@ fn embeddings_and_long_weighted_prompts_generate() {
     );
     assert!(out.status.success(), "{}", stderr(&out));
     let (_, _, pixels, text) = read_png(&output);
-    let (_, expected) = fixture_tensor_in("textual-inversion", "image");
+    let (_, expected) = fixture_tensor_in("textual-inversion", "sd1.image");
     let worst = worst_level(&pixels, &expected, 32 * 48);
     assert!(
         worst <= tolerance::levels(tolerance::IMAGE),
