@@ -130,9 +130,8 @@ pub fn apply(
             .filter(|r| r.name == request.name)
             .map(|r| r.scale)
             .sum();
-        let loaded = pipe
-            .load_lora(&request.path, scale, options)
-            .with_context(|| format!("cannot use LoRA `{}`", request.path.display()))?;
+        // the library's errors name the file and the key
+        let loaded = pipe.load_lora(&request.path, scale, options)?;
         if !loaded.skipped().is_empty() {
             eprintln!(
                 "LoRA `{}`: skipped {} unknown key(s): {}",
@@ -146,8 +145,7 @@ pub fn apply(
             request.name, loaded.unet_layers, loaded.text_encoder_layers
         );
     }
-    pipe.fuse_loras()
-        .context("cannot fuse the LoRAs into the model")?;
+    pipe.fuse_loras()?;
     Ok(())
 }
 
@@ -193,9 +191,7 @@ pub fn load_embeddings(
         if !path.is_file() {
             bail!("--embedding `{}`: no such file", path.display());
         }
-        let token = pipe
-            .load_textual_inversion(&path, token)
-            .with_context(|| format!("cannot use embedding `{}`", path.display()))?;
+        let token = pipe.load_textual_inversion(&path, token)?;
         eprintln!("embedding `{}`: token `{token}`", path.display());
         loaded.push((token, path));
     }

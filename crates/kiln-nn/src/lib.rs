@@ -5,6 +5,7 @@
 //! particular model.
 
 pub mod activation;
+pub mod alloc;
 pub mod attention;
 pub mod config;
 pub mod conv;

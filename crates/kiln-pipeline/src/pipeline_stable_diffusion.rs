@@ -918,7 +918,8 @@ impl StableDiffusionPipeline {
             }
         }
 
-        // 5. decode
+        // 5. decode, with the UNet's freed working set handed back to the system first
+        kiln_nn::alloc::release_free_memory();
         let images = self.decode_tiled(latents.clone(), options.vae_tiling.as_ref())?;
         Ok(GenerateOutput { images, latents })
     }
