@@ -44,6 +44,20 @@ fn encoder(kind: &str) -> ClipTextModel {
     ClipTextModel::from_dir(&dir, &device()).unwrap()
 }
 
+impl Case {
+    /// The case's windows by Kiln's tokenizer of its flavour (from `tokenizers`).
+    fn windows(&self, tokenizers: &[(&str, tempfile::TempDir)]) -> kiln_clip::PromptWindows {
+        let dir = &tokenizers.iter().find(|(k, _)| *k == self.model).unwrap().1;
+        let tokenizer = ClipTokenizer::from_dir(dir.path()).unwrap();
+        let syntax = if self.emphasis {
+            PromptSyntax::A1111
+        } else {
+            PromptSyntax::Long
+        };
+        tokenizer.tokenize_prompt(&self.prompt, syntax).unwrap()
+    }
+}
+
 #[test]
 fn windows_and_weights_match_the_web_ui_rules() {
     let tokenizers = [
@@ -54,14 +68,7 @@ fn windows_and_weights_match_the_web_ui_rules() {
     assert!(cases.iter().any(|c| c.ids.len() >= 3), "long cases");
     assert!(cases.iter().any(|c| c.model == "sd2"));
     for case in &cases {
-        let dir = &tokenizers.iter().find(|(k, _)| *k == case.model).unwrap().1;
-        let tokenizer = ClipTokenizer::from_dir(dir.path()).unwrap();
-        let syntax = if case.emphasis {
-            PromptSyntax::A1111
-        } else {
-            PromptSyntax::Long
-        };
-        let got = tokenizer.tokenize_prompt(&case.prompt, syntax).unwrap();
+        let got = case.windows(&tokenizers);
         assert_eq!(got.ids, case.ids, "{}: ids", case.name);
         assert_eq!(got.weights, case.weights, "{}: weights", case.name);
     }
@@ -77,14 +84,7 @@ fn weighted_embeddings_match_the_web_ui_rules() {
     ];
     for case in cases() {
         let model = &encoders.iter().find(|(k, _)| *k == case.model).unwrap().1;
-        let dir = &tokenizers.iter().find(|(k, _)| *k == case.model).unwrap().1;
-        let tokenizer = ClipTokenizer::from_dir(dir.path()).unwrap();
-        let syntax = if case.emphasis {
-            PromptSyntax::A1111
-        } else {
-            PromptSyntax::Long
-        };
-        let windows = tokenizer.tokenize_prompt(&case.prompt, syntax).unwrap();
+        let windows = case.windows(&tokenizers);
         let got = model
             .encode_windows(&windows, case.clip_skip, &device())
             .unwrap();

@@ -14,7 +14,6 @@ use kiln_nn::reference::{Reference, tolerance};
 use kiln_pipeline::{
     GenerateOptions, LoadOptions, LoraOptions, StableDiffusionPipeline, images_to_rgb8,
 };
-use kiln_scheduler::{QueuedNoise, SamplerName, SamplerOptions};
 use serde::Deserialize;
 
 #[derive(Deserialize)]
@@ -44,22 +43,12 @@ fn load(kind: &str) -> (tempfile::TempDir, StableDiffusionPipeline) {
 }
 
 fn generate(pipe: &StableDiffusionPipeline, latents: Tensor<4>) -> Tensor<4> {
-    let mut scheduler = pipe
-        .scheduler(Some(SamplerName::Ddim), SamplerOptions::default())
-        .unwrap();
     let options = GenerateOptions::new("a photo of an astronaut riding a horse")
         .with_negative_prompt("blurry")
         .with_steps(4)
         .with_size(48, 32)
         .with_latents(latents);
-    pipe.generate(
-        &mut scheduler,
-        &options,
-        &mut QueuedNoise::new(Vec::new()),
-        None,
-    )
-    .unwrap()
-    .images
+    common::ddim(pipe, &options)
 }
 
 fn max_diff(a: &Tensor<4>, b: &Tensor<4>) -> f32 {

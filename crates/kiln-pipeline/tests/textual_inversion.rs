@@ -9,7 +9,6 @@ use std::path::PathBuf;
 use burn::tensor::{Tensor, TensorData};
 use kiln_nn::reference::{Reference, tolerance};
 use kiln_pipeline::{GenerateOptions, LoadOptions, PromptSyntax, StableDiffusionPipeline};
-use kiln_scheduler::{QueuedNoise, SamplerName, SamplerOptions};
 use serde::Deserialize;
 
 #[derive(Deserialize)]
@@ -32,9 +31,6 @@ fn generate(
     latents: Tensor<4>,
     syntax: PromptSyntax,
 ) -> Tensor<4> {
-    let mut scheduler = pipe
-        .scheduler(Some(SamplerName::Ddim), SamplerOptions::default())
-        .unwrap();
     let options = GenerateOptions::new(&case.prompt)
         .with_negative_prompt(&case.negative)
         .with_steps(case.steps)
@@ -42,14 +38,7 @@ fn generate(
         .with_size(case.width, case.height)
         .with_prompt_syntax(syntax)
         .with_latents(latents);
-    pipe.generate(
-        &mut scheduler,
-        &options,
-        &mut QueuedNoise::new(Vec::new()),
-        None,
-    )
-    .unwrap()
-    .images
+    common::ddim(pipe, &options)
 }
 
 #[test]

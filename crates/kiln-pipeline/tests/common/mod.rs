@@ -157,3 +157,18 @@ pub fn run_case(case: &Case, pipe: &StableDiffusionPipeline, reference: &Referen
         .unwrap();
     (float_diff, byte_diff)
 }
+
+/// Runs `options` with DDIM and no random draws (the options carry the latents): the image.
+pub fn ddim(pipe: &StableDiffusionPipeline, options: &GenerateOptions) -> Tensor<4> {
+    let mut scheduler = pipe
+        .scheduler(Some(SamplerName::Ddim), SamplerOptions::default())
+        .unwrap();
+    pipe.generate(
+        &mut scheduler,
+        options,
+        &mut QueuedNoise::new(Vec::new()),
+        None,
+    )
+    .unwrap()
+    .images
+}
