@@ -13,7 +13,6 @@ use kiln_clip::{ClipTextConfig, ClipTextModel, ClipTokenizer, PromptSyntax};
 use kiln_nn::weights::{SafetensorsFile, load_tensors};
 use kiln_scheduler::{
     AnyScheduler, NoiseSource, SamplerName, SamplerOptions, Scheduler, SchedulerConfig,
-    SchedulerKind,
 };
 use kiln_unet::unet_2d_condition::SampleSize;
 use kiln_unet::{UNet2DConditionModel, UNet2DConditionModelConfig};
@@ -768,12 +767,7 @@ impl StableDiffusionPipeline {
                 "strength {strength} must be in (0, 1]"
             )));
         }
-        // diffusers' `order`: second-order samplers list two timesteps per step
-        let order = match scheduler.config().kind {
-            SchedulerKind::Heun | SchedulerKind::Kdpm2 | SchedulerKind::Kdpm2Ancestral => 2,
-            _ => 1,
-        };
-        let timesteps = strength_timesteps(&all, options.steps, strength, order)?;
+        let timesteps = strength_timesteps(&all, options.steps, strength, scheduler.order())?;
 
         // 3. initial latents (and the inpainting inputs)
         let user_latents = match &options.latents {

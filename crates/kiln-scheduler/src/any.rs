@@ -305,6 +305,10 @@ impl Scheduler for AnyScheduler {
         self.inner().sigmas()
     }
 
+    fn order(&self) -> usize {
+        self.inner().order()
+    }
+
     fn init_noise_sigma(&self) -> f64 {
         self.inner().init_noise_sigma()
     }

@@ -159,6 +159,14 @@ pub trait Scheduler {
         &[]
     }
 
+    /// Model calls per denoising step, as diffusers' `order` counts them: 2 for the second-order
+    /// samplers whose [`timesteps`](Self::timesteps) list two calls per step (Heun, KDPM2 and
+    /// its ancestral form), 1 for the rest. img2img's strength cut skips `order` entries per
+    /// skipped step.
+    fn order(&self) -> usize {
+        1
+    }
+
     /// The factor for the initial Gaussian noise.
     fn init_noise_sigma(&self) -> f64;
 

@@ -134,6 +134,10 @@ impl Scheduler for KDPM2DiscreteScheduler {
         &self.sigmas
     }
 
+    fn order(&self) -> usize {
+        2
+    }
+
     fn init_noise_sigma(&self) -> f64 {
         utils::sigma_init_noise(&self.config, &self.sigmas)
     }

@@ -353,3 +353,26 @@ fn sigma_samplers_start_one_past_the_end_like_diffusers() {
         assert_eq!(sigmas[0], sigmas[1], "{kind}");
     }
 }
+
+/// `order` is diffusers' `order`: the second-order samplers list two model calls per step but
+/// the last (`2 n - 1` timesteps for `n` steps), the first-order ones one call per step (PNDM's
+/// PLMS one more: it repeats a timestep to warm up).
+#[test]
+fn order_counts_the_model_calls_per_step() {
+    for kind in SchedulerKind::ALL {
+        let mut s = AnyScheduler::new(config(kind, TimestepSpacing::Leading, 1)).unwrap();
+        s.set_timesteps(10).unwrap();
+        let calls = s.timesteps().len();
+        let second_order = matches!(
+            kind,
+            SchedulerKind::Heun | SchedulerKind::Kdpm2 | SchedulerKind::Kdpm2Ancestral
+        );
+        assert_eq!(s.order(), if second_order { 2 } else { 1 }, "{kind:?}");
+        let expected = match kind {
+            _ if second_order => 19,
+            SchedulerKind::Pndm => 11,
+            _ => 10,
+        };
+        assert_eq!(calls, expected, "{kind:?}");
+    }
+}
