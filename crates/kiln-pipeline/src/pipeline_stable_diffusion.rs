@@ -717,8 +717,46 @@ impl StableDiffusionPipeline {
         scheduler: &mut S,
         options: &GenerateOptions,
         noise: &mut dyn NoiseSource,
-        mut callback: Option<&mut StepCallback<'_>>,
+        callback: Option<&mut StepCallback<'_>>,
     ) -> Result<GenerateOutput> {
+        let run = self.plan(options)?;
+        let _span = tracing::info_span!(
+            "generate",
+            width = run.width,
+            height = run.height,
+            steps = options.steps
+        )
+        .entered();
+        // 1. prompt embeddings, [uncond x n, cond x n] under guidance
+        let context = self.context(options, run.guided)?;
+        // 2. timesteps, cut to the strength point for img2img / inpainting
+        let timesteps = schedule(scheduler, options)?;
+        // 3. initial latents (and the inpainting inputs), per mode
+        let (latents, inpaint) =
+            self.initial_latents(scheduler, options, &run, &timesteps, noise)?;
+        // 4. the denoising loop with its guidance
+        let latents = self.denoise(
+            scheduler,
+            options,
+            &run,
+            Denoise {
+                latents,
+                context: &context,
+                timesteps: &timesteps,
+                inpaint: inpaint.as_ref(),
+            },
+            noise,
+            callback,
+        )?;
+        // 5. decode, with the UNet's freed working set handed back to the system first
+        kiln_nn::alloc::release_free_memory();
+        let images = self.decode_tiled(latents.clone(), options.vae_tiling.as_ref())?;
+        Ok(GenerateOutput { images, latents })
+    }
+
+    /// Checks a request and sizes its run: the image size, whether guidance runs, the latents'
+    /// shape; refuses one whose memory estimate is above the limit before anything is allocated.
+    fn plan(&self, options: &GenerateOptions) -> Result<RunPlan> {
         let (width, height) = self.resolve_size(options)?;
         let n = options.num_images;
         if n == 0 || options.steps == 0 {
@@ -732,8 +770,8 @@ impl StableDiffusionPipeline {
                 options.guidance_scale, options.guidance_rescale
             )));
         }
-        let do_cfg = options.guidance_scale > 1.0;
-        let estimate = self.estimate_memory(width, height, n, do_cfg, options.vae_tiling.as_ref());
+        let guided = options.guidance_scale > 1.0;
+        let estimate = self.estimate_memory(width, height, n, guided, options.vae_tiling.as_ref());
         if let Some(limit) = options
             .memory_limit
             .or_else(crate::memory::available_memory)
@@ -749,27 +787,26 @@ impl StableDiffusionPipeline {
         }
         let f = self.vae_scale_factor();
         let latent_channels = self.vae.config.latent_channels;
-        let shape = [n, latent_channels, height / f, width / f];
-        let _span = tracing::info_span!("generate", width, height, steps = options.steps).entered();
+        Ok(RunPlan {
+            width,
+            height,
+            guided,
+            shape: [n, latent_channels, height / f, width / f],
+        })
+    }
 
-        // 1. prompt embeddings, [uncond x n, cond x n] under guidance
-        let context = self.context(options, do_cfg)?;
-
-        // 2. timesteps, cut to the strength point for img2img / inpainting
-        scheduler.set_timesteps(options.steps)?;
-        let all: Vec<f64> = scheduler.timesteps().to_vec();
-        let strength = match &options.mode {
-            Mode::Txt2Img => 1.0,
-            Mode::Img2Img { strength, .. } | Mode::Inpaint { strength, .. } => *strength,
-        };
-        if !(strength > 0.0 && strength <= 1.0) {
-            return Err(Error::InvalidInput(format!(
-                "strength {strength} must be in (0, 1]"
-            )));
-        }
-        let timesteps = strength_timesteps(&all, options.steps, strength, scheduler.order())?;
-
-        // 3. initial latents (and the inpainting inputs)
+    /// The starting latents of each mode (scaled for the scheduler), and for inpainting the
+    /// state the loop needs.
+    fn initial_latents<S: Scheduler + ?Sized>(
+        &self,
+        scheduler: &mut S,
+        options: &GenerateOptions,
+        run: &RunPlan,
+        timesteps: &[f64],
+        noise: &mut dyn NoiseSource,
+    ) -> Result<(Tensor<4>, Option<InpaintState>)> {
+        let (shape, n) = (run.shape, run.shape[0]);
+        let (width, height) = (run.width, run.height);
         let user_latents = match &options.latents {
             Some(l) if l.dims() != shape => {
                 return Err(Error::InvalidInput(format!(
@@ -780,14 +817,13 @@ impl StableDiffusionPipeline {
             Some(l) => Some(l.clone().cast(DType::F32)),
             None => None,
         };
-        let mut inpaint: Option<InpaintState> = None;
-        let mut latents = match &options.mode {
+        Ok(match &options.mode {
             Mode::Txt2Img => {
                 let x = match user_latents {
                     Some(l) => l,
                     None => noise.noise(shape, &self.device)?,
                 };
-                x * scheduler.init_noise_sigma()
+                (x * scheduler.init_noise_sigma(), None)
             }
             Mode::Img2Img { image, .. } => {
                 self.check_image(image, width, height, 3, "image")?;
@@ -798,9 +834,13 @@ impl StableDiffusionPipeline {
                     Some(l) => l,
                     None => noise.noise(shape, &self.device)?,
                 };
-                scheduler.add_noise(init, eps, &timesteps[..1])?
+                (scheduler.add_noise(init, eps, &timesteps[..1])?, None)
             }
-            Mode::Inpaint { image, mask, .. } => {
+            Mode::Inpaint {
+                image,
+                mask,
+                strength,
+            } => {
                 self.check_image(image, width, height, 3, "image")?;
                 self.check_image(mask, width, height, 1, "mask")?;
                 let mask = mask
@@ -809,7 +849,7 @@ impl StableDiffusionPipeline {
                     .greater_equal_elem(0.5)
                     .float();
                 let regular = !self.is_inpainting_unet();
-                let image_latents = if regular || (user_latents.is_none() && strength < 1.0) {
+                let image_latents = if regular || (user_latents.is_none() && *strength < 1.0) {
                     Some(
                         self.encode_image(image.clone(), options.vae_tiling.as_ref(), noise)?
                             .repeat_dim(0, n),
@@ -821,7 +861,7 @@ impl StableDiffusionPipeline {
                     Some(l) => l,
                     None => noise.noise(shape, &self.device)?,
                 };
-                let x = match (&image_latents, strength < 1.0) {
+                let x = match (&image_latents, *strength < 1.0) {
                     (Some(init), true) => {
                         scheduler.add_noise(init.clone(), eps.clone(), &timesteps[..1])?
                     }
@@ -838,41 +878,45 @@ impl StableDiffusionPipeline {
                             .repeat_dim(0, n),
                     )
                 };
-                inpaint = Some(InpaintState {
+                let state = InpaintState {
                     mask: latent_mask,
                     masked_latents,
                     image_latents,
                     noise: eps,
-                });
-                x
+                };
+                (x, Some(state))
             }
-        };
+        })
+    }
 
-        // 4. the denoising loop
+    /// The denoising loop: each step the UNet on the (guided) batch, guidance, the scheduler's
+    /// step, the inpainting blend, the callback.
+    fn denoise<S: Scheduler + ?Sized>(
+        &self,
+        scheduler: &mut S,
+        options: &GenerateOptions,
+        run: &RunPlan,
+        state: Denoise<'_>,
+        noise: &mut dyn NoiseSource,
+        mut callback: Option<&mut StepCallback<'_>>,
+    ) -> Result<Tensor<4>> {
+        let Denoise {
+            mut latents,
+            context,
+            timesteps,
+            inpaint,
+        } = state;
         let total = timesteps.len();
         for (i, &t) in timesteps.iter().enumerate() {
             let _step = tracing::debug_span!("step", i, t).entered();
-            let input = if do_cfg {
+            let input = if run.guided {
                 Tensor::cat(vec![latents.clone(), latents.clone()], 0)
             } else {
                 latents.clone()
             };
             let mut input = scheduler.scale_model_input(input, t)?;
-            if let Some(InpaintState {
-                mask,
-                masked_latents: Some(masked),
-                ..
-            }) = &inpaint
-            {
-                let (m, ml) = if do_cfg {
-                    (
-                        Tensor::cat(vec![mask.clone(), mask.clone()], 0),
-                        Tensor::cat(vec![masked.clone(), masked.clone()], 0),
-                    )
-                } else {
-                    (mask.clone(), masked.clone())
-                };
-                input = Tensor::cat(vec![input, m, ml], 1);
+            if let Some(inpaint) = inpaint {
+                input = inpaint.model_input(input, run.guided);
             }
             let timestep =
                 Tensor::<1>::from_data(TensorData::new(vec![t as f32], [1]), &self.device);
@@ -880,24 +924,14 @@ impl StableDiffusionPipeline {
                 .unet
                 .forward(input.cast(self.dtype), timestep, context.clone())?
                 .cast(DType::F32);
-            let pred = if do_cfg {
+            let pred = if run.guided {
                 guide(pred, options.guidance_scale, options.guidance_rescale)
             } else {
                 pred
             };
             latents = scheduler.step(pred, t, latents, noise)?.prev_sample;
-            if let Some(InpaintState {
-                mask,
-                image_latents: Some(init),
-                noise: eps,
-                masked_latents: None,
-            }) = &inpaint
-            {
-                let proper = match timesteps.get(i + 1) {
-                    Some(&next) => scheduler.add_noise(init.clone(), eps.clone(), &[next])?,
-                    None => init.clone(),
-                };
-                latents = proper * (mask.clone().neg() + 1.0) + latents * mask.clone();
+            if let Some(inpaint) = inpaint {
+                latents = inpaint.blend(latents, timesteps.get(i + 1).copied(), scheduler)?;
             }
             if let Some(cb) = callback.as_mut() {
                 let progress = StepProgress {
@@ -911,11 +945,7 @@ impl StableDiffusionPipeline {
                 }
             }
         }
-
-        // 5. decode, with the UNet's freed working set handed back to the system first
-        kiln_nn::alloc::release_free_memory();
-        let images = self.decode_tiled(latents.clone(), options.vae_tiling.as_ref())?;
-        Ok(GenerateOutput { images, latents })
+        Ok(latents)
     }
 
     /// Decodes scaled latents to images in [0, 1].
@@ -1088,6 +1118,81 @@ struct InpaintState {
     image_latents: Option<Tensor<4>>,
     /// The initial noise, re-used to noise the image latents to each step.
     noise: Tensor<4>,
+}
+
+impl InpaintState {
+    /// The UNet's input: for an inpainting UNet, the latents with the mask and the masked
+    /// image's latents as extra channels (duplicated for the guided batch).
+    fn model_input(&self, input: Tensor<4>, guided: bool) -> Tensor<4> {
+        let Some(masked) = &self.masked_latents else {
+            return input;
+        };
+        let (m, ml) = if guided {
+            (
+                Tensor::cat(vec![self.mask.clone(), self.mask.clone()], 0),
+                Tensor::cat(vec![masked.clone(), masked.clone()], 0),
+            )
+        } else {
+            (self.mask.clone(), masked.clone())
+        };
+        Tensor::cat(vec![input, m, ml], 1)
+    }
+
+    /// After a step, for a regular UNet: the kept region replaced by the image's latents noised
+    /// to the next timestep (`next`; the image itself after the last step).
+    fn blend<S: Scheduler + ?Sized>(
+        &self,
+        latents: Tensor<4>,
+        next: Option<f64>,
+        scheduler: &S,
+    ) -> Result<Tensor<4>> {
+        let (Some(init), None) = (&self.image_latents, &self.masked_latents) else {
+            return Ok(latents);
+        };
+        let proper = match next {
+            Some(next) => scheduler.add_noise(init.clone(), self.noise.clone(), &[next])?,
+            None => init.clone(),
+        };
+        Ok(proper * (self.mask.clone().neg() + 1.0) + latents * self.mask.clone())
+    }
+}
+
+/// A run's sizes, checked by [`StableDiffusionPipeline::plan`].
+struct RunPlan {
+    width: usize,
+    height: usize,
+    /// Classifier-free guidance (the UNet runs on `[uncond, cond]`).
+    guided: bool,
+    /// `[num_images, latent channels, height / f, width / f]`.
+    shape: [usize; 4],
+}
+
+/// What the denoising loop starts from.
+struct Denoise<'a> {
+    latents: Tensor<4>,
+    context: &'a Tensor<3>,
+    timesteps: &'a [f64],
+    inpaint: Option<&'a InpaintState>,
+}
+
+/// Sets the scheduler's timesteps and cuts them to the strength point of img2img and
+/// inpainting (`order` entries per skipped step).
+fn schedule<S: Scheduler + ?Sized>(
+    scheduler: &mut S,
+    options: &GenerateOptions,
+) -> Result<Vec<f64>> {
+    scheduler.set_timesteps(options.steps)?;
+    let all: Vec<f64> = scheduler.timesteps().to_vec();
+    let strength = match &options.mode {
+        Mode::Txt2Img => 1.0,
+        Mode::Img2Img { strength, .. } | Mode::Inpaint { strength, .. } => *strength,
+    };
+    if !(strength > 0.0 && strength <= 1.0) {
+        return Err(Error::InvalidInput(format!(
+            "strength {strength} must be in (0, 1]"
+        )));
+    }
+    strength_timesteps(&all, options.steps, strength, scheduler.order())
 }
 
 /// Classifier-free guidance on `[2n, ...]` predictions (unconditional half first), with
