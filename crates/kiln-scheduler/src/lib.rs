@@ -101,6 +101,7 @@ pub mod scheduling_lms_discrete;
 pub mod scheduling_pndm;
 pub mod scheduling_unipc_multistep;
 pub mod scheduling_utils;
+mod sigma_schedule;
 
 use burn::tensor::{Tensor, TensorData};
 

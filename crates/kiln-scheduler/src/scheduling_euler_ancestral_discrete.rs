@@ -10,6 +10,7 @@ use burn::tensor::Tensor;
 
 use crate::config::{PredictionType, SchedulerKind};
 use crate::scheduling_utils as utils;
+use crate::sigma_schedule::SigmaSchedule;
 use crate::{Error, NoiseSource, Result, Scheduler, SchedulerConfig, SchedulerOutput};
 
 const NAME: &str = "EulerAncestralDiscreteScheduler";
@@ -18,10 +19,7 @@ const NAME: &str = "EulerAncestralDiscreteScheduler";
 #[derive(Debug, Clone)]
 pub struct EulerAncestralDiscreteScheduler {
     config: SchedulerConfig,
-    alphas_cumprod: Vec<f32>,
-    timesteps: Vec<f64>,
-    sigmas: Vec<f32>,
-    step_index: Option<usize>,
+    schedule: SigmaSchedule,
 }
 
 impl EulerAncestralDiscreteScheduler {
@@ -37,21 +35,9 @@ impl EulerAncestralDiscreteScheduler {
         }
         let alphas_cumprod =
             utils::alphas_cumprod(&utils::betas(&config), config.rescale_betas_zero_snr);
-        let mut sigmas: Vec<f32> = utils::train_sigmas(&alphas_cumprod)
-            .into_iter()
-            .rev()
-            .collect();
-        sigmas.push(0.0);
-        let timesteps = (0..config.num_train_timesteps)
-            .rev()
-            .map(|t| t as f64)
-            .collect();
         Ok(Self {
             config,
-            alphas_cumprod,
-            timesteps,
-            sigmas,
-            step_index: None,
+            schedule: SigmaSchedule::training(NAME, alphas_cumprod),
         })
     }
 }
@@ -62,39 +48,24 @@ impl Scheduler for EulerAncestralDiscreteScheduler {
     }
 
     fn set_timesteps(&mut self, num_inference_steps: usize) -> Result<()> {
-        utils::check_steps(
-            num_inference_steps,
-            self.config.num_train_timesteps,
-            "at most num_train_timesteps",
-        )?;
-        let (timesteps, sigmas) = utils::discrete_sigma_schedule(
-            &self.config,
-            &self.alphas_cumprod,
-            num_inference_steps,
-            (None, None),
-        );
-        self.sigmas = sigmas.iter().map(|&s| s as f32).chain([0.0]).collect();
-        self.timesteps = timesteps.iter().map(|&t| t as f32 as f64).collect();
-        self.step_index = None;
-        Ok(())
+        self.schedule
+            .set_discrete(&self.config, num_inference_steps, (None, None), 0.0)
     }
 
     fn timesteps(&self) -> &[f64] {
-        &self.timesteps
+        &self.schedule.timesteps
     }
 
     fn sigmas(&self) -> &[f32] {
-        &self.sigmas
+        &self.schedule.sigmas
     }
 
     fn init_noise_sigma(&self) -> f64 {
-        utils::sigma_init_noise(&self.config, &self.sigmas)
+        self.schedule.init_noise_sigma(&self.config)
     }
 
     fn scale_model_input(&mut self, sample: Tensor<4>, timestep: f64) -> Result<Tensor<4>> {
-        let i = utils::init_step_index(&mut self.step_index, NAME, &self.timesteps, timestep)?;
-        let sigma = self.sigmas[i] as f64;
-        Ok(sample.div_scalar((sigma * sigma + 1.0).sqrt()))
+        self.schedule.scale_model_input(sample, timestep)
     }
 
     /// # Shapes
@@ -107,8 +78,8 @@ impl Scheduler for EulerAncestralDiscreteScheduler {
         noise: &mut dyn NoiseSource,
     ) -> Result<SchedulerOutput> {
         utils::check_same_shape(&model_output, &sample)?;
-        let i = utils::init_step_index(&mut self.step_index, NAME, &self.timesteps, timestep)?;
-        let (from, to) = (self.sigmas[i], self.sigmas[i + 1]);
+        let i = self.schedule.index(timestep)?;
+        let (from, to) = (self.schedule.sigmas[i], self.schedule.sigmas[i + 1]);
         // 1. x0
         let x0 = utils::x0_from_sigma(
             self.config.prediction_type,
@@ -124,7 +95,7 @@ impl Scheduler for EulerAncestralDiscreteScheduler {
         let prev = sample + derivative.mul_scalar((sigma_down - from) as f64);
         let z = noise.noise(prev.dims(), &prev.device())?;
         let prev = prev + z.mul_scalar(sigma_up as f64);
-        self.step_index = Some(i + 1);
+        self.schedule.advance(i);
         Ok(SchedulerOutput {
             prev_sample: prev,
             pred_original_sample: Some(x0),
@@ -132,15 +103,14 @@ impl Scheduler for EulerAncestralDiscreteScheduler {
     }
 
     fn reset(&mut self) {
-        self.step_index = None;
+        self.schedule.reset();
     }
 
     fn alphas_cumprod(&self) -> &[f32] {
-        &self.alphas_cumprod
+        &self.schedule.alphas_cumprod
     }
 
     fn add_noise_coefficients(&self, timestep: f64) -> Result<(f64, f64)> {
-        let i = utils::index_for_timestep(NAME, &self.timesteps, timestep)?;
-        Ok((1.0, self.sigmas[i] as f64))
+        self.schedule.add_noise_coefficients(timestep)
     }
 }

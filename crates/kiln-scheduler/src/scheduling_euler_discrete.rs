@@ -12,6 +12,7 @@ use burn::tensor::Tensor;
 
 use crate::config::{FinalSigmasType, InterpolationType, SchedulerKind, TimestepType};
 use crate::scheduling_utils as utils;
+use crate::sigma_schedule::SigmaSchedule;
 use crate::{Error, NoiseSource, Result, Scheduler, SchedulerConfig, SchedulerOutput};
 
 const NAME: &str = "EulerDiscreteScheduler";
@@ -20,10 +21,7 @@ const NAME: &str = "EulerDiscreteScheduler";
 #[derive(Debug, Clone)]
 pub struct EulerDiscreteScheduler {
     config: SchedulerConfig,
-    alphas_cumprod: Vec<f32>,
-    timesteps: Vec<f64>,
-    sigmas: Vec<f32>,
-    step_index: Option<usize>,
+    schedule: SigmaSchedule,
 }
 
 impl EulerDiscreteScheduler {
@@ -45,21 +43,9 @@ impl EulerDiscreteScheduler {
         }
         let alphas_cumprod =
             utils::alphas_cumprod(&utils::betas(&config), config.rescale_betas_zero_snr);
-        let mut sigmas: Vec<f32> = utils::train_sigmas(&alphas_cumprod)
-            .into_iter()
-            .rev()
-            .collect();
-        sigmas.push(0.0);
-        let timesteps = (0..config.num_train_timesteps)
-            .rev()
-            .map(|t| t as f64)
-            .collect();
         Ok(Self {
             config,
-            alphas_cumprod,
-            timesteps,
-            sigmas,
-            step_index: None,
+            schedule: SigmaSchedule::training(NAME, alphas_cumprod),
         })
     }
 }
@@ -70,44 +56,29 @@ impl Scheduler for EulerDiscreteScheduler {
     }
 
     fn set_timesteps(&mut self, num_inference_steps: usize) -> Result<()> {
-        utils::check_steps(
-            num_inference_steps,
-            self.config.num_train_timesteps,
-            "at most num_train_timesteps",
-        )?;
-        let bounds = (self.config.sigma_min, self.config.sigma_max);
-        let (timesteps, sigmas) = utils::discrete_sigma_schedule(
-            &self.config,
-            &self.alphas_cumprod,
-            num_inference_steps,
-            bounds,
-        );
         let last = match self.config.final_sigmas_type {
             FinalSigmasType::Zero => 0.0,
-            FinalSigmasType::SigmaMin => utils::train_sigmas(&self.alphas_cumprod[..1])[0],
+            FinalSigmasType::SigmaMin => utils::train_sigmas(&self.schedule.alphas_cumprod[..1])[0],
         };
-        self.sigmas = sigmas.iter().map(|&s| s as f32).chain([last]).collect();
-        self.timesteps = timesteps.iter().map(|&t| t as f32 as f64).collect();
-        self.step_index = None;
-        Ok(())
+        let bounds = (self.config.sigma_min, self.config.sigma_max);
+        self.schedule
+            .set_discrete(&self.config, num_inference_steps, bounds, last)
     }
 
     fn timesteps(&self) -> &[f64] {
-        &self.timesteps
+        &self.schedule.timesteps
     }
 
     fn sigmas(&self) -> &[f32] {
-        &self.sigmas
+        &self.schedule.sigmas
     }
 
     fn init_noise_sigma(&self) -> f64 {
-        utils::sigma_init_noise(&self.config, &self.sigmas)
+        self.schedule.init_noise_sigma(&self.config)
     }
 
     fn scale_model_input(&mut self, sample: Tensor<4>, timestep: f64) -> Result<Tensor<4>> {
-        let i = utils::init_step_index(&mut self.step_index, NAME, &self.timesteps, timestep)?;
-        let sigma = self.sigmas[i] as f64;
-        Ok(sample.div_scalar((sigma * sigma + 1.0).sqrt()))
+        self.schedule.scale_model_input(sample, timestep)
     }
 
     /// # Shapes
@@ -120,8 +91,9 @@ impl Scheduler for EulerDiscreteScheduler {
         _noise: &mut dyn NoiseSource,
     ) -> Result<SchedulerOutput> {
         utils::check_same_shape(&model_output, &sample)?;
-        let i = utils::init_step_index(&mut self.step_index, NAME, &self.timesteps, timestep)?;
-        let sigma = self.sigmas[i] as f64;
+        let i = self.schedule.index(timestep)?;
+        let sigmas = &self.schedule.sigmas;
+        let sigma = sigmas[i] as f64;
         // 1. x0 from the model output (sigma_hat = sigma without churn)
         let x0 = utils::x0_from_sigma(
             self.config.prediction_type,
@@ -132,9 +104,9 @@ impl Scheduler for EulerDiscreteScheduler {
         // 2. ODE derivative d = (x - x0) / sigma (Karras eq. 3 / Algorithm 2, line 4)
         let derivative = (sample.clone() - x0.clone()).div_scalar(sigma);
         // 3. Euler step to the next sigma
-        let dt = self.sigmas[i + 1] as f64 - sigma;
+        let dt = sigmas[i + 1] as f64 - sigma;
         let prev = sample + derivative.mul_scalar(dt);
-        self.step_index = Some(i + 1);
+        self.schedule.advance(i);
         Ok(SchedulerOutput {
             prev_sample: prev,
             pred_original_sample: Some(x0),
@@ -142,15 +114,14 @@ impl Scheduler for EulerDiscreteScheduler {
     }
 
     fn reset(&mut self) {
-        self.step_index = None;
+        self.schedule.reset();
     }
 
     fn alphas_cumprod(&self) -> &[f32] {
-        &self.alphas_cumprod
+        &self.schedule.alphas_cumprod
     }
 
     fn add_noise_coefficients(&self, timestep: f64) -> Result<(f64, f64)> {
-        let i = utils::index_for_timestep(NAME, &self.timesteps, timestep)?;
-        Ok((1.0, self.sigmas[i] as f64))
+        self.schedule.add_noise_coefficients(timestep)
     }
 }

@@ -11,6 +11,7 @@ use burn::tensor::Tensor;
 
 use crate::config::SchedulerKind;
 use crate::scheduling_utils as utils;
+use crate::sigma_schedule::SigmaSchedule;
 use crate::{NoiseSource, Result, Scheduler, SchedulerConfig, SchedulerOutput};
 
 const NAME: &str = "LMSDiscreteScheduler";
@@ -20,11 +21,8 @@ const ORDER: usize = 4;
 #[derive(Debug, Clone)]
 pub struct LMSDiscreteScheduler {
     config: SchedulerConfig,
-    alphas_cumprod: Vec<f32>,
-    timesteps: Vec<f64>,
-    sigmas: Vec<f32>,
+    schedule: SigmaSchedule,
     derivatives: Vec<Tensor<4>>,
-    step_index: Option<usize>,
 }
 
 impl LMSDiscreteScheduler {
@@ -35,11 +33,8 @@ impl LMSDiscreteScheduler {
         let alphas_cumprod = utils::alphas_cumprod(&utils::betas(&config), false);
         let mut s = Self {
             config,
-            alphas_cumprod,
-            timesteps: Vec::new(),
-            sigmas: Vec::new(),
+            schedule: SigmaSchedule::training(NAME, alphas_cumprod),
             derivatives: Vec::new(),
-            step_index: None,
         };
         s.set_timesteps(s.config.num_train_timesteps)?;
         Ok(s)
@@ -48,14 +43,15 @@ impl LMSDiscreteScheduler {
     /// The integral over [sigma_i, sigma_{i+1}] of the Lagrange basis polynomial of history
     /// entry `current` among `order` entries.
     fn lms_coefficient(&self, order: usize, i: usize, current: usize) -> f64 {
-        let s = |k: usize| self.sigmas[i - k] as f64;
+        let sigmas = &self.schedule.sigmas;
+        let s = |k: usize| sigmas[i - k] as f64;
         let basis = |tau: f64| {
             (0..order)
                 .filter(|&k| k != current)
                 .map(|k| (tau - s(k)) / (s(current) - s(k)))
                 .product::<f64>()
         };
-        let (a, b) = (self.sigmas[i] as f64, self.sigmas[i + 1] as f64);
+        let (a, b) = (sigmas[i] as f64, sigmas[i + 1] as f64);
         let (mid, half) = ((a + b) / 2.0, (b - a) / 2.0);
         let node = (3.0f64 / 5.0).sqrt();
         half * (5.0 / 9.0 * basis(mid - half * node)
@@ -70,39 +66,26 @@ impl Scheduler for LMSDiscreteScheduler {
     }
 
     fn set_timesteps(&mut self, num_inference_steps: usize) -> Result<()> {
-        utils::check_steps(
-            num_inference_steps,
-            self.config.num_train_timesteps,
-            "at most num_train_timesteps",
-        )?;
-        let (timesteps, sigmas) = utils::discrete_sigma_schedule(
-            &self.config,
-            &self.alphas_cumprod,
-            num_inference_steps,
-            (None, None),
-        );
-        self.sigmas = sigmas.iter().map(|&s| s as f32).chain([0.0]).collect();
-        self.timesteps = timesteps.iter().map(|&t| t as f32 as f64).collect();
+        self.schedule
+            .set_discrete(&self.config, num_inference_steps, (None, None), 0.0)?;
         self.reset();
         Ok(())
     }
 
     fn timesteps(&self) -> &[f64] {
-        &self.timesteps
+        &self.schedule.timesteps
     }
 
     fn sigmas(&self) -> &[f32] {
-        &self.sigmas
+        &self.schedule.sigmas
     }
 
     fn init_noise_sigma(&self) -> f64 {
-        utils::sigma_init_noise(&self.config, &self.sigmas)
+        self.schedule.init_noise_sigma(&self.config)
     }
 
     fn scale_model_input(&mut self, sample: Tensor<4>, timestep: f64) -> Result<Tensor<4>> {
-        let i = utils::init_step_index(&mut self.step_index, NAME, &self.timesteps, timestep)?;
-        let sigma = self.sigmas[i] as f64;
-        Ok(sample.div_scalar((sigma * sigma + 1.0).sqrt()))
+        self.schedule.scale_model_input(sample, timestep)
     }
 
     /// # Shapes
@@ -115,8 +98,8 @@ impl Scheduler for LMSDiscreteScheduler {
         _noise: &mut dyn NoiseSource,
     ) -> Result<SchedulerOutput> {
         utils::check_same_shape(&model_output, &sample)?;
-        let i = utils::init_step_index(&mut self.step_index, NAME, &self.timesteps, timestep)?;
-        let sigma = self.sigmas[i] as f64;
+        let i = self.schedule.index(timestep)?;
+        let sigma = self.schedule.sigmas[i] as f64;
         // 1. x0, 2. derivative d = (x - x0) / sigma, kept for the last `ORDER` steps
         let x0 = utils::x0_from_sigma(
             self.config.prediction_type,
@@ -137,7 +120,7 @@ impl Scheduler for LMSDiscreteScheduler {
                 + d.clone()
                     .mul_scalar(self.lms_coefficient(order, i, current));
         }
-        self.step_index = Some(i + 1);
+        self.schedule.advance(i);
         Ok(SchedulerOutput {
             prev_sample: prev,
             pred_original_sample: Some(x0),
@@ -146,15 +129,14 @@ impl Scheduler for LMSDiscreteScheduler {
 
     fn reset(&mut self) {
         self.derivatives.clear();
-        self.step_index = None;
+        self.schedule.reset();
     }
 
     fn alphas_cumprod(&self) -> &[f32] {
-        &self.alphas_cumprod
+        &self.schedule.alphas_cumprod
     }
 
     fn add_noise_coefficients(&self, timestep: f64) -> Result<(f64, f64)> {
-        let i = utils::index_for_timestep(NAME, &self.timesteps, timestep)?;
-        Ok((1.0, self.sigmas[i] as f64))
+        self.schedule.add_noise_coefficients(timestep)
     }
 }
