@@ -10,6 +10,7 @@ use burn::tensor::Tensor;
 
 use crate::config::SchedulerKind;
 use crate::scheduling_utils as utils;
+use crate::sigma_schedule::SigmaSchedule;
 use crate::{NoiseSource, Result, Scheduler, SchedulerConfig, SchedulerOutput};
 
 const NAME: &str = "HeunDiscreteScheduler";
@@ -26,11 +27,8 @@ struct FirstOrder {
 #[derive(Debug, Clone)]
 pub struct HeunDiscreteScheduler {
     config: SchedulerConfig,
-    alphas_cumprod: Vec<f32>,
-    timesteps: Vec<f64>,
-    sigmas: Vec<f32>,
+    schedule: SigmaSchedule,
     first: Option<FirstOrder>,
-    step_index: Option<usize>,
 }
 
 impl HeunDiscreteScheduler {
@@ -41,11 +39,8 @@ impl HeunDiscreteScheduler {
         let alphas_cumprod = utils::alphas_cumprod(&utils::betas(&config), false);
         let mut s = Self {
             config,
-            alphas_cumprod,
-            timesteps: Vec::new(),
-            sigmas: Vec::new(),
+            schedule: SigmaSchedule::training(NAME, alphas_cumprod),
             first: None,
-            step_index: None,
         };
         s.set_timesteps(s.config.num_train_timesteps)?;
         Ok(s)
@@ -65,33 +60,20 @@ impl Scheduler for HeunDiscreteScheduler {
     }
 
     fn set_timesteps(&mut self, num_inference_steps: usize) -> Result<()> {
-        utils::check_steps(
-            num_inference_steps,
-            self.config.num_train_timesteps,
-            "at most num_train_timesteps",
-        )?;
-        let (timesteps, sigmas) = utils::discrete_sigma_schedule(
-            &self.config,
-            &self.alphas_cumprod,
-            num_inference_steps,
-            (None, None),
-        );
-        let sigmas: Vec<f32> = sigmas.iter().map(|&s| s as f32).collect();
+        self.schedule
+            .set_discrete(&self.config, num_inference_steps, (None, None), 0.0)?;
         // [s0, s1, s1, ..., s_{n-1}, s_{n-1}, 0]
-        self.sigmas = interleave(sigmas[0], &sigmas[1..]);
-        self.sigmas.push(0.0);
-        let timesteps: Vec<f64> = timesteps.iter().map(|&t| t as f32 as f64).collect();
-        self.timesteps = interleave(timesteps[0], &timesteps[1..]);
+        self.schedule.interleave();
         self.reset();
         Ok(())
     }
 
     fn timesteps(&self) -> &[f64] {
-        &self.timesteps
+        &self.schedule.timesteps
     }
 
     fn sigmas(&self) -> &[f32] {
-        &self.sigmas
+        &self.schedule.sigmas
     }
 
     fn order(&self) -> usize {
@@ -99,13 +81,11 @@ impl Scheduler for HeunDiscreteScheduler {
     }
 
     fn init_noise_sigma(&self) -> f64 {
-        utils::sigma_init_noise(&self.config, &self.sigmas)
+        self.schedule.init_noise_sigma(&self.config)
     }
 
     fn scale_model_input(&mut self, sample: Tensor<4>, timestep: f64) -> Result<Tensor<4>> {
-        let i = utils::init_step_index(&mut self.step_index, NAME, &self.timesteps, timestep)?;
-        let sigma = self.sigmas[i] as f64;
-        Ok(sample.div_scalar((sigma * sigma + 1.0).sqrt()))
+        self.schedule.scale_model_input(sample, timestep)
     }
 
     /// # Shapes
@@ -118,12 +98,13 @@ impl Scheduler for HeunDiscreteScheduler {
         _noise: &mut dyn NoiseSource,
     ) -> Result<SchedulerOutput> {
         utils::check_same_shape(&model_output, &sample)?;
-        let i = utils::init_step_index(&mut self.step_index, NAME, &self.timesteps, timestep)?;
+        let i = self.schedule.index(timestep)?;
         let first_order = self.first.is_none();
+        let sigmas = &self.schedule.sigmas;
         let (sigma, sigma_next) = if first_order {
-            (self.sigmas[i] as f64, self.sigmas[i + 1] as f64)
+            (sigmas[i] as f64, sigmas[i + 1] as f64)
         } else {
-            (self.sigmas[i - 1] as f64, self.sigmas[i] as f64)
+            (sigmas[i - 1] as f64, sigmas[i] as f64)
         };
         // 1. x0 at the point the model saw (sigma, then sigma_next)
         let sigma_input = if first_order { sigma } else { sigma_next };
@@ -161,7 +142,7 @@ impl Scheduler for HeunDiscreteScheduler {
                 first.sample + derivative.mul_scalar(first.dt)
             }
         };
-        self.step_index = Some(i + 1);
+        self.schedule.advance(i);
         Ok(SchedulerOutput {
             prev_sample: prev,
             pred_original_sample: Some(x0),
@@ -170,15 +151,14 @@ impl Scheduler for HeunDiscreteScheduler {
 
     fn reset(&mut self) {
         self.first = None;
-        self.step_index = None;
+        self.schedule.reset();
     }
 
     fn alphas_cumprod(&self) -> &[f32] {
-        &self.alphas_cumprod
+        &self.schedule.alphas_cumprod
     }
 
     fn add_noise_coefficients(&self, timestep: f64) -> Result<(f64, f64)> {
-        let i = utils::index_for_timestep(NAME, &self.timesteps, timestep)?;
-        Ok((1.0, self.sigmas[i] as f64))
+        self.schedule.add_noise_coefficients(timestep)
     }
 }

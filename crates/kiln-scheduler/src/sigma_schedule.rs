@@ -1,5 +1,6 @@
-//! The state the sigma samplers share: diffusers' Euler, Euler-a and LMS keep the same training
-//! tables, discrete sigma schedule, step index and input scaling, and differ only in `step`.
+//! The state the sigma samplers share: diffusers' Euler, Euler-a, LMS and Heun keep the same
+//! training tables, discrete sigma schedule, step index and input scaling, and differ only in
+//! `step` (Heun on an interleaved schedule).
 
 use burn::tensor::Tensor;
 
@@ -57,6 +58,20 @@ impl SigmaSchedule {
         self.timesteps = timesteps.iter().map(|&t| t as f32 as f64).collect();
         self.step_index = None;
         Ok(())
+    }
+
+    /// Turns a first-order schedule into the second-order samplers' (Heun): every timestep but
+    /// the first listed twice, and every sigma but the first and the final one
+    /// (`[s0, s1, s1, ..., s_{n-1}, s_{n-1}, last]`, diffusers' `repeat_interleave`).
+    pub fn interleave(&mut self) {
+        let last = self.sigmas.pop().unwrap_or(0.0);
+        if let Some((&first, rest)) = self.sigmas.split_first() {
+            self.sigmas = crate::scheduling_heun_discrete::interleave(first, rest);
+        }
+        self.sigmas.push(last);
+        if let Some((&first, rest)) = self.timesteps.split_first() {
+            self.timesteps = crate::scheduling_heun_discrete::interleave(first, rest);
+        }
     }
 
     /// The index of the current step: found from `timestep` on the first call, then counted.
