@@ -33,7 +33,7 @@ impl TextualInversion {
     /// Reads an embedding file. `token` names it in prompts; `None`: diffusers' key if the file
     /// has one (`<cat-toy>`), else the file name without extension (the web UI's rule).
     pub fn open(path: &Path, token: Option<&str>) -> Result<Self> {
-        kiln_nn::lora::refuse_pickle(path)?;
+        kiln_nn::weights::refuse_pickle(path)?;
         let file = SafetensorsFile::open(path)?;
         let bad = |message: String| Error::Embedding {
             path: path.to_path_buf(),

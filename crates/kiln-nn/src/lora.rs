@@ -110,7 +110,7 @@ impl LoraFile {
     /// of a LoRA layer of the UNet or the text encoder is an error naming it, unless
     /// `allow_unknown` is set: then it is left out and listed by [`skipped`](Self::skipped).
     pub fn open(path: &Path, allow_unknown: bool) -> Result<Self> {
-        refuse_pickle(path)?;
+        crate::weights::refuse_pickle(path)?;
         let file = SafetensorsFile::open(path)?;
         let bad = |key: &str, message: String| Error::Lora {
             path: path.to_path_buf(),
@@ -312,22 +312,6 @@ impl PeftConfig {
             alpha
         }
     }
-}
-
-/// Refuses pickle files (`.ckpt`, `.pt`, `.pth`, `.bin`) with the reason and the fix.
-pub fn refuse_pickle(path: &Path) -> Result<()> {
-    let ext = path
-        .extension()
-        .and_then(|e| e.to_str())
-        .map(str::to_ascii_lowercase);
-    if matches!(ext.as_deref(), Some("ckpt" | "pt" | "pth" | "bin")) {
-        return Err(Error::InvalidInput(format!(
-            "`{}` is a pickle file, which Kiln does not load: unpickling can run arbitrary code. \
-             Convert it to .safetensors and load that",
-            path.display()
-        )));
-    }
-    Ok(())
 }
 
 /// Splits a key stem into its component, target and whether the target is kohya's flat name.

@@ -463,6 +463,24 @@ fn checkpoint_name(path: &str) -> String {
     }
 }
 
+/// Refuses pickle files (`.ckpt`, `.pt`, `.pth`, `.bin`: checkpoints, LoRAs, embeddings) with
+/// the reason and the fix.
+pub fn refuse_pickle(path: &Path) -> Result<()> {
+    let ext = path
+        .extension()
+        .and_then(|e| e.to_str())
+        .map(str::to_ascii_lowercase);
+    if matches!(ext.as_deref(), Some("ckpt" | "pt" | "pth" | "bin")) {
+        return Err(Error::InvalidInput(format!(
+            "`{}` is a pickle file, which Kiln does not load: unpickling can run arbitrary code. \
+             Convert it to .safetensors (e.g. with diffusers or the safetensors convert tool) and \
+             load that",
+            path.display()
+        )));
+    }
+    Ok(())
+}
+
 /// Loads the safetensors file at `path` into `module`, strictly.
 ///
 /// Keys are first rewritten with `options.remap`; keys matching `options.ignore_unused` are

@@ -880,17 +880,7 @@ pub(crate) fn component_error(error: kiln_nn::Error, component: &str) -> Error {
 
 /// Refuses pickle checkpoints with the reason and the fix.
 pub(crate) fn check_extension(path: &Path) -> Result<()> {
-    let ext = path
-        .extension()
-        .and_then(|e| e.to_str())
-        .map(str::to_ascii_lowercase);
-    match ext.as_deref() {
-        Some("ckpt" | "pt" | "pth" | "bin") => Err(invalid(format!(
-            "`{}` is a pickle checkpoint, which Kiln does not load: unpickling can run arbitrary code. Convert it to .safetensors (e.g. with diffusers or the safetensors convert tool) and load that",
-            path.display()
-        ))),
-        _ => Ok(()),
-    }
+    Ok(kiln_nn::weights::refuse_pickle(path)?)
 }
 
 #[cfg(test)]
