@@ -282,15 +282,6 @@ impl PromptWindows {
     pub fn is_unweighted(&self) -> bool {
         self.weights.iter().flatten().all(|&w| w == 1.0)
     }
-
-    /// Appends windows of `pad` (an encoding of the empty prompt) until there are `windows`,
-    /// as the web UI pads the shorter of the prompt and the negative prompt.
-    pub fn pad_to(&mut self, windows: usize, pad: &PromptWindows) {
-        while self.ids.len() < windows {
-            self.ids.push(pad.ids[0].clone());
-            self.weights.push(pad.weights[0].clone());
-        }
-    }
 }
 
 impl ClipTokenizer {
@@ -301,7 +292,7 @@ impl ClipTokenizer {
         let pieces = match syntax {
             PromptSyntax::Plain => {
                 let content = self.content_ids(prompt)?;
-                let ids = self.encode(prompt)?;
+                let ids = self.wrap(&content);
                 return Ok(PromptWindows {
                     weights: vec![vec![1.0; ids.len()]],
                     ids: vec![ids],
