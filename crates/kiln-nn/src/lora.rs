@@ -467,8 +467,6 @@ fn plan<'a, M: Module>(
             .and_modify(|e| *e = None)
             .or_insert_with(|| Some(p.clone()));
     }
-    let flat_strip: Vec<String> = strip.iter().map(|s| s.replace('.', "_")).collect();
-    let flat_strip: Vec<&str> = flat_strip.iter().map(String::as_str).collect();
     let mut updates: BTreeMap<String, Updates<'a>> = BTreeMap::new();
     for lora in loras {
         for layer in lora.file.component(component) {
@@ -477,10 +475,7 @@ fn plan<'a, M: Module>(
                     let p = strip_prefix(p, strip, '.');
                     paths.contains(p).then(|| p.to_string())
                 }
-                LoraTarget::Flat(f) => flat
-                    .get(strip_prefix(f, &flat_strip, '_'))
-                    .cloned()
-                    .flatten(),
+                LoraTarget::Flat(f) => flat.get(strip_prefix(f, strip, '_')).cloned().flatten(),
             };
             let Some(target) = resolved else {
                 return Err(Error::Lora {
@@ -541,11 +536,12 @@ fn plan<'a, M: Module>(
     Ok(plan)
 }
 
-/// `path` without the first of `prefixes` it starts with (each followed by `sep`).
+/// `path` without the first of `prefixes` (dotted, such as `text_model.`) it starts with, the
+/// prefix's dots read as `sep` (`.` for dotted paths, `_` for kohya's flat names).
 fn strip_prefix<'a>(path: &'a str, prefixes: &[&str], sep: char) -> &'a str {
     for prefix in prefixes {
-        let prefix = prefix.trim_end_matches(['.', '_']);
-        if let Some(rest) = path.strip_prefix(prefix)
+        let prefix = prefix.trim_end_matches('.').replace('.', &sep.to_string());
+        if let Some(rest) = path.strip_prefix(prefix.as_str())
             && let Some(rest) = rest.strip_prefix(sep)
         {
             return rest;

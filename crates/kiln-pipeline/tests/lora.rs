@@ -149,8 +149,9 @@ fn unfuse_restores_the_weights_bit_for_bit_and_scales_refuse() {
     assert!(pipe.set_lora_scale("nope", 1.0).is_err());
 }
 
-/// The older diffusers layouts (`.lora.down.weight`, attention processors' `to_q_lora`) hold the
-/// same factors as the PEFT file and give the same weights.
+/// The older diffusers layouts (`.lora.down.weight`, attention processors' `to_q_lora`, the
+/// text encoder's `text_model.` prefix) hold the same factors as the PEFT file and give the same
+/// weights.
 #[test]
 fn older_diffusers_layouts_load_as_peft() {
     let peft = kiln_nn::reference::read_tensors(&dir().join("sd1-peft.safetensors")).unwrap();
@@ -159,9 +160,11 @@ fn older_diffusers_layouts_load_as_peft() {
     let renamed: Vec<(String, burn::tensor::TensorData)> = peft
         .into_iter()
         .map(|(k, v)| {
+            // older files also keep transformers' `text_model.` prefix
             let k = k
                 .replace(".lora_A.weight", ".lora.down.weight")
-                .replace(".lora_B.weight", ".lora.up.weight");
+                .replace(".lora_B.weight", ".lora.up.weight")
+                .replace("text_encoder.encoder.", "text_encoder.text_model.encoder.");
             // attention processors: `attn1.to_q.lora.down` -> `attn1.processor.to_q_lora.down`
             let k = match k.split_once(".attn1.to_q.lora.") {
                 Some((a, b)) => format!("{a}.attn1.processor.to_q_lora.{b}"),
