@@ -34,10 +34,28 @@ pub const MIN_KEYS: usize = 256;
 ///   `v`: `[batch, heads, keys, dv]`
 /// - output: `[batch, heads, queries, dv]`
 pub fn attention(q: Tensor<4>, k: Tensor<4>, v: Tensor<4>) -> Option<Tensor<4>> {
-    if [q.dtype(), k.dtype(), v.dtype()] != [DType::F32; 3] || k.dims()[2] < MIN_KEYS {
+    let dtype = q.dtype();
+    if [k.dtype(), v.dtype()] != [dtype; 2] {
         return None;
     }
-    host_attention(q, k, v)
+    #[cfg(all(target_arch = "x86_64", target_os = "linux", target_env = "gnu"))]
+    if dtype == DType::BF16
+        && super::amx_available()
+        && super::host::reduced_precision(&q).is_some()
+    {
+        return amx_attention(q, k, v);
+    }
+    if k.dims()[2] < MIN_KEYS {
+        return None;
+    }
+    match super::host::reduced_precision(&q) {
+        Some(dtype) => {
+            let wide = |t: Tensor<4>| t.cast(DType::F32);
+            host_attention(wide(q), wide(k), wide(v)).map(|o| o.cast(dtype))
+        }
+        None if dtype == DType::F32 => host_attention(q, k, v),
+        None => None,
+    }
 }
 
 /// [`attention`] without the choice of when to use it.
@@ -128,7 +146,7 @@ fn attention_block(
         );
     }
     for (row, inv) in scores.chunks_exact_mut(m).zip(inverse.iter_mut()) {
-        *inv = softmax_numerator(row).recip();
+        *inv = softmax_numerator(row, 1.0).recip();
     }
     // SAFETY: as above; `v` is [m, dv] row-major.
     unsafe {
@@ -162,12 +180,117 @@ fn attention_block(
     }
 }
 
+/// Score elements one AMX task holds (`rows x keys`, f32): 256 Ki, 1 MiB (64 query rows at
+/// 4096 keys), beside their bf16 copy.
+#[cfg(all(target_arch = "x86_64", target_os = "linux", target_env = "gnu"))]
+const AMX_SCORE_BUDGET: usize = 1 << 18;
+
+/// [`attention`] in bf16 on AMX tiles, as PyTorch's CPU flash attention computes it in bf16:
+/// `Q K^T` from the bf16 operands accumulated in f32, scaled and the softmax's exponentials
+/// taken in f32, rounded to bf16 for their product with `V` (accumulated in f32), divided by
+/// the row's sum and rounded to bf16. Each head's keys and values are packed once into the
+/// tiles' layout; its query blocks run in parallel, each with its full score rows.
+#[cfg(all(target_arch = "x86_64", target_os = "linux", target_env = "gnu"))]
+fn amx_attention(q: Tensor<4>, k: Tensor<4>, v: Tensor<4>) -> Option<Tensor<4>> {
+    use super::amx;
+    use super::host::{self, Host};
+    use half::bf16;
+    let [b, h, n, d] = q.dims();
+    let [_, _, m, dv] = v.dims();
+    if k.dims() != [b, h, m, d] || v.dims()[..2] != [b, h] {
+        return None;
+    }
+    let out_shape = [b, h, n, dv];
+    if b * h * n * dv == 0 || m == 0 {
+        return None;
+    }
+    let (q, k, v) = (
+        Host::<bf16>::new(q)?,
+        Host::<bf16>::new(k)?,
+        Host::<bf16>::new(v)?,
+    );
+    let (q, k, v) = (q.as_slice(), k.as_slice(), v.as_slice());
+    let mut out = bytemuck::zeroed_vec::<bf16>(b * h * n * dv);
+    let scale = (d as f32).sqrt().recip();
+    let rows = (AMX_SCORE_BUDGET / m)
+        .clamp(amx::MR, 1024)
+        .min(n.next_multiple_of(amx::MR));
+    out.par_chunks_mut(n * dv)
+        .enumerate()
+        .for_each(|(head, out_head)| {
+            let qh = &q[head * n * d..(head + 1) * n * d];
+            let kh = &k[head * m * d..(head + 1) * m * d];
+            let vh = &v[head * m * dv..(head + 1) * m * dv];
+            // K^T: element (j, key) at kh[key * d + j]
+            let (mut kbuf, mut vbuf) = (Vec::new(), Vec::new());
+            let kt = amx::pack_b(kh, 1, d, d, m, &mut kbuf);
+            let vp = amx::pack_b(vh, dv, 1, m, dv, &mut vbuf);
+            out_head
+                .par_chunks_mut(rows * dv)
+                .enumerate()
+                .for_each_init(
+                    || {
+                        (
+                            Vec::new(),
+                            Vec::new(),
+                            vec![0f32; rows * m],
+                            vec![0f32; rows * dv],
+                        )
+                    },
+                    |(abuf, pbuf, scores, o32), (block, o)| {
+                        let r = o.len() / dv;
+                        let q0 = block * rows;
+                        let qa = amx::pack_a(&qh[q0 * d..(q0 + r) * d], d, r, d, abuf);
+                        let _tiles = amx::Tiles::new();
+                        let scores = &mut scores[..r * m];
+                        let epilogue = amx::Epilogue {
+                            out: scores.as_mut_ptr(),
+                            stride: m,
+                            rows: r,
+                            cols: m,
+                            init: amx::Init::Zero,
+                        };
+                        // SAFETY: `qa` holds r rows, `kt` m columns, both of d; the
+                        // epilogue's view is `scores` ([r, m]).
+                        unsafe { amx::multiply(&qa, &kt, &epilogue, amx::Order::RowsOuter) };
+                        let mut inverse = [0f32; 1024];
+                        for (row, inv) in scores.chunks_exact_mut(m).zip(inverse.iter_mut()) {
+                            *inv = softmax_numerator(row, scale).recip();
+                        }
+                        let pa = amx::pack_a(scores, m, r, m, pbuf);
+                        let o32 = &mut o32[..r * dv];
+                        let epilogue = amx::Epilogue {
+                            out: o32.as_mut_ptr(),
+                            stride: dv,
+                            rows: r,
+                            cols: dv,
+                            init: amx::Init::Zero,
+                        };
+                        // SAFETY: `pa` holds r rows of m, `vp` dv columns of m; the view is
+                        // `o32` ([r, dv]).
+                        unsafe { amx::multiply(&pa, &vp, &epilogue, amx::Order::RowsOuter) };
+                        for ((o, w), inv) in o
+                            .chunks_exact_mut(dv)
+                            .zip(o32.chunks_exact(dv))
+                            .zip(&inverse[..r])
+                        {
+                            for (o, w) in o.iter_mut().zip(w) {
+                                *o = bf16::from_f32(w * inv);
+                            }
+                        }
+                    },
+                );
+        });
+    Some(host::tensor(out, out_shape))
+}
+
 /// Lanes of the vector loops' accumulators: one AVX-512 register of f32 (two AVX2 ones).
 const LANES: usize = 16;
 
 vectorised! {
-    /// Replaces `row` by `exp(row - max(row))` and returns its sum (the softmax's denominator).
-    fn softmax_numerator(row: &mut [f32]) -> f32 {
+    /// Replaces `row` by `exp(scale (row - max(row)))` and returns its sum (the softmax's
+    /// denominator); `scale > 0` (1 where the scores are scaled already).
+    fn softmax_numerator(row: &mut [f32], scale: f32) -> f32 {
         let mut max = [f32::NEG_INFINITY; LANES];
         let mut chunks = row.chunks_exact(LANES);
         for chunk in &mut chunks {
@@ -186,14 +309,14 @@ vectorised! {
         let mut chunks = row.chunks_exact_mut(LANES);
         for chunk in &mut chunks {
             for (s, x) in sum.iter_mut().zip(chunk.iter_mut()) {
-                let e = exp(*x - max);
+                let e = exp((*x - max) * scale);
                 *x = e;
                 *s += e;
             }
         }
         let mut total: f32 = sum.iter().sum();
         for x in chunks.into_remainder() {
-            let e = exp(*x - max);
+            let e = exp((*x - max) * scale);
             *x = e;
             total += e;
         }
@@ -258,6 +381,77 @@ mod tests {
         assert!(attention(q.clone(), long.clone(), long.clone()).is_some());
         assert!(attention(q.clone(), q.clone(), q.clone()).is_none());
         let half = |t: &Tensor<4>| t.clone().cast(DType::F16);
-        assert!(attention(half(&q), half(&long), half(&long)).is_none());
+        assert!(attention(half(&q), half(&long), half(&long)).is_some());
+        assert!(attention(half(&q), half(&q), half(&q)).is_none());
+        let double = |t: &Tensor<4>| t.clone().cast(DType::F64);
+        assert!(attention(double(&q), double(&long), double(&long)).is_none());
+    }
+
+    /// bf16 against the same attention in f64 of the bf16 operands. On AMX the exponentials are
+    /// rounded to bf16 before their product with `V` (as PyTorch's bf16 flash attention does),
+    /// each by at most half a bf16 ulp, and the result is rounded once more: the bound is a bf16
+    /// ulp of the result plus one of `sum |e_j v_j| / sum e_j` (twice the worst case, for f32's
+    /// own rounding). Without AMX bf16 runs widened to f32 and meets the same bound.
+    #[test]
+    fn bf16_matches_the_reference_and_f16_the_f32_kernel() {
+        let device = Device::flex();
+        let normal = Distribution::Normal(0.0, 1.0);
+        for [b, h, n, m, d, dv] in [
+            [2, 3, 37, 300, 8, 8],
+            [1, 2, 300, 77, 40, 40],
+            [1, 1, 70, 257, 64, 32],
+            [2, 2, 256, 256, 40, 40],
+        ] {
+            let q = (Tensor::<4>::random([b, h, n, d], normal, &device) * 2.0).cast(DType::BF16);
+            let k = Tensor::<4>::random([b, h, m, d], normal, &device).cast(DType::BF16);
+            let v = Tensor::<4>::random([b, h, m, dv], normal, &device).cast(DType::BF16);
+            let Some(ours) = attention(q.clone(), k.clone(), v.clone()) else {
+                assert!(m < MIN_KEYS && !crate::kernels::amx_available());
+                continue;
+            };
+            assert_eq!(ours.dtype(), DType::BF16);
+            let values = |t: &Tensor<4>| -> Vec<f64> {
+                t.to_data()
+                    .convert::<f32>()
+                    .try_to_vec::<f32>()
+                    .unwrap()
+                    .into_iter()
+                    .map(f64::from)
+                    .collect()
+            };
+            let (qv, kv, vv, ov) = (values(&q), values(&k), values(&v), values(&ours));
+            let scale = 1.0 / (d as f64).sqrt();
+            let mut worst = 0f64;
+            for head in 0..b * h {
+                for i in 0..n {
+                    let qi = &qv[(head * n + i) * d..(head * n + i + 1) * d];
+                    let s: Vec<f64> = (0..m)
+                        .map(|j| {
+                            let kj = &kv[(head * m + j) * d..(head * m + j + 1) * d];
+                            qi.iter().zip(kj).map(|(a, b)| a * b).sum::<f64>() * scale
+                        })
+                        .collect();
+                    let max = s.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+                    let e: Vec<f64> = s.iter().map(|s| (s - max).exp()).collect();
+                    let sum: f64 = e.iter().sum();
+                    for c in 0..dv {
+                        let terms = e
+                            .iter()
+                            .enumerate()
+                            .map(|(j, &e)| e * vv[(head * m + j) * dv + c]);
+                        let expected = terms.clone().sum::<f64>() / sum;
+                        let magnitude = terms.map(f64::abs).sum::<f64>() / sum;
+                        let got = ov[(head * n + i) * dv + c];
+                        let bound = (expected.abs() + magnitude) / 128.0 + 1e-6;
+                        worst = worst.max((got - expected).abs() / bound);
+                    }
+                }
+            }
+            assert!(
+                worst <= 1.0,
+                "{:?}: {worst} of the bound",
+                [b, h, n, m, d, dv]
+            );
+        }
     }
 }

@@ -104,6 +104,24 @@ pub fn conv2d_with(
         return None;
     }
     let shape = ConvShape::new([batch, cin, h, w], [cout, kh, kw], options)?;
+    if let Some(dtype) = host::reduced_precision(x) {
+        if weight.dtype() != dtype || bias.is_some_and(|b| b.dtype() != dtype) {
+            return None;
+        }
+        #[cfg(all(target_arch = "x86_64", target_os = "linux", target_env = "gnu"))]
+        if dtype == burn::tensor::DType::BF16 && super::amx_available() {
+            return amx_conv2d(x, weight, bias, &shape);
+        }
+        let bias = bias.map(host::widen);
+        return conv2d_with(
+            &host::widen(x),
+            &host::widen(weight),
+            bias.as_ref(),
+            options,
+            algorithm,
+        )
+        .map(|y| y.cast(dtype));
+    }
     let x = HostF32::new(x.clone())?;
     let weight = HostF32::new(weight.clone())?;
     let bias = match bias {
@@ -235,90 +253,146 @@ fn conv2d_host(x: &[f32], weight: &[f32], bias: Option<&[f32]>, s: &ConvShape, o
     assert_eq!(out.len(), s.batch * s.cout * pixels);
     assert!(bias.is_none_or(|b| b.len() == s.cout));
     let pointwise = s.is_pointwise();
-    let rows = if pointwise {
-        s.oh
-    } else {
-        (PANEL_BUDGET / (k * s.ow))
-            .max(MIN_COLS.div_ceil(s.ow))
-            .clamp(1, s.oh)
-    };
-    let panels = s.oh.div_ceil(rows);
-    // the same number of panels, as even as possible
-    let rows = s.oh.div_ceil(panels);
-    let images_panels = s.batch * panels;
-    let blocks = MIN_TASKS
-        .div_ceil(images_panels)
-        .min(s.cout / MIN_CHANNELS)
-        .max(1);
-    let channels = s.cout.div_ceil(blocks);
-    let blocks = s.cout.div_ceil(channels);
+    let split = Split::new(s, if pointwise { None } else { Some(PANEL_BUDGET) }, 1);
     let out_ptr = OutPtr(out.as_mut_ptr());
-    (0..images_panels * blocks)
-        .into_par_iter()
-        .for_each(|task| {
-            let (image_panel, block) = (task / blocks, task % blocks);
-            let (image, panel) = (image_panel / panels, image_panel % panels);
-            let row0 = panel * rows;
-            let rows = rows.min(s.oh - row0);
-            let cols = rows * s.ow;
-            let c0 = block * channels;
-            let channels = channels.min(s.cout - c0);
-            let x_b = &x[image * in_plane..(image + 1) * in_plane];
-            // SAFETY: this task's block, channels c0..c0 + channels by columns row0 * ow ..
-            // row0 * ow + cols of image `image`, is inside `out` and no other task's.
-            let dst = unsafe {
-                out_ptr
-                    .get()
-                    .add((image * s.cout + c0) * pixels + row0 * s.ow)
-            };
-            if let Some(bias) = bias {
-                for c in 0..channels {
-                    // SAFETY: row c of this task's block (as above).
-                    let row = unsafe { std::slice::from_raw_parts_mut(dst.add(c * pixels), cols) };
-                    row.fill(bias[c0 + c]);
-                }
+    (0..split.tasks()).into_par_iter().for_each(|task| {
+        let Task {
+            image,
+            row0,
+            rows,
+            c0,
+            channels,
+        } = split.task(task);
+        let cols = rows * s.ow;
+        let x_b = &x[image * in_plane..(image + 1) * in_plane];
+        // SAFETY: this task's block, channels c0..c0 + channels by columns row0 * ow ..
+        // row0 * ow + cols of image `image`, is inside `out` and no other task's.
+        let dst = unsafe {
+            out_ptr
+                .get()
+                .add((image * s.cout + c0) * pixels + row0 * s.ow)
+        };
+        if let Some(bias) = bias {
+            for c in 0..channels {
+                // SAFETY: row c of this task's block (as above).
+                let row = unsafe { std::slice::from_raw_parts_mut(dst.add(c * pixels), cols) };
+                row.fill(bias[c0 + c]);
             }
-            let lhs = &weight[c0 * k..(c0 + channels) * k];
-            let multiply = |rhs: &[f32], rhs_rs: usize| {
-                debug_assert!(rhs.len() >= (k - 1) * rhs_rs + cols);
-                // SAFETY: dst is this task's [channels, cols] block with row stride `pixels` (as
-                // above), lhs is [channels, k] row-major, rhs is [k, cols] with row stride `rhs_rs`
-                // (checked above); dst aliases neither.
-                unsafe {
-                    gemm::gemm(
-                        channels,
-                        cols,
-                        k,
-                        dst,
-                        1,
-                        pixels as isize,
-                        bias.is_some(),
-                        lhs.as_ptr(),
-                        1,
-                        k as isize,
-                        rhs.as_ptr(),
-                        1,
-                        rhs_rs as isize,
-                        1.0,
-                        1.0,
-                        false,
-                        false,
-                        false,
-                        gemm::Parallelism::None,
-                    );
-                }
-            };
-            if pointwise {
-                multiply(&x_b[row0 * s.ow..], pixels);
-            } else {
-                PANEL.with_borrow_mut(|panel| {
-                    grow(panel, k * rows * s.ow);
-                    let panel = &mut panel[..k * cols];
-                    im2col(x_b, s, row0, rows, panel);
-                    multiply(panel, cols);
-                });
+        }
+        let lhs = &weight[c0 * k..(c0 + channels) * k];
+        let multiply = |rhs: &[f32], rhs_rs: usize| {
+            debug_assert!(rhs.len() >= (k - 1) * rhs_rs + cols);
+            // SAFETY: dst is this task's [channels, cols] block with row stride `pixels` (as
+            // above), lhs is [channels, k] row-major, rhs is [k, cols] with row stride `rhs_rs`
+            // (checked above); dst aliases neither.
+            unsafe {
+                gemm::gemm(
+                    channels,
+                    cols,
+                    k,
+                    dst,
+                    1,
+                    pixels as isize,
+                    bias.is_some(),
+                    lhs.as_ptr(),
+                    1,
+                    k as isize,
+                    rhs.as_ptr(),
+                    1,
+                    rhs_rs as isize,
+                    1.0,
+                    1.0,
+                    false,
+                    false,
+                    false,
+                    gemm::Parallelism::None,
+                );
             }
-        });
+        };
+        if pointwise {
+            multiply(&x_b[row0 * s.ow..], pixels);
+        } else {
+            PANEL.with_borrow_mut(|panel| {
+                grow(panel, k * rows * s.ow);
+                let panel = &mut panel[..k * cols];
+                im2col(x_b, s, row0, rows, panel);
+                multiply(panel, cols);
+            });
+        }
+    });
+}
+
+/// How a convolution is cut into tasks of (image, panel of output rows, block of output
+/// channels). It depends on the shapes only, not on the thread count, so neither does the
+/// result.
+struct Split {
+    batch: usize,
+    rows: usize,
+    panels: usize,
+    blocks: usize,
+    channels: usize,
+    oh: usize,
+    cout: usize,
+}
+
+/// One task of a [`Split`].
+struct Task {
+    image: usize,
+    row0: usize,
+    rows: usize,
+    c0: usize,
+    channels: usize,
+}
+
+impl Split {
+    /// Panels of at most `budget` column-panel elements (`k x rows * ow`, at least
+    /// [`MIN_COLS`] columns), or whole images (`None`: a pointwise convolution reads its input
+    /// in place); the output channels split too where there are fewer than [`MIN_TASKS`], in
+    /// blocks of a multiple of `align` channels.
+    fn new(s: &ConvShape, budget: Option<usize>, align: usize) -> Self {
+        let rows = match budget {
+            None => s.oh,
+            Some(budget) => (budget / (s.k() * s.ow))
+                .max(MIN_COLS.div_ceil(s.ow))
+                .clamp(1, s.oh),
+        };
+        let panels = s.oh.div_ceil(rows);
+        // the same number of panels, as even as possible
+        let rows = s.oh.div_ceil(panels);
+        let blocks = MIN_TASKS
+            .div_ceil(s.batch * panels)
+            .min(s.cout / MIN_CHANNELS)
+            .max(1);
+        let channels = s.cout.div_ceil(blocks).next_multiple_of(align);
+        let blocks = s.cout.div_ceil(channels);
+        Self {
+            batch: s.batch,
+            rows,
+            panels,
+            blocks,
+            channels,
+            oh: s.oh,
+            cout: s.cout,
+        }
+    }
+
+    fn tasks(&self) -> usize {
+        self.batch * self.panels * self.blocks
+    }
+
+    fn task(&self, task: usize) -> Task {
+        let (image_panel, block) = (task / self.blocks, task % self.blocks);
+        let (image, panel) = (image_panel / self.panels, image_panel % self.panels);
+        let row0 = panel * self.rows;
+        let c0 = block * self.channels;
+        Task {
+            image,
+            row0,
+            rows: self.rows.min(self.oh - row0),
+            c0,
+            channels: self.channels.min(self.cout - c0),
+        }
+    }
 }
 
 /// Makes the thread buffer `buf` at least `len` long (zeros; its contents are overwritten before
@@ -333,46 +407,192 @@ pub(super) fn grow(buf: &mut Vec<f32>, len: usize) {
 /// `row0..row0 + rows` of one image `x` (`[cin, h, w]`): element `((c, i, j), (y, x))` is
 /// `x[c, y * sh + i * dh - top, x * sw + j * dw - left]`, or 0 in the padding.
 fn im2col(x: &[f32], s: &ConvShape, row0: usize, rows: usize, panel: &mut [f32]) {
+    let cols = rows * s.ow;
+    panel
+        .chunks_exact_mut(cols)
+        .enumerate()
+        .for_each(|(kk, dst)| im2col_row(x, s, row0, kk, dst));
+}
+
+/// Row `kk` of [`im2col`]'s panel, for the output rows `row0..` that `dst` (`rows * ow` long)
+/// covers.
+fn im2col_row<T: Copy + Default>(x: &[T], s: &ConvShape, row0: usize, kk: usize, dst: &mut [T]) {
     let Conv2dOptions {
         stride: [sh, sw],
         padding: [[top, _], [left, _]],
         dilation: [dh, dw],
     } = s.options;
-    let cols = rows * s.ow;
-    panel
-        .chunks_exact_mut(cols)
-        .enumerate()
-        .for_each(|(kk, dst)| {
-            let (c, ij) = (kk / (s.kh * s.kw), kk % (s.kh * s.kw));
-            let (i, j) = (ij / s.kw, ij % s.kw);
-            let plane = &x[c * s.h * s.w..(c + 1) * s.h * s.w];
-            // Output columns whose input column is inside the image: x * sw + j * dw - left in
-            // [0, w), i.e. x in [lo, hi).
-            let shift = j * dw;
-            let lo = left.saturating_sub(shift).div_ceil(sw).min(s.ow);
-            let hi = (s.w + left)
-                .checked_sub(shift)
-                .map_or(0, |end| end.div_ceil(sw))
-                .clamp(lo, s.ow);
-            for (r, dst) in dst.chunks_exact_mut(s.ow).enumerate() {
-                let y = (row0 + r) * sh + i * dh;
-                if y < top || y - top >= s.h {
-                    dst.fill(0.0);
-                    continue;
-                }
-                let src = &plane[(y - top) * s.w..(y - top + 1) * s.w];
-                dst[..lo].fill(0.0);
-                dst[hi..].fill(0.0);
-                let start = lo * sw + shift - left;
-                if sw == 1 {
-                    dst[lo..hi].copy_from_slice(&src[start..start + (hi - lo)]);
-                } else {
-                    for (d, &v) in dst[lo..hi].iter_mut().zip(src[start..].iter().step_by(sw)) {
-                        *d = v;
-                    }
-                }
+    let (c, ij) = (kk / (s.kh * s.kw), kk % (s.kh * s.kw));
+    let (i, j) = (ij / s.kw, ij % s.kw);
+    let plane = &x[c * s.h * s.w..(c + 1) * s.h * s.w];
+    // Output columns whose input column is inside the image: x * sw + j * dw - left in
+    // [0, w), i.e. x in [lo, hi).
+    let shift = j * dw;
+    let lo = left.saturating_sub(shift).div_ceil(sw).min(s.ow);
+    let hi = (s.w + left)
+        .checked_sub(shift)
+        .map_or(0, |end| end.div_ceil(sw))
+        .clamp(lo, s.ow);
+    for (r, dst) in dst.chunks_exact_mut(s.ow).enumerate() {
+        let y = (row0 + r) * sh + i * dh;
+        if y < top || y - top >= s.h {
+            dst.fill(T::default());
+            continue;
+        }
+        let src = &plane[(y - top) * s.w..(y - top + 1) * s.w];
+        dst[..lo].fill(T::default());
+        dst[hi..].fill(T::default());
+        let start = lo * sw + shift - left;
+        if sw == 1 {
+            dst[lo..hi].copy_from_slice(&src[start..start + (hi - lo)]);
+        } else {
+            for (d, &v) in dst[lo..hi].iter_mut().zip(src[start..].iter().step_by(sw)) {
+                *d = v;
             }
+        }
+    }
+}
+
+/// Panel elements (`k x pixels`) of one AMX task: 512 Ki bf16, 1 MiB, in L2 while every block
+/// row of the weights passes over it.
+#[cfg(all(target_arch = "x86_64", target_os = "linux", target_env = "gnu"))]
+const AMX_PANEL_BUDGET: usize = 1 << 19;
+
+#[cfg(all(target_arch = "x86_64", target_os = "linux", target_env = "gnu"))]
+std::thread_local! {
+    /// The calling thread's packed weights and each thread's packed panel and two gathered
+    /// rows, kept between calls so that they are not faulted in again.
+    static PACKED_WEIGHTS: std::cell::Cell<Vec<u16>> = const { std::cell::Cell::new(Vec::new()) };
+    static PACKED_PANEL: std::cell::Cell<Vec<u16>> = const { std::cell::Cell::new(Vec::new()) };
+    static ROW_PAIR: std::cell::Cell<Vec<half::bf16>> = const { std::cell::Cell::new(Vec::new()) };
+}
+
+/// The bf16 convolution on AMX tiles: the same tasks as [`conv2d_host`] (channel blocks whole
+/// multiples of 32), the weights read by the tiles in place (`[out, in * kh * kw]` row-major,
+/// packed once per call where `k` or `out` is not a multiple of 32), each task's column panel
+/// gathered straight into the tiles' VNNI layout two rows at a time, the bias added and the
+/// result rounded to bf16 as each block is stored.
+#[cfg(all(target_arch = "x86_64", target_os = "linux", target_env = "gnu"))]
+fn amx_conv2d(
+    x: &Tensor<4>,
+    weight: &Tensor<4>,
+    bias: Option<&Tensor<1>>,
+    s: &ConvShape,
+) -> Option<Tensor<4>> {
+    use super::amx;
+    use half::bf16;
+    let x = host::Host::<bf16>::new(x.clone())?;
+    let weight = host::Host::<bf16>::new(weight.clone())?;
+    let bias = match bias {
+        Some(b) => Some(host::bias_f32(b)?),
+        None => None,
+    };
+    let (x, weight) = (x.as_slice(), weight.as_slice());
+    let k = s.k();
+    let pixels = s.oh * s.ow;
+    let in_plane = s.cin * s.h * s.w;
+    assert_eq!(x.len(), s.batch * in_plane);
+    assert_eq!(weight.len(), s.cout * k);
+    let mut out = bytemuck::zeroed_vec::<bf16>(s.batch * s.cout * pixels);
+    let out_ptr = host::SharedMut(out.as_mut_ptr());
+    let split = Split::new(s, Some(AMX_PANEL_BUDGET), amx::MR);
+    host::with_buffer(&PACKED_WEIGHTS, |wbuf| {
+        let lhs = match amx::Lhs::in_place(weight, s.cout, k) {
+            Some(lhs) => lhs,
+            None => amx::pack_a(weight, k, s.cout, k, wbuf),
+        };
+        (0..split.tasks()).into_par_iter().for_each(|task| {
+            let Task {
+                image,
+                row0,
+                rows,
+                c0,
+                channels,
+            } = split.task(task);
+            let cols = rows * s.ow;
+            let x_b = &x[image * in_plane..(image + 1) * in_plane];
+            host::with_buffer(&PACKED_PANEL, |pbuf| {
+                let panel = host::with_buffer(&ROW_PAIR, |pair| {
+                    im2col_packed(x_b, s, row0, rows, pair, pbuf)
+                });
+                let epilogue = amx::Epilogue {
+                    // SAFETY: channels c0..c0 + channels by columns row0 * ow .. row0 * ow +
+                    // cols of image `image` are this task's alone (the split's blocks).
+                    out: unsafe {
+                        out_ptr
+                            .get()
+                            .add((image * s.cout + c0) * pixels + row0 * s.ow)
+                    },
+                    stride: pixels,
+                    rows: channels,
+                    cols,
+                    init: match &bias {
+                        Some(b) => amx::Init::RowBias(&b[c0..]),
+                        None => amx::Init::Zero,
+                    },
+                };
+                let _tiles = amx::Tiles::new();
+                // SAFETY: c0 is a multiple of 32 (the split's alignment), so the weights' block
+                // rows from c0 / 32 hold this task's channels; the panel holds its columns; the
+                // epilogue's view is its block of `out`.
+                unsafe {
+                    amx::multiply(
+                        &lhs.rows_from_block(c0 / amx::MR),
+                        &panel,
+                        &epilogue,
+                        amx::Order::RowsOuter,
+                    )
+                };
+            });
         });
+    });
+    Some(host::tensor(out, [s.batch, s.cout, s.oh, s.ow]))
+}
+
+/// [`im2col`]'s panel in the AMX tiles' VNNI layout ([`super::amx::PackedB`]), gathered two
+/// rows at a time into `pair` and interleaved into `buf`.
+#[cfg(all(target_arch = "x86_64", target_os = "linux", target_env = "gnu"))]
+fn im2col_packed<'a>(
+    x: &[half::bf16],
+    s: &ConvShape,
+    row0: usize,
+    rows: usize,
+    pair: &mut Vec<half::bf16>,
+    buf: &'a mut Vec<u16>,
+) -> super::amx::PackedB<'a> {
+    use super::amx;
+    let (k, cols) = (s.k(), rows * s.ow);
+    let kbs = amx::k_blocks(k);
+    let len = amx::packed_b_len(k, cols);
+    amx::grow(buf, len);
+    let data = &mut buf[..len];
+    if k % amx::TK != 0 || cols % amx::NR != 0 {
+        data.fill(0);
+    }
+    if pair.len() < 2 * cols {
+        *pair = vec![half::bf16::ZERO; 2 * cols];
+    }
+    let (lo, hi) = pair[..2 * cols].split_at_mut(cols);
+    for kk in (0..k).step_by(2) {
+        im2col_row(x, s, row0, kk, lo);
+        if kk + 1 < k {
+            im2col_row(x, s, row0, kk + 1, hi);
+        } else {
+            hi.fill(half::bf16::ZERO);
+        }
+        for (g, (lo, hi)) in lo.chunks(16).zip(hi.chunks(16)).enumerate() {
+            let base = amx::b_offset(kbs, kk, g * 16);
+            let dst = &mut data[base..base + 2 * lo.len()];
+            for ((d, l), h) in dst.chunks_exact_mut(2).zip(lo).zip(hi) {
+                d[0] = l.to_bits();
+                d[1] = h.to_bits();
+            }
+        }
+    }
+    amx::PackedB {
+        data,
+        k_blocks: kbs,
+    }
 }
 
 #[cfg(test)]
@@ -434,6 +654,49 @@ mod tests {
         }
     }
 
+    /// bf16 (on AMX tiles where the CPU has them, else widened) gives the f32 result of the
+    /// same bf16 operands rounded to bf16, for the geometries of `matches_burns_conv2d`; f16
+    /// likewise within its precision.
+    #[test]
+    fn bf16_and_f16_round_the_f32_result_of_their_operands() {
+        use burn::tensor::DType;
+        let device = Device::flex();
+        let normal = Distribution::Normal(0.0, 1.0);
+        let o = |stride: usize, [t, b, l, r]: [usize; 4], dilation: usize| Conv2dOptions {
+            stride: [stride; 2],
+            padding: [[t, b], [l, r]],
+            dilation: [dilation; 2],
+        };
+        for (x, w, options, bias) in [
+            ([2, 5, 9, 7], [6, 5, 3, 3], o(1, [1; 4], 1), true),
+            ([1, 8, 10, 11], [4, 8, 3, 3], o(2, [0, 1, 0, 1], 1), false),
+            ([2, 32, 6, 5], [64, 32, 1, 1], o(1, [0; 4], 1), true),
+            ([1, 3, 12, 12], [5, 3, 3, 3], o(1, [2; 4], 2), true),
+            ([1, 4, 9, 13], [3, 4, 2, 5], o(1, [0, 1, 2, 0], 1), true),
+            // k = 576 and 96 output channels: weights read in place, channel blocks of 32
+            ([2, 64, 20, 19], [96, 64, 3, 3], o(1, [1; 4], 1), true),
+            ([1, 600, 40, 37], [8, 600, 3, 3], o(1, [1; 4], 1), true),
+        ] {
+            for dtype in [DType::BF16, DType::F16] {
+                let xt = Tensor::<4>::random(x, normal, &device).cast(dtype);
+                let wt = Tensor::<4>::random(w, normal, &device).cast(dtype);
+                let bt = bias.then(|| Tensor::<1>::random([w[0]], normal, &device).cast(dtype));
+                let ours = conv2d(&xt, &wt, bt.as_ref(), options).unwrap();
+                assert_eq!(ours.dtype(), dtype);
+                let wide = |t: &Tensor<4>| t.clone().cast(DType::F32);
+                let bw = bt.map(|b| b.cast(DType::F32));
+                let exact = conv2d(&wide(&xt), &wide(&wt), bw.as_ref(), options).unwrap();
+                if dtype == DType::BF16 {
+                    let ulps = crate::kernels::bf16_check::ulps(&ours, &exact);
+                    assert!(ulps <= 1.0, "{x:?} {w:?}: {ulps} half-ulps");
+                } else {
+                    let error = crate::reference::max_relative_error(&wide(&ours), &exact);
+                    assert!(error < 1e-3, "{x:?} {w:?} f16: {error:e}");
+                }
+            }
+        }
+    }
+
     #[test]
     fn thread_count_does_not_change_the_result() {
         let device = Device::flex();
@@ -468,8 +731,11 @@ mod tests {
         let x = Tensor::<4>::zeros([1, 4, 5, 5], &device);
         let w = Tensor::<4>::zeros([2, 4, 3, 3], &device);
         assert!(conv2d(&x, &w, None, options).is_some());
-        let half = |t: &Tensor<4>| t.clone().cast(burn::tensor::DType::F16);
-        assert!(conv2d(&half(&x), &half(&w), None, options).is_none());
+        let double = |t: &Tensor<4>| t.clone().cast(burn::tensor::DType::F64);
+        assert!(conv2d(&double(&x), &double(&w), None, options).is_none());
+        // mixed dtypes
+        let half = |t: &Tensor<4>| t.clone().cast(burn::tensor::DType::BF16);
+        assert!(conv2d(&half(&x), &w, None, options).is_none());
         // grouped weights: [out, in / groups, ..]
         assert!(conv2d(&x, &Tensor::zeros([2, 2, 3, 3], &device), None, options).is_none());
         // a kernel larger than the input

@@ -1,4 +1,5 @@
-//! Kiln's elementwise kernels: GELU, GEGLU, SiLU, and GroupNorm with an optional SiLU, in f32.
+//! Kiln's elementwise kernels: GELU, GEGLU, SiLU, and GroupNorm with an optional SiLU, computed
+//! in f32 (bf16 and f16 inputs widened, the results rounded back).
 //!
 //! burn-flex computes `erf` and `exp` one scalar libm call at a time: GELU takes 16 ns per
 //! element and SiLU 8 (`[2, 4096, 1280]` and `[2, 320, 64, 64]` on the 2-core Xeon), so the
@@ -17,20 +18,20 @@ use burn::tensor::Tensor;
 use rayon::prelude::*;
 
 use super::exp;
-use super::host::{self, HostF32};
+use super::host;
 
 /// Elements of one parallel chunk of an elementwise kernel.
 const CHUNK: usize = 1 << 14;
 
-/// Exact GELU, `x / 2 (1 + erf(x / sqrt 2))`, of an f32 flex tensor, or `None` (the caller
+/// Exact GELU, `x / 2 (1 + erf(x / sqrt 2))`, of a float flex tensor, or `None` (the caller
 /// then uses burn's op).
 pub fn gelu<const D: usize>(x: &Tensor<D>) -> Option<Tensor<D>> {
-    map(x, gelu_slice)
+    dispatch!(x, map(x, gelu_slice))
 }
 
-/// SiLU, `x sigmoid(x)`, of an f32 flex tensor, or `None` (the caller then uses burn's op).
+/// SiLU, `x sigmoid(x)`, of a float flex tensor, or `None` (the caller then uses burn's op).
 pub fn silu<const D: usize>(x: &Tensor<D>) -> Option<Tensor<D>> {
-    map(x, silu_slice)
+    dispatch!(x, map(x, silu_slice))
 }
 
 /// GEGLU's gating: `h[.., :n] * gelu(h[.., n:])` for `h` of last dimension `2n`, or `None`.
@@ -39,29 +40,10 @@ pub fn silu<const D: usize>(x: &Tensor<D>) -> Option<Tensor<D>> {
 /// - `h`: `[batch, tokens, 2 * n]`
 /// - output: `[batch, tokens, n]`
 pub fn geglu(h: &Tensor<3>) -> Option<Tensor<3>> {
-    let [b, t, two_n] = h.dims();
-    if !two_n.is_multiple_of(2) {
-        return None;
-    }
-    let n = two_n / 2;
-    let h = HostF32::new(h.clone())?;
-    let h = h.as_slice();
-    let mut out = vec![0f32; b * t * n];
-    if n > 0 {
-        let rows = CHUNK.div_ceil(n);
-        out.par_chunks_mut(rows * n)
-            .zip(h.par_chunks(rows * two_n))
-            .for_each(|(out, h)| {
-                for (out, h) in out.chunks_exact_mut(n).zip(h.chunks_exact(two_n)) {
-                    let (hidden, gate) = h.split_at(n);
-                    geglu_row(hidden, gate, out);
-                }
-            });
-    }
-    Some(host::tensor(out, [b, t, n]))
+    dispatch!(h, geglu_host(h))
 }
 
-/// GroupNorm of an f32 flex tensor, then SiLU when `silu`, or `None` (the caller then uses
+/// GroupNorm of a float flex tensor, then SiLU when `silu`, or `None` (the caller then uses
 /// burn's ops). PyTorch's numerics: per (sample, group) the mean and the biased variance (two
 /// passes, accumulated in f64), `eps` inside the square root, then `gamma`, `beta` per channel.
 ///
@@ -69,6 +51,128 @@ pub fn geglu(h: &Tensor<3>) -> Option<Tensor<3>> {
 /// - `x`: `[batch, channels, ...]`; `gamma`, `beta`: `[channels]`
 /// - output: same as `x`
 pub fn group_norm<const D: usize>(
+    x: &Tensor<D>,
+    groups: usize,
+    eps: f64,
+    affine: Option<(&Tensor<1>, &Tensor<1>)>,
+    silu: bool,
+) -> Option<Tensor<D>> {
+    dispatch!(x, group_norm_host(x, groups, eps, affine, silu))
+}
+
+/// Calls the generic host function `$f` for the element type of `$x` (f32, bf16 or f16; `None`
+/// for other dtypes and for tensors that are not plain flex ones).
+macro_rules! dispatch {
+    ($x:expr, $f:ident($($arg:expr),*)) => {
+        match $x.dtype() {
+            burn::tensor::DType::F32 => $f::<f32, _>($($arg),*),
+            burn::tensor::DType::BF16 => $f::<half::bf16, _>($($arg),*),
+            burn::tensor::DType::F16 => $f::<half::f16, _>($($arg),*),
+            _ => None,
+        }
+    };
+}
+use dispatch;
+
+/// The float types the kernels read and write; each computes in f32, a chunk at a time (so
+/// that bf16 and f16 are widened and rounded back in cache, never in whole-tensor copies).
+trait Float: burn::tensor::Element + bytemuck::Pod + Send + Sync {
+    /// `x` as f32: in place for f32, widened into `scratch` otherwise.
+    fn widen<'a>(x: &'a [Self], scratch: &'a mut Vec<f32>) -> &'a [f32];
+    /// Runs `f` on an f32 buffer of `out.len()` (`out` itself for f32) and stores it in `out`.
+    fn store(out: &mut [Self], scratch: &mut Vec<f32>, f: impl FnOnce(&mut [f32]));
+}
+
+impl Float for f32 {
+    fn widen<'a>(x: &'a [f32], _: &'a mut Vec<f32>) -> &'a [f32] {
+        x
+    }
+    fn store(out: &mut [f32], _: &mut Vec<f32>, f: impl FnOnce(&mut [f32])) {
+        f(out)
+    }
+}
+
+macro_rules! reduced_float {
+    ($t:ty) => {
+        impl Float for $t {
+            fn widen<'a>(x: &'a [$t], scratch: &'a mut Vec<f32>) -> &'a [f32] {
+                scratch.clear();
+                scratch.extend(x.iter().map(|v| v.to_f32()));
+                scratch
+            }
+            fn store(out: &mut [$t], scratch: &mut Vec<f32>, f: impl FnOnce(&mut [f32])) {
+                scratch.clear();
+                scratch.resize(out.len(), 0.0);
+                f(scratch);
+                for (o, &v) in out.iter_mut().zip(scratch.iter()) {
+                    *o = <$t>::from_f32(v);
+                }
+            }
+        }
+    };
+}
+reduced_float!(half::bf16);
+reduced_float!(half::f16);
+
+std::thread_local! {
+    /// Each thread's f32 scratch for widened inputs and outputs (a chunk each).
+    static SCRATCH: std::cell::Cell<(Vec<f32>, Vec<f32>)> = const { std::cell::Cell::new((Vec::new(), Vec::new())) };
+}
+
+/// Runs `f` with this thread's two scratch buffers.
+fn with_scratch<R>(f: impl FnOnce(&mut Vec<f32>, &mut Vec<f32>) -> R) -> R {
+    let (mut a, mut b) = SCRATCH.take();
+    let r = f(&mut a, &mut b);
+    SCRATCH.set((a, b));
+    r
+}
+
+/// `f` applied elementwise in parallel chunks.
+fn map<T: Float, const D: usize>(x: &Tensor<D>, f: fn(&[f32], &mut [f32])) -> Option<Tensor<D>> {
+    let dims = x.dims();
+    let x = host::Host::<T>::new(x.clone())?;
+    let xs = x.as_slice();
+    let mut out = bytemuck::zeroed_vec::<T>(xs.len());
+    out.par_chunks_mut(CHUNK)
+        .zip(xs.par_chunks(CHUNK))
+        .for_each(|(out, x)| {
+            with_scratch(|wide, result| T::store(out, result, |out| f(T::widen(x, wide), out)))
+        });
+    Some(host::tensor(out, dims))
+}
+
+fn geglu_host<T: Float, const D: usize>(h: &Tensor<D>) -> Option<Tensor<D>> {
+    let dims = h.dims();
+    let two_n = dims[D - 1];
+    if !two_n.is_multiple_of(2) {
+        return None;
+    }
+    let n = two_n / 2;
+    let h = host::Host::<T>::new(h.clone())?;
+    let h = h.as_slice();
+    let mut out_dims = dims;
+    out_dims[D - 1] = n;
+    let mut out = bytemuck::zeroed_vec::<T>(out_dims.iter().product());
+    if n > 0 {
+        let rows = CHUNK.div_ceil(n);
+        out.par_chunks_mut(rows * n)
+            .zip(h.par_chunks(rows * two_n))
+            .for_each(|(out, h)| {
+                with_scratch(|wide, result| {
+                    let h = T::widen(h, wide);
+                    T::store(out, result, |out| {
+                        for (out, h) in out.chunks_exact_mut(n).zip(h.chunks_exact(two_n)) {
+                            let (hidden, gate) = h.split_at(n);
+                            geglu_row(hidden, gate, out);
+                        }
+                    })
+                })
+            });
+    }
+    Some(host::tensor(out, out_dims))
+}
+
+fn group_norm_host<T: Float, const D: usize>(
     x: &Tensor<D>,
     groups: usize,
     eps: f64,
@@ -87,47 +191,42 @@ pub fn group_norm<const D: usize>(
             if gamma.dims() != [channels] || beta.dims() != [channels] {
                 return None;
             }
-            Some((HostF32::new(gamma.clone())?, HostF32::new(beta.clone())?))
+            Some((host::bias_f32(gamma)?, host::bias_f32(beta)?))
         }
         None => None,
     };
-    let host_x = HostF32::new(x.clone())?;
+    let host_x = host::Host::<T>::new(x.clone())?;
     let xs = host_x.as_slice();
-    let mut out = vec![0f32; xs.len()];
+    let mut out = bytemuck::zeroed_vec::<T>(xs.len());
     let block = per_group * spatial;
     if block > 0 {
         out.par_chunks_mut(block)
             .zip(xs.par_chunks(block))
             .enumerate()
             .for_each(|(i, (out, x))| {
-                let n = x.len() as f64;
-                let mean = sum(x) / n;
-                let var = centered_squares(x, mean as f32) / n;
-                let inv_std = 1.0 / (var + eps).sqrt();
-                let c0 = (i % groups) * per_group;
-                for (c, (out, x)) in out.chunks_mut(spatial).zip(x.chunks(spatial)).enumerate() {
-                    let (gamma, beta) = match &affine {
-                        Some((g, b)) => (g.as_slice()[c0 + c] as f64, b.as_slice()[c0 + c] as f64),
-                        None => (1.0, 0.0),
-                    };
-                    let scale = gamma * inv_std;
-                    let shift = beta - mean * scale;
-                    scale_shift(x, scale as f32, shift as f32, silu, out);
-                }
+                with_scratch(|wide, result| {
+                    let x = T::widen(x, wide);
+                    let n = x.len() as f64;
+                    let mean = sum(x) / n;
+                    let var = centered_squares(x, mean as f32) / n;
+                    let inv_std = 1.0 / (var + eps).sqrt();
+                    let c0 = (i % groups) * per_group;
+                    T::store(out, result, |out| {
+                        for (c, (out, x)) in
+                            out.chunks_mut(spatial).zip(x.chunks(spatial)).enumerate()
+                        {
+                            let (gamma, beta) = match &affine {
+                                Some((g, b)) => (g[c0 + c] as f64, b[c0 + c] as f64),
+                                None => (1.0, 0.0),
+                            };
+                            let scale = gamma * inv_std;
+                            let shift = beta - mean * scale;
+                            scale_shift(x, scale as f32, shift as f32, silu, out);
+                        }
+                    })
+                })
             });
     }
-    Some(host::tensor(out, dims))
-}
-
-/// `f` applied elementwise to `x` in parallel chunks.
-fn map<const D: usize>(x: &Tensor<D>, f: fn(&[f32], &mut [f32])) -> Option<Tensor<D>> {
-    let dims = x.dims();
-    let x = HostF32::new(x.clone())?;
-    let xs = x.as_slice();
-    let mut out = vec![0f32; xs.len()];
-    out.par_chunks_mut(CHUNK)
-        .zip(xs.par_chunks(CHUNK))
-        .for_each(|(out, x)| f(x, out));
     Some(host::tensor(out, dims))
 }
 
@@ -330,6 +429,51 @@ mod tests {
         let ours = group_norm(&x3, 4, 1e-6, Some((&gamma, &beta)), false).unwrap();
         let reference = crate::normalization::reference_group_norm(&norm, x3);
         assert!(crate::reference::max_relative_error(&ours, &reference) < 1e-5);
+    }
+
+    /// bf16 and f16 inputs give the f32 kernel's result on the widened input, rounded to their
+    /// dtype (bf16: within half an ulp, give or take f32's rounding; f16: its precision).
+    #[test]
+    fn bf16_and_f16_round_the_f32_result() {
+        use burn::tensor::DType;
+        let device = Device::flex();
+        let normal = Distribution::Normal(0.3, 2.0);
+        let gamma = Tensor::<1>::random([12], normal, &device);
+        let beta = Tensor::<1>::random([12], normal, &device);
+        for dtype in [DType::BF16, DType::F16] {
+            let x = Tensor::<4>::random([2, 12, 9, 7], normal, &device).cast(dtype);
+            let h = Tensor::<3>::random([2, 37, 82], normal, &device).cast(dtype);
+            let (g, b) = (gamma.clone().cast(dtype), beta.clone().cast(dtype));
+            let wide = |t: &Tensor<4>| t.clone().cast(DType::F32);
+            let (gw, bw) = (
+                wide(&g.clone().reshape([1, 12, 1, 1])).reshape([12]),
+                b.clone().cast(DType::F32),
+            );
+            let cases: Vec<(&str, Tensor<4>, Tensor<4>)> = vec![
+                ("gelu", gelu(&x).unwrap(), gelu(&wide(&x)).unwrap()),
+                ("silu", silu(&x).unwrap(), silu(&wide(&x)).unwrap()),
+                (
+                    "group_norm",
+                    group_norm(&x, 4, 1e-6, Some((&g, &b)), true).unwrap(),
+                    group_norm(&wide(&x), 4, 1e-6, Some((&gw, &bw)), true).unwrap(),
+                ),
+                (
+                    "geglu",
+                    geglu(&h).unwrap().unsqueeze(),
+                    geglu(&h.clone().cast(DType::F32)).unwrap().unsqueeze(),
+                ),
+            ];
+            for (name, ours, exact) in cases {
+                assert_eq!(ours.dtype(), dtype, "{name}");
+                if dtype == DType::BF16 {
+                    let ulps = crate::kernels::bf16_check::ulps(&ours, &exact);
+                    assert!(ulps <= 1.0, "{name}: {ulps} half-ulps");
+                } else {
+                    let error = crate::reference::max_relative_error(&wide(&ours), &exact);
+                    assert!(error < 1e-3, "{name} f16: {error:e}");
+                }
+            }
+        }
     }
 
     #[test]

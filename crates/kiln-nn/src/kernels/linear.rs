@@ -6,6 +6,11 @@
 //! gemm call on the flattened rows reaches 185. Here the rows are flattened (the input is
 //! already row-major), the output is filled with the bias and the product is accumulated onto
 //! it by gemm on rayon.
+//!
+//! In bf16 the product runs on AMX tiles where the CPU has them (the weights packed into the
+//! tiles' layout once and kept while they live, the rows in tasks of [`AMX_ROWS`] read in place, the
+//! bias added and the result rounded to bf16 as each block is stored); elsewhere, and in f16,
+//! on widened f32 copies through the f32 kernel.
 
 use burn::tensor::Tensor;
 use rayon::prelude::*;
@@ -32,6 +37,18 @@ pub fn linear<const D: usize>(
     let rows: usize = dims[..D - 1].iter().product();
     if w_in != d_in || bias.is_some_and(|b| b.dims() != [d_out]) || rows * d_in * d_out == 0 {
         return None;
+    }
+    if let Some(dtype) = host::reduced_precision(x) {
+        if weight.dtype() != dtype || bias.is_some_and(|b| b.dtype() != dtype) {
+            return None;
+        }
+        #[cfg(all(target_arch = "x86_64", target_os = "linux", target_env = "gnu"))]
+        if dtype == burn::tensor::DType::BF16 && super::amx_available() {
+            dims[D - 1] = d_out;
+            return amx_linear(x, weight, bias, [rows, d_in, d_out], dims);
+        }
+        let bias = bias.map(host::widen);
+        return linear(&host::widen(x), &host::widen(weight), bias.as_ref()).map(|y| y.cast(dtype));
     }
     let x = HostF32::new(x.clone())?;
     let weight = HostF32::new(weight.clone())?;
@@ -82,6 +99,74 @@ pub fn linear<const D: usize>(
     Some(host::tensor(out, dims))
 }
 
+/// Rows of one AMX task (four blocks of 32).
+#[cfg(all(target_arch = "x86_64", target_os = "linux", target_env = "gnu"))]
+const AMX_ROWS: usize = 128;
+
+#[cfg(all(target_arch = "x86_64", target_os = "linux", target_env = "gnu"))]
+std::thread_local! {
+    /// Each thread's packed operands, kept between calls so that they are not faulted in again.
+    static PACKED_A: std::cell::Cell<Vec<u16>> = const { std::cell::Cell::new(Vec::new()) };
+}
+
+/// The bf16 product on AMX tiles (see the module's doc).
+#[cfg(all(target_arch = "x86_64", target_os = "linux", target_env = "gnu"))]
+fn amx_linear<const D: usize>(
+    x: &Tensor<D>,
+    weight: &Tensor<2>,
+    bias: Option<&Tensor<1>>,
+    [rows, d_in, d_out]: [usize; 3],
+    dims: [usize; D],
+) -> Option<Tensor<D>> {
+    use super::amx;
+    use half::bf16;
+    let x = host::Host::<bf16>::new(x.clone())?;
+    let weight = host::Host::<bf16>::new(weight.clone())?;
+    let bias = match bias {
+        Some(b) => Some(host::bias_f32(b)?),
+        None => None,
+    };
+    let init = match &bias {
+        Some(b) => amx::Init::ColBias(b),
+        None => amx::Init::Zero,
+    };
+    let (xs, ws) = (x.as_slice(), weight.as_slice());
+    assert_eq!(xs.len(), rows * d_in);
+    assert_eq!(ws.len(), d_in * d_out);
+    let mut out = bytemuck::zeroed_vec::<bf16>(rows * d_out);
+    let out_ptr = host::SharedMut(out.as_mut_ptr());
+    let packed = amx::packed_weight(&weight, d_out, 1, d_in, d_out);
+    let b = packed.view();
+    {
+        (0..rows.div_ceil(AMX_ROWS))
+            .into_par_iter()
+            .for_each(|task| {
+                let r0 = task * AMX_ROWS;
+                let n = AMX_ROWS.min(rows - r0);
+                host::with_buffer(&PACKED_A, |abuf| {
+                    let rows = &xs[r0 * d_in..(r0 + n) * d_in];
+                    let a = match amx::Lhs::in_place(rows, n, d_in) {
+                        Some(a) => a,
+                        None => amx::pack_a(rows, d_in, n, d_in, abuf),
+                    };
+                    let epilogue = amx::Epilogue {
+                        // SAFETY: rows r0..r0 + n of the output are this task's alone.
+                        out: unsafe { out_ptr.get().add(r0 * d_out) },
+                        stride: d_out,
+                        rows: n,
+                        cols: d_out,
+                        init,
+                    };
+                    let _tiles = amx::Tiles::new();
+                    // SAFETY: `a` holds rows r0..r0 + n and `b` all columns, both packed from
+                    // the same k; the epilogue's view is this task's rows of `out`.
+                    unsafe { amx::multiply(&a, &b, &epilogue, amx::Order::ColumnsOuter) };
+                });
+            });
+    }
+    Some(host::tensor(out, dims))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -113,6 +198,42 @@ mod tests {
         let b = layer.bias.as_ref().map(|b| b.val());
         let ours = linear(&xt, &layer.weight.val(), b.as_ref()).unwrap();
         assert!(crate::reference::max_relative_error(&ours, &layer.forward(xt)) < 1e-5);
+    }
+
+    /// bf16 (on AMX tiles where the CPU has them, else widened) gives the f32 result of the
+    /// same bf16 operands rounded to bf16; f16 likewise.
+    #[test]
+    fn bf16_and_f16_round_the_f32_result_of_their_operands() {
+        use burn::tensor::DType;
+        let device = Device::flex();
+        let normal = Distribution::Normal(0.0, 1.0);
+        // rows in place (multiples of 32, k of 32) and packed; columns not a multiple of 32
+        for (dims, d_in, d_out) in [([2, 64], 320, 72), ([3, 11], 70, 40), ([1, 160], 64, 1)] {
+            for dtype in [DType::BF16, DType::F16] {
+                let x = Tensor::<3>::random([dims[0], dims[1], d_in], normal, &device).cast(dtype);
+                let w = Tensor::<2>::random([d_in, d_out], normal, &device).cast(dtype);
+                let b = Tensor::<1>::random([d_out], normal, &device).cast(dtype);
+                let ours = linear(&x, &w, Some(&b)).unwrap();
+                assert_eq!(ours.dtype(), dtype);
+                let wide = |t: Tensor<3>| t.cast(DType::F32);
+                let exact = linear(
+                    &wide(x.clone()),
+                    &w.clone().cast(DType::F32),
+                    Some(&b.clone().cast(DType::F32)),
+                )
+                .unwrap();
+                if dtype == DType::BF16 {
+                    let ulps = crate::kernels::bf16_check::ulps(&ours, &exact);
+                    assert!(ulps <= 1.0, "{dims:?} {d_in} {d_out}: {ulps} half-ulps");
+                } else {
+                    let error = crate::reference::max_relative_error(&wide(ours), &exact);
+                    assert!(error < 1e-3, "{dims:?} {d_in} {d_out} f16: {error:e}");
+                }
+                let unbiased = linear(&x, &w, None).unwrap();
+                let exact = linear(&wide(x), &w.cast(DType::F32), None).unwrap();
+                assert!(crate::reference::max_relative_error(&wide(unbiased), &exact) < 4e-3);
+            }
+        }
     }
 
     #[test]

@@ -28,6 +28,9 @@ macro_rules! vectorised {
     };
 }
 
+/// Intel's AMX tiles (bf16 products): x86-64 Linux, where the kernel grants their state.
+#[cfg(all(target_arch = "x86_64", target_os = "linux", target_env = "gnu"))]
+mod amx;
 mod attention;
 mod conv;
 mod elementwise;
@@ -39,6 +42,16 @@ pub use attention::{MIN_KEYS, attention};
 pub use conv::{Conv2dAlgorithm, Conv2dOptions, conv2d, conv2d_with};
 pub use elementwise::{geglu, gelu, group_norm, silu};
 pub use linear::linear;
+
+/// Whether bf16 products run on AMX tiles here (x86-64 Linux with AMX-BF16, the kernel's
+/// permission granted, `KILN_AMX` not `0`); elsewhere bf16 kernels run in f32 on widened
+/// copies.
+pub fn amx_available() -> bool {
+    #[cfg(all(target_arch = "x86_64", target_os = "linux", target_env = "gnu"))]
+    return amx::available();
+    #[cfg(not(all(target_arch = "x86_64", target_os = "linux", target_env = "gnu")))]
+    return false;
+}
 
 /// `e^x` for `x <= 0` to within 2 ulp (Cephes' `expf` polynomial, branch-free so that the
 /// kernels' loops vectorise): `x = n ln 2 + r`, `|r| <= ln 2 / 2`, `e^x = 2^n e^r`. Below -87
@@ -65,6 +78,27 @@ fn exp(x: f32) -> f32 {
     let e = p * r * r + r + 1.0;
     let e = e * f32::from_bits(((ni + 127) as u32) << 23);
     if tiny { 0.0 } else { e }
+}
+
+/// Test helpers for the kernels' bf16 paths.
+#[cfg(test)]
+pub(crate) mod bf16_check {
+    use burn::tensor::Tensor;
+
+    /// The largest `|ours - exact| / (2^-8 |exact| + 1e-6 max|exact|)` over the elements: at most
+    /// 1 when every element of `ours` (bf16) is `exact` (an f32 result of the same bf16 inputs)
+    /// rounded to bf16, half a bf16 ulp, give or take f32's summation-order differences.
+    pub(crate) fn ulps<const D: usize>(ours: &Tensor<D>, exact: &Tensor<D>) -> f32 {
+        assert_eq!(ours.dims(), exact.dims());
+        assert_eq!(ours.dtype(), burn::tensor::DType::BF16);
+        let o: Vec<f32> = ours.to_data().convert::<f32>().try_to_vec().unwrap();
+        let e: Vec<f32> = exact.to_data().convert::<f32>().try_to_vec().unwrap();
+        let max = e.iter().fold(0f32, |m, v| m.max(v.abs()));
+        o.iter()
+            .zip(&e)
+            .map(|(o, e)| (o - e).abs() / (e.abs() / 256.0 + 1e-6 * max))
+            .fold(0f32, f32::max)
+    }
 }
 
 #[cfg(test)]
