@@ -120,10 +120,12 @@ fn configs(set: &str, bf16: bool) -> Result<Vec<Config>> {
         other => bail!("unknown set `{other}`: use quick, goals or full"),
     };
     if bf16 {
-        all.push(Config {
-            dtype: "bf16",
-            ..config("unet", 2, 512, 2)
-        });
+        for side in [256, 512] {
+            all.push(Config {
+                dtype: "bf16",
+                ..config("unet", 2, side, 2)
+            });
+        }
     }
     Ok(all)
 }
@@ -235,6 +237,11 @@ fn cpu() -> String {
         }
         if std::is_x86_feature_detected!("avx512bf16") {
             simd.push("AVX512-BF16");
+        }
+        // CPUID leaf 7: EDX bit 22 AMX-BF16, bit 24 AMX-TILE
+        let leaf7 = std::arch::x86_64::__cpuid_count(7, 0);
+        if leaf7.edx & (1 << 22) != 0 && leaf7.edx & (1 << 24) != 0 {
+            simd.push("AMX-BF16");
         }
     }
     format!("{name} ({})", simd.join(", "))

@@ -408,6 +408,11 @@ fn simd_features() -> Vec<&'static str> {
             "avx512fp16"
         );
     }
+    // AMX's bf16 tiles, where Kiln's kernels use them (the CPU has them and the OS grants them)
+    #[cfg(feature = "flex")]
+    if kiln_nn::kernels::amx_available() {
+        found.push("amx-bf16");
+    }
     #[cfg(target_arch = "aarch64")]
     {
         if std::arch::is_aarch64_feature_detected!("neon") {

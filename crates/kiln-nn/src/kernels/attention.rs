@@ -222,7 +222,7 @@ fn amx_attention(q: Tensor<4>, k: Tensor<4>, v: Tensor<4>) -> Option<Tensor<4>> 
             let kh = &k[head * m * d..(head + 1) * m * d];
             let vh = &v[head * m * dv..(head + 1) * m * dv];
             // K^T: element (j, key) at kh[key * d + j]
-            let (mut kbuf, mut vbuf) = (Vec::new(), Vec::new());
+            let (mut kbuf, mut vbuf) = (amx::Aligned::default(), amx::Aligned::default());
             let kt = amx::pack_b(kh, 1, d, d, m, &mut kbuf);
             let vp = amx::pack_b(vh, dv, 1, m, dv, &mut vbuf);
             out_head
@@ -231,8 +231,8 @@ fn amx_attention(q: Tensor<4>, k: Tensor<4>, v: Tensor<4>) -> Option<Tensor<4>> 
                 .for_each_init(
                     || {
                         (
-                            Vec::new(),
-                            Vec::new(),
+                            amx::Aligned::default(),
+                            amx::Aligned::default(),
                             vec![0f32; rows * m],
                             vec![0f32; rows * dv],
                         )
@@ -253,11 +253,25 @@ fn amx_attention(q: Tensor<4>, k: Tensor<4>, v: Tensor<4>) -> Option<Tensor<4>> 
                         // SAFETY: `qa` holds r rows, `kt` m columns, both of d; the
                         // epilogue's view is `scores` ([r, m]).
                         unsafe { amx::multiply(&qa, &kt, &epilogue, amx::Order::RowsOuter) };
+                        // the exponentials, rounded to bf16 straight into the tiles' layout
+                        let kbs = amx::k_blocks(m);
+                        let len = amx::packed_a_len(r, m);
+                        let packed = pbuf.grow(len);
                         let mut inverse = [0f32; 1024];
-                        for (row, inv) in scores.chunks_exact_mut(m).zip(inverse.iter_mut()) {
-                            *inv = softmax_numerator(row, scale).recip();
+                        for (i, (row, inv)) in
+                            scores.chunks_exact(m).zip(inverse.iter_mut()).enumerate()
+                        {
+                            let max = row_max(row);
+                            let base = amx::a_offset(kbs, i, 0);
+                            *inv = exp_packed(row, max, scale, &mut packed[base..], kbs).recip();
                         }
-                        let pa = amx::pack_a(scores, m, r, m, pbuf);
+                        for i in r..r.next_multiple_of(amx::MR) {
+                            for kb in 0..kbs {
+                                let at = amx::a_offset(kbs, i, kb);
+                                packed[at..at + amx::TK].fill(0);
+                            }
+                        }
+                        let pa = amx::Lhs::packed(packed, r, m);
                         let o32 = &mut o32[..r * dv];
                         let epilogue = amx::Epilogue {
                             out: o32.as_mut_ptr(),
@@ -282,6 +296,57 @@ fn amx_attention(q: Tensor<4>, k: Tensor<4>, v: Tensor<4>) -> Option<Tensor<4>> 
                 );
         });
     Some(host::tensor(out, out_shape))
+}
+
+vectorised! {
+    /// `max(row)`, or 0 for an empty or all `-inf` row.
+    fn row_max(row: &[f32]) -> f32 {
+        let mut max = [f32::NEG_INFINITY; LANES];
+        let mut chunks = row.chunks_exact(LANES);
+        for chunk in &mut chunks {
+            for (m, &x) in max.iter_mut().zip(chunk) {
+                *m = if x > *m { x } else { *m };
+            }
+        }
+        let mut max = max.into_iter().fold(f32::NEG_INFINITY, f32::max);
+        for &x in chunks.remainder() {
+            max = max.max(x);
+        }
+        if max == f32::NEG_INFINITY { 0.0 } else { max }
+    }
+}
+
+#[cfg(all(target_arch = "x86_64", target_os = "linux", target_env = "gnu"))]
+vectorised! {
+    /// `exp(scale (row - max))` rounded to bf16 into one row of a packed left operand (`dst`
+    /// from the row's first block: block `kb` at `kb * 1024`, 32 elements each, the last one's
+    /// tail zeroed), returning the sum of the exponentials in f32 (before rounding, as
+    /// PyTorch's flash attention sums them).
+    fn exp_packed(row: &[f32], max: f32, scale: f32, dst: &mut [u16], kbs: usize) -> f32 {
+        let mut sum = [0f32; 32];
+        let full = row.len() / 32;
+        for kb in 0..full {
+            let chunk: &[f32; 32] = row[kb * 32..kb * 32 + 32].try_into().unwrap();
+            let out: &mut [u16; 32] = (&mut dst[kb * 1024..kb * 1024 + 32]).try_into().unwrap();
+            for j in 0..32 {
+                let e = exp((chunk[j] - max) * scale);
+                sum[j] += e;
+                out[j] = super::amx::bf16_bits(e);
+            }
+        }
+        let mut total: f32 = sum.iter().sum();
+        if full < kbs {
+            let chunk = &row[full * 32..];
+            let out = &mut dst[full * 1024..full * 1024 + 32];
+            for (o, &x) in out.iter_mut().zip(chunk) {
+                let e = exp((x - max) * scale);
+                total += e;
+                *o = super::amx::bf16_bits(e);
+            }
+            out[chunk.len()..].fill(0);
+        }
+        total
+    }
 }
 
 /// Lanes of the vector loops' accumulators: one AVX-512 register of f32 (two AVX2 ones).

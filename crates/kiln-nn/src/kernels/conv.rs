@@ -462,14 +462,12 @@ const AMX_PANEL_BUDGET: usize = 1 << 19;
 std::thread_local! {
     /// The calling thread's packed weights and each thread's packed panel and two gathered
     /// rows, kept between calls so that they are not faulted in again.
-    static PACKED_WEIGHTS: std::cell::Cell<Vec<u16>> = const { std::cell::Cell::new(Vec::new()) };
-    static PACKED_PANEL: std::cell::Cell<Vec<u16>> = const { std::cell::Cell::new(Vec::new()) };
+    static PACKED_PANEL: std::cell::Cell<super::amx::Aligned> = std::cell::Cell::default();
     static ROW_PAIR: std::cell::Cell<Vec<half::bf16>> = const { std::cell::Cell::new(Vec::new()) };
 }
 
 /// The bf16 convolution on AMX tiles: the same tasks as [`conv2d_host`] (channel blocks whole
-/// multiples of 32), the weights read by the tiles in place (`[out, in * kh * kw]` row-major,
-/// packed once per call where `k` or `out` is not a multiple of 32), each task's column panel
+/// multiples of 32), the weights packed for the tiles once and kept while they live, each task's column panel
 /// gathered straight into the tiles' VNNI layout two rows at a time, the bias added and the
 /// result rounded to bf16 as each block is stored.
 #[cfg(all(target_arch = "x86_64", target_os = "linux", target_env = "gnu"))]
@@ -482,12 +480,12 @@ fn amx_conv2d(
     use super::amx;
     use half::bf16;
     let x = host::Host::<bf16>::new(x.clone())?;
-    let weight = host::Host::<bf16>::new(weight.clone())?;
+    let weight_host = host::Host::<bf16>::new(weight.clone())?;
     let bias = match bias {
         Some(b) => Some(host::bias_f32(b)?),
         None => None,
     };
-    let (x, weight) = (x.as_slice(), weight.as_slice());
+    let (x, weight) = (x.as_slice(), weight_host.as_slice());
     let k = s.k();
     let pixels = s.oh * s.ow;
     let in_plane = s.cin * s.h * s.w;
@@ -496,11 +494,9 @@ fn amx_conv2d(
     let mut out = bytemuck::zeroed_vec::<bf16>(s.batch * s.cout * pixels);
     let out_ptr = host::SharedMut(out.as_mut_ptr());
     let split = Split::new(s, Some(AMX_PANEL_BUDGET), amx::MR);
-    host::with_buffer(&PACKED_WEIGHTS, |wbuf| {
-        let lhs = match amx::Lhs::in_place(weight, s.cout, k) {
-            Some(lhs) => lhs,
-            None => amx::pack_a(weight, k, s.cout, k, wbuf),
-        };
+    let packed = amx::packed_weight(&weight_host, amx::Operand::Left, [s.cout, k], [k, 1]);
+    {
+        let lhs = packed.left();
         (0..split.tasks()).into_par_iter().for_each(|task| {
             let Task {
                 image,
@@ -545,7 +541,7 @@ fn amx_conv2d(
                 };
             });
         });
-    });
+    }
     Some(host::tensor(out, [s.batch, s.cout, s.oh, s.ow]))
 }
 
@@ -558,14 +554,13 @@ fn im2col_packed<'a>(
     row0: usize,
     rows: usize,
     pair: &mut Vec<half::bf16>,
-    buf: &'a mut Vec<u16>,
+    buf: &'a mut super::amx::Aligned,
 ) -> super::amx::PackedB<'a> {
     use super::amx;
     let (k, cols) = (s.k(), rows * s.ow);
     let kbs = amx::k_blocks(k);
     let len = amx::packed_b_len(k, cols);
-    amx::grow(buf, len);
-    let data = &mut buf[..len];
+    let data = buf.grow(len);
     if k % amx::TK != 0 || cols % amx::NR != 0 {
         data.fill(0);
     }

@@ -97,9 +97,9 @@ impl<T> SharedMut<T> {
 /// Runs `f` on this thread's buffer `key`, taken out of the thread-local for the call (so that
 /// a nested call on the same thread, as rayon's work stealing can make, gets a fresh one
 /// rather than a borrow panic) and put back after.
-pub(crate) fn with_buffer<T, R>(
-    key: &'static std::thread::LocalKey<std::cell::Cell<Vec<T>>>,
-    f: impl FnOnce(&mut Vec<T>) -> R,
+pub(crate) fn with_buffer<T: Default, R>(
+    key: &'static std::thread::LocalKey<std::cell::Cell<T>>,
+    f: impl FnOnce(&mut T) -> R,
 ) -> R {
     let mut buf = key.take();
     let r = f(&mut buf);

@@ -106,7 +106,7 @@ const AMX_ROWS: usize = 128;
 #[cfg(all(target_arch = "x86_64", target_os = "linux", target_env = "gnu"))]
 std::thread_local! {
     /// Each thread's packed operands, kept between calls so that they are not faulted in again.
-    static PACKED_A: std::cell::Cell<Vec<u16>> = const { std::cell::Cell::new(Vec::new()) };
+    static PACKED_A: std::cell::Cell<super::amx::Aligned> = std::cell::Cell::default();
 }
 
 /// The bf16 product on AMX tiles (see the module's doc).
@@ -135,8 +135,8 @@ fn amx_linear<const D: usize>(
     assert_eq!(ws.len(), d_in * d_out);
     let mut out = bytemuck::zeroed_vec::<bf16>(rows * d_out);
     let out_ptr = host::SharedMut(out.as_mut_ptr());
-    let packed = amx::packed_weight(&weight, d_out, 1, d_in, d_out);
-    let b = packed.view();
+    let packed = amx::packed_weight(&weight, amx::Operand::Right, [d_in, d_out], [d_out, 1]);
+    let b = packed.right();
     {
         (0..rows.div_ceil(AMX_ROWS))
             .into_par_iter()

@@ -1,8 +1,15 @@
 //! Kiln's own CPU kernels, for the ops where burn-flex's are well below what the CPU can do
-//! (docs/performance.md). Each reads the host data of plain (not autodiff) f32 flex tensors in
-//! place and returns a new tensor, so it serves inference only: on an autodiff device, for other
-//! dtypes and on every other backend it returns `None` and the callers use burn's op. Each is
-//! checked against the burn op it replaces (the `tests` of each module).
+//! (docs/performance.md). Each reads the host data of plain (not autodiff) flex tensors in
+//! place and returns a new tensor, so it serves inference only: on an autodiff device, for
+//! other dtypes and on every other backend it returns `None` and the callers use burn's op.
+//! Each is checked against the burn op it replaces (the `tests` of each module).
+//!
+//! f32 is computed as described below. bf16 products run on Intel's AMX tiles where the CPU has
+//! them ([`amx_available`]: linear layers, convolutions, attention, their weights packed once
+//! for the tiles and kept while they live), f32-accumulated and rounded to bf16 once, as
+//! PyTorch's oneDNN kernels compute; elsewhere bf16 and f16 run the f32 kernels on widened
+//! copies and round the result (burn-flex widens op by op too, or computes one scalar at a
+//! time). The elementwise kernels widen a chunk at a time in every case.
 //!
 //! - [`attention`]: exact two-pass softmax over query blocks whose score rows fit in cache.
 //! - [`conv2d`]: 3x3 convolutions with stride 1 from 16x16 output pixels up by Winograd's
@@ -28,7 +35,8 @@ macro_rules! vectorised {
     };
 }
 
-/// Intel's AMX tiles (bf16 products): x86-64 Linux, where the kernel grants their state.
+/// Intel's AMX tiles (bf16 products): x86-64 Linux with glibc, where the kernel grants their
+/// state (`arch_prctl`).
 #[cfg(all(target_arch = "x86_64", target_os = "linux", target_env = "gnu"))]
 mod amx;
 mod attention;
