@@ -54,7 +54,7 @@ enum Task {
         /// Rounds of each configuration (each side once per round).
         #[arg(long, default_value_t = 2)]
         rounds: usize,
-        /// Also time the UNet in bf16.
+        /// Also time the UNet in bf16 (256 and 512 px).
         #[arg(long)]
         bf16: bool,
         /// Only redraw the table and the plot from the saved results.

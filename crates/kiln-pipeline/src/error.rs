@@ -53,11 +53,12 @@ pub enum Error {
     /// allocated).
     #[error(
         "a {width}x{height} generation of {num_images} image(s) needs about {:.2} GiB beyond the \
-         loaded weights (UNet {:.2} GiB, VAE decode {:.2} GiB), more than the {:.2} GiB it may \
-         use; choose a smaller size or fewer images, tile the VAE, or raise the memory limit",
+         loaded weights (UNet {:.2} GiB, VAE decode {:.2} GiB{}), more than the {:.2} GiB it \
+         may use; choose a smaller size or fewer images, tile the VAE, or raise the memory limit",
         crate::memory::gib(estimate.peak()),
         crate::memory::gib(estimate.unet),
         crate::memory::gib(estimate.vae_decode),
+        estimate.packed_note(),
         crate::memory::gib(*limit)
     )]
     InsufficientMemory {

@@ -13,6 +13,10 @@
 //!   block below) and the decoded image; tiled, the maps of one tile and three images' worth
 //!   of decoded tiles and blending.
 //!
+//! - **Packed weights**: on a CPU with AMX tiles, bf16 models' linear and convolution weights
+//!   are packed for the tiles on first use and kept (`kiln_nn::kernels::packs_weights`): as
+//!   much again as the bf16 weights, through every stage.
+//!
 //! The score bound (256 MiB) is counted whether or not the kernel runs, so the estimate errs
 //! high at small sizes. Against peak RSS (2026-12-02, the 2-core Xeon, release build): the SD
 //! 1.5 UNet at 512 px holds 0.33 GiB beyond its weights (`kiln bench unet`; estimated 0.46) and
@@ -33,12 +37,30 @@ pub struct MemoryEstimate {
     pub unet: u64,
     /// The VAE decoder's activations at their peak, and the decoded images.
     pub vae_decode: u64,
+    /// The copies of the weights that Kiln's kernels pack on first use and keep (bf16 on a CPU
+    /// with AMX tiles: `kiln_nn::kernels::packs_weights`), held through every stage; 0
+    /// elsewhere.
+    pub packed_weights: u64,
 }
 
 impl MemoryEstimate {
-    /// The peak: the stages run one after the other.
+    /// The peak: the stages run one after the other, the packed weights kept throughout.
     pub fn peak(&self) -> u64 {
-        self.unet.max(self.vae_decode)
+        self.unet
+            .max(self.vae_decode)
+            .saturating_add(self.packed_weights)
+    }
+
+    /// `, weights packed for the CPU's tiles N GiB` where there are any (for messages).
+    pub fn packed_note(&self) -> String {
+        if self.packed_weights == 0 {
+            String::new()
+        } else {
+            format!(
+                ", weights packed for the CPU's tiles {:.2} GiB",
+                gib(self.packed_weights)
+            )
+        }
     }
 }
 
@@ -117,7 +139,20 @@ impl StableDiffusionPipeline {
         MemoryEstimate {
             unet: to_bytes(unet),
             vae_decode: to_bytes(vae_decode),
+            packed_weights: to_bytes(self.packed_weight_bytes()),
         }
+    }
+
+    /// Bytes of the packed copies Kiln's kernels keep of the models' weights (bf16, 2 bytes a
+    /// parameter of the UNet and the VAE, nearly all of which are in the linear layers and
+    /// convolutions that get packed; the text encoder stays f32).
+    fn packed_weight_bytes(&self) -> f64 {
+        #[cfg(feature = "flex")]
+        if kiln_nn::kernels::packs_weights(self.device(), self.dtype()) {
+            use burn::module::Module;
+            return 2.0 * (self.unet.num_params() + self.vae.num_params()) as f64;
+        }
+        0.0
     }
 }
 

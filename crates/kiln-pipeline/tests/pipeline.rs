@@ -347,8 +347,30 @@ fn sizes_too_large_for_memory_are_refused_up_front() {
     assert!(estimate(128, 128, 1, true).vae_decode > base.vae_decode);
     assert!(estimate(64, 64, 2, true).unet > base.unet);
     assert!(estimate(64, 64, 1, false).unet < base.unet);
+    assert_eq!(base.packed_weights, 0, "f32 weights are never packed");
     assert_eq!(base.peak(), base.unet.max(base.vae_decode));
     assert_eq!(estimate(usize::MAX, usize::MAX, 1, true).peak(), u64::MAX);
+    // bf16 on a CPU with AMX tiles: the UNet's and the VAE's weights packed once more, held
+    // through both stages
+    let options = LoadOptions {
+        dtype: kiln_nn::FloatKind::BF16,
+    };
+    let half =
+        StableDiffusionPipeline::from_pretrained(dir.path(), options, &common::device()).unwrap();
+    let packed = half.estimate_memory(64, 64, 1, true, None);
+    if kiln_nn::kernels::packs_weights(half.device(), half.dtype()) {
+        use burn::module::Module;
+        let params = half.unet.num_params() + half.vae.num_params();
+        assert_eq!(packed.packed_weights, 2 * params as u64);
+        assert_eq!(
+            packed.peak(),
+            packed.unet.max(packed.vae_decode) + packed.packed_weights
+        );
+        assert!(packed.packed_note().contains("GiB"));
+    } else {
+        assert_eq!(packed.packed_weights, 0);
+        assert_eq!(packed.packed_note(), "");
+    }
 
     let small_run = small("a cat");
     let needed = pipe.estimate_memory(48, 32, 1, true, None).peak();

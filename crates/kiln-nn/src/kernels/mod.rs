@@ -51,6 +51,13 @@ pub use conv::{Conv2dAlgorithm, Conv2dOptions, conv2d, conv2d_with};
 pub use elementwise::{geglu, gelu, group_norm, silu};
 pub use linear::linear;
 
+/// Whether Kiln's kernels keep a packed copy of the weights they multiply (linear layers and
+/// convolutions, as much memory again as those weights) for models of `dtype` on `device`:
+/// bf16 on flex where AMX is available ([`amx_available`]).
+pub fn packs_weights(device: &burn::tensor::Device, dtype: burn::tensor::DType) -> bool {
+    dtype == burn::tensor::DType::BF16 && *device == burn::tensor::Device::flex() && amx_available()
+}
+
 /// Whether bf16 products run on AMX tiles here (x86-64 Linux with AMX-BF16, the kernel's
 /// permission granted, `KILN_AMX` not `0`); elsewhere bf16 kernels run in f32 on widened
 /// copies.
