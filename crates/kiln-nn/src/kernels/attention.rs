@@ -356,20 +356,7 @@ vectorised! {
     /// Replaces `row` by `exp(scale (row - max(row)))` and returns its sum (the softmax's
     /// denominator); `scale > 0` (1 where the scores are scaled already).
     fn softmax_numerator(row: &mut [f32], scale: f32) -> f32 {
-        let mut max = [f32::NEG_INFINITY; LANES];
-        let mut chunks = row.chunks_exact(LANES);
-        for chunk in &mut chunks {
-            for (m, &x) in max.iter_mut().zip(chunk) {
-                *m = if x > *m { x } else { *m };
-            }
-        }
-        let mut max = max.into_iter().fold(f32::NEG_INFINITY, f32::max);
-        for &x in chunks.remainder() {
-            max = max.max(x);
-        }
-        if max == f32::NEG_INFINITY {
-            max = 0.0;
-        }
+        let max = row_max(row);
         let mut sum = [0f32; LANES];
         let mut chunks = row.chunks_exact_mut(LANES);
         for chunk in &mut chunks {

@@ -615,20 +615,22 @@ mod tests {
         burn_conv2d(x.clone(), weight.clone(), bias.cloned(), options)
     }
 
-    /// Against burn's conv2d (the op it replaces) on flex, within 1e-5 relative: 3x3 with
-    /// padding 1 (the UNet's and the VAE's), stride 2 with symmetric and one-sided padding (the
-    /// UNet's and the VAE's downsamplers), 1x1 (shortcuts, projections), no bias, dilation,
-    /// rectangular kernels and inputs, and panels that split an image (K * width large).
-    #[test]
-    fn matches_burns_conv2d() {
-        let device = Device::flex();
-        let normal = Distribution::Normal(0.0, 1.0);
+    /// Against burn's conv2d (the op it replaces) on flex, within 1e-5 relative, at every
+    /// geometry of [`geometries`].
+    /// The geometries the tests run: `(input, weight, options, bias)`.
+    type Geometry = ([usize; 4], [usize; 4], Conv2dOptions, bool);
+
+    /// 3x3 with padding 1 (the UNet's and the VAE's), stride 2 with symmetric and one-sided
+    /// padding (the UNet's and the VAE's downsamplers), 1x1 (shortcuts, projections), no bias,
+    /// dilation, rectangular kernels and inputs, and panels that split an image (K * width
+    /// large); `extra` adds to them.
+    fn geometries(extra: &[Geometry]) -> Vec<Geometry> {
         let o = |stride: usize, [t, b, l, r]: [usize; 4], dilation: usize| Conv2dOptions {
             stride: [stride; 2],
             padding: [[t, b], [l, r]],
             dilation: [dilation; 2],
         };
-        for (x, w, options, bias) in [
+        let mut all = vec![
             ([2, 5, 9, 7], [6, 5, 3, 3], o(1, [1; 4], 1), true),
             ([1, 8, 10, 11], [4, 8, 3, 3], o(2, [1; 4], 1), true),
             ([1, 8, 10, 11], [4, 8, 3, 3], o(2, [0, 1, 0, 1], 1), false),
@@ -637,7 +639,16 @@ mod tests {
             ([1, 4, 9, 13], [3, 4, 2, 5], o(1, [0, 1, 2, 0], 1), true),
             ([1, 2, 5, 5], [3, 2, 1, 1], o(2, [1; 4], 1), true),
             ([1, 600, 40, 37], [8, 600, 3, 3], o(1, [1; 4], 1), true),
-        ] {
+        ];
+        all.extend_from_slice(extra);
+        all
+    }
+
+    #[test]
+    fn matches_burns_conv2d() {
+        let device = Device::flex();
+        let normal = Distribution::Normal(0.0, 1.0);
+        for (x, w, options, bias) in geometries(&[]) {
             let xt = Tensor::<4>::random(x, normal, &device);
             let wt = Tensor::<4>::random(w, normal, &device);
             let bt = bias.then(|| Tensor::<1>::random([w[0]], normal, &device));
@@ -650,28 +661,32 @@ mod tests {
     }
 
     /// bf16 (on AMX tiles where the CPU has them, else widened) gives the f32 result of the
-    /// same bf16 operands rounded to bf16, for the geometries of `matches_burns_conv2d`; f16
-    /// likewise within its precision.
+    /// same bf16 operands rounded to bf16, at every geometry of [`geometries`] and two more;
+    /// f16 likewise within its precision.
     #[test]
     fn bf16_and_f16_round_the_f32_result_of_their_operands() {
         use burn::tensor::DType;
         let device = Device::flex();
         let normal = Distribution::Normal(0.0, 1.0);
-        let o = |stride: usize, [t, b, l, r]: [usize; 4], dilation: usize| Conv2dOptions {
-            stride: [stride; 2],
-            padding: [[t, b], [l, r]],
-            dilation: [dilation; 2],
+        let same = Conv2dOptions {
+            stride: [1, 1],
+            padding: [[1, 1], [1, 1]],
+            dilation: [1, 1],
         };
-        for (x, w, options, bias) in [
-            ([2, 5, 9, 7], [6, 5, 3, 3], o(1, [1; 4], 1), true),
-            ([1, 8, 10, 11], [4, 8, 3, 3], o(2, [0, 1, 0, 1], 1), false),
-            ([2, 32, 6, 5], [64, 32, 1, 1], o(1, [0; 4], 1), true),
-            ([1, 3, 12, 12], [5, 3, 3, 3], o(1, [2; 4], 2), true),
-            ([1, 4, 9, 13], [3, 4, 2, 5], o(1, [0, 1, 2, 0], 1), true),
-            // k = 576 and 96 output channels: weights read in place, channel blocks of 32
-            ([2, 64, 20, 19], [96, 64, 3, 3], o(1, [1; 4], 1), true),
-            ([1, 600, 40, 37], [8, 600, 3, 3], o(1, [1; 4], 1), true),
-        ] {
+        // 1x1 to 64 channels, and k = 576 with 96 output channels: channel blocks of 32
+        let extra = [
+            (
+                [2, 32, 6, 5],
+                [64, 32, 1, 1],
+                Conv2dOptions {
+                    padding: [[0, 0], [0, 0]],
+                    ..same
+                },
+                true,
+            ),
+            ([2, 64, 20, 19], [96, 64, 3, 3], same, true),
+        ];
+        for (x, w, options, bias) in geometries(&extra) {
             for dtype in [DType::BF16, DType::F16] {
                 let xt = Tensor::<4>::random(x, normal, &device).cast(dtype);
                 let wt = Tensor::<4>::random(w, normal, &device).cast(dtype);
