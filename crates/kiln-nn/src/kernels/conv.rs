@@ -255,14 +255,14 @@ fn conv2d_host(x: &[f32], weight: &[f32], bias: Option<&[f32]>, s: &ConvShape, o
     let pointwise = s.is_pointwise();
     let split = Split::new(s, if pointwise { None } else { Some(PANEL_BUDGET) }, 1);
     let out_ptr = OutPtr(out.as_mut_ptr());
-    (0..split.tasks()).into_par_iter().for_each(|task| {
+    split.par_tasks(|task| {
         let Task {
             image,
             row0,
             rows,
             c0,
             channels,
-        } = split.task(task);
+        } = task;
         let cols = rows * s.ow;
         let x_b = &x[image * in_plane..(image + 1) * in_plane];
         // SAFETY: this task's block, channels c0..c0 + channels by columns row0 * ow ..
@@ -378,6 +378,13 @@ impl Split {
 
     fn tasks(&self) -> usize {
         self.batch * self.panels * self.blocks
+    }
+
+    /// Runs `f` on every task, in parallel on rayon.
+    fn par_tasks(&self, f: impl Fn(Task) + Send + Sync) {
+        (0..self.tasks())
+            .into_par_iter()
+            .for_each(|task| f(self.task(task)));
     }
 
     fn task(&self, task: usize) -> Task {
@@ -497,14 +504,14 @@ fn amx_conv2d(
     let packed = amx::packed_weight(&weight_host, amx::Operand::Left, [s.cout, k], [k, 1]);
     {
         let lhs = packed.left();
-        (0..split.tasks()).into_par_iter().for_each(|task| {
+        split.par_tasks(|task| {
             let Task {
                 image,
                 row0,
                 rows,
                 c0,
                 channels,
-            } = split.task(task);
+            } = task;
             let cols = rows * s.ow;
             let x_b = &x[image * in_plane..(image + 1) * in_plane];
             host::with_buffer(&PACKED_PANEL, |pbuf| {
