@@ -185,6 +185,15 @@ fn attention_block(
 #[cfg(all(target_arch = "x86_64", target_os = "linux", target_env = "gnu"))]
 const AMX_SCORE_BUDGET: usize = 1 << 18;
 
+#[cfg(all(target_arch = "x86_64", target_os = "linux", target_env = "gnu"))]
+std::thread_local! {
+    /// Each thread's packed keys and values of one head, kept between calls so that they are
+    /// not faulted in again (taken out while in use: a nested head on the same thread gets
+    /// fresh ones).
+    static HEAD_KV: std::cell::Cell<(super::amx::Aligned, super::amx::Aligned)> =
+        std::cell::Cell::default();
+}
+
 /// [`attention`] in bf16 on AMX tiles, as PyTorch's CPU flash attention computes it in bf16:
 /// `Q K^T` from the bf16 operands accumulated in f32, scaled and the softmax's exponentials
 /// taken in f32, rounded to bf16 for their product with `V` (accumulated in f32), divided by
@@ -221,8 +230,8 @@ fn amx_attention(q: Tensor<4>, k: Tensor<4>, v: Tensor<4>) -> Option<Tensor<4>> 
             let qh = &q[head * n * d..(head + 1) * n * d];
             let kh = &k[head * m * d..(head + 1) * m * d];
             let vh = &v[head * m * dv..(head + 1) * m * dv];
+            let (mut kbuf, mut vbuf) = HEAD_KV.take();
             // K^T: element (j, key) at kh[key * d + j]
-            let (mut kbuf, mut vbuf) = (amx::Aligned::default(), amx::Aligned::default());
             let kt = amx::pack_b(kh, 1, d, d, m, &mut kbuf);
             let vp = amx::pack_b(vh, dv, 1, m, dv, &mut vbuf);
             out_head
@@ -294,6 +303,7 @@ fn amx_attention(q: Tensor<4>, k: Tensor<4>, v: Tensor<4>) -> Option<Tensor<4>> 
                         }
                     },
                 );
+            HEAD_KV.set((kbuf, vbuf));
         });
     Some(host::tensor(out, out_shape))
 }

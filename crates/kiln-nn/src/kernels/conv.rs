@@ -218,20 +218,6 @@ thread_local! {
     static PANEL: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
 }
 
-/// The output pointer shared by the tasks, each of which writes its own disjoint block.
-#[derive(Clone, Copy)]
-pub(super) struct OutPtr(pub(super) *mut f32);
-// SAFETY: the tasks write disjoint blocks of the output (see `conv2d_host`).
-unsafe impl Send for OutPtr {}
-unsafe impl Sync for OutPtr {}
-
-impl OutPtr {
-    /// The pointer (a method, so that closures capture the whole `Sync` wrapper).
-    pub(super) fn get(self) -> *mut f32 {
-        self.0
-    }
-}
-
 /// Fewer tasks than this and the output channels are split too (so that the deep, small levels
 /// keep every core busy). A constant rather than the thread count: the split, and with it the
 /// GEMMs' blocking, must not depend on the machine, so that the result does not either.
@@ -254,7 +240,7 @@ fn conv2d_host(x: &[f32], weight: &[f32], bias: Option<&[f32]>, s: &ConvShape, o
     assert!(bias.is_none_or(|b| b.len() == s.cout));
     let pointwise = s.is_pointwise();
     let split = Split::new(s, if pointwise { None } else { Some(PANEL_BUDGET) }, 1);
-    let out_ptr = OutPtr(out.as_mut_ptr());
+    let out_ptr = host::SharedMut(out.as_mut_ptr());
     split.par_tasks(|task| {
         let Task {
             image,
@@ -467,15 +453,15 @@ const AMX_PANEL_BUDGET: usize = 1 << 19;
 
 #[cfg(all(target_arch = "x86_64", target_os = "linux", target_env = "gnu"))]
 std::thread_local! {
-    /// The calling thread's packed weights and each thread's packed panel and two gathered
-    /// rows, kept between calls so that they are not faulted in again.
+    /// Each thread's packed panel and two gathered rows, kept between calls so that they are
+    /// not faulted in again.
     static PACKED_PANEL: std::cell::Cell<super::amx::Aligned> = std::cell::Cell::default();
     static ROW_PAIR: std::cell::Cell<Vec<half::bf16>> = const { std::cell::Cell::new(Vec::new()) };
 }
 
 /// The bf16 convolution on AMX tiles: the same tasks as [`conv2d_host`] (channel blocks whole
-/// multiples of 32), the weights packed for the tiles once and kept while they live, each task's column panel
-/// gathered straight into the tiles' VNNI layout two rows at a time, the bias added and the
+/// multiples of 32), the weights packed for the tiles once and kept while they live, each
+/// task's column panel gathered straight into the tiles' VNNI layout two rows at a time, the bias added and the
 /// result rounded to bf16 as each block is stored.
 #[cfg(all(target_arch = "x86_64", target_os = "linux", target_env = "gnu"))]
 fn amx_conv2d(
@@ -502,53 +488,51 @@ fn amx_conv2d(
     let out_ptr = host::SharedMut(out.as_mut_ptr());
     let split = Split::new(s, Some(AMX_PANEL_BUDGET), amx::MR);
     let packed = amx::packed_weight(&weight_host, amx::Operand::Left, [s.cout, k], [k, 1]);
-    {
-        let lhs = packed.left();
-        split.par_tasks(|task| {
-            let Task {
-                image,
-                row0,
-                rows,
-                c0,
-                channels,
-            } = task;
-            let cols = rows * s.ow;
-            let x_b = &x[image * in_plane..(image + 1) * in_plane];
-            host::with_buffer(&PACKED_PANEL, |pbuf| {
-                let panel = host::with_buffer(&ROW_PAIR, |pair| {
-                    im2col_packed(x_b, s, row0, rows, pair, pbuf)
-                });
-                let epilogue = amx::Epilogue {
-                    // SAFETY: channels c0..c0 + channels by columns row0 * ow .. row0 * ow +
-                    // cols of image `image` are this task's alone (the split's blocks).
-                    out: unsafe {
-                        out_ptr
-                            .get()
-                            .add((image * s.cout + c0) * pixels + row0 * s.ow)
-                    },
-                    stride: pixels,
-                    rows: channels,
-                    cols,
-                    init: match &bias {
-                        Some(b) => amx::Init::RowBias(&b[c0..]),
-                        None => amx::Init::Zero,
-                    },
-                };
-                let _tiles = amx::Tiles::new();
-                // SAFETY: c0 is a multiple of 32 (the split's alignment), so the weights' block
-                // rows from c0 / 32 hold this task's channels; the panel holds its columns; the
-                // epilogue's view is its block of `out`.
-                unsafe {
-                    amx::multiply(
-                        &lhs.rows_from_block(c0 / amx::MR),
-                        &panel,
-                        &epilogue,
-                        amx::Order::RowsOuter,
-                    )
-                };
+    let lhs = packed.left();
+    split.par_tasks(|task| {
+        let Task {
+            image,
+            row0,
+            rows,
+            c0,
+            channels,
+        } = task;
+        let cols = rows * s.ow;
+        let x_b = &x[image * in_plane..(image + 1) * in_plane];
+        host::with_buffer(&PACKED_PANEL, |pbuf| {
+            let panel = host::with_buffer(&ROW_PAIR, |pair| {
+                im2col_packed(x_b, s, row0, rows, pair, pbuf)
             });
+            let epilogue = amx::Epilogue {
+                // SAFETY: channels c0..c0 + channels by columns row0 * ow .. row0 * ow +
+                // cols of image `image` are this task's alone (the split's blocks).
+                out: unsafe {
+                    out_ptr
+                        .get()
+                        .add((image * s.cout + c0) * pixels + row0 * s.ow)
+                },
+                stride: pixels,
+                rows: channels,
+                cols,
+                init: match &bias {
+                    Some(b) => amx::Init::RowBias(&b[c0..]),
+                    None => amx::Init::Zero,
+                },
+            };
+            let _tiles = amx::Tiles::new();
+            // SAFETY: c0 is a multiple of 32 (the split's alignment), so the weights' block
+            // rows from c0 / 32 hold this task's channels; the panel holds its columns; the
+            // epilogue's view is its block of `out`.
+            unsafe {
+                amx::multiply(
+                    &lhs.rows_from_block(c0 / amx::MR),
+                    &panel,
+                    &epilogue,
+                    amx::Order::RowsOuter,
+                )
+            };
         });
-    }
+    });
     Some(host::tensor(out, [s.batch, s.cout, s.oh, s.ow]))
 }
 

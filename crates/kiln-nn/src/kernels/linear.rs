@@ -8,9 +8,10 @@
 //! it by gemm on rayon.
 //!
 //! In bf16 the product runs on AMX tiles where the CPU has them (the weights packed into the
-//! tiles' layout once and kept while they live, the rows in tasks of [`AMX_ROWS`] read in place, the
-//! bias added and the result rounded to bf16 as each block is stored); elsewhere, and in f16,
-//! on widened f32 copies through the f32 kernel.
+//! tiles' layout once and kept while they live, the rows in tasks of [`AMX_ROWS`], read in
+//! place where they are aligned and packed otherwise, the bias added and the result rounded to
+//! bf16 as each block is stored); elsewhere, and in f16, on widened f32 copies through the f32
+//! kernel.
 
 use burn::tensor::Tensor;
 use rayon::prelude::*;
@@ -137,33 +138,31 @@ fn amx_linear<const D: usize>(
     let out_ptr = host::SharedMut(out.as_mut_ptr());
     let packed = amx::packed_weight(&weight, amx::Operand::Right, [d_in, d_out], [d_out, 1]);
     let b = packed.right();
-    {
-        (0..rows.div_ceil(AMX_ROWS))
-            .into_par_iter()
-            .for_each(|task| {
-                let r0 = task * AMX_ROWS;
-                let n = AMX_ROWS.min(rows - r0);
-                host::with_buffer(&PACKED_A, |abuf| {
-                    let rows = &xs[r0 * d_in..(r0 + n) * d_in];
-                    let a = match amx::Lhs::in_place(rows, n, d_in) {
-                        Some(a) => a,
-                        None => amx::pack_a(rows, d_in, n, d_in, abuf),
-                    };
-                    let epilogue = amx::Epilogue {
-                        // SAFETY: rows r0..r0 + n of the output are this task's alone.
-                        out: unsafe { out_ptr.get().add(r0 * d_out) },
-                        stride: d_out,
-                        rows: n,
-                        cols: d_out,
-                        init,
-                    };
-                    let _tiles = amx::Tiles::new();
-                    // SAFETY: `a` holds rows r0..r0 + n and `b` all columns, both packed from
-                    // the same k; the epilogue's view is this task's rows of `out`.
-                    unsafe { amx::multiply(&a, &b, &epilogue, amx::Order::ColumnsOuter) };
-                });
+    (0..rows.div_ceil(AMX_ROWS))
+        .into_par_iter()
+        .for_each(|task| {
+            let r0 = task * AMX_ROWS;
+            let n = AMX_ROWS.min(rows - r0);
+            host::with_buffer(&PACKED_A, |abuf| {
+                let rows = &xs[r0 * d_in..(r0 + n) * d_in];
+                let a = match amx::Lhs::in_place(rows, n, d_in) {
+                    Some(a) => a,
+                    None => amx::pack_a(rows, d_in, n, d_in, abuf),
+                };
+                let epilogue = amx::Epilogue {
+                    // SAFETY: rows r0..r0 + n of the output are this task's alone.
+                    out: unsafe { out_ptr.get().add(r0 * d_out) },
+                    stride: d_out,
+                    rows: n,
+                    cols: d_out,
+                    init,
+                };
+                let _tiles = amx::Tiles::new();
+                // SAFETY: `a` holds rows r0..r0 + n and `b` all columns, both packed from
+                // the same k; the epilogue's view is this task's rows of `out`.
+                unsafe { amx::multiply(&a, &b, &epilogue, amx::Order::ColumnsOuter) };
             });
-    }
+        });
     Some(host::tensor(out, dims))
 }
 

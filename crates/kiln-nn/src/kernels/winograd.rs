@@ -27,7 +27,8 @@
 use rayon::prelude::*;
 use std::cell::RefCell;
 
-use super::conv::{ConvShape, MIN_CHANNELS, MIN_TASKS, OutPtr, grow};
+use super::conv::{ConvShape, MIN_CHANNELS, MIN_TASKS, grow};
+use super::host::SharedMut;
 
 /// Output tiles per image (16x16 output pixels), and over the batch (two such images), below
 /// which [`pays`] declines. Measured on the 2-core Xeon (`cargo run --release -p kiln-nn
@@ -111,7 +112,7 @@ pub(super) fn conv3x3(
     let groups = MIN_TASKS.div_ceil(blocks).min(panels);
     let group_panels = panels.div_ceil(groups);
     let groups = panels.div_ceil(group_panels);
-    let out_ptr = OutPtr(out.as_mut_ptr());
+    let out_ptr = SharedMut(out.as_mut_ptr());
     (0..groups * blocks).into_par_iter().for_each(|task| {
         let (group, block) = (task / blocks, task % blocks);
         let first_panel = group * group_panels;
