@@ -40,6 +40,13 @@ pub struct ClipTextConfig {
     /// End-of-text id. The legacy value 2 means "pool at the largest id", as transformers does.
     #[serde(default = "defaults::eos_token_id")]
     pub eos_token_id: i64,
+    /// Width of `text_projection`'s output (`CLIPTextModelWithProjection`, SDXL's second
+    /// encoder and refiner).
+    #[serde(default = "defaults::projection_dim")]
+    pub projection_dim: usize,
+    /// transformers' class names; `CLIPTextModelWithProjection` adds `text_projection`.
+    #[serde(default)]
+    pub architectures: Vec<String>,
 }
 
 mod defaults {
@@ -71,6 +78,9 @@ mod defaults {
     pub fn eos_token_id() -> i64 {
         2
     }
+    pub fn projection_dim() -> usize {
+        512
+    }
 }
 
 impl ClipTextConfig {
@@ -88,6 +98,13 @@ impl ClipTextConfig {
             })?;
         config.validate(path)?;
         Ok(config)
+    }
+
+    /// Whether the model has `text_projection` (transformers' `CLIPTextModelWithProjection`).
+    pub fn has_projection(&self) -> bool {
+        self.architectures
+            .iter()
+            .any(|a| a == "CLIPTextModelWithProjection")
     }
 
     /// Checks the relations between fields that serde cannot.
@@ -113,6 +130,7 @@ impl ClipTextConfig {
             ("intermediate_size", self.intermediate_size),
             ("num_hidden_layers", self.num_hidden_layers),
             ("max_position_embeddings", self.max_position_embeddings),
+            ("projection_dim", self.projection_dim),
         ] {
             if value == 0 {
                 return fail(format!("{name} must be at least 1"));

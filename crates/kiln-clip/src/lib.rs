@@ -6,7 +6,9 @@
 //!   ([`prompt`]).
 //! - [`ClipTextModel`] is transformers' `CLIPTextModel`, its shape read from `config.json`
 //!   (SD 1.x's ViT-L/14 tower with quick-GELU, SD 2.x's OpenCLIP ViT-H/14 tower with GELU), with
-//!   clip skip and the pooled output.
+//!   clip skip and the pooled output; with `text_projection` it is `CLIPTextModelWithProjection`
+//!   (SDXL's second encoder, OpenCLIP ViT-bigG/14), and [`HiddenLayer::Raw`] gives the
+//!   un-normed hidden states SDXL reads.
 //!
 //! ```no_run
 //! # fn main() -> kiln_clip::Result<()> {
@@ -28,7 +30,7 @@ pub mod tokenization_clip;
 
 pub use configuration_clip::ClipTextConfig;
 pub use error::{Error, Result};
-pub use modeling_clip::{ClipTextModel, ClipTextOutput};
+pub use modeling_clip::{ClipTextModel, ClipTextOutput, HiddenLayer};
 pub use prompt::{
     ExtraNetwork, PromptPiece, PromptSyntax, PromptWindows, extract_extra_networks, parse_prompt,
 };

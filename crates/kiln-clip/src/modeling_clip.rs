@@ -186,18 +186,50 @@ pub struct ClipEncoder {
     pub layers: Vec<ClipEncoderLayer>,
 }
 
+/// Which hidden state [`ClipTextModel::forward`] returns as `hidden_state`.
+///
+/// A plain number converts to [`Normed`](Self::Normed): the `clip_skip` of diffusers' SD 1.x /
+/// 2.x pipelines.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum HiddenLayer {
+    /// The output of the layer `skip` layers before the last, through the final layer norm: 0 is
+    /// transformers' `last_hidden_state`, 1 what the A1111 web UI calls "Clip skip: 2".
+    Normed(usize),
+    /// The output of the layer `skip` layers before the last, without the final layer norm:
+    /// transformers' `hidden_states[-(skip + 1)]`. SDXL reads `Raw(clip_skip + 1)`.
+    Raw(usize),
+}
+
+impl HiddenLayer {
+    /// Layers counted back from the last.
+    pub fn skip(self) -> usize {
+        match self {
+            Self::Normed(s) | Self::Raw(s) => s,
+        }
+    }
+}
+
+impl From<usize> for HiddenLayer {
+    fn from(clip_skip: usize) -> Self {
+        Self::Normed(clip_skip)
+    }
+}
+
 /// What [`ClipTextModel::forward`] returns.
 #[derive(Debug, Clone)]
 pub struct ClipTextOutput {
-    /// The final layer norm of the chosen layer's hidden state: `[batch, seq, hidden]`.
-    /// With `clip_skip == 0` this is transformers' `last_hidden_state`.
+    /// The chosen layer's hidden state ([`HiddenLayer`]): `[batch, seq, hidden]`.
     pub hidden_state: Tensor<3>,
     /// The last layer's normed state at each sequence's end-of-text token: `[batch, hidden]`
     /// (transformers' `pooler_output`).
     pub pooled: Tensor<2>,
+    /// `text_projection` of `pooled`, `[batch, projection_dim]`, for a model with a projection
+    /// (transformers' `text_embeds`; SDXL's pooled prompt embedding).
+    pub text_embeds: Option<Tensor<2>>,
 }
 
-/// The CLIP text encoder (transformers' `CLIPTextModel`).
+/// The CLIP text encoder: transformers' `CLIPTextModel`, or `CLIPTextModelWithProjection` when
+/// the config's `architectures` names it.
 #[derive(Module, Debug)]
 pub struct ClipTextModel {
     /// Token and position embeddings.
@@ -206,6 +238,8 @@ pub struct ClipTextModel {
     pub encoder: ClipEncoder,
     /// The norm applied to the output.
     pub final_layer_norm: LayerNorm,
+    /// `hidden_size -> projection_dim`, no bias (`CLIPTextModelWithProjection` only).
+    pub text_projection: Option<Linear>,
     #[module(skip)]
     config: ClipTextConfig,
 }
@@ -246,6 +280,12 @@ impl ClipTextModel {
             final_layer_norm: LayerNormConfig::new(config.hidden_size)
                 .with_epsilon(config.layer_norm_eps)
                 .init(device),
+            text_projection: config.has_projection().then(|| {
+                LinearConfig::new(config.hidden_size, config.projection_dim)
+                    .with_bias(false)
+                    .with_initializer(Initializer::Zeros)
+                    .init(device)
+            }),
             config: config.clone(),
         }
     }
@@ -253,8 +293,8 @@ impl ClipTextModel {
     /// A model of `config`'s shape with fresh weights for training from scratch, drawn from
     /// `seed` as transformers' `CLIPTextModel` initialises them (`initializer_range` 0.02,
     /// `initializer_factor` 1): embeddings normal with std 0.02; q/k/v and `fc2` normal with std
-    /// `hidden^-0.5 (2 layers)^-0.5`, `out_proj` `hidden^-0.5`, `fc1` `(2 hidden)^-0.5`; linear
-    /// biases 0; layer norms 1 and 0. The same seed gives the same model on every backend.
+    /// `hidden^-0.5 (2 layers)^-0.5`, `out_proj` and `text_projection` `hidden^-0.5`, `fc1`
+    /// `(2 hidden)^-0.5`; linear biases 0; layer norms 1 and 0. The same seed gives the same model on every backend.
     pub fn init(config: &ClipTextConfig, seed: u64, device: &Device) -> Self {
         let hidden = config.hidden_size as f64;
         let in_proj = hidden.powf(-0.5) * (2.0 * config.num_hidden_layers.max(1) as f64).powf(-0.5);
@@ -268,7 +308,7 @@ impl ClipTextModel {
             }
             if name.starts_with("embeddings.") {
                 Init::Normal(0.02)
-            } else if name.ends_with("out_proj.weight") {
+            } else if name.ends_with("out_proj.weight") || name.starts_with("text_projection") {
                 Init::Normal(hidden.powf(-0.5))
             } else if name.ends_with("fc1.weight") {
                 Init::Normal((2.0 * hidden).powf(-0.5))
@@ -310,7 +350,7 @@ impl ClipTextModel {
     pub fn encode_ids(
         &self,
         rows: &[Vec<u32>],
-        clip_skip: usize,
+        layer: impl Into<HiddenLayer>,
         device: &Device,
     ) -> Result<ClipTextOutput> {
         let seq = rows.first().map(Vec::len).unwrap_or(0);
@@ -321,7 +361,7 @@ impl ClipTextModel {
         }
         let flat: Vec<i64> = rows.iter().flatten().map(|&id| i64::from(id)).collect();
         let ids = Tensor::<2, Int>::from_data(TensorData::new(flat, [rows.len(), seq]), device);
-        self.forward(ids, clip_skip)
+        self.forward(ids, layer)
     }
 
     /// Encodes a prompt's windows (from
@@ -333,7 +373,7 @@ impl ClipTextModel {
     pub fn encode_windows(
         &self,
         windows: &PromptWindows,
-        clip_skip: usize,
+        layer: impl Into<HiddenLayer>,
         device: &Device,
     ) -> Result<Tensor<3>> {
         if windows.weights.len() != windows.ids.len()
@@ -347,9 +387,7 @@ impl ClipTextModel {
                 "prompt windows need one weight per token id".into(),
             ));
         }
-        let mut z = self
-            .encode_ids(&windows.ids, clip_skip, device)?
-            .hidden_state;
+        let mut z = self.encode_ids(&windows.ids, layer, device)?.hidden_state;
         let [n, seq, hidden] = z.dims();
         if !windows.is_unweighted() {
             let flat: Vec<f32> = windows.weights.iter().flatten().copied().collect();
@@ -366,14 +404,22 @@ impl ClipTextModel {
 
     /// Encodes token ids.
     ///
-    /// `clip_skip` counts layers dropped from the end, as diffusers' `clip_skip` does: 0 uses the
-    /// last layer, 1 the penultimate (what the A1111 web UI calls "Clip skip: 2"), and so on. The
-    /// chosen layer's hidden state passes through the final layer norm either way.
+    /// `layer` picks the hidden state returned ([`HiddenLayer`]); a number is diffusers'
+    /// `clip_skip` for SD 1.x / 2.x: layers dropped from the end, 0 the last layer, 1 the
+    /// penultimate (what the A1111 web UI calls "Clip skip: 2"), the chosen state through the
+    /// final layer norm.
     ///
     /// # Shapes
     /// `input_ids` `[batch, seq]` with `seq <= max_position_embeddings`; returns
-    /// `hidden_state` `[batch, seq, hidden]` and `pooled` `[batch, hidden]`.
-    pub fn forward(&self, input_ids: Tensor<2, Int>, clip_skip: usize) -> Result<ClipTextOutput> {
+    /// `hidden_state` `[batch, seq, hidden]`, `pooled` `[batch, hidden]` and, with a projection,
+    /// `text_embeds` `[batch, projection_dim]`.
+    pub fn forward(
+        &self,
+        input_ids: Tensor<2, Int>,
+        layer: impl Into<HiddenLayer>,
+    ) -> Result<ClipTextOutput> {
+        let layer = layer.into();
+        let clip_skip = layer.skip();
         let [batch, seq] = input_ids.dims();
         let layers = self.encoder.layers.len();
         if seq == 0 || seq > self.config.max_position_embeddings {
@@ -384,7 +430,8 @@ impl ClipTextModel {
         }
         if clip_skip >= layers {
             return Err(Error::InvalidInput(format!(
-                "clip_skip {clip_skip} must be below the number of layers ({layers})"
+                "skipping {clip_skip} layers (clip skip) leaves none of the model's {layers}; \
+                 give a smaller clip skip"
             )));
         }
         let ids: Vec<i64> = input_ids
@@ -404,16 +451,18 @@ impl ClipTextModel {
 
         let mut x = self.embeddings.forward(input_ids);
         let mut chosen = None;
-        for (i, layer) in self.encoder.layers.iter().enumerate() {
-            x = layer.forward(x);
-            if i + 1 + clip_skip == layers && clip_skip > 0 {
+        for (i, encoder_layer) in self.encoder.layers.iter().enumerate() {
+            x = encoder_layer.forward(x);
+            if i + 1 + clip_skip == layers {
                 chosen = Some(x.clone());
             }
         }
+        let chosen = chosen.unwrap_or_else(|| x.clone());
         let last = self.final_layer_norm.forward(x);
-        let hidden_state = match chosen {
-            Some(h) => self.final_layer_norm.forward(h),
-            None => last.clone(),
+        let hidden_state = match layer {
+            HiddenLayer::Normed(0) => last.clone(),
+            HiddenLayer::Normed(_) => self.final_layer_norm.forward(chosen),
+            HiddenLayer::Raw(_) => chosen,
         };
 
         // Pool at the end-of-text token: the largest id for legacy configs (eos_token_id == 2),
@@ -436,9 +485,14 @@ impl ClipTextModel {
             .reshape([batch, 1, 1])
             .expand([batch, 1, hidden]);
         let pooled = last.gather(1, index).reshape([batch, hidden]);
+        let text_embeds = self
+            .text_projection
+            .as_ref()
+            .map(|p| p.forward(pooled.clone()));
         Ok(ClipTextOutput {
             hidden_state,
             pooled,
+            text_embeds,
         })
     }
 }

@@ -109,3 +109,46 @@ fn windows_are_encoded_separately_and_concatenated() {
     let joined = Tensor::cat(vec![first, second], 1);
     assert!(max_relative_error(&both, &joined) < 1e-6);
 }
+
+/// SDXL's text encoders (`xtask/fixtures/sdxl.py`): the penultimate hidden states without the
+/// final layer norm ([`HiddenLayer::Raw`]) of both, and the second one's `text_projection` of
+/// the pooled output, against the halves of diffusers' `StableDiffusionXLPipeline.encode_prompt`.
+#[test]
+fn sdxl_encoders_match_diffusers_encode_prompt() {
+    use kiln_clip::{ClipTokenizer, HiddenLayer};
+    let device = device();
+    let dir = fixtures().join("../sdxl/base");
+    let expected = Reference::open(&dir.join("../expected.safetensors")).unwrap();
+    let prompt = "a photo of an astronaut riding a horse";
+    for (case, skip) in [("base", 0), ("base_skip1", 1)] {
+        let embeds: Tensor<3> = expected
+            .tensor(&format!("encode.{case}.prompt_embeds"), &device)
+            .unwrap();
+        for (i, sub) in ["", "_2"].iter().enumerate() {
+            let tokenizer = ClipTokenizer::from_dir(dir.join(format!("tokenizer{sub}"))).unwrap();
+            let model =
+                ClipTextModel::from_dir(dir.join(format!("text_encoder{sub}")), &device).unwrap();
+            assert_eq!(model.text_projection.is_some(), i == 1);
+            let ids = tokenizer.encode(prompt).unwrap();
+            let out = model
+                .encode_ids(&[ids], HiddenLayer::Raw(skip + 1), &device)
+                .unwrap();
+            let width = model.config().hidden_size;
+            let want = embeds
+                .clone()
+                .slice([0..1, 0..77, i * width..(i + 1) * width]);
+            let err = max_relative_error(&out.hidden_state, &want);
+            eprintln!("{case} encoder {i}: max relative error {err:.2e}");
+            assert!(err < TOLERANCE, "{case} encoder {i}: {err}");
+            if i == 1 {
+                let pooled: Tensor<2> = expected
+                    .tensor(&format!("encode.{case}.pooled"), &device)
+                    .unwrap();
+                let err = max_relative_error(&out.text_embeds.unwrap(), &pooled);
+                assert!(err < TOLERANCE, "{case} text_embeds: {err}");
+            } else {
+                assert!(out.text_embeds.is_none());
+            }
+        }
+    }
+}

@@ -1,6 +1,6 @@
 //! The Stable Diffusion denoiser (`UNet2DConditionModel`) on burn, shaped entirely by diffusers'
-//! `unet/config.json`: one implementation for SD 1.x, SD 2.x, their inpainting variants and
-//! fine-tunes. Weights load from `diffusion_pytorch_model{,.fp16}.safetensors` with diffusers'
+//! `unet/config.json`: one implementation for SD 1.x, SD 2.x, SDXL (base and refiner), their
+//! inpainting variants and fine-tunes. Weights load from `diffusion_pytorch_model{,.fp16}.safetensors` with diffusers'
 //! key names.
 //!
 //! ```no_run
@@ -22,4 +22,4 @@ pub mod unet_2d_blocks;
 pub mod unet_2d_condition;
 
 pub use error::{Error, Result};
-pub use unet_2d_condition::{UNet2DConditionModel, UNet2DConditionModelConfig};
+pub use unet_2d_condition::{AddedConditioning, UNet2DConditionModel, UNet2DConditionModelConfig};

@@ -2,10 +2,12 @@
 //! 2022), shaped entirely by diffusers' `unet/config.json`.
 //!
 //! Mirrors `UNet2DConditionModel` in `diffusers/models/unets/unet_2d_condition.py` (diffusers
-//! 0.42.1) for the SD 1.x/2.x family: positional time embedding, `CrossAttnDownBlock2D` /
-//! `DownBlock2D` / `UNetMidBlock2DCrossAttn` / `UpBlock2D` / `CrossAttnUpBlock2D`, any number of
-//! blocks and layers, 4 or 9 (inpainting) input channels. Class, addition (SDXL) and
-//! time-conditioning embeddings are rejected when the config asks for them.
+//! 0.42.1) for the SD 1.x/2.x and SDXL families: positional time embedding, `CrossAttnDownBlock2D`
+//! / `DownBlock2D` / `UNetMidBlock2DCrossAttn` / `UpBlock2D` / `CrossAttnUpBlock2D`, any number of
+//! blocks, layers and transformer layers per block, 4 or 9 (inpainting) input channels, and
+//! SDXL's `text_time` addition embedding (pooled text embedding plus size / crop / aesthetic
+//! conditioning, [`AddedConditioning`]). Class and time-conditioning embeddings and the other
+//! addition embeddings are rejected when the config asks for them.
 
 use std::path::Path;
 
@@ -178,9 +180,18 @@ pub struct UNet2DConditionModelConfig {
     /// Unsupported when set.
     #[serde(default)]
     pub num_class_embeds: Option<usize>,
-    /// Unsupported when set (SDXL).
+    /// `"text_time"` (SDXL base and refiner): the pooled text embedding and the
+    /// size / crop conditioning through `add_time_proj` and `add_embedding`. Other values are
+    /// unsupported.
     #[serde(default)]
     pub addition_embed_type: Option<String>,
+    /// Width of each conditioning value's sinusoidal embedding (`text_time`; 256 in SDXL).
+    #[serde(default)]
+    pub addition_time_embed_dim: Option<usize>,
+    /// Input width of `add_embedding`: the pooled text width plus `addition_time_embed_dim`
+    /// per conditioning value (SDXL base: 1280 + 6 x 256; refiner: 1280 + 5 x 256).
+    #[serde(default)]
+    pub projection_class_embeddings_input_dim: Option<usize>,
     /// Unsupported when set.
     #[serde(default)]
     pub encoder_hid_dim: Option<usize>,
@@ -310,7 +321,12 @@ impl UNet2DConditionModelConfig {
         let unsupported = [
             ("class_embed_type", self.class_embed_type.is_some()),
             ("num_class_embeds", self.num_class_embeds.is_some()),
-            ("addition_embed_type", self.addition_embed_type.is_some()),
+            (
+                "addition_embed_type",
+                self.addition_embed_type
+                    .as_deref()
+                    .is_some_and(|t| t != "text_time"),
+            ),
             ("encoder_hid_dim", self.encoder_hid_dim.is_some()),
             ("time_cond_proj_dim", self.time_cond_proj_dim.is_some()),
             ("timestep_post_act", self.timestep_post_act.is_some()),
@@ -344,6 +360,21 @@ impl UNet2DConditionModelConfig {
             return fail(format!(
                 "`{key}` asks for a UNet variant outside the SD 1.x/2.x family, which Kiln does not implement"
             ));
+        }
+        if self.addition_embed_type.is_some() {
+            match (
+                self.addition_time_embed_dim,
+                self.projection_class_embeddings_input_dim,
+            ) {
+                (Some(d), Some(p)) if d > 0 && d.is_multiple_of(2) && p > d => {}
+                (d, p) => {
+                    return fail(format!(
+                        "`addition_embed_type: \"text_time\"` needs a positive even \
+                         `addition_time_embed_dim` and a larger \
+                         `projection_class_embeddings_input_dim`; found {d:?} and {p:?}"
+                    ));
+                }
+            }
         }
         let Some(groups) = self.norm_num_groups.filter(|g| *g > 0) else {
             return fail("norm_num_groups must be a positive number".into());
@@ -383,10 +414,34 @@ impl UNet2DConditionModelConfig {
         Ok(resolved)
     }
 
+    /// The `text_time` addition embedding's widths, `(addition_time_embed_dim,
+    /// projection_class_embeddings_input_dim)`, when the config has one (SDXL).
+    pub fn text_time(&self) -> Option<(usize, usize)> {
+        match self.addition_embed_type.as_deref() {
+            Some("text_time") => self
+                .addition_time_embed_dim
+                .zip(self.projection_class_embeddings_input_dim),
+            _ => None,
+        }
+    }
+
     /// Downsamplers in the UNet: `len(block_out_channels) - 1`.
     pub fn num_downsamplers(&self) -> usize {
         self.block_out_channels.len().saturating_sub(1)
     }
+}
+
+/// SDXL's extra conditioning of the UNet (diffusers' `added_cond_kwargs`), for a UNet whose
+/// config has `addition_embed_type: "text_time"`.
+#[derive(Debug, Clone)]
+pub struct AddedConditioning {
+    /// The pooled text embedding (the projected output of the last text encoder):
+    /// `[batch, width]`.
+    pub text_embeds: Tensor<2>,
+    /// The conditioning values of each sample, `[batch, n]`: the base's original size
+    /// `(h, w)`, crop top-left `(y, x)` and target size `(h, w)` (n = 6), or the refiner's
+    /// original size, crop and aesthetic score (n = 5).
+    pub time_ids: Tensor<2>,
 }
 
 /// The conditional UNet.
@@ -396,6 +451,9 @@ pub struct UNet2DConditionModel {
     pub conv_in: Conv2d,
     /// MLP over the sinusoidal timestep embedding.
     pub time_embedding: TimestepEmbedding,
+    /// SDXL's `text_time` embedding: MLP over the pooled text embedding and the sinusoidal
+    /// embeddings of the conditioning values, added to the time embedding.
+    pub add_embedding: Option<TimestepEmbedding>,
     /// Down blocks, highest resolution first.
     pub down_blocks: Vec<DownBlock>,
     /// The bottleneck.
@@ -527,6 +585,10 @@ impl UNet2DConditionModel {
                 device,
             ),
             time_embedding: TimestepEmbedding::new(channels[0], temb, config.act_fn, device),
+            // diffusers builds it with TimestepEmbedding's default activation, whatever act_fn is
+            add_embedding: config
+                .text_time()
+                .map(|(_, input)| TimestepEmbedding::new(input, temb, Activation::Silu, device)),
             down_blocks,
             mid_block,
             up_blocks,
@@ -571,6 +633,7 @@ impl UNet2DConditionModel {
         };
         let (mut flops, mut size) = kiln_nn::flops::conv2d(&self.conv_in, batch, [height, width]);
         flops += self.time_embedding.flops(batch);
+        flops += self.add_embedding.as_ref().map_or(0, |e| e.flops(batch));
         count.skips.push(size);
         for block in &self.down_blocks {
             let (f, s) = block.flops(&mut count, size);
@@ -655,8 +718,57 @@ impl UNet2DConditionModel {
         Ok(())
     }
 
+    /// Checks the added conditioning against the UNet: present exactly when the config has a
+    /// `text_time` embedding, `[batch, width]` and `[batch, n]` with `width + n *
+    /// addition_time_embed_dim` the embedding's input width.
+    fn check_added(&self, batch: usize, added: Option<&AddedConditioning>) -> Result<()> {
+        let shape = |name, expected: String, found: Vec<usize>| {
+            Err(Error::InputShape {
+                name,
+                expected,
+                found,
+            })
+        };
+        match (self.config.text_time(), added) {
+            (None, None) => Ok(()),
+            (None, Some(_)) => Err(Error::InvalidConfig(
+                "added conditioning (pooled text embedding and time ids) was given, but this \
+                 UNet's config has no `addition_embed_type: \"text_time\"`; call `forward`"
+                    .into(),
+            )),
+            (Some(_), None) => Err(Error::InvalidConfig(
+                "this UNet (SDXL) is conditioned on a pooled text embedding and time ids \
+                 (`addition_embed_type: \"text_time\"`); call `forward_with` with them"
+                    .into(),
+            )),
+            (Some((dim, input)), Some(a)) => {
+                let [tb, width] = a.text_embeds.dims();
+                let [ib, n] = a.time_ids.dims();
+                if tb != batch || width == 0 || width >= input {
+                    return shape(
+                        "text_embeds",
+                        format!("[{batch}, width] with width below {input}"),
+                        a.text_embeds.dims().to_vec(),
+                    );
+                }
+                if ib != batch || width + n * dim != input {
+                    return shape(
+                        "time_ids",
+                        format!(
+                            "[{batch}, {}] (the UNet's add_embedding takes {input} = {width} + n x {dim})",
+                            (input - width) / dim
+                        ),
+                        a.time_ids.dims().to_vec(),
+                    );
+                }
+                Ok(())
+            }
+        }
+    }
+
     /// Predicts the noise (or `v`) for `sample` at `timesteps`, conditioned on
-    /// `encoder_hidden_states`.
+    /// `encoder_hidden_states`: [`forward_with`](Self::forward_with) for a UNet without added
+    /// conditioning (SD 1.x / 2.x).
     ///
     /// # Shapes
     /// - `sample`: `[batch, in_channels, height, width]`, any positive size (see
@@ -670,8 +782,24 @@ impl UNet2DConditionModel {
         timesteps: Tensor<1>,
         encoder_hidden_states: Tensor<3>,
     ) -> Result<Tensor<4>> {
+        self.forward_with(sample, timesteps, encoder_hidden_states, None)
+    }
+
+    /// [`forward`](Self::forward) with SDXL's added conditioning, which a UNet with a
+    /// `text_time` embedding requires and any other refuses.
+    ///
+    /// # Shapes
+    /// As [`forward`](Self::forward), and [`AddedConditioning`]'s tensors with `batch` rows.
+    pub fn forward_with(
+        &self,
+        sample: Tensor<4>,
+        timesteps: Tensor<1>,
+        encoder_hidden_states: Tensor<3>,
+        added: Option<&AddedConditioning>,
+    ) -> Result<Tensor<4>> {
         self.check_inputs(&sample, &timesteps, &encoder_hidden_states)?;
         let [batch, _, height, width] = sample.dims();
+        self.check_added(batch, added)?;
         let _span = tracing::debug_span!("unet_forward", batch, height, width).entered();
         let dtype = sample.dtype();
         let context = encoder_hidden_states;
@@ -690,8 +818,20 @@ impl UNet2DConditionModel {
             timesteps.expand([batch])
         };
         let t_emb = self.time_proj().forward(timesteps).cast(dtype);
-        let emb = self.time_embedding.forward(t_emb);
-
+        let mut emb = self.time_embedding.forward(t_emb);
+        // SDXL: sinusoidal embeddings of the time ids (f32) after the pooled text embedding,
+        // through add_embedding, added to the time embedding
+        if let (Some(embedding), Some(added), Some((dim, _))) =
+            (&self.add_embedding, added, self.config.text_time())
+        {
+            let n = added.time_ids.dims()[1];
+            let ids = added.time_ids.clone().cast(DType::F32).reshape([batch * n]);
+            let proj = Timesteps::new(dim, self.config.flip_sin_to_cos, self.config.freq_shift);
+            let time_embeds = proj.forward(ids).reshape([batch, n * dim]);
+            let text = added.text_embeds.clone().cast(DType::F32);
+            let add = Tensor::cat(vec![text, time_embeds], 1).cast(dtype);
+            emb = emb + embedding.forward(add);
+        }
         // 2. pre-process
         let mut x = conv2d(&self.conv_in, sample);
 

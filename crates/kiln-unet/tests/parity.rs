@@ -210,3 +210,67 @@ fn f16_run_is_close_to_f32() {
     // Measured: 2.1e-3 on flex, 7.8e-3 on wgpu/lavapipe.
     assert!(err < 2e-2, "f16: relative error {err}");
 }
+
+/// SDXL's UNets (`xtask/fixtures/sdxl.py`): the base's `text_time` embedding over a pooled text
+/// embedding and six time ids, the refiner's over five (aesthetic score), no attention in the
+/// first block and two transformer layers in the second, against diffusers with
+/// `added_cond_kwargs`.
+#[test]
+fn sdxl_unets_match_diffusers() {
+    let device = Device::default();
+    let dir = fixture_dir("sdxl");
+    let io = Reference::open(&dir.join("expected.safetensors")).unwrap();
+    for (name, folder) in [("unet", "base"), ("refiner_unet", "refiner")] {
+        let unet = UNet2DConditionModel::from_pretrained(
+            &dir.join(folder).join("unet"),
+            DType::F32,
+            &device,
+        )
+        .unwrap();
+        assert!(unet.add_embedding.is_some());
+        let t = |key: &str| format!("{name}.{key}");
+        let added = kiln_unet::AddedConditioning {
+            text_embeds: io.tensor(&t("text_embeds"), &device).unwrap(),
+            time_ids: io.tensor(&t("time_ids"), &device).unwrap(),
+        };
+        let out = unet
+            .forward_with(
+                io.tensor(&t("sample"), &device).unwrap(),
+                io.tensor(&t("timestep"), &device).unwrap(),
+                io.tensor(&t("context"), &device).unwrap(),
+                Some(&added),
+            )
+            .unwrap();
+        let expected: Tensor<4> = io.tensor(&t("output"), &device).unwrap();
+        let err = max_relative_error(&out, &expected);
+        eprintln!("sdxl {name}: max relative error {err:.3e}");
+        assert!(err < TOL, "sdxl {name}: relative error {err} >= {TOL}");
+
+        // without the added conditioning, or with time ids of the wrong count: typed errors
+        let sample: Tensor<4> = io.tensor(&t("sample"), &device).unwrap();
+        let timestep: Tensor<1> = io.tensor(&t("timestep"), &device).unwrap();
+        let context: Tensor<3> = io.tensor(&t("context"), &device).unwrap();
+        let err = unet
+            .forward(sample.clone(), timestep.clone(), context.clone())
+            .unwrap_err();
+        assert!(err.to_string().contains("forward_with"), "{err}");
+        let n = added.time_ids.dims()[1];
+        let short = kiln_unet::AddedConditioning {
+            time_ids: added.time_ids.clone().slice([0..2, 0..n - 1]),
+            ..added.clone()
+        };
+        let err = unet
+            .forward_with(sample, timestep, context, Some(&short))
+            .unwrap_err();
+        assert!(
+            matches!(
+                err,
+                Error::InputShape {
+                    name: "time_ids",
+                    ..
+                }
+            ),
+            "{err}"
+        );
+    }
+}
