@@ -44,9 +44,10 @@ pub struct ClipTextConfig {
     /// encoder and refiner).
     #[serde(default = "defaults::projection_dim")]
     pub projection_dim: usize,
-    /// transformers' class names; `CLIPTextModelWithProjection` adds `text_projection`.
+    /// transformers' class names; `CLIPTextModelWithProjection` adds `text_projection`. Some
+    /// configs write `null`.
     #[serde(default)]
-    pub architectures: Vec<String>,
+    pub architectures: Option<Vec<String>>,
 }
 
 mod defaults {
@@ -104,6 +105,7 @@ impl ClipTextConfig {
     pub fn has_projection(&self) -> bool {
         self.architectures
             .iter()
+            .flatten()
             .any(|a| a == "CLIPTextModelWithProjection")
     }
 
