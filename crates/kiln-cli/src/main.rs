@@ -184,9 +184,9 @@ fn run(cli: Cli) -> Result<()> {
             let tokenizer = ClipTokenizer::from_dir(&model)?;
             let encoder = ClipTextModel::from_dir(&model, &device)?;
             let windows = tokenizer.tokenize_prompt(&prompt, syntax.syntax())?;
-            let embeds = encoder.encode_windows(&windows, clip_skip, &device)?;
             // The pooled output is the first window's, as the A1111 UI and diffusers use it.
-            let pooled = encoder.encode_ids(&windows.ids[..1], 0, &device)?.pooled;
+            let out = encoder.encode_windows(&windows, clip_skip, &device)?;
+            let (embeds, pooled) = (out.hidden_state, out.pooled);
             write_safetensors(
                 &output,
                 &[

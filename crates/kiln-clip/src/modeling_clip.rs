@@ -368,14 +368,15 @@ impl ClipTextModel {
     /// [`ClipTokenizer::tokenize_prompt`](crate::ClipTokenizer::tokenize_prompt)): each window
     /// separately, its hidden states multiplied by the token weights and rescaled so that the
     /// window's mean is what it was unweighted (the A1111 web UI's "Original" emphasis), the
-    /// windows concatenated along the sequence axis: `[1, windows * seq, hidden]`. Unweighted
-    /// windows are used exactly as encoded.
+    /// windows concatenated along the sequence axis: `hidden_state` `[1, windows * seq, hidden]`.
+    /// Unweighted windows are used exactly as encoded. `pooled` and `text_embeds` are the first
+    /// window's (`[1, hidden]`, `[1, projection_dim]`), as the A1111 web UI pools a long prompt.
     pub fn encode_windows(
         &self,
         windows: &PromptWindows,
         layer: impl Into<HiddenLayer>,
         device: &Device,
-    ) -> Result<Tensor<3>> {
+    ) -> Result<ClipTextOutput> {
         if windows.weights.len() != windows.ids.len()
             || windows
                 .weights
@@ -387,7 +388,8 @@ impl ClipTextModel {
                 "prompt windows need one weight per token id".into(),
             ));
         }
-        let mut z = self.encode_ids(&windows.ids, layer, device)?.hidden_state;
+        let out = self.encode_ids(&windows.ids, layer, device)?;
+        let mut z = out.hidden_state;
         let [n, seq, hidden] = z.dims();
         if !windows.is_unweighted() {
             let flat: Vec<f32> = windows.weights.iter().flatten().copied().collect();
@@ -399,7 +401,11 @@ impl ClipTextModel {
             let restore = (original / mean(&z)).reshape([n, 1, 1]);
             z = z * restore;
         }
-        Ok(z.reshape([1, n * seq, hidden]))
+        Ok(ClipTextOutput {
+            hidden_state: z.reshape([1, n * seq, hidden]),
+            pooled: out.pooled.narrow(0, 0, 1),
+            text_embeds: out.text_embeds.map(|t| t.narrow(0, 0, 1)),
+        })
     }
 
     /// Encodes token ids.
@@ -430,8 +436,8 @@ impl ClipTextModel {
         }
         if clip_skip >= layers {
             return Err(Error::InvalidInput(format!(
-                "skipping {clip_skip} layers (clip skip) leaves none of the model's {layers}; \
-                 give a smaller clip skip"
+                "clip_skip {clip_skip} skips every one of the model's {layers} layers; give a \
+                 clip_skip below {layers}"
             )));
         }
         let ids: Vec<i64> = input_ids

@@ -76,10 +76,12 @@ pub mod training;
 
 pub use error::{Error, Result};
 pub use kiln_clip::PromptSyntax;
+pub use kiln_unet::AddedConditioning;
 pub use lora::{LoadedLora, LoraOptions};
 pub use pipeline_stable_diffusion::{
-    GENERATION_FILE, GenerateOptions, GenerateOutput, GenerationDefaults, LoadOptions, Mode,
-    RgbImage, StableDiffusionPipeline, StepCallback, StepProgress, images_to_rgb8, rgb8_to_tensor,
+    Conditioning, GENERATION_FILE, GenerateOptions, GenerateOutput, GenerationDefaults,
+    LoadOptions, MicroConditioning, Mode, RgbImage, StableDiffusionPipeline, StepCallback,
+    StepProgress, images_to_rgb8, rgb8_to_tensor,
 };
 pub use presets::{ModelConfigs, Preset};
 pub use single_file::{

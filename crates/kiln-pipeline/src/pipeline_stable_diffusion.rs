@@ -4,17 +4,25 @@
 //! (`diffusers/pipelines/stable_diffusion/pipeline_stable_diffusion{,_img2img,_inpaint}.py`,
 //! diffusers 0.42.1), with classifier-free guidance (Ho & Salimans 2022) and guidance rescale
 //! (Lin et al. 2023, "Common Diffusion Noise Schedules and Sample Steps are Flawed", 3.4).
+//!
+//! The same pipeline runs SDXL (Podell et al. 2023) and its refiner, as diffusers'
+//! `StableDiffusionXLPipeline` and `StableDiffusionXLImg2ImgPipeline` do
+//! (`pipelines/stable_diffusion_xl/`): a model is SDXL when its UNet has the `text_time`
+//! addition embedding. Its conditioning stage then concatenates the penultimate hidden states
+//! (before the final layer norm) of every text encoder, pools the last encoder's projected
+//! output and adds the size / crop (or aesthetic-score) time ids ([`MicroConditioning`]); the
+//! rest of the run is the same code.
 
 use std::ops::ControlFlow;
 use std::path::{Path, PathBuf};
 
 use burn::tensor::{DType, Device, Tensor, TensorData};
-use kiln_clip::{ClipTextConfig, ClipTextModel, ClipTokenizer, PromptSyntax};
+use kiln_clip::{ClipTextConfig, ClipTextModel, ClipTokenizer, HiddenLayer, PromptSyntax};
 use kiln_nn::weights::{SafetensorsFile, load_tensors};
 use kiln_scheduler::{
     AnyScheduler, NoiseSource, SamplerName, SamplerOptions, Scheduler, SchedulerConfig,
 };
-use kiln_unet::unet_2d_condition::SampleSize;
+use kiln_unet::unet_2d_condition::{AddedConditioning, SampleSize};
 use kiln_unet::{UNet2DConditionModel, UNet2DConditionModelConfig};
 use kiln_vae::{AutoencoderKL, AutoencoderKLConfig, TilingOptions};
 use serde::Deserialize;
@@ -22,14 +30,34 @@ use serde::Deserialize;
 use crate::single_file::{self, SingleFileOptions};
 use crate::{Error, Result};
 
-/// The subfolders a diffusers Stable Diffusion folder must have.
-const COMPONENTS: [&str; 5] = ["tokenizer", "text_encoder", "unet", "vae", "scheduler"];
+/// The subfolders a diffusers Stable Diffusion folder must have besides its text encoders
+/// ([`text_components`]).
+const COMPONENTS: [&str; 3] = ["unet", "vae", "scheduler"];
 
-/// `model_index.json`: only the class name is read; components are found by folder name.
+/// The `(tokenizer, text encoder)` subfolders of a model folder, in order: `tokenizer/` and
+/// `text_encoder/`, then SDXL's `tokenizer_2/` and `text_encoder_2/` where the folder has them.
+/// The SDXL refiner has only the second pair, which is then the one.
+pub(crate) fn text_components(dir: &Path) -> Vec<(&'static str, &'static str)> {
+    let second = dir.join("text_encoder_2").is_dir();
+    let mut pairs = Vec::new();
+    if dir.join("text_encoder").is_dir() || !second {
+        pairs.push(("tokenizer", "text_encoder"));
+    }
+    if second {
+        pairs.push(("tokenizer_2", "text_encoder_2"));
+    }
+    pairs
+}
+
+/// `model_index.json`: the class name and SDXL's `force_zeros_for_empty_prompt`; components
+/// are found by folder name.
 #[derive(Debug, Clone, Deserialize)]
 struct ModelIndex {
     #[serde(rename = "_class_name")]
     class_name: String,
+    /// SDXL: an empty negative prompt is all-zero embeddings (default true for SDXL classes).
+    #[serde(default)]
+    force_zeros_for_empty_prompt: Option<bool>,
 }
 
 /// How to load a pipeline: the float type of the UNet and VAE (the text encoder always runs in
@@ -51,7 +79,10 @@ pub enum Mode {
     /// Image to image: the image is encoded, noised to the `strength` point of the schedule and
     /// denoised from there.
     Img2Img {
-        /// `[1, 3, height, width]`, values in [-1, 1].
+        /// `[1, 3, height, width]`, values in [-1, 1]; or latents as the UNet sees them,
+        /// `[1 or num_images, latent channels, height / f, width / f]` (diffusers takes a
+        /// 4-channel image as latents too), such as an SDXL base's
+        /// [`generate_latents`](StableDiffusionPipeline::generate_latents) for its refiner.
         image: Tensor<4>,
         /// In (0, 1]: the fraction of the schedule run (1 ignores the image).
         strength: f64,
@@ -158,8 +189,14 @@ impl GenerationDefaults {
 pub struct GenerateOptions {
     /// The prompt.
     pub prompt: String,
-    /// The negative prompt (the unconditional side of guidance); empty means `""`.
+    /// The negative prompt (the unconditional side of guidance); empty means `""`, or for an
+    /// SDXL model whose `model_index.json` has `force_zeros_for_empty_prompt` (the default),
+    /// all-zero embeddings, as diffusers does when no negative prompt is given.
     pub negative_prompt: String,
+    /// SDXL: the prompt for the second text encoder (`None`: `prompt`).
+    pub prompt_2: Option<String>,
+    /// SDXL: the negative prompt for the second text encoder (`None`: `negative_prompt`).
+    pub negative_prompt_2: Option<String>,
     /// Classifier-free guidance scale; at or below 1 guidance is skipped (one UNet batch).
     pub guidance_scale: f64,
     /// diffusers' `guidance_rescale` (0 disables), for zero-terminal-SNR models.
@@ -185,6 +222,12 @@ pub struct GenerateOptions {
     pub prompt_embeds: Option<Tensor<3>>,
     /// Negative prompt embeddings `[1, seq, width]` used instead of encoding `negative_prompt`.
     pub negative_prompt_embeds: Option<Tensor<3>>,
+    /// SDXL: pooled prompt embeddings `[1, projection_dim]`, required with `prompt_embeds`.
+    pub pooled_prompt_embeds: Option<Tensor<2>>,
+    /// SDXL: pooled negative prompt embeddings, required with `negative_prompt_embeds`.
+    pub negative_pooled_prompt_embeds: Option<Tensor<2>>,
+    /// SDXL: the size, crop and aesthetic-score conditioning.
+    pub micro_conditioning: MicroConditioning,
     /// Text to image, image to image or inpainting.
     pub mode: Mode,
     /// Bytes the generation may use beyond the loaded weights, checked against
@@ -195,6 +238,14 @@ pub struct GenerateOptions {
     /// Tiled VAE encode and decode (diffusers' `enable_tiling()`), for images larger than the
     /// VAE's tiles: decode memory is then bounded by one tile. `None`: untiled.
     pub vae_tiling: Option<TilingOptions>,
+    /// In (0, 1): stop after this fraction of the schedule (diffusers' `denoising_end`: the
+    /// timesteps at or above `round(T - denoising_end * T)` of the `T` training steps). The
+    /// SDXL base's half of a base + refiner ensemble.
+    pub denoising_end: Option<f64>,
+    /// In (0, 1), img2img only: start at this fraction of the schedule (diffusers'
+    /// `denoising_start`), with the input latents taken as they are, not noised; `strength` is
+    /// then ignored. The refiner's half of an ensemble.
+    pub denoising_start: Option<f64>,
 }
 
 impl GenerateOptions {
@@ -214,9 +265,16 @@ impl GenerateOptions {
             latents: None,
             prompt_embeds: None,
             negative_prompt_embeds: None,
+            prompt_2: None,
+            negative_prompt_2: None,
+            pooled_prompt_embeds: None,
+            negative_pooled_prompt_embeds: None,
+            micro_conditioning: MicroConditioning::default(),
             mode: Mode::Txt2Img,
             memory_limit: None,
             vae_tiling: None,
+            denoising_end: None,
+            denoising_start: None,
         }
     }
 
@@ -289,6 +347,30 @@ impl GenerateOptions {
         self
     }
 
+    /// SDXL: sets the prompts of the second text encoder ([`Self::prompt_2`]).
+    pub fn with_prompts_2(mut self, prompt_2: Option<String>, negative_2: Option<String>) -> Self {
+        self.prompt_2 = prompt_2;
+        self.negative_prompt_2 = negative_2;
+        self
+    }
+
+    /// SDXL: supplies the pooled embeddings that go with [`with_prompt_embeds`](Self::with_prompt_embeds).
+    pub fn with_pooled_prompt_embeds(
+        mut self,
+        pooled: Tensor<2>,
+        negative: Option<Tensor<2>>,
+    ) -> Self {
+        self.pooled_prompt_embeds = Some(pooled);
+        self.negative_pooled_prompt_embeds = negative;
+        self
+    }
+
+    /// SDXL: sets the size, crop and aesthetic-score conditioning.
+    pub fn with_micro_conditioning(mut self, micro: MicroConditioning) -> Self {
+        self.micro_conditioning = micro;
+        self
+    }
+
     /// Sets the memory limit in bytes beyond the loaded weights ([`Self::memory_limit`]).
     pub fn with_memory_limit(mut self, bytes: u64) -> Self {
         self.memory_limit = Some(bytes);
@@ -301,11 +383,121 @@ impl GenerateOptions {
         self
     }
 
+    /// Sets where the schedule ends and starts ([`Self::denoising_end`],
+    /// [`Self::denoising_start`]): a base + refiner ensemble runs the base with
+    /// `(Some(0.8), None)` and the refiner with `(None, Some(0.8))` on the base's latents.
+    pub fn with_denoising_range(mut self, end: Option<f64>, start: Option<f64>) -> Self {
+        self.denoising_end = end;
+        self.denoising_start = start;
+        self
+    }
+
     /// Sets the mode (img2img, inpainting).
     pub fn with_mode(mut self, mode: Mode) -> Self {
         self.mode = mode;
         self
     }
+}
+
+/// SDXL's micro-conditioning (Podell et al. 2023, 2.2): the UNet's time ids, as diffusers'
+/// `original_size`, `crops_coords_top_left`, `target_size` and their negative versions, or for
+/// the refiner the aesthetic scores. Sizes are `[height, width]` in pixels, the crop
+/// `[top, left]`. Unset sizes are the generated image's, unset negative values the positive
+/// ones: diffusers' defaults.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct MicroConditioning {
+    /// The size of the (training) image the output should look as if cropped from.
+    pub original_size: Option<[usize; 2]>,
+    /// The top-left corner of that crop: `[0, 0]` looks centred and whole.
+    pub crops_coords_top_left: [usize; 2],
+    /// The size the output should look as if made for.
+    pub target_size: Option<[usize; 2]>,
+    /// `original_size` of the negative (unconditional) side.
+    pub negative_original_size: Option<[usize; 2]>,
+    /// `crops_coords_top_left` of the negative side.
+    pub negative_crops_coords_top_left: Option<[usize; 2]>,
+    /// `target_size` of the negative side.
+    pub negative_target_size: Option<[usize; 2]>,
+    /// The refiner's aesthetic score (diffusers' default 6).
+    pub aesthetic_score: f64,
+    /// The refiner's aesthetic score of the negative side (diffusers' default 2.5).
+    pub negative_aesthetic_score: f64,
+}
+
+impl Default for MicroConditioning {
+    fn default() -> Self {
+        Self {
+            original_size: None,
+            crops_coords_top_left: [0, 0],
+            target_size: None,
+            negative_original_size: None,
+            negative_crops_coords_top_left: None,
+            negative_target_size: None,
+            aesthetic_score: 6.0,
+            negative_aesthetic_score: 2.5,
+        }
+    }
+}
+
+impl MicroConditioning {
+    /// The time ids of a `[height, width]` run, `(positive, negative)`, for a UNet that takes
+    /// `n` of them: 6 (SDXL base: original size, crop, target size) or 5 (refiner: original
+    /// size, crop, aesthetic score).
+    fn time_ids(&self, size: [usize; 2], n: usize) -> Result<(Vec<f32>, Vec<f32>)> {
+        let original = self.original_size.unwrap_or(size);
+        let target = self.target_size.unwrap_or(size);
+        let crop = self.crops_coords_top_left;
+        let negative_original = self.negative_original_size.unwrap_or(original);
+        let negative_crop = self.negative_crops_coords_top_left.unwrap_or(crop);
+        let negative_target = self.negative_target_size.unwrap_or(target);
+        let f = |v: &[usize]| v.iter().map(|&x| x as f32).collect::<Vec<f32>>();
+        match n {
+            6 => Ok((
+                f(&[
+                    original[0],
+                    original[1],
+                    crop[0],
+                    crop[1],
+                    target[0],
+                    target[1],
+                ]),
+                f(&[
+                    negative_original[0],
+                    negative_original[1],
+                    negative_crop[0],
+                    negative_crop[1],
+                    negative_target[0],
+                    negative_target[1],
+                ]),
+            )),
+            5 => {
+                let mut positive = f(&[original[0], original[1], crop[0], crop[1]]);
+                positive.push(self.aesthetic_score as f32);
+                let mut negative = f(&[
+                    negative_original[0],
+                    negative_original[1],
+                    negative_crop[0],
+                    negative_crop[1],
+                ]);
+                negative.push(self.negative_aesthetic_score as f32);
+                Ok((positive, negative))
+            }
+            n => Err(Error::Mismatch(format!(
+                "the UNet's add_embedding takes {n} time ids; SDXL's base takes 6 (size, crop, \
+                 target size) and its refiner 5 (size, crop, aesthetic score)"
+            ))),
+        }
+    }
+}
+
+/// The UNet's conditioning for a run ([`StableDiffusionPipeline::conditioning`]).
+#[derive(Debug, Clone)]
+pub struct Conditioning {
+    /// The text context, `[n, seq, width]`, or `[2n, seq, width]` (negative first) under
+    /// guidance; SDXL's is the text encoders' states concatenated along `width`.
+    pub context: Tensor<3>,
+    /// SDXL's pooled text embeddings and time ids, batched as `context`; `None` for SD 1.x / 2.x.
+    pub added: Option<AddedConditioning>,
 }
 
 /// What the step callback sees after each scheduler step.
@@ -402,12 +594,24 @@ fn f32_values(data: TensorData, what: &str) -> Result<Vec<f32>> {
 /// A loaded Stable Diffusion model: tokenizer, text encoder, UNet, VAE and the folder's scheduler
 /// config. The scheduler itself is the caller's (see [`scheduler`](Self::scheduler)), so one
 /// pipeline serves any sampler.
+///
+/// An SDXL base has two text encoders (`text_encoder`, CLIP ViT-L, and `text_encoder_2`,
+/// OpenCLIP ViT-bigG with its projection); the SDXL refiner's folder has only
+/// `text_encoder_2/`, which is then loaded as `text_encoder`: the encoders always fill the
+/// first slots, so code that handles one encoder handles the refiner.
 #[derive(Debug)]
 pub struct StableDiffusionPipeline {
-    /// The CLIP tokenizer.
+    /// The CLIP tokenizer (of the first text encoder).
     pub tokenizer: ClipTokenizer,
-    /// The CLIP text encoder.
+    /// The CLIP text encoder (the first one).
     pub text_encoder: ClipTextModel,
+    /// SDXL base: the second text encoder's tokenizer.
+    pub tokenizer_2: Option<ClipTokenizer>,
+    /// SDXL base: the second text encoder (`CLIPTextModelWithProjection`).
+    pub text_encoder_2: Option<ClipTextModel>,
+    /// SDXL: an empty negative prompt is all-zero embeddings (`model_index.json`'s
+    /// `force_zeros_for_empty_prompt`).
+    pub force_zeros_for_empty_prompt: bool,
     /// The denoiser.
     pub unet: UNet2DConditionModel,
     /// The autoencoder.
@@ -424,6 +628,8 @@ pub struct StableDiffusionPipeline {
     pub(crate) loras: crate::lora::LoraSet,
     device: Device,
     dtype: DType,
+    /// The VAE's dtype: `dtype`, or f32 for an SDXL VAE with `force_upcast` in an f16 run.
+    vae_dtype: DType,
 }
 
 impl StableDiffusionPipeline {
@@ -435,9 +641,12 @@ impl StableDiffusionPipeline {
         if !dir.join("model_index.json").is_file() {
             missing.push("model_index.json".into());
         }
+        let texts = text_components(dir);
         missing.extend(
-            COMPONENTS
+            texts
                 .iter()
+                .flat_map(|(t, e)| [*t, *e])
+                .chain(COMPONENTS)
                 .filter(|c| !dir.join(c).is_dir())
                 .map(|c| format!("{c}/")),
         );
@@ -453,27 +662,50 @@ impl StableDiffusionPipeline {
         // weight is read
         let crate::ModelConfigs {
             scheduler: scheduler_config,
+            unet: unet_config,
+            vae: vae_config,
             ..
         } = crate::ModelConfigs::from_dir(dir)?;
+        let xl = unet_config.text_time().is_some();
 
         let dtype = options.dtype.dtype();
+        let vae_dtype = vae_dtype(xl, &vae_config, dtype);
         let _span = tracing::info_span!("load_pipeline", dir = %dir.display()).entered();
-        let tokenizer = ClipTokenizer::from_dir(dir.join("tokenizer"))?;
-        let text_encoder = ClipTextModel::from_dir(dir.join("text_encoder"), device)?;
+        let mut encoders = Vec::with_capacity(texts.len());
+        for (tokenizer, encoder) in texts {
+            encoders.push((
+                ClipTokenizer::from_dir(dir.join(tokenizer))?,
+                ClipTextModel::from_dir(dir.join(encoder), device)?,
+            ));
+        }
+        let mut encoders = encoders.into_iter();
+        let (tokenizer, text_encoder) = encoders.next().expect("one text encoder at least");
+        let (tokenizer_2, text_encoder_2) = encoders.next().unzip();
         let unet = UNet2DConditionModel::from_pretrained(&dir.join("unet"), dtype, device)?;
-        let vae = AutoencoderKL::from_pretrained(&dir.join("vae"), dtype, device)?;
+        let vae = AutoencoderKL::from_pretrained(&dir.join("vae"), vae_dtype, device)?;
+        let mut generation = GenerationDefaults::from_dir(dir)?;
+        if xl && !dir.join(GENERATION_FILE).is_file() {
+            // diffusers' SDXL pipelines default to guidance 5
+            generation.guidance_scale = 5.0;
+        }
         Ok(Self {
             tokenizer,
             text_encoder,
+            tokenizer_2,
+            text_encoder_2,
+            force_zeros_for_empty_prompt: index
+                .force_zeros_for_empty_prompt
+                .unwrap_or(index.class_name.starts_with("StableDiffusionXL")),
             unet,
             vae,
             scheduler_config,
             class_name: index.class_name,
             source: dir.to_path_buf(),
-            generation: GenerationDefaults::from_dir(dir)?,
+            generation,
             loras: Default::default(),
             device: device.clone(),
             dtype,
+            vae_dtype,
         })
     }
 
@@ -493,6 +725,9 @@ impl StableDiffusionPipeline {
         Self {
             tokenizer,
             text_encoder,
+            tokenizer_2: None,
+            text_encoder_2: None,
+            force_zeros_for_empty_prompt: false,
             unet,
             vae,
             scheduler_config,
@@ -502,6 +737,7 @@ impl StableDiffusionPipeline {
             loras: Default::default(),
             device: device.clone(),
             dtype,
+            vae_dtype: dtype,
         }
     }
 
@@ -551,7 +787,7 @@ impl StableDiffusionPipeline {
         if let Some(prediction) = options.prediction_type {
             scheduler_config.prediction_type = prediction;
         }
-        check_components(&text_config, &unet_config, &vae_config)?;
+        check_components(&[&text_config], &unet_config, &vae_config)?;
 
         let dtype = options.dtype.dtype();
         let _span = tracing::info_span!("load_single_file", path = %path.display()).entered();
@@ -586,6 +822,9 @@ impl StableDiffusionPipeline {
         Ok(Self {
             tokenizer,
             text_encoder,
+            tokenizer_2: None,
+            text_encoder_2: None,
+            force_zeros_for_empty_prompt: false,
             unet,
             vae,
             scheduler_config,
@@ -602,6 +841,7 @@ impl StableDiffusionPipeline {
             loras: Default::default(),
             device: device.clone(),
             dtype,
+            vae_dtype: dtype,
         })
     }
 
@@ -613,6 +853,22 @@ impl StableDiffusionPipeline {
     /// The dtype the models compute in.
     pub fn dtype(&self) -> DType {
         self.dtype
+    }
+
+    /// Whether the model is SDXL (base or refiner): its UNet has the `text_time` addition
+    /// embedding, conditioned on pooled text embeddings and time ids.
+    pub fn is_sdxl(&self) -> bool {
+        self.unet.config.text_time().is_some()
+    }
+
+    /// The text encoders with their tokenizers, in order (one for SD 1.x / 2.x and the SDXL
+    /// refiner, two for the SDXL base).
+    pub fn text_encoders(&self) -> Vec<(&ClipTokenizer, &ClipTextModel)> {
+        let mut all = vec![(&self.tokenizer, &self.text_encoder)];
+        if let (Some(t), Some(e)) = (&self.tokenizer_2, &self.text_encoder_2) {
+            all.push((t, e));
+        }
+        all
     }
 
     /// Whether the UNet is an inpainting UNet (latents, mask and masked-image latents as input).
@@ -679,17 +935,68 @@ impl StableDiffusionPipeline {
     }
 
     /// Encodes one prompt by `syntax`'s rules: `[1, 77 * windows, width]` (one window for
-    /// [`PromptSyntax::Plain`]).
+    /// [`PromptSyntax::Plain`]); SDXL's is both encoders' states side by side (see
+    /// [`encode_prompts`](Self::encode_prompts) for the pooled embedding and a second prompt).
     pub fn encode_prompt(
         &self,
         prompt: &str,
         syntax: PromptSyntax,
         clip_skip: usize,
     ) -> Result<Tensor<3>> {
-        let windows = self.tokenizer.tokenize_prompt(prompt, syntax)?;
-        Ok(self
-            .text_encoder
-            .encode_windows(&windows, clip_skip, &self.device)?)
+        Ok(self.encode_prompts([prompt, prompt], syntax, clip_skip)?.0)
+    }
+
+    /// Encodes `prompts[i]` with the `i`-th text encoder (an encoder beyond the first reads
+    /// the second prompt): the hidden states `[1, 77 * windows, width]` concatenated along
+    /// `width`, and for SDXL the pooled embedding `[1, projection_dim]`, the last encoder's
+    /// projected output of the first window.
+    ///
+    /// SD 1.x / 2.x use the final layer norm of the layer `clip_skip` before the last; SDXL
+    /// the layer `clip_skip + 1` before the last, without the norm, as diffusers does. A prompt
+    /// that takes fewer windows in one encoder than in another (a different second prompt) is
+    /// padded with windows of the empty prompt.
+    pub fn encode_prompts(
+        &self,
+        prompts: [&str; 2],
+        syntax: PromptSyntax,
+        clip_skip: usize,
+    ) -> Result<(Tensor<3>, Option<Tensor<2>>)> {
+        let xl = self.is_sdxl();
+        let layer = if xl {
+            HiddenLayer::Raw(clip_skip + 1)
+        } else {
+            HiddenLayer::Normed(clip_skip)
+        };
+        let encoders = self.text_encoders();
+        let mut states = Vec::with_capacity(encoders.len());
+        let mut pooled = None;
+        for (i, (tokenizer, encoder)) in encoders.iter().enumerate() {
+            let windows = tokenizer.tokenize_prompt(prompts[i.min(1)], syntax)?;
+            let out = encoder.encode_windows(&windows, layer, &self.device)?;
+            states.push(out.hidden_state);
+            pooled = out.text_embeds;
+        }
+        let longest = states.iter().map(|s| s.dims()[1]).max().unwrap_or(0);
+        for (state, (tokenizer, encoder)) in states.iter_mut().zip(&encoders) {
+            let seq = state.dims()[1];
+            if seq < longest {
+                let empty = tokenizer.tokenize_prompt("", syntax)?;
+                let empty = encoder.encode_windows(&empty, layer, &self.device)?;
+                let window = empty.hidden_state.dims()[1];
+                let pad = empty
+                    .hidden_state
+                    .repeat_dim(1, (longest - seq) / window.max(1));
+                *state = Tensor::cat(vec![state.clone(), pad], 1);
+            }
+        }
+        if xl && pooled.is_none() {
+            return Err(Error::Mismatch(
+                "an SDXL UNet needs a pooled text embedding, but the last text encoder has no \
+                 text_projection (its config.json must name CLIPTextModelWithProjection)"
+                    .into(),
+            ));
+        }
+        Ok((Tensor::cat(states, 2), pooled))
     }
 
     /// Loads a textual-inversion embedding ([`kiln_clip::textual_inversion`]): `token`, or the
@@ -719,6 +1026,24 @@ impl StableDiffusionPipeline {
         noise: &mut dyn NoiseSource,
         callback: Option<&mut StepCallback<'_>>,
     ) -> Result<GenerateOutput> {
+        let latents = self.generate_latents(scheduler, options, noise, callback)?;
+        // decode, with the UNet's freed working set handed back to the system first
+        kiln_nn::alloc::release_free_memory();
+        let images = self.decode_tiled(latents.clone(), options.vae_tiling.as_ref())?;
+        Ok(GenerateOutput { images, latents })
+    }
+
+    /// [`generate`](Self::generate) without the decode: the final latents, scaled as the UNet
+    /// sees them, `[num_images, latent channels, height / f, width / f]`. With
+    /// [`GenerateOptions::denoising_end`] these are what an SDXL refiner takes as its img2img
+    /// input (with [`GenerateOptions::denoising_start`]).
+    pub fn generate_latents<S: Scheduler + ?Sized>(
+        &self,
+        scheduler: &mut S,
+        options: &GenerateOptions,
+        noise: &mut dyn NoiseSource,
+        callback: Option<&mut StepCallback<'_>>,
+    ) -> Result<Tensor<4>> {
         let run = self.plan(options)?;
         let _span = tracing::info_span!(
             "generate",
@@ -727,31 +1052,32 @@ impl StableDiffusionPipeline {
             steps = options.steps
         )
         .entered();
-        // 1. prompt embeddings, [uncond x n, cond x n] under guidance
-        let context = self.context(options, run.guided)?;
+        // 1. prompt embeddings, [uncond x n, cond x n] under guidance, and SDXL's added
+        // conditioning
+        let conditioning = self.conditioning_of(options, &run)?;
         // 2. timesteps, cut to the strength point for img2img / inpainting
-        let timesteps = schedule(scheduler, options)?;
+        let timesteps = schedule(
+            scheduler,
+            options,
+            self.scheduler_config.num_train_timesteps,
+        )?;
         // 3. initial latents (and the inpainting inputs), per mode
         let (latents, inpaint) =
             self.initial_latents(scheduler, options, &run, &timesteps, noise)?;
         // 4. the denoising loop with its guidance
-        let latents = self.denoise(
+        self.denoise(
             scheduler,
             options,
             &run,
             Denoise {
                 latents,
-                context: &context,
+                conditioning: &conditioning,
                 timesteps: &timesteps,
                 inpaint: inpaint.as_ref(),
             },
             noise,
             callback,
-        )?;
-        // 5. decode, with the UNet's freed working set handed back to the system first
-        kiln_nn::alloc::release_free_memory();
-        let images = self.decode_tiled(latents.clone(), options.vae_tiling.as_ref())?;
-        Ok(GenerateOutput { images, latents })
+        )
     }
 
     /// Checks a request and sizes its run: the image size, whether guidance runs, the latents'
@@ -769,6 +1095,11 @@ impl StableDiffusionPipeline {
                 "guidance scale {} must be finite and guidance rescale {} within [0, 1]",
                 options.guidance_scale, options.guidance_rescale
             )));
+        }
+        if self.is_sdxl() && matches!(options.mode, Mode::Inpaint { .. }) {
+            return Err(Error::InvalidInput(
+                "inpainting with SDXL models is not supported yet; use txt2img or img2img".into(),
+            ));
         }
         let guided = options.guidance_scale > 1.0;
         let estimate = self.estimate_memory(width, height, n, guided, options.vae_tiling.as_ref());
@@ -826,15 +1157,34 @@ impl StableDiffusionPipeline {
                 (x * scheduler.init_noise_sigma(), None)
             }
             Mode::Img2Img { image, .. } => {
-                self.check_image(image, width, height, 3, "image")?;
-                let init = self
-                    .encode_image(image.clone(), options.vae_tiling.as_ref(), noise)?
-                    .repeat_dim(0, n);
-                let eps = match user_latents {
-                    Some(l) => l,
-                    None => noise.noise(shape, &self.device)?,
+                let init = if self.is_latent_image(image) {
+                    // latents (the SDXL base's output in an ensemble): used as they are
+                    let [b, c, h, w] = image.dims();
+                    if (b != 1 && b != n) || [c, h, w] != [shape[1], shape[2], shape[3]] {
+                        return Err(Error::InvalidInput(format!(
+                            "img2img latents have shape {:?}; this run needs [1 or {n}, {}, {}, {}]",
+                            image.dims(),
+                            shape[1],
+                            shape[2],
+                            shape[3]
+                        )));
+                    }
+                    image.clone().cast(DType::F32).repeat_dim(0, n / b)
+                } else {
+                    self.check_image(image, width, height, 3, "image")?;
+                    self.encode_image(image.clone(), options.vae_tiling.as_ref(), noise)?
+                        .repeat_dim(0, n)
                 };
-                (scheduler.add_noise(init, eps, &timesteps[..1])?, None)
+                if options.denoising_start.is_some() {
+                    // the schedule starts where the latents' noise level is: nothing is added
+                    (init, None)
+                } else {
+                    let eps = match user_latents {
+                        Some(l) => l,
+                        None => noise.noise(shape, &self.device)?,
+                    };
+                    (scheduler.add_noise(init, eps, &timesteps[..1])?, None)
+                }
             }
             Mode::Inpaint {
                 image,
@@ -902,7 +1252,7 @@ impl StableDiffusionPipeline {
     ) -> Result<Tensor<4>> {
         let Denoise {
             mut latents,
-            context,
+            conditioning,
             timesteps,
             inpaint,
         } = state;
@@ -922,7 +1272,12 @@ impl StableDiffusionPipeline {
                 Tensor::<1>::from_data(TensorData::new(vec![t as f32], [1]), &self.device);
             let pred = self
                 .unet
-                .forward(input.cast(self.dtype), timestep, context.clone())?
+                .forward_with(
+                    input.cast(self.dtype),
+                    timestep,
+                    conditioning.context.clone(),
+                    conditioning.added.as_ref(),
+                )?
                 .cast(DType::F32);
             let pred = if run.guided {
                 guide(pred, options.guidance_scale, options.guidance_rescale)
@@ -963,7 +1318,7 @@ impl StableDiffusionPipeline {
         latents: Tensor<4>,
         tiling: Option<&TilingOptions>,
     ) -> Result<Tensor<4>> {
-        let z = self.vae.unscale_latents(latents).cast(self.dtype);
+        let z = self.vae.unscale_latents(latents).cast(self.vae_dtype);
         let x = self.vae.decode(z, tiling)?.cast(DType::F32);
         Ok((x / 2.0 + 0.5).clamp(0.0, 1.0))
     }
@@ -975,9 +1330,9 @@ impl StableDiffusionPipeline {
         tiling: Option<&TilingOptions>,
         noise: &mut dyn NoiseSource,
     ) -> Result<Tensor<4>> {
-        let posterior = self.vae.encode(image.cast(self.dtype), tiling)?;
+        let posterior = self.vae.encode(image.cast(self.vae_dtype), tiling)?;
         let eps = noise.noise(posterior.mean.dims(), &self.device)?;
-        let z = posterior.sample(eps.cast(self.dtype)).cast(DType::F32);
+        let z = posterior.sample(eps.cast(self.vae_dtype)).cast(DType::F32);
         Ok(z * self.vae.scaling_factor())
     }
 
@@ -999,8 +1354,19 @@ impl StableDiffusionPipeline {
         Ok(())
     }
 
+    /// Whether an img2img input is latents (`[b, latent channels, h / f, w / f]`) rather
+    /// than an RGB image.
+    fn is_latent_image(&self, image: &Tensor<4>) -> bool {
+        let c = self.vae.config.latent_channels;
+        c != 3 && image.dims()[1] == c
+    }
+
     fn resolve_size(&self, options: &GenerateOptions) -> Result<(usize, usize)> {
         let (dw, dh) = match &options.mode {
+            Mode::Img2Img { image, .. } if self.is_latent_image(image) => {
+                let (d, f) = (image.dims(), self.vae_scale_factor());
+                (d[3] * f, d[2] * f)
+            }
             Mode::Img2Img { image, .. } | Mode::Inpaint { image, .. } => {
                 let d = image.dims();
                 (d[3], d[2])
@@ -1019,14 +1385,40 @@ impl StableDiffusionPipeline {
         Ok((width, height))
     }
 
-    /// The UNet's context: `[n, seq, d]`, or `[2n, seq, d]` (negative first) under guidance.
+    /// The UNet's conditioning for `options` ([`Conditioning`]): the text context `[n, seq, d]`,
+    /// or `[2n, seq, d]` (negative first) under guidance, and SDXL's pooled embeddings and time
+    /// ids, as [`generate`](Self::generate) computes them.
+    pub fn conditioning(&self, options: &GenerateOptions) -> Result<Conditioning> {
+        let (width, height) = self.resolve_size(options)?;
+        self.conditioning_for(options, [height, width], options.guidance_scale > 1.0)
+    }
+
+    fn conditioning_of(&self, options: &GenerateOptions, run: &RunPlan) -> Result<Conditioning> {
+        self.conditioning_for(options, [run.height, run.width], run.guided)
+    }
+
+    /// [`conditioning`](Self::conditioning) of a `[height, width]` run.
     ///
     /// Under guidance the shorter of the two encodings is padded with windows of the empty
     /// prompt's, as the A1111 web UI pads them, so both have the same length.
-    fn context(&self, options: &GenerateOptions, do_cfg: bool) -> Result<Tensor<3>> {
+    fn conditioning_for(
+        &self,
+        options: &GenerateOptions,
+        size: [usize; 2],
+        do_cfg: bool,
+    ) -> Result<Conditioning> {
         let n = options.num_images;
-        let width = self.text_encoder.config().hidden_size;
+        let width: usize = self
+            .text_encoders()
+            .iter()
+            .map(|(_, e)| e.config().hidden_size)
+            .sum();
         let window = self.tokenizer.max_length();
+        let xl = self.unet.config.text_time();
+        let pooled_width = self
+            .text_encoders()
+            .last()
+            .map_or(0, |(_, e)| e.config().projection_dim);
         let check = |e: &Tensor<3>, what: &str| -> Result<()> {
             let d = e.dims();
             if d[0] != 1 || d[1] == 0 || d[2] != width {
@@ -1036,20 +1428,72 @@ impl StableDiffusionPipeline {
             }
             Ok(())
         };
-        let encode = |prompt: &str| -> Result<Tensor<3>> {
-            self.encode_prompt(prompt, options.prompt_syntax, options.clip_skip)
+        let check_pooled = |e: Option<Tensor<2>>, what: &str| -> Result<Option<Tensor<2>>> {
+            match (xl, e) {
+                (None, _) => Ok(None),
+                (Some(_), Some(e)) if e.dims() == [1, pooled_width] => Ok(Some(e.cast(DType::F32))),
+                (Some(_), e) => Err(Error::InvalidInput(format!(
+                    "an SDXL model needs {what} of shape [1, {pooled_width}] with the embeddings; \
+                     got {:?}",
+                    e.map(|e| e.dims())
+                ))),
+            }
         };
-        let mut cond = match &options.prompt_embeds {
-            Some(e) => e.clone().cast(DType::F32),
-            None => encode(&options.prompt)?,
+        let encode = |prompt: &str, prompt_2: &Option<String>| {
+            let second = prompt_2.as_deref().unwrap_or(prompt);
+            self.encode_prompts([prompt, second], options.prompt_syntax, options.clip_skip)
+        };
+        let (mut cond, pooled) = match &options.prompt_embeds {
+            Some(e) => (
+                e.clone().cast(DType::F32),
+                check_pooled(
+                    options.pooled_prompt_embeds.clone(),
+                    "pooled prompt embeddings",
+                )?,
+            ),
+            None => encode(&options.prompt, &options.prompt_2)?,
         };
         check(&cond, "prompt embeddings")?;
+        let time_ids = match xl {
+            Some((dim, input)) => Some(
+                options
+                    .micro_conditioning
+                    .time_ids(size, (input - pooled_width) / dim)?,
+            ),
+            None => None,
+        };
+        let batch = |x: Tensor<2>| x.repeat_dim(0, n);
+        let ids = |v: &Vec<f32>| {
+            Tensor::<2>::from_data(TensorData::new(v.clone(), [1, v.len()]), &self.device)
+        };
         if !do_cfg {
-            return Ok(cond.repeat_dim(0, n).cast(self.dtype));
+            let added = match (pooled, &time_ids) {
+                (Some(p), Some((positive, _))) => Some(AddedConditioning {
+                    text_embeds: batch(p),
+                    time_ids: batch(ids(positive)),
+                }),
+                _ => None,
+            };
+            return Ok(Conditioning {
+                context: cond.repeat_dim(0, n).cast(self.dtype),
+                added,
+            });
         }
-        let mut uncond = match &options.negative_prompt_embeds {
-            Some(e) => e.clone().cast(DType::F32),
-            None => encode(&options.negative_prompt)?,
+        let zeros = xl.is_some()
+            && self.force_zeros_for_empty_prompt
+            && options.negative_prompt.is_empty()
+            && options.negative_prompt_2.is_none();
+        let (mut uncond, negative_pooled) = match &options.negative_prompt_embeds {
+            Some(e) => (
+                e.clone().cast(DType::F32),
+                check_pooled(
+                    options.negative_pooled_prompt_embeds.clone(),
+                    "pooled negative prompt embeddings",
+                )?,
+            ),
+            // diffusers' force_zeros_for_empty_prompt: zeros the shape of the prompt's
+            None if zeros => (cond.zeros_like(), pooled.as_ref().map(Tensor::zeros_like)),
+            None => encode(&options.negative_prompt, &options.negative_prompt_2)?,
         };
         check(&uncond, "negative prompt embeddings")?;
         let (a, b) = (cond.dims()[1], uncond.dims()[1]);
@@ -1063,7 +1507,7 @@ impl StableDiffusionPipeline {
                     cond.dims()
                 )));
             }
-            let empty = encode("")?;
+            let empty = encode("", &None)?.0;
             let pad = |e: Tensor<3>, to: usize| -> Tensor<3> {
                 let windows = (to - e.dims()[1]) / window;
                 Tensor::cat(vec![e, empty.clone().repeat_dim(1, windows)], 1)
@@ -1074,25 +1518,74 @@ impl StableDiffusionPipeline {
                 uncond = pad(uncond, a);
             }
         }
-        Ok(Tensor::cat(vec![uncond.repeat_dim(0, n), cond.repeat_dim(0, n)], 0).cast(self.dtype))
+        let added = match (pooled, negative_pooled, &time_ids) {
+            (Some(p), Some(np), Some((positive, negative))) => Some(AddedConditioning {
+                text_embeds: Tensor::cat(vec![batch(np), batch(p)], 0),
+                time_ids: Tensor::cat(vec![batch(ids(negative)), batch(ids(positive))], 0),
+            }),
+            _ => None,
+        };
+        Ok(Conditioning {
+            context: Tensor::cat(vec![uncond.repeat_dim(0, n), cond.repeat_dim(0, n)], 0)
+                .cast(self.dtype),
+            added,
+        })
     }
 }
 
-/// Checks that the text encoder's width is the UNet's cross-attention width and that the UNet
-/// takes and returns the VAE's latents (or, for inpainting, latents + mask + masked latents).
+/// Checks that the text encoders' widths add up to the UNet's cross-attention width, that an
+/// SDXL UNet's added conditioning fits the last encoder's projection (and only an SDXL UNet
+/// has a second encoder), and that the UNet takes and returns the VAE's latents (or, for
+/// inpainting, latents + mask + masked latents).
 pub(crate) fn check_components(
-    text: &ClipTextConfig,
+    texts: &[&ClipTextConfig],
     unet: &UNet2DConditionModelConfig,
     vae: &AutoencoderKLConfig,
 ) -> Result<()> {
-    let text_width = text.hidden_size;
+    let text_width: usize = texts.iter().map(|t| t.hidden_size).sum();
     let widths = unet
         .cross_attention_dim
         .expand(unet.down_block_types.len(), "cross_attention_dim")?;
     if let Some(w) = widths.iter().find(|&&w| w != text_width) {
+        let sizes: Vec<String> = texts.iter().map(|t| t.hidden_size.to_string()).collect();
         return Err(Error::Mismatch(format!(
-            "the text encoder's hidden size is {text_width}, the UNet's cross-attention width is {w}"
+            "the text encoders' hidden sizes ({}) add up to {text_width}, the UNet's \
+             cross-attention width is {w}",
+            sizes.join(" + ")
         )));
+    }
+    match (unet.text_time(), texts.last()) {
+        (Some((dim, input)), Some(last)) => {
+            if !last.has_projection() {
+                return Err(Error::Mismatch(
+                    "the UNet is SDXL's (addition_embed_type \"text_time\"), but the last text \
+                     encoder has no text_projection: give the folder SDXL's text_encoder_2 \
+                     (CLIPTextModelWithProjection)"
+                        .into(),
+                ));
+            }
+            let pooled = last.projection_dim;
+            let ids = input
+                .checked_sub(pooled)
+                .filter(|r| r % dim == 0)
+                .map(|r| r / dim);
+            if !matches!(ids, Some(5 | 6)) {
+                return Err(Error::Mismatch(format!(
+                    "the UNet's add_embedding takes {input} values; the text encoder's pooled \
+                     embedding has {pooled}, which leaves {} for time ids of {dim} each \
+                     (SDXL: 6 ids for the base, 5 for the refiner)",
+                    input as i64 - pooled as i64
+                )));
+            }
+        }
+        (None, _) if texts.len() > 1 => {
+            return Err(Error::Mismatch(
+                "the folder has a second text encoder (text_encoder_2/), but its UNet is not \
+                 SDXL's (no addition_embed_type \"text_time\")"
+                    .into(),
+            ));
+        }
+        _ => {}
     }
     let latent = vae.latent_channels;
     if unet.out_channels != latent
@@ -1106,6 +1599,16 @@ pub(crate) fn check_components(
         )));
     }
     Ok(())
+}
+
+/// The VAE's dtype in a `dtype` run: f32 for an SDXL VAE with `force_upcast` in f16, as
+/// diffusers' SDXL pipelines upcast it.
+fn vae_dtype(xl: bool, vae: &AutoencoderKLConfig, dtype: DType) -> DType {
+    if xl && vae.force_upcast && dtype == DType::F16 {
+        DType::F32
+    } else {
+        dtype
+    }
 }
 
 /// The tensors the inpainting loop carries.
@@ -1170,7 +1673,7 @@ struct RunPlan {
 /// What the denoising loop starts from.
 struct Denoise<'a> {
     latents: Tensor<4>,
-    context: &'a Tensor<3>,
+    conditioning: &'a Conditioning,
     timesteps: &'a [f64],
     inpaint: Option<&'a InpaintState>,
 }
@@ -1180,19 +1683,76 @@ struct Denoise<'a> {
 fn schedule<S: Scheduler + ?Sized>(
     scheduler: &mut S,
     options: &GenerateOptions,
+    train_steps: usize,
 ) -> Result<Vec<f64>> {
-    scheduler.set_timesteps(options.steps)?;
-    let all: Vec<f64> = scheduler.timesteps().to_vec();
-    let strength = match &options.mode {
-        Mode::Txt2Img => 1.0,
-        Mode::Img2Img { strength, .. } | Mode::Inpaint { strength, .. } => *strength,
-    };
-    if !(strength > 0.0 && strength <= 1.0) {
+    for (name, value) in [
+        ("denoising_end", options.denoising_end),
+        ("denoising_start", options.denoising_start),
+    ] {
+        if let Some(d) = value
+            && !(d > 0.0 && d < 1.0)
+        {
+            return Err(Error::InvalidInput(format!("{name} {d} must be in (0, 1)")));
+        }
+    }
+    if let (Some(end), Some(start)) = (options.denoising_end, options.denoising_start)
+        && start >= end
+    {
         return Err(Error::InvalidInput(format!(
-            "strength {strength} must be in (0, 1]"
+            "denoising_start {start} must be below denoising_end {end}"
         )));
     }
-    strength_timesteps(&all, options.steps, strength, scheduler.order())
+    scheduler.set_timesteps(options.steps)?;
+    let all: Vec<f64> = scheduler.timesteps().to_vec();
+    // diffusers' discrete_timestep_cutoff
+    let cutoff = |d: f64| (train_steps as f64 - d * train_steps as f64).round();
+    let mut timesteps = match (&options.mode, options.denoising_start) {
+        (Mode::Img2Img { .. }, Some(start)) => {
+            let c = cutoff(start);
+            let mut n = all.iter().filter(|&&t| t < c).count();
+            // a second-order step must not be cut in half
+            if scheduler.order() == 2 && n % 2 == 0 {
+                n += 1;
+            }
+            let n = n.min(all.len());
+            if n == 0 {
+                return Err(Error::InvalidInput(format!(
+                    "denoising_start {start} with {} steps leaves no step to run",
+                    options.steps
+                )));
+            }
+            all[all.len() - n..].to_vec()
+        }
+        (_, Some(_)) => {
+            return Err(Error::InvalidInput(
+                "denoising_start is for img2img runs (the refiner of an ensemble)".into(),
+            ));
+        }
+        (mode, None) => {
+            let strength = match mode {
+                Mode::Txt2Img => 1.0,
+                Mode::Img2Img { strength, .. } | Mode::Inpaint { strength, .. } => *strength,
+            };
+            if !(strength > 0.0 && strength <= 1.0) {
+                return Err(Error::InvalidInput(format!(
+                    "strength {strength} must be in (0, 1]"
+                )));
+            }
+            strength_timesteps(&all, options.steps, strength, scheduler.order())?
+        }
+    };
+    if let Some(end) = options.denoising_end {
+        let c = cutoff(end);
+        let n = timesteps.iter().filter(|&&t| t >= c).count();
+        if n == 0 {
+            return Err(Error::InvalidInput(format!(
+                "denoising_end {end} with {} steps leaves no step to run",
+                options.steps
+            )));
+        }
+        timesteps.truncate(n);
+    }
+    Ok(timesteps)
 }
 
 /// Classifier-free guidance on `[2n, ...]` predictions (unconditional half first), with

@@ -45,8 +45,11 @@ impl std::str::FromStr for Preset {
 /// The configs of every component of a pipeline.
 #[derive(Debug, Clone)]
 pub struct ModelConfigs {
-    /// `text_encoder/config.json`.
+    /// `text_encoder/config.json` (the SDXL refiner's `text_encoder_2/config.json`: the first
+    /// text encoder of the folder).
     pub text_encoder: ClipTextConfig,
+    /// SDXL base: `text_encoder_2/config.json`.
+    pub text_encoder_2: Option<ClipTextConfig>,
     /// `unet/config.json`.
     pub unet: UNet2DConditionModelConfig,
     /// `vae/config.json`.
@@ -92,6 +95,7 @@ impl Preset {
             .to_string();
         Ok(ModelConfigs {
             text_encoder,
+            text_encoder_2: None,
             unet,
             vae,
             scheduler,
@@ -105,8 +109,14 @@ impl ModelConfigs {
     /// `vae/config.json`, `scheduler/scheduler_config.json`), checked to fit together, before any
     /// weight is read. `pad_token` is SD 1.x's: a folder's own tokenizer files say its padding.
     pub fn from_dir(dir: &Path) -> Result<Self> {
+        let mut texts = crate::pipeline_stable_diffusion::text_components(dir)
+            .into_iter()
+            .map(|(_, encoder)| ClipTextConfig::from_file(&dir.join(encoder).join("config.json")));
+        let text_encoder = texts.next().expect("one text encoder at least")?;
+        let text_encoder_2 = texts.next().transpose()?;
         let configs = Self {
-            text_encoder: ClipTextConfig::from_file(&dir.join("text_encoder").join("config.json"))?,
+            text_encoder,
+            text_encoder_2,
             unet: UNet2DConditionModelConfig::from_file(&dir.join("unet").join("config.json"))?,
             vae: AutoencoderKLConfig::from_file(&dir.join("vae").join("config.json"))?,
             scheduler: SchedulerConfig::from_file(
@@ -115,11 +125,18 @@ impl ModelConfigs {
             pad_token: "<|endoftext|>".into(),
         };
         crate::pipeline_stable_diffusion::check_components(
-            &configs.text_encoder,
+            &configs.text_configs(),
             &configs.unet,
             &configs.vae,
         )?;
         Ok(configs)
+    }
+
+    /// The text encoders' configs, in order.
+    pub fn text_configs(&self) -> Vec<&ClipTextConfig> {
+        std::iter::once(&self.text_encoder)
+            .chain(self.text_encoder_2.as_ref())
+            .collect()
     }
 }
 
@@ -166,11 +183,19 @@ impl StableDiffusionPipeline {
         name: &str,
     ) -> Result<Self> {
         crate::pipeline_stable_diffusion::check_components(
-            &configs.text_encoder,
+            &configs.text_configs(),
             &configs.unet,
             &configs.vae,
         )?;
         let dtype = options.dtype.dtype();
+        // SDXL's second encoder (OpenCLIP) pads with "!"
+        let second = match &configs.text_encoder_2 {
+            Some(c) => Some((
+                ClipTokenizer::embedded("!")?,
+                ClipTextModel::init(c, seed.wrapping_add(3), device),
+            )),
+            None => None,
+        };
         let text_encoder = ClipTextModel::init(&configs.text_encoder, seed, device);
         let unet = kiln_nn::precision::cast_params(
             UNet2DConditionModel::init(&configs.unet, seed.wrapping_add(1), device)?,
@@ -180,7 +205,7 @@ impl StableDiffusionPipeline {
             AutoencoderKL::init(&configs.vae, seed.wrapping_add(2), device)?,
             dtype,
         );
-        Ok(Self::from_parts(
+        let mut pipe = Self::from_parts(
             ClipTokenizer::embedded(&configs.pad_token)?,
             text_encoder,
             unet,
@@ -190,6 +215,9 @@ impl StableDiffusionPipeline {
             GenerationDefaults::default(),
             device,
             dtype,
-        ))
+        );
+        (pipe.tokenizer_2, pipe.text_encoder_2) = second.unzip();
+        pipe.force_zeros_for_empty_prompt = pipe.is_sdxl();
+        Ok(pipe)
     }
 }

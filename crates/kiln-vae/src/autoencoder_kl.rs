@@ -101,6 +101,10 @@ pub struct AutoencoderKLConfig {
     /// Whether the mid blocks hold a self-attention.
     #[serde(default = "yes")]
     pub mid_block_add_attention: bool,
+    /// The VAE overflows in f16 and must run in f32 (the original SDXL VAE). diffusers' SDXL
+    /// pipelines honour it, its SD 1.x / 2.x pipelines do not; Kiln likewise.
+    #[serde(default = "yes")]
+    pub force_upcast: bool,
 }
 
 fn one() -> usize {

@@ -73,6 +73,7 @@ pub struct Case {
     pub prompt: String,
     pub negative: String,
     pub guidance: f64,
+    #[serde(default)]
     pub rescale: f64,
     pub images: usize,
     pub steps: usize,
