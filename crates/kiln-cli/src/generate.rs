@@ -120,6 +120,14 @@ pub struct GenerateArgs {
     /// inpainting).
     #[arg(long)]
     strength: Option<f64>,
+    /// An SDXL refiner (folder or hub repo id) that finishes what the SDXL base of --model
+    /// starts: the base runs the first --refiner-switch of the schedule, the refiner the rest
+    /// on the base's latents (diffusers' base + refiner ensemble).
+    #[arg(long, value_name = "DIR")]
+    refiner: Option<String>,
+    /// Where the refiner takes over, as a fraction of the schedule (0 to 1, default 0.8).
+    #[arg(long, value_name = "FRACTION", requires = "refiner")]
+    refiner_switch: Option<f64>,
     /// Output PNG file.
     #[arg(long)]
     output: PathBuf,
@@ -158,7 +166,19 @@ pub fn run(args: GenerateArgs, device: impl FnOnce() -> Result<Device>) -> Resul
         .as_deref()
         .map(parse_prediction_type)
         .transpose()?;
+    let switch = args.refiner_switch.unwrap_or(0.8);
+    if args.refiner.is_some() && !(switch > 0.0 && switch < 1.0) {
+        bail!("--refiner-switch {switch} must be between 0 and 1");
+    }
+    if args.refiner.is_some() && args.mask.is_some() {
+        bail!("--refiner is for txt2img and img2img: SDXL inpainting is not supported yet");
+    }
     let model_dir = resolve_model(args.model.as_deref())?;
+    let refiner_dir = args
+        .refiner
+        .as_deref()
+        .map(|r| resolve_model(Some(r)))
+        .transpose()?;
     let single_file = model_dir.is_file();
     if args.config.is_some() && !single_file {
         bail!(
@@ -211,6 +231,29 @@ pub fn run(args: GenerateArgs, device: impl FnOnce() -> Result<Device>) -> Resul
         prediction_type,
     };
     let mut pipe = load_pipeline(&model_dir, &load, &device)?;
+    if pipe.is_sdxl_refiner() && image.is_none() {
+        bail!(
+            "`{}` is an SDXL refiner: it refines an image (--image) or, given as --refiner, what an \
+             SDXL base makes; it cannot start from noise",
+            model_dir.display()
+        );
+    }
+    let refiner = match &refiner_dir {
+        Some(dir) => {
+            if !pipe.is_sdxl() {
+                bail!(
+                    "--refiner needs an SDXL base as --model; `{}` is not SDXL",
+                    model_dir.display()
+                );
+            }
+            let refiner = load_pipeline(dir, &load, &device)?;
+            if !refiner.is_sdxl() {
+                bail!("the refiner `{}` is not an SDXL model", dir.display());
+            }
+            Some(refiner)
+        }
+        None => None,
+    };
     let embeddings = crate::loras::load_embeddings(&mut pipe, &args.embedding)?;
     crate::loras::apply(&mut pipe, &loras, args.lora_allow_unknown_keys)?;
     let options_sampler = SamplerOptions {
@@ -321,7 +364,34 @@ pub fn run(args: GenerateArgs, device: impl FnOnce() -> Result<Device>) -> Resul
         std::ops::ControlFlow::Continue(())
     };
     let mut noise = SeededNoise::new(seed);
-    let out = match pipe.generate(&mut scheduler, &options, &mut noise, Some(&mut on_step)) {
+    let result = match &refiner {
+        None => pipe.generate(&mut scheduler, &options, &mut noise, Some(&mut on_step)),
+        // the ensemble: the base to the switch point, the refiner from there on its latents
+        Some(refiner) => pipe
+            .generate_latents(
+                &mut scheduler,
+                &options.clone().with_denoising_range(Some(switch), None),
+                &mut noise,
+                Some(&mut on_step),
+            )
+            .and_then(|latents| {
+                let mut refiner_scheduler = refiner.scheduler(sampler, options_sampler)?;
+                let refine = options
+                    .clone()
+                    .with_mode(Mode::Img2Img {
+                        image: latents,
+                        strength: 1.0,
+                    })
+                    .with_denoising_range(None, Some(switch));
+                refiner.generate(
+                    &mut refiner_scheduler,
+                    &refine,
+                    &mut noise,
+                    Some(&mut on_step),
+                )
+            }),
+    };
+    let out = match result {
         Ok(out) => out,
         Err(e @ kiln_pipeline::Error::InsufficientMemory { .. }) => {
             bar.finish_and_clear();
@@ -358,6 +428,9 @@ pub fn run(args: GenerateArgs, device: impl FnOnce() -> Result<Device>) -> Resul
             strength,
             clip_skip: args.clip_skip,
             batch: (batch, i),
+            refiner: refiner_dir
+                .as_ref()
+                .map(|dir| (model_label(args.refiner.as_deref(), dir), switch)),
         };
         encoded.push(encode_png(image, &params.to_string())?);
     }
@@ -569,6 +642,8 @@ struct Parameters<'a> {
     lora_hashes: &'a str,
     /// `token: hash, ...` of the textual-inversion embeddings loaded (empty: none).
     ti_hashes: &'a str,
+    /// The SDXL refiner's name and switch point.
+    refiner: Option<(String, f64)>,
 }
 
 impl std::fmt::Display for Parameters<'_> {
@@ -593,6 +668,9 @@ impl std::fmt::Display for Parameters<'_> {
         }
         if !self.ti_hashes.is_empty() {
             write!(f, ", TI hashes: \"{}\"", self.ti_hashes)?;
+        }
+        if let Some((name, switch)) = &self.refiner {
+            write!(f, ", Refiner: {name}, Refiner switch at: {switch}")?;
         }
         if self.batch.0 > 1 {
             write!(

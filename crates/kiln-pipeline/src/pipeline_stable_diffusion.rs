@@ -861,6 +861,19 @@ impl StableDiffusionPipeline {
         self.unet.config.text_time().is_some()
     }
 
+    /// Whether the model is an SDXL refiner: its UNet takes the aesthetic score among five time
+    /// ids. A refiner refines (img2img); it cannot start from noise.
+    pub fn is_sdxl_refiner(&self) -> bool {
+        let pooled = self
+            .text_encoders()
+            .last()
+            .map_or(0, |(_, e)| e.config().projection_dim);
+        self.unet
+            .config
+            .text_time()
+            .is_some_and(|(dim, input)| input.checked_sub(pooled) == Some(5 * dim))
+    }
+
     /// The text encoders with their tokenizers, in order (one for SD 1.x / 2.x and the SDXL
     /// refiner, two for the SDXL base).
     pub fn text_encoders(&self) -> Vec<(&ClipTokenizer, &ClipTextModel)> {
@@ -1095,6 +1108,13 @@ impl StableDiffusionPipeline {
                 "guidance scale {} must be finite and guidance rescale {} within [0, 1]",
                 options.guidance_scale, options.guidance_rescale
             )));
+        }
+        if self.is_sdxl_refiner() && matches!(options.mode, Mode::Txt2Img) {
+            return Err(Error::InvalidInput(
+                "this model is an SDXL refiner: it refines an image or an SDXL base's latents \
+                 (img2img, with denoising_start in an ensemble); it cannot start from noise"
+                    .into(),
+            ));
         }
         if self.is_sdxl() && matches!(options.mode, Mode::Inpaint { .. }) {
             return Err(Error::InvalidInput(

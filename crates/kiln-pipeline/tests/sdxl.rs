@@ -121,16 +121,35 @@ fn conditioning_matches_diffusers_encode_prompt() {
     }
 }
 
+/// The cases of `cases.json`, with each one's `timestep_spacing` override and ensemble switch.
+fn cases() -> Vec<(Case, Option<String>, Option<f64>)> {
+    let text = std::fs::read_to_string(sdxl().join("cases.json")).unwrap();
+    let values: Vec<serde_json::Value> = serde_json::from_str(&text).unwrap();
+    values
+        .into_iter()
+        .map(|v| {
+            let spacing = v["timestep_spacing"].as_str().map(str::to_string);
+            let switch = v["switch"].as_f64();
+            (serde_json::from_value(v).unwrap(), spacing, switch)
+        })
+        .collect()
+}
+
+/// txt2img (the SDXL-Turbo-style trailing, unguided one- and four-step runs among them),
+/// img2img, and the refiner's img2img.
 #[test]
 fn pipelines_match_diffusers_within_two_levels() {
-    let text = std::fs::read_to_string(sdxl().join("cases.json")).unwrap();
-    let cases: Vec<Case> = serde_json::from_str(&text).unwrap();
-    assert!(cases.len() >= 6);
+    let cases = cases();
+    assert!(cases.len() >= 8);
     let reference = Reference::open(&sdxl().join("expected.safetensors")).unwrap();
     let mut failures = Vec::new();
     for model in ["base", "refiner"] {
-        let pipe = load(model);
-        for case in cases.iter().filter(|c| c.model == model) {
+        for (case, spacing, _) in cases.iter().filter(|(c, ..)| c.model == model) {
+            let mut pipe = load(model);
+            if let Some(spacing) = spacing {
+                pipe.scheduler_config.timestep_spacing =
+                    serde_json::from_value(serde_json::Value::String(spacing.clone())).unwrap();
+            }
             let (float_diff, byte_diff) = run_case(case, &pipe, &reference);
             eprintln!(
                 "{}: max |float diff| {float_diff:.2e}, max 8-bit diff {byte_diff}",
@@ -142,6 +161,79 @@ fn pipelines_match_diffusers_within_two_levels() {
         }
     }
     assert!(failures.is_empty(), "beyond tolerance: {failures:?}");
+}
+
+/// Base + refiner ensembles: the base to `denoising_end`, its latents, then the refiner from
+/// `denoising_start` on them, against diffusers (Euler, Euler-a with a negative prompt, and
+/// second-order Heun, whose refiner half takes one step more to keep its pairs whole).
+#[test]
+fn ensembles_match_diffusers() {
+    let device = common::device();
+    let reference = Reference::open(&sdxl().join("expected.safetensors")).unwrap();
+    let (base, refiner) = (load("base"), load("refiner"));
+    let ensembles: Vec<_> = cases()
+        .into_iter()
+        .filter(|(c, ..)| c.model == "ensemble")
+        .collect();
+    assert_eq!(ensembles.len(), 3);
+    for (case, _, switch) in ensembles {
+        let switch = switch.unwrap();
+        let t = |key: &str| {
+            reference
+                .tensor::<4>(&format!("{}.{key}", case.name), &device)
+                .unwrap()
+        };
+        let sampler = match case.scheduler.as_str() {
+            "default" => None,
+            name => Some(name.parse::<kiln_scheduler::SamplerName>().unwrap()),
+        };
+        let draws: Vec<_> = (0..case.noise_draws)
+            .map(|i| t(&format!("noise.{i}")))
+            .collect();
+        let mut noise = kiln_scheduler::QueuedNoise::new(draws);
+        let options = GenerateOptions::new(&case.prompt)
+            .with_negative_prompt(&case.negative)
+            .with_guidance_scale(case.guidance)
+            .with_steps(case.steps)
+            .with_size(case.width, case.height);
+        let mut scheduler = base
+            .scheduler(sampler, kiln_scheduler::SamplerOptions::default())
+            .unwrap();
+        let middle = base
+            .generate_latents(
+                &mut scheduler,
+                &options
+                    .clone()
+                    .with_latents(t("latents"))
+                    .with_denoising_range(Some(switch), None),
+                &mut noise,
+                None,
+            )
+            .unwrap();
+        let err = max_relative_error(&middle, &t("base_latents"));
+        eprintln!("{}: base latents max relative error {err:.2e}", case.name);
+        assert!(err < tolerance::FORWARD, "{}: {err}", case.name);
+        let mut scheduler = refiner
+            .scheduler(sampler, kiln_scheduler::SamplerOptions::default())
+            .unwrap();
+        let out = refiner
+            .generate(
+                &mut scheduler,
+                &options
+                    .with_mode(Mode::Img2Img {
+                        image: middle,
+                        strength: 1.0,
+                    })
+                    .with_denoising_range(None, Some(switch)),
+                &mut noise,
+                None,
+            )
+            .unwrap();
+        assert_eq!(noise.remaining(), 0, "{}: unused recorded noise", case.name);
+        let diff: f32 = (out.images - t("image")).abs().max().into_scalar();
+        eprintln!("{}: max |float diff| {diff:.2e}", case.name);
+        assert!(diff <= tolerance::IMAGE, "{}: {diff}", case.name);
+    }
 }
 
 /// The micro-conditioning reaches the UNet: another original size gives another image.
