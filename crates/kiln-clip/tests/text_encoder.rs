@@ -103,7 +103,9 @@ fn windows_are_encoded_separately_and_concatenated() {
         num_tokens: 150,
     };
     let both = model.encode_windows(&windows, 0, &device).unwrap();
-    let first_out = model.encode_ids(&[a.clone()], 0, &device).unwrap();
+    let first_out = model
+        .encode_ids(std::slice::from_ref(&a), 0, &device)
+        .unwrap();
     assert!(max_relative_error(&both.pooled, &first_out.pooled) < 1e-6);
     let both = both.hidden_state;
     assert_eq!(both.dims(), [1, 154, 32]);

@@ -246,6 +246,7 @@ impl SafetensorsFile {
             shape: entry.info.shape.clone(),
             begin: entry.begin,
             end: entry.end,
+            transposed: false,
         })
     }
 
@@ -273,6 +274,8 @@ pub struct LazyTensor {
     shape: Vec<usize>,
     begin: u64,
     end: u64,
+    /// A 2-D tensor read transposed (OpenCLIP's `x @ P` projection as a PyTorch linear weight).
+    transposed: bool,
 }
 
 impl LazyTensor {
@@ -294,7 +297,7 @@ impl LazyTensor {
     /// Rows `start..start + len` of the outermost dimension (a split of a fused tensor).
     pub fn narrow(mut self, start: usize, len: usize) -> Result<Self> {
         let rows = self.shape.first().copied().unwrap_or(0);
-        if len == 0 || start + len > rows {
+        if len == 0 || start + len > rows || self.transposed {
             return Err(Error::InvalidInput(format!(
                 "cannot take rows {start}..{} of `{}` with shape {:?}",
                 start + len,
@@ -311,7 +314,9 @@ impl LazyTensor {
 
     /// The same values with another shape of the same size (a 1x1 convolution as a linear weight).
     pub fn reshape(mut self, shape: Vec<usize>) -> Result<Self> {
-        if shape.iter().product::<usize>() != self.shape.iter().product::<usize>() {
+        if shape.iter().product::<usize>() != self.shape.iter().product::<usize>()
+            || self.transposed
+        {
             return Err(Error::InvalidInput(format!(
                 "cannot reshape `{}` from {:?} to {shape:?}",
                 self.name, self.shape
@@ -321,15 +326,41 @@ impl LazyTensor {
         Ok(self)
     }
 
+    /// The transpose of a 2-D tensor (read as `[cols, rows]`); the last change made to it.
+    pub fn transpose(mut self) -> Result<Self> {
+        if self.shape.len() != 2 || self.transposed {
+            return Err(Error::InvalidInput(format!(
+                "cannot transpose `{}` with shape {:?}: only a 2-D tensor, once",
+                self.name, self.shape
+            )));
+        }
+        self.shape.swap(0, 1);
+        self.transposed = true;
+        Ok(self)
+    }
+
     /// Reads the values.
     pub fn read(&self) -> Result<TensorData> {
-        let bytes = self
+        let mut bytes = self
             .file
             .read_bytes(self.begin, self.end)
             .map_err(|source| Error::Io {
                 path: self.file.path().to_path_buf(),
                 source,
             })?;
+        if self.transposed {
+            // stored [cols, rows], wanted [rows, cols]: element (r, c) is stored at (c, r)
+            let [rows, cols] = [self.shape[0], self.shape[1]];
+            let size = self.dtype.size();
+            let mut out = vec![0u8; bytes.len()];
+            for r in 0..rows {
+                for c in 0..cols {
+                    let (to, from) = ((r * cols + c) * size, (c * rows + r) * size);
+                    out[to..to + size].copy_from_slice(&bytes[from..from + size]);
+                }
+            }
+            bytes = out;
+        }
         Ok(TensorData::from_bytes_vec(
             bytes,
             self.shape.clone(),

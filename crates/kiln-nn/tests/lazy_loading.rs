@@ -151,3 +151,29 @@ fn misuse_is_a_typed_error() {
     .unwrap_err();
     assert!(matches!(err, Error::UnsupportedDType { .. }), "{err}");
 }
+
+/// A transposed tensor reads as the transpose (a non-square one, in f16, f32 kept apart), and
+/// can be neither transposed twice nor narrowed or reshaped after it.
+#[test]
+fn transposed_tensors_read_transposed() {
+    let (_tmp, file) = file();
+    // fused [4, 2] = [[0, 1], [2, 3], [4, 5], [6, 7]]
+    let t = file.tensor("fused").unwrap().transpose().unwrap();
+    assert_eq!(t.shape(), [2, 4]);
+    let expected = TensorData::new(vec![0.0f32, 2.0, 4.0, 6.0, 1.0, 3.0, 5.0, 7.0], [2, 4]);
+    assert_eq!(t.read().unwrap().convert::<f32>(), expected);
+    let conv = file.tensor("conv").unwrap().reshape(vec![2, 2]).unwrap();
+    let square = conv.transpose().unwrap().read().unwrap();
+    assert_eq!(
+        square.convert::<f32>(),
+        TensorData::new(vec![10.0f32, 12.0, 11.0, 13.0], [2, 2])
+    );
+    for err in [
+        t.clone().transpose().map(|_| ()),
+        t.clone().narrow(0, 1).map(|_| ()),
+        t.clone().reshape(vec![8]).map(|_| ()),
+        file.tensor("ids").unwrap().transpose().map(|_| ()),
+    ] {
+        assert!(matches!(err, Err(Error::InvalidInput(_))), "{err:?}");
+    }
+}

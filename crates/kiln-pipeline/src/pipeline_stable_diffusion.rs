@@ -27,7 +27,7 @@ use kiln_unet::{UNet2DConditionModel, UNet2DConditionModelConfig};
 use kiln_vae::{AutoencoderKL, AutoencoderKLConfig, TilingOptions};
 use serde::Deserialize;
 
-use crate::single_file::{self, SingleFileOptions};
+use crate::single_file::{self, Family, SingleFileOptions};
 use crate::{Error, Result};
 
 /// The subfolders a diffusers Stable Diffusion folder must have besides its text encoders
@@ -150,6 +150,19 @@ impl GenerationDefaults {
             })
         })?;
         Ok(value)
+    }
+
+    /// A model's defaults: its folder's `kiln.json` where it has one, else diffusers' pipeline
+    /// defaults, whose guidance is 5 for SDXL (`xl`) and 7.5 otherwise.
+    fn for_model(dir: Option<&Path>, xl: bool) -> Result<Self> {
+        match dir {
+            Some(dir) if dir.join(GENERATION_FILE).is_file() => Self::from_dir(dir),
+            _ if xl => Ok(Self {
+                guidance_scale: 5.0,
+                ..Self::default()
+            }),
+            _ => Ok(Self::default()),
+        }
     }
 
     /// Whether the values can drive a pipeline; the message says what is wrong.
@@ -683,11 +696,7 @@ impl StableDiffusionPipeline {
         let (tokenizer_2, text_encoder_2) = encoders.next().unzip();
         let unet = UNet2DConditionModel::from_pretrained(&dir.join("unet"), dtype, device)?;
         let vae = AutoencoderKL::from_pretrained(&dir.join("vae"), vae_dtype, device)?;
-        let mut generation = GenerationDefaults::from_dir(dir)?;
-        if xl && !dir.join(GENERATION_FILE).is_file() {
-            // diffusers' SDXL pipelines default to guidance 5
-            generation.guidance_scale = 5.0;
-        }
+        let generation = GenerationDefaults::for_model(Some(dir), xl)?;
         Ok(Self {
             tokenizer,
             text_encoder,
@@ -741,9 +750,10 @@ impl StableDiffusionPipeline {
         }
     }
 
-    /// Loads a single-file SD 1.x / 2.x checkpoint (`.safetensors` with the original CompVis key
-    /// names), its configs inferred from the tensor shapes or read from `options.config`; see
-    /// [`crate::single_file`]. Pickle `.ckpt` files are refused.
+    /// Loads a single-file SD 1.x / 2.x or SDXL (base or refiner) checkpoint (`.safetensors`
+    /// with the original CompVis / Stability key names), its configs inferred from the tensor
+    /// shapes or read from `options.config`; see [`crate::single_file`]. Pickle `.ckpt` files
+    /// are refused.
     pub fn from_single_file(
         path: &Path,
         options: &SingleFileOptions,
@@ -752,44 +762,55 @@ impl StableDiffusionPipeline {
         single_file::check_extension(path)?;
         let file = SafetensorsFile::open(path)?;
         let shapes = single_file::shapes_of(&file);
-        let (family, unet_config, vae_config, text_config, mut scheduler_config, tokenizer) =
+        let family = single_file::family(&shapes)?;
+        let folders = family.text_folders();
+        let (unet_config, vae_config, text_configs, mut scheduler_config, tokenizers) =
             match &options.config {
                 Some(dir) => {
                     kiln_nn::config::require_dir(dir, "config folder")?;
-                    let family = single_file::family(&shapes)?;
-                    let tokenizer = if dir.join("tokenizer").is_dir() {
-                        ClipTokenizer::from_dir(dir.join("tokenizer"))?
-                    } else {
-                        ClipTokenizer::embedded(family.pad_token())?
-                    };
+                    let mut texts = Vec::with_capacity(folders.len());
+                    let mut tokenizers = Vec::with_capacity(folders.len());
+                    for ((tokenizer, encoder), pad) in folders.iter().zip(family.pad_tokens()) {
+                        texts.push(ClipTextConfig::from_file(
+                            &dir.join(encoder).join("config.json"),
+                        )?);
+                        tokenizers.push(if dir.join(tokenizer).is_dir() {
+                            ClipTokenizer::from_dir(dir.join(tokenizer))?
+                        } else {
+                            ClipTokenizer::embedded(pad)?
+                        });
+                    }
                     (
-                        family,
                         UNet2DConditionModelConfig::from_file(&dir.join("unet/config.json"))?,
                         AutoencoderKLConfig::from_file(&dir.join("vae/config.json"))?,
-                        ClipTextConfig::from_file(&dir.join("text_encoder/config.json"))?,
+                        texts,
                         SchedulerConfig::from_file(dir.join("scheduler/scheduler_config.json"))?,
-                        tokenizer,
+                        tokenizers,
                     )
                 }
                 None => {
                     let c = single_file::infer_config(&shapes, options.prediction_type)?;
-                    let tokenizer = ClipTokenizer::embedded(c.family.pad_token())?;
-                    (
-                        c.family,
-                        c.unet,
-                        c.vae,
-                        c.text_encoder,
-                        c.scheduler,
-                        tokenizer,
-                    )
+                    let tokenizers = family
+                        .pad_tokens()
+                        .iter()
+                        .map(|pad| ClipTokenizer::embedded(pad))
+                        .collect::<std::result::Result<Vec<_>, _>>()?;
+                    let texts = c.text_configs().into_iter().cloned().collect();
+                    (c.unet, c.vae, texts, c.scheduler, tokenizers)
                 }
             };
         if let Some(prediction) = options.prediction_type {
             scheduler_config.prediction_type = prediction;
         }
-        check_components(&[&text_config], &unet_config, &vae_config)?;
+        check_components(
+            &text_configs.iter().collect::<Vec<_>>(),
+            &unet_config,
+            &vae_config,
+        )?;
 
         let dtype = options.dtype.dtype();
+        let xl = unet_config.text_time().is_some();
+        let vae_dtype = vae_dtype(xl, &vae_config, dtype);
         let _span = tracing::info_span!("load_single_file", path = %path.display()).entered();
         let layers = single_file::uniform_layers(&unet_config)?;
         let unet = load_tensors(
@@ -802,46 +823,60 @@ impl StableDiffusionPipeline {
         let vae = load_tensors(
             AutoencoderKL::new(&vae_config, device)?,
             single_file::vae_tensors(&file, vae_config.block_out_channels.len())?,
-            dtype,
+            vae_dtype,
             path,
         )
         .map_err(|e| single_file::component_error(e, "VAE"))?;
-        let text_encoder = load_tensors(
-            ClipTextModel::new(&text_config, device),
-            single_file::text_tensors(
-                &file,
-                family,
-                text_config.num_hidden_layers,
-                text_config.hidden_size,
-            )?,
-            DType::F32,
-            path,
-        )
-        .map_err(|e| single_file::component_error(e, "text encoder"))?;
+        let mut encoders = Vec::with_capacity(text_configs.len());
+        for ((config, source), tokenizer) in text_configs
+            .iter()
+            .zip(single_file::text_sources(&shapes, family))
+            .zip(tokenizers)
+        {
+            let model = load_tensors(
+                ClipTextModel::new(config, device),
+                single_file::text_tensors(
+                    &file,
+                    &source,
+                    config.num_hidden_layers,
+                    config.hidden_size,
+                )?,
+                DType::F32,
+                path,
+            )
+            .map_err(|e| single_file::component_error(e, "text encoder"))?;
+            encoders.push((tokenizer, model));
+        }
+        let mut encoders = encoders.into_iter();
+        let (tokenizer, text_encoder) = encoders
+            .next()
+            .ok_or_else(|| Error::Checkpoint("no text encoder".into()))?;
+        let (tokenizer_2, text_encoder_2) = encoders.next().unzip();
         let inpainting = unet_config.in_channels == 2 * vae_config.latent_channels + 1;
+        let class_name = match (family, inpainting) {
+            (Family::Xl, false) => "StableDiffusionXLPipeline",
+            (Family::Xl, true) => "StableDiffusionXLInpaintPipeline",
+            (Family::XlRefiner, _) => "StableDiffusionXLImg2ImgPipeline",
+            (_, true) => "StableDiffusionInpaintPipeline",
+            (_, false) => "StableDiffusionPipeline",
+        };
+        let generation = GenerationDefaults::for_model(options.config.as_deref(), xl)?;
         Ok(Self {
             tokenizer,
             text_encoder,
-            tokenizer_2: None,
-            text_encoder_2: None,
-            force_zeros_for_empty_prompt: false,
+            tokenizer_2,
+            text_encoder_2,
+            force_zeros_for_empty_prompt: family == Family::Xl,
             unet,
             vae,
             scheduler_config,
-            class_name: if inpainting {
-                "StableDiffusionInpaintPipeline".into()
-            } else {
-                "StableDiffusionPipeline".into()
-            },
+            class_name: class_name.into(),
             source: path.to_path_buf(),
-            generation: match &options.config {
-                Some(dir) => GenerationDefaults::from_dir(dir)?,
-                None => GenerationDefaults::default(),
-            },
+            generation,
             loras: Default::default(),
             device: device.clone(),
             dtype,
-            vae_dtype: dtype,
+            vae_dtype,
         })
     }
 

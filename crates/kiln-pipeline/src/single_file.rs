@@ -1,6 +1,7 @@
-//! Single-file Stable Diffusion 1.x / 2.x checkpoints: one `.safetensors` file with the original
-//! CompVis / LDM key names (`model.diffusion_model.*`, `first_stage_model.*`,
-//! `cond_stage_model.*`), as A1111, ComfyUI and civitai distribute models.
+//! Single-file Stable Diffusion 1.x / 2.x and SDXL checkpoints: one `.safetensors` file with the
+//! original CompVis / LDM / Stability key names (`model.diffusion_model.*`, `first_stage_model.*`,
+//! `cond_stage_model.*`, SDXL's `conditioner.embedders.*`), as A1111, ComfyUI and civitai
+//! distribute models.
 //!
 //! The tensors are mapped onto Kiln's (diffusers-named) modules as diffusers'
 //! `loaders/single_file_utils.py` maps them (diffusers 0.42.1): UNet `input_blocks` /
@@ -8,7 +9,11 @@
 //! `down.i.block.j` and reversed `up.i` to `down_blocks` / `up_blocks` (its 1x1-convolution
 //! attention weights reshaped to linear ones), the SD 1.x text encoder (transformers' CLIP under
 //! `cond_stage_model.transformer.`) as is, and the SD 2.x OpenCLIP text encoder
-//! (`cond_stage_model.model.`) with its fused `in_proj` split into q, k and v. Everything else a
+//! (`cond_stage_model.model.`) with its fused `in_proj` split into q, k and v. SDXL's base holds
+//! CLIP ViT-L under `conditioner.embedders.0.transformer.` and OpenCLIP ViT-bigG under
+//! `conditioner.embedders.1.model.` (its `text_projection`, stored for `x @ P`, transposed into
+//! transformers' linear weight), the refiner the bigG alone under `conditioner.embedders.0.model.`,
+//! and the UNet's `add_embedding` is `label_emb.0`. Everything else a
 //! checkpoint carries (the DDPM schedule buffers, EMA copies, `position_ids`, OpenCLIP's
 //! `text_projection` and `logit_scale`, a VAE's training loss) is skipped; a tensor under a
 //! model prefix that maps nowhere is an error, as with every Kiln load.
@@ -18,8 +23,10 @@
 //! which blocks attend, the cross-attention width, linear or convolutional projections, 4 or 9
 //! input channels. What shapes cannot tell follows the family, which the text encoder's layout
 //! names: SD 1.x (transformers CLIP) has 8 attention heads per UNet block, SD 2.x (OpenCLIP) heads
-//! of 64 channels and takes the text encoder's penultimate layer; text encoders have heads of 64
-//! channels. Pickle `.ckpt` files are refused: unpickling can execute code.
+//! of 64 channels and takes the text encoder's penultimate layer; SDXL heads of 64 channels, six
+//! time ids for the base and five (aesthetic score) for the refiner, SDXL's VAE scaling factor
+//! and Euler scheduler; text encoders have heads of 64 channels. Pickle `.ckpt` files are
+//! refused: unpickling can execute code.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
@@ -42,6 +49,12 @@ const VAE: [&str; 2] = ["first_stage_model.", "vae."];
 const CLIP: &str = "cond_stage_model.transformer.";
 /// The SD 2.x text encoder: OpenCLIP's text tower.
 const OPEN_CLIP: &str = "cond_stage_model.model.";
+/// SDXL base's first text encoder: transformers' CLIP ViT-L.
+const XL_CLIP: &str = "conditioner.embedders.0.transformer.";
+/// SDXL base's second text encoder: OpenCLIP ViT-bigG.
+const XL_OPEN_CLIP: &str = "conditioner.embedders.1.model.";
+/// The SDXL refiner's one text encoder: OpenCLIP ViT-bigG.
+const XL_REFINER_OPEN_CLIP: &str = "conditioner.embedders.0.model.";
 
 /// How to read a single-file checkpoint.
 #[derive(Debug, Clone, Default)]
@@ -56,22 +69,88 @@ pub struct SingleFileOptions {
     pub prediction_type: Option<PredictionType>,
 }
 
-/// The Stable Diffusion family a checkpoint belongs to, named by its text encoder.
+/// The Stable Diffusion family a checkpoint belongs to, named by its text encoders.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Family {
     /// SD 1.x: OpenAI CLIP ViT-L/14 text encoder.
     V1,
     /// SD 2.x: OpenCLIP ViT-H/14 text encoder, penultimate layer.
     V2,
+    /// SDXL base: CLIP ViT-L/14 and OpenCLIP ViT-bigG/14 with its projection.
+    Xl,
+    /// SDXL refiner: OpenCLIP ViT-bigG/14 with its projection alone.
+    XlRefiner,
 }
 
 impl Family {
-    /// The tokenizer's padding token: `<|endoftext|>` for SD 1.x, `!` for SD 2.x.
+    /// The first tokenizer's padding token: `<|endoftext|>` for CLIP (SD 1.x, SDXL base), `!`
+    /// for OpenCLIP (SD 2.x, the SDXL refiner).
     pub fn pad_token(self) -> &'static str {
         match self {
-            Self::V1 => "<|endoftext|>",
-            Self::V2 => "!",
+            Self::V1 | Self::Xl => "<|endoftext|>",
+            Self::V2 | Self::XlRefiner => "!",
         }
+    }
+
+    /// Whether it is SDXL (base or refiner).
+    pub fn is_xl(self) -> bool {
+        matches!(self, Self::Xl | Self::XlRefiner)
+    }
+
+    /// The `(tokenizer, text encoder)` folders of its diffusers layout, in order.
+    pub fn text_folders(self) -> &'static [(&'static str, &'static str)] {
+        match self {
+            Self::V1 | Self::V2 => &[("tokenizer", "text_encoder")],
+            Self::Xl => &[
+                ("tokenizer", "text_encoder"),
+                ("tokenizer_2", "text_encoder_2"),
+            ],
+            Self::XlRefiner => &[("tokenizer_2", "text_encoder_2")],
+        }
+    }
+
+    /// Each text encoder's tokenizer padding token, in order.
+    pub fn pad_tokens(self) -> &'static [&'static str] {
+        match self {
+            Self::V1 => &["<|endoftext|>"],
+            Self::V2 | Self::XlRefiner => &["!"],
+            Self::Xl => &["<|endoftext|>", "!"],
+        }
+    }
+}
+
+/// How a checkpoint stores one of its text encoders.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct TextSource {
+    /// The key prefix (a CLIP's includes transformers' `text_model.` when the file has it).
+    pub prefix: String,
+    /// OpenCLIP's layout (`resblocks`, fused q/k/v) rather than transformers'.
+    pub open_clip: bool,
+    /// OpenCLIP's `text_projection` is the model's (SDXL), not skipped (SD 2.x).
+    pub projection: bool,
+    /// OpenCLIP blocks beyond the penultimate are dropped (SD 2.x never runs its last).
+    pub penultimate: bool,
+}
+
+/// The text encoders of a `family` checkpoint, in order.
+pub(crate) fn text_sources(shapes: &Shapes<'_>, family: Family) -> Vec<TextSource> {
+    let clip = |prefix: &str| TextSource {
+        prefix: clip_prefix(shapes, prefix),
+        open_clip: false,
+        projection: false,
+        penultimate: false,
+    };
+    let open_clip = |prefix: &str, xl: bool| TextSource {
+        prefix: prefix.to_string(),
+        open_clip: true,
+        projection: xl,
+        penultimate: !xl,
+    };
+    match family {
+        Family::V1 => vec![clip(CLIP)],
+        Family::V2 => vec![open_clip(OPEN_CLIP, false)],
+        Family::Xl => vec![clip(XL_CLIP), open_clip(XL_OPEN_CLIP, true)],
+        Family::XlRefiner => vec![open_clip(XL_REFINER_OPEN_CLIP, true)],
     }
 }
 
@@ -84,16 +163,26 @@ pub struct SingleFileConfig {
     pub unet: UNet2DConditionModelConfig,
     /// The VAE.
     pub vae: AutoencoderKLConfig,
-    /// The text encoder.
+    /// The (first) text encoder: the refiner's is its OpenCLIP bigG.
     pub text_encoder: ClipTextConfig,
+    /// SDXL base: the second text encoder (OpenCLIP bigG).
+    pub text_encoder_2: Option<ClipTextConfig>,
     /// The scheduler.
     pub scheduler: SchedulerConfig,
-    /// The same four configs as diffusers' / transformers' `config.json` files (`unet`, `vae`,
-    /// `text_encoder`, `scheduler`), for writing a diffusers folder.
+    /// The same configs as diffusers' / transformers' `config.json` files, by folder (`unet`,
+    /// `vae`, `text_encoder` and / or `text_encoder_2`, `scheduler`), for writing a diffusers
+    /// folder.
     pub json: BTreeMap<&'static str, Value>,
 }
 
 impl SingleFileConfig {
+    /// The text encoders' configs, in order.
+    pub fn text_configs(&self) -> Vec<&ClipTextConfig> {
+        std::iter::once(&self.text_encoder)
+            .chain(self.text_encoder_2.as_ref())
+            .collect()
+    }
+
     /// Whether the UNet is a 9-channel inpainting UNet.
     pub fn is_inpainting(&self) -> bool {
         self.unet.in_channels == 2 * self.vae.latent_channels + 1
@@ -120,7 +209,7 @@ fn dims<const N: usize>(shapes: &Shapes<'_>, key: &str) -> Result<[usize; N]> {
     let s = shape(shapes, key)?;
     s.try_into().map_err(|_| {
         invalid(format!(
-            "`{key}` has shape {s:?}, not the {N} dimensions an SD 1.x/2.x checkpoint has there"
+            "`{key}` has shape {s:?}, not the {N} dimensions a Stable Diffusion checkpoint has there"
         ))
     })
 }
@@ -136,20 +225,32 @@ fn indices(shapes: &Shapes<'_>, prefix: &str) -> BTreeSet<usize> {
 
 /// The family, from the text encoder's layout.
 pub(crate) fn family(shapes: &Shapes<'_>) -> Result<Family> {
-    if shapes.keys().any(|k| k.starts_with(OPEN_CLIP)) {
+    let has = |prefix: &str| shapes.keys().any(|k| k.starts_with(prefix));
+    if has(OPEN_CLIP) {
         Ok(Family::V2)
-    } else if shapes.keys().any(|k| k.starts_with(CLIP)) {
+    } else if has(CLIP) {
         Ok(Family::V1)
-    } else if shapes
-        .keys()
-        .any(|k| k.starts_with("conditioner.embedders."))
-    {
-        Err(invalid(
-            "this is an SDXL checkpoint (`conditioner.embedders.*`); Kiln reads SD 1.x and 2.x",
-        ))
+    } else if has("conditioner.embedders.") {
+        match (has(XL_CLIP), has(XL_OPEN_CLIP), has(XL_REFINER_OPEN_CLIP)) {
+            (true, true, _) => Ok(Family::Xl),
+            (false, false, true) => Ok(Family::XlRefiner),
+            (true, false, _) => Err(invalid(
+                "this SDXL checkpoint has the CLIP ViT-L text encoder (`conditioner.embedders.0.transformer.*`) \
+                 but not the OpenCLIP ViT-bigG one (`conditioner.embedders.1.model.*`): the file is incomplete",
+            )),
+            (false, true, _) => Err(invalid(
+                "this SDXL checkpoint has the OpenCLIP ViT-bigG text encoder (`conditioner.embedders.1.model.*`) \
+                 but not the CLIP ViT-L one (`conditioner.embedders.0.transformer.*`): the file is incomplete",
+            )),
+            _ => Err(invalid(
+                "unrecognised SDXL text encoders: expected `conditioner.embedders.0.transformer.*` and \
+                 `conditioner.embedders.1.model.*` (base) or `conditioner.embedders.0.model.*` (refiner)",
+            )),
+        }
     } else {
         Err(invalid(
-            "no text encoder: expected `cond_stage_model.transformer.*` (SD 1.x) or `cond_stage_model.model.*` (SD 2.x) tensors",
+            "no text encoder: expected `cond_stage_model.transformer.*` (SD 1.x), `cond_stage_model.model.*` (SD 2.x) \
+             or `conditioner.embedders.*` (SDXL) tensors",
         ))
     }
 }
@@ -160,13 +261,14 @@ fn vae_prefix(shapes: &Shapes<'_>) -> Result<&'static str> {
         .ok_or_else(|| invalid("no VAE: expected `first_stage_model.*` tensors"))
 }
 
-/// The text-encoder prefix of an SD 1.x file, with or without transformers' `text_model.`.
-fn clip_prefix(shapes: &Shapes<'_>) -> String {
-    let with = format!("{CLIP}text_model.");
+/// The prefix of a transformers CLIP text encoder stored under `base`, with or without
+/// transformers' `text_model.`.
+fn clip_prefix(shapes: &Shapes<'_>, base: &str) -> String {
+    let with = format!("{base}text_model.");
     if shapes.keys().any(|k| k.starts_with(&with)) {
         with
     } else {
-        CLIP.to_string()
+        base.to_string()
     }
 }
 
@@ -204,6 +306,14 @@ pub fn infer_config(
     }
     let family = family(shapes)?;
     let conv = |key: &str| dims::<4>(shapes, &format!("{UNET}{key}"));
+
+    // text encoders first: SDXL's UNet is conditioned on the last one's pooled projection
+    let texts = text_sources(shapes, family)
+        .iter()
+        .map(|source| text_config_json(shapes, source))
+        .collect::<Result<Vec<_>>>()?;
+    let first_folder = family.text_folders()[0].1;
+    let pooled = texts.last().and_then(|t| t["projection_dim"].as_u64());
 
     // UNet
     let (blocks, layers) = unet_layers(shapes)?;
@@ -247,7 +357,7 @@ pub fn infer_config(
         .collect();
     if !shapes.contains_key(format!("{UNET}middle_block.1.proj_in.weight").as_str()) {
         return Err(invalid(
-            "the UNet has no mid-block attention (`middle_block.1`); SD 1.x/2.x UNets do",
+            "the UNet has no mid-block attention (`middle_block.1`); Stable Diffusion UNets do",
         ));
     }
     let (Some(proj_in), Some(context)) = (proj_in, context) else {
@@ -256,10 +366,10 @@ pub fn infer_config(
     let linear = proj_in.len() == 2;
     let heads: Value = match family {
         Family::V1 => json!(8),
-        Family::V2 => {
+        Family::V2 | Family::Xl | Family::XlRefiner => {
             if let Some(c) = channels.iter().find(|c| !c.is_multiple_of(64)) {
                 return Err(invalid(format!(
-                    "cannot infer attention heads: SD 2.x uses heads of 64 channels, and a block has {c}; give the configs: a diffusers folder (`kiln generate --config DIR`, `SingleFileOptions::config`)"
+                    "cannot infer attention heads: SD 2.x and SDXL use heads of 64 channels, and a block has {c}; give the configs: a diffusers folder (`kiln generate --config DIR`, `SingleFileOptions::config`)"
                 )));
             }
             json!(channels.iter().map(|c| c / 64).collect::<Vec<_>>())
@@ -278,12 +388,12 @@ pub fn infer_config(
         _ => PredictionType::Epsilon,
     });
     let v_model = prediction == PredictionType::VPrediction;
-    let latent_size = if family == Family::V2 && v_model {
-        96
-    } else {
-        64
+    let latent_size = match family {
+        Family::Xl | Family::XlRefiner => 128,
+        Family::V2 if v_model => 96,
+        _ => 64,
     };
-    let unet = json!({
+    let mut unet = json!({
         "sample_size": latent_size,
         "in_channels": conv_in[1],
         "out_channels": conv_out[0],
@@ -301,6 +411,25 @@ pub fn infer_config(
         "upcast_attention": family == Family::V2 && v_model,
         "norm_num_groups": 32,
     });
+    // SDXL: the pooled text embedding and the time ids through `label_emb.0` (`add_embedding`)
+    if family.is_xl() {
+        let [_, input] = dims::<2>(shapes, &format!("{UNET}label_emb.0.0.weight"))?;
+        let ids = if family == Family::Xl { 6 } else { 5 };
+        let pooled = pooled.unwrap_or(0) as usize;
+        let dim = input
+            .checked_sub(pooled)
+            .filter(|r| r % ids == 0 && *r > 0)
+            .map(|r| r / ids)
+            .ok_or_else(|| {
+                invalid(format!(
+                    "the UNet's `label_emb.0.0.weight` takes {input} values; the pooled text embedding \
+                     has {pooled}, which leaves no whole width for {ids} time ids"
+                ))
+            })?;
+        unet["addition_embed_type"] = json!("text_time");
+        unet["addition_time_embed_dim"] = json!(dim);
+        unet["projection_class_embeddings_input_dim"] = json!(input);
+    }
 
     // VAE
     let vae_at = vae_prefix(shapes)?;
@@ -319,71 +448,96 @@ pub fn infer_config(
         "latent_channels": v("decoder.conv_in.weight")?[1],
         "norm_num_groups": 32,
         "sample_size": latent_size * 8,
-        "scaling_factor": 0.18215,
+        "scaling_factor": if family.is_xl() { 0.13025 } else { 0.18215 },
         "use_quant_conv": shapes.contains_key(format!("{vae_at}quant_conv.weight").as_str()),
         "use_post_quant_conv": shapes.contains_key(format!("{vae_at}post_quant_conv.weight").as_str()),
         "mid_block_add_attention": shapes.contains_key(format!("{vae_at}encoder.mid.attn_1.q.weight").as_str()),
     });
 
-    // text encoder
-    let text = match family {
-        Family::V1 => {
-            let p = clip_prefix(shapes);
-            let t = |key: &str| dims::<2>(shapes, &format!("{p}{key}"));
-            let [vocab, hidden] = t("embeddings.token_embedding.weight")?;
-            json!({
-                "vocab_size": vocab,
-                "hidden_size": hidden,
-                "intermediate_size": t("encoder.layers.0.mlp.fc1.weight")?[0],
-                "num_hidden_layers": indices(shapes, &format!("{p}encoder.layers.")).len(),
-                "num_attention_heads": text_heads(hidden)?,
-                "max_position_embeddings": t("embeddings.position_embedding.weight")?[0],
-                "hidden_act": "quick_gelu",
-            })
-        }
-        Family::V2 => {
-            let t = |key: &str| dims::<2>(shapes, &format!("{OPEN_CLIP}{key}"));
-            let [vocab, hidden] = t("token_embedding.weight")?;
-            let blocks = indices(shapes, &format!("{OPEN_CLIP}transformer.resblocks.")).len();
-            if blocks < 2 {
-                return Err(invalid(format!(
-                    "the OpenCLIP text encoder has {blocks} layer(s); SD 2.x uses the penultimate of at least 2"
-                )));
-            }
-            json!({
-                "vocab_size": vocab,
-                "hidden_size": hidden,
-                "intermediate_size": t("transformer.resblocks.0.mlp.c_fc.weight")?[0],
-                // SD 2.x conditions on the penultimate layer: the last block is never run
-                "num_hidden_layers": blocks - 1,
-                "num_attention_heads": text_heads(hidden)?,
-                "max_position_embeddings": t("positional_embedding")?[0],
-                "hidden_act": "gelu",
-            })
-        }
+    let scheduler = if family.is_xl() {
+        xl_scheduler(prediction)
+    } else {
+        default_scheduler(prediction, v_model && !inpainting)
     };
-
-    let scheduler = default_scheduler(prediction, v_model && !inpainting);
-    let mut unet = unet;
     unet["_class_name"] = json!("UNet2DConditionModel");
     let mut vae = vae;
     vae["_class_name"] = json!("AutoencoderKL");
-    let mut text = text;
-    text["architectures"] = json!(["CLIPTextModel"]);
-    text["model_type"] = json!("clip_text_model");
+    let mut json = BTreeMap::from([("unet", unet), ("vae", vae), ("scheduler", scheduler)]);
+    for ((_, folder), text) in family.text_folders().iter().zip(texts) {
+        json.insert(*folder, text);
+    }
+    let text_encoder: ClipTextConfig = from_value(json[first_folder].clone(), "text encoder")?;
+    let text_encoder_2 = match family {
+        Family::Xl => Some(from_value(
+            json["text_encoder_2"].clone(),
+            "second text encoder",
+        )?),
+        _ => None,
+    };
     Ok(SingleFileConfig {
         family,
-        unet: from_value(unet.clone(), "UNet")?,
-        vae: from_value(vae.clone(), "VAE")?,
-        text_encoder: from_value(text.clone(), "text encoder")?,
-        scheduler: SchedulerConfig::from_json(&scheduler.to_string())?,
-        json: BTreeMap::from([
-            ("unet", unet),
-            ("vae", vae),
-            ("text_encoder", text),
-            ("scheduler", scheduler),
-        ]),
+        unet: from_value(json["unet"].clone(), "UNet")?,
+        vae: from_value(json["vae"].clone(), "VAE")?,
+        text_encoder,
+        text_encoder_2,
+        scheduler: SchedulerConfig::from_json(&json["scheduler"].to_string())?,
+        json,
     })
+}
+
+/// The `config.json` of one text encoder, inferred from its tensors' shapes.
+fn text_config_json(shapes: &Shapes<'_>, source: &TextSource) -> Result<Value> {
+    let p = &source.prefix;
+    let mut text = if !source.open_clip {
+        let t = |key: &str| dims::<2>(shapes, &format!("{p}{key}"));
+        let [vocab, hidden] = t("embeddings.token_embedding.weight")?;
+        json!({
+            "vocab_size": vocab,
+            "hidden_size": hidden,
+            "intermediate_size": t("encoder.layers.0.mlp.fc1.weight")?[0],
+            "num_hidden_layers": indices(shapes, &format!("{p}encoder.layers.")).len(),
+            "num_attention_heads": text_heads(hidden)?,
+            "max_position_embeddings": t("embeddings.position_embedding.weight")?[0],
+            "hidden_act": "quick_gelu",
+            "projection_dim": hidden,
+            "architectures": ["CLIPTextModel"],
+        })
+    } else {
+        let t = |key: &str| dims::<2>(shapes, &format!("{p}{key}"));
+        let [vocab, hidden] = t("token_embedding.weight")?;
+        let blocks = indices(shapes, &format!("{p}transformer.resblocks.")).len();
+        let needed = if source.penultimate { 2 } else { 1 };
+        if blocks < needed {
+            return Err(invalid(format!(
+                "the OpenCLIP text encoder under `{p}` has {blocks} layer(s); at least {needed} needed"
+            )));
+        }
+        json!({
+            "vocab_size": vocab,
+            "hidden_size": hidden,
+            "intermediate_size": t("transformer.resblocks.0.mlp.c_fc.weight")?[0],
+            // SD 2.x conditions on the penultimate layer: the last block is never run
+            "num_hidden_layers": if source.penultimate { blocks - 1 } else { blocks },
+            "num_attention_heads": text_heads(hidden)?,
+            "max_position_embeddings": t("positional_embedding")?[0],
+            "hidden_act": "gelu",
+            "architectures": ["CLIPTextModel"],
+        })
+    };
+    if source.projection {
+        let [width, projection] = dims::<2>(shapes, &format!("{p}text_projection"))?;
+        if width != text["hidden_size"].as_u64().unwrap_or(0) as usize {
+            return Err(invalid(format!(
+                "`{p}text_projection` has shape [{width}, {projection}]; its first dimension must be the \
+                 encoder's width, {}",
+                text["hidden_size"]
+            )));
+        }
+        text["projection_dim"] = json!(projection);
+        text["architectures"] = json!(["CLIPTextModelWithProjection"]);
+    }
+    text["model_type"] = json!("clip_text_model");
+    Ok(text)
 }
 
 /// Writes a single-file checkpoint as a diffusers folder at `out` (which must not exist): each
@@ -397,25 +551,30 @@ pub fn convert_to_diffusers(path: &Path, options: &SingleFileOptions, out: &Path
     check_extension(path)?;
     let file = SafetensorsFile::open(path)?;
     let shapes = shapes_of(&file);
-    let (family, mut json) = match &options.config {
+    let family = family(&shapes)?;
+    let folders = family.text_folders();
+    let mut json = match &options.config {
         Some(dir) => {
             kiln_nn::config::require_dir(dir, "config folder")?;
             let mut json = BTreeMap::new();
-            for (name, file) in [
-                ("unet", "unet/config.json"),
-                ("vae", "vae/config.json"),
-                ("text_encoder", "text_encoder/config.json"),
-                ("scheduler", "scheduler/scheduler_config.json"),
-            ] {
-                let value: Value = kiln_nn::config::read_json(&dir.join(file), file)?;
+            let files = [
+                ("unet", "unet/config.json".to_string()),
+                ("vae", "vae/config.json".to_string()),
+                ("scheduler", "scheduler/scheduler_config.json".to_string()),
+            ]
+            .into_iter()
+            .chain(
+                folders
+                    .iter()
+                    .map(|(_, encoder)| (*encoder, format!("{encoder}/config.json"))),
+            );
+            for (name, file) in files {
+                let value: Value = kiln_nn::config::read_json(&dir.join(&file), &file)?;
                 json.insert(name, value);
             }
-            (family(&shapes)?, json)
+            json
         }
-        None => {
-            let c = infer_config(&shapes, options.prediction_type)?;
-            (c.family, c.json)
-        }
+        None => infer_config(&shapes, options.prediction_type)?.json,
     };
     if let Some(p) = options.prediction_type {
         json.get_mut("scheduler").expect("always present")["prediction_type"] =
@@ -423,10 +582,16 @@ pub fn convert_to_diffusers(path: &Path, options: &SingleFileOptions, out: &Path
     }
     let unet: UNet2DConditionModelConfig = from_value(json["unet"].clone(), "UNet")?;
     let vae: AutoencoderKLConfig = from_value(json["vae"].clone(), "VAE")?;
-    let text: ClipTextConfig = from_value(json["text_encoder"].clone(), "text encoder")?;
+    let sources = text_sources(&shapes, family);
+    let mut texts = Vec::with_capacity(folders.len());
+    for ((_, encoder), source) in folders.iter().zip(&sources) {
+        let text: ClipTextConfig = from_value(json[encoder].clone(), "text encoder")?;
+        let tensors = text_tensors(&file, source, text.num_hidden_layers, text.hidden_size)?;
+        texts.push((*encoder, tensors));
+    }
 
     kiln_nn::config::write_dir_atomically(out, false, |tmp: &Path| -> Result<()> {
-        let components = [
+        let mut components = vec![
             (
                 "unet",
                 "diffusion_pytorch_model.safetensors",
@@ -437,15 +602,17 @@ pub fn convert_to_diffusers(path: &Path, options: &SingleFileOptions, out: &Path
                 "diffusion_pytorch_model.safetensors",
                 vae_tensors(&file, vae.block_out_channels.len())?,
             ),
-            (
-                "text_encoder",
+        ];
+        for (encoder, tensors) in texts {
+            components.push((
+                encoder,
                 "model.safetensors",
-                text_tensors(&file, family, text.num_hidden_layers, text.hidden_size)?
+                tensors
                     .into_iter()
                     .map(|(k, t)| (format!("text_model.{k}"), t))
                     .collect(),
-            ),
-        ];
+            ));
+        }
         for (component, weights, tensors) in components {
             let dir = tmp.join(component);
             create_dir(&dir)?;
@@ -458,13 +625,18 @@ pub fn convert_to_diffusers(path: &Path, options: &SingleFileOptions, out: &Path
             &scheduler_dir.join("scheduler_config.json"),
             &json["scheduler"],
         )?;
-        let tokenizer = tmp.join("tokenizer");
-        match options.config.as_ref().map(|d| d.join("tokenizer")) {
-            Some(src) if src.is_dir() => kiln_nn::config::copy_dir(&src, &tokenizer)?,
-            _ => kiln_clip::ClipTokenizer::write_embedded(&tokenizer, family.pad_token())?,
+        for ((tokenizer, _), pad) in folders.iter().zip(family.pad_tokens()) {
+            let target = tmp.join(tokenizer);
+            match options.config.as_ref().map(|d| d.join(tokenizer)) {
+                Some(src) if src.is_dir() => kiln_nn::config::copy_dir(&src, &target)?,
+                _ => kiln_clip::ClipTokenizer::write_embedded(&target, pad)?,
+            }
         }
         let inpainting = unet.in_channels == 2 * vae.latent_channels + 1;
-        write_model_index(tmp, &json["scheduler"], inpainting)
+        write_json(
+            &tmp.join("model_index.json"),
+            &model_index(&json["scheduler"], family, inpainting),
+        )
     })
 }
 
@@ -474,18 +646,55 @@ pub fn convert_to_diffusers(path: &Path, options: &SingleFileOptions, out: &Path
 pub fn write_model_index(dir: &Path, scheduler_config: &Value, inpainting: bool) -> Result<()> {
     write_json(
         &dir.join("model_index.json"),
-        &json!({
-            "_class_name": if inpainting { "StableDiffusionInpaintPipeline" } else { "StableDiffusionPipeline" },
-            "feature_extractor": [null, null],
-            "requires_safety_checker": false,
-            "safety_checker": [null, null],
-            "scheduler": ["diffusers", scheduler_config["_class_name"].clone()],
-            "text_encoder": ["transformers", "CLIPTextModel"],
-            "tokenizer": ["transformers", "CLIPTokenizer"],
-            "unet": ["diffusers", "UNet2DConditionModel"],
-            "vae": ["diffusers", "AutoencoderKL"],
-        }),
+        &model_index(scheduler_config, Family::V1, inpainting),
     )
+}
+
+/// `model_index.json` of a `family` folder: the pipeline class, the scheduler's class from
+/// `scheduler_config`'s `_class_name`, and the component classes (SDXL's encoders, the
+/// refiner's second one alone, its aesthetic score); no safety checker.
+fn model_index(scheduler_config: &Value, family: Family, inpainting: bool) -> Value {
+    let scheduler = json!(["diffusers", scheduler_config["_class_name"].clone()]);
+    let clip = json!(["transformers", "CLIPTextModel"]);
+    let with_projection = json!(["transformers", "CLIPTextModelWithProjection"]);
+    let tokenizer = json!(["transformers", "CLIPTokenizer"]);
+    let none = json!([null, null]);
+    let models = json!({
+        "unet": ["diffusers", "UNet2DConditionModel"],
+        "vae": ["diffusers", "AutoencoderKL"],
+        "scheduler": scheduler,
+    });
+    let mut index = match family {
+        Family::V1 | Family::V2 => json!({
+            "_class_name": if inpainting { "StableDiffusionInpaintPipeline" } else { "StableDiffusionPipeline" },
+            "feature_extractor": none,
+            "requires_safety_checker": false,
+            "safety_checker": none,
+            "text_encoder": clip,
+            "tokenizer": tokenizer,
+        }),
+        Family::Xl => json!({
+            "_class_name": if inpainting { "StableDiffusionXLInpaintPipeline" } else { "StableDiffusionXLPipeline" },
+            "force_zeros_for_empty_prompt": true,
+            "text_encoder": clip,
+            "text_encoder_2": with_projection,
+            "tokenizer": tokenizer,
+            "tokenizer_2": tokenizer,
+        }),
+        Family::XlRefiner => json!({
+            "_class_name": "StableDiffusionXLImg2ImgPipeline",
+            "force_zeros_for_empty_prompt": false,
+            "requires_aesthetics_score": true,
+            "text_encoder": none,
+            "text_encoder_2": with_projection,
+            "tokenizer": none,
+            "tokenizer_2": tokenizer,
+        }),
+    };
+    if let (Some(index), Some(models)) = (index.as_object_mut(), models.as_object()) {
+        index.extend(models.clone());
+    }
+    index
 }
 
 fn io_error(path: &Path, source: std::io::Error) -> Error {
@@ -563,6 +772,26 @@ fn default_scheduler(prediction: PredictionType, ddim: bool) -> Value {
     })
 }
 
+/// The scheduler SDXL 1.0 ships: Euler, leading timesteps.
+fn xl_scheduler(prediction: PredictionType) -> Value {
+    json!({
+        "_class_name": "EulerDiscreteScheduler",
+        "beta_start": 0.00085,
+        "beta_end": 0.012,
+        "beta_schedule": "scaled_linear",
+        "num_train_timesteps": 1000,
+        "clip_sample": false,
+        "sample_max_value": 1.0,
+        "set_alpha_to_one": false,
+        "skip_prk_steps": true,
+        "steps_offset": 1,
+        "timestep_spacing": "leading",
+        "interpolation_type": "linear",
+        "use_karras_sigmas": false,
+        "prediction_type": prediction_name(prediction),
+    })
+}
+
 /// The name diffusers' configs use for `p`.
 fn prediction_name(p: PredictionType) -> &'static str {
     match p {
@@ -602,6 +831,9 @@ fn unet_key(key: &str, layers: usize) -> Option<String> {
         ("input_blocks.0.0.", "conv_in."),
         ("out.0.", "conv_norm_out."),
         ("out.2.", "conv_out."),
+        // SDXL's text_time embedding
+        ("label_emb.0.0.", "add_embedding.linear_1."),
+        ("label_emb.0.2.", "add_embedding.linear_2."),
     ];
     for (from, to) in fixed {
         if let Some(rest) = key.strip_prefix(from) {
@@ -758,12 +990,15 @@ enum TextTarget {
     One(String),
     /// A fused q/k/v tensor split into three parameters along the first dimension.
     Split([String; 3]),
+    /// One parameter, the transpose of the stored tensor (OpenCLIP's `text_projection`).
+    Transposed(String),
 }
 
-/// kiln-clip's name for one text-encoder key (after `prefix`); `layers` limits an OpenCLIP tower.
-fn text_key(key: &str, family: Family, layers: usize) -> Option<TextTarget> {
-    use TextTarget::{One, Skip, Split};
-    if family == Family::V1 {
+/// kiln-clip's name for one text-encoder key (after `source.prefix`); `layers` limits an
+/// OpenCLIP tower.
+fn text_key(key: &str, source: &TextSource, layers: usize) -> Option<TextTarget> {
+    use TextTarget::{One, Skip, Split, Transposed};
+    if !source.open_clip {
         return Some(if key == "embeddings.position_ids" {
             Skip
         } else {
@@ -771,6 +1006,8 @@ fn text_key(key: &str, family: Family, layers: usize) -> Option<TextTarget> {
         });
     }
     Some(match key {
+        // SDXL's pooled embedding: OpenCLIP multiplies `x @ text_projection`
+        "text_projection" if source.projection => Transposed("text_projection.weight".into()),
         // the projection into CLIP's joint space, its temperature, a causal-mask buffer
         "text_projection" | "logit_scale" | "attn_mask" => Skip,
         "token_embedding.weight" => One("embeddings.token_embedding.weight".into()),
@@ -807,29 +1044,21 @@ fn text_key(key: &str, family: Family, layers: usize) -> Option<TextTarget> {
     })
 }
 
-/// The text encoder's key prefix for `family`.
-fn text_prefix(shapes: &Shapes<'_>, family: Family) -> String {
-    match family {
-        Family::V1 => clip_prefix(shapes),
-        Family::V2 => OPEN_CLIP.to_string(),
-    }
-}
-
-/// The text encoder's tensors under kiln-clip's names (transformers' without `text_model.`).
+/// One text encoder's tensors under kiln-clip's names (transformers' without `text_model.`).
 /// An OpenCLIP tower keeps its first `layers` blocks (SD 2.x's penultimate layer).
 pub(crate) fn text_tensors(
     file: &SafetensorsFile,
-    family: Family,
+    source: &TextSource,
     layers: usize,
     hidden: usize,
 ) -> Result<Vec<(String, LazyTensor)>> {
-    let prefix = text_prefix(&shapes_of(file), family);
+    let prefix = &source.prefix;
     let mut out = Vec::new();
     for (name, _) in file.tensors() {
         let Some(key) = name.strip_prefix(prefix.as_str()) else {
             continue;
         };
-        match text_key(key, family, layers) {
+        match text_key(key, source, layers) {
             None => {
                 return Err(invalid(format!(
                     "unrecognised text-encoder tensor `{name}`"
@@ -837,6 +1066,9 @@ pub(crate) fn text_tensors(
             }
             Some(TextTarget::Skip) => {}
             Some(TextTarget::One(target)) => out.push((target, file.tensor(name)?)),
+            Some(TextTarget::Transposed(target)) => {
+                out.push((target, file.tensor(name)?.transpose()?))
+            }
             Some(TextTarget::Split(targets)) => {
                 let fused = file.tensor(name)?;
                 for (k, target) in targets.into_iter().enumerate() {
@@ -897,8 +1129,15 @@ mod tests {
     }
 
     fn manifest(name: &str) -> Manifest {
+        manifest_at("single-file", name)
+    }
+
+    /// `fixtures/<dir>/manifests/<name>.json`.
+    fn manifest_at(dir: &str, name: &str) -> Manifest {
         let path = Path::new(env!("CARGO_MANIFEST_DIR"))
-            .join("../../fixtures/single-file/manifests")
+            .join("../../fixtures")
+            .join(dir)
+            .join("manifests")
             .join(format!("{name}.json"));
         let value: Value = serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
         let tensors = value["tensors"]
@@ -1015,15 +1254,17 @@ mod tests {
         }
     }
 
-    /// Maps every tensor name of a manifest; returns the (UNet, VAE, text) target names.
-    fn map_all(m: &Manifest) -> [BTreeSet<String>; 3] {
+    /// Maps every tensor name of a manifest; returns the target names of the UNet, the VAE and
+    /// each text encoder.
+    fn map_all(m: &Manifest) -> Vec<BTreeSet<String>> {
         let shapes = m.shapes();
         let c = infer_config(&shapes, None).unwrap();
         let layers = uniform_layers(&c.unet).unwrap();
         let blocks = c.vae.block_out_channels.len();
-        let text_at = text_prefix(&shapes, c.family);
-        let mut out: [BTreeSet<String>; 3] = Default::default();
-        let mut count = [0; 3];
+        let sources = text_sources(&shapes, c.family);
+        let texts = c.text_configs();
+        let mut out: Vec<BTreeSet<String>> = vec![Default::default(); 2 + sources.len()];
+        let mut count = vec![0; out.len()];
         for name in m.tensors.keys() {
             if let Some(k) = name.strip_prefix(UNET) {
                 out[0].insert(unet_key(k, layers).unwrap_or_else(|| panic!("{name}")));
@@ -1031,15 +1272,17 @@ mod tests {
             } else if let Some(k) = name.strip_prefix("first_stage_model.") {
                 out[1].insert(vae_key(k, blocks).unwrap_or_else(|| panic!("{name}")));
                 count[1] += 1;
-            } else if let Some(k) = name.strip_prefix(text_at.as_str()) {
-                match text_key(k, c.family, c.text_encoder.num_hidden_layers) {
-                    Some(TextTarget::One(t)) => {
-                        out[2].insert(t);
-                        count[2] += 1;
+            } else if let Some(i) = sources.iter().position(|s| name.starts_with(&s.prefix)) {
+                let k = &name[sources[i].prefix.len()..];
+                let (set, n) = (&mut out[2 + i], &mut count[2 + i]);
+                match text_key(k, &sources[i], texts[i].num_hidden_layers) {
+                    Some(TextTarget::One(t) | TextTarget::Transposed(t)) => {
+                        set.insert(t);
+                        *n += 1;
                     }
                     Some(TextTarget::Split(ts)) => {
-                        out[2].extend(ts);
-                        count[2] += 3;
+                        set.extend(ts);
+                        *n += 3;
                     }
                     Some(TextTarget::Skip) => {}
                     None => panic!("{name}"),
@@ -1047,19 +1290,71 @@ mod tests {
             }
         }
         // no two tensors land on the same parameter
-        assert_eq!(count, [out[0].len(), out[1].len(), out[2].len()]);
+        assert_eq!(count, out.iter().map(BTreeSet::len).collect::<Vec<_>>());
         out
     }
 
     #[test]
     fn every_full_size_tensor_maps_onto_one_parameter() {
         // diffusers' parameter counts: UNet 686, VAE 248, text encoder 196 (SD 1.5) / 372 (SD 2.1)
-        let [unet, vae, text] = map_all(&manifest("sd15"));
-        assert_eq!((unet.len(), vae.len(), text.len()), (686, 248, 196));
-        let [unet, vae, text] = map_all(&manifest("sd21"));
-        assert_eq!((unet.len(), vae.len(), text.len()), (686, 248, 372));
-        assert!(text.contains("encoder.layers.22.self_attn.v_proj.bias"));
-        assert!(!text.iter().any(|t| t.starts_with("encoder.layers.23.")));
+        let lens = |sets: &[BTreeSet<String>]| sets.iter().map(BTreeSet::len).collect::<Vec<_>>();
+        assert_eq!(lens(&map_all(&manifest("sd15"))), [686, 248, 196]);
+        let sd21 = map_all(&manifest("sd21"));
+        assert_eq!(lens(&sd21), [686, 248, 372]);
+        assert!(sd21[2].contains("encoder.layers.22.self_attn.v_proj.bias"));
+        assert!(!sd21[2].iter().any(|t| t.starts_with("encoder.layers.23.")));
+        // SDXL 1.0 (diffusers' counts; `xtask/fixtures/sdxl_single_file.py`): both encoders
+        // whole, the bigG with its projection
+        let base = map_all(&manifest_at("sdxl/single-file", "sdxl_base"));
+        assert_eq!(lens(&base), [1680, 248, 196, 517]);
+        assert!(base[0].contains("add_embedding.linear_2.bias"));
+        assert!(base[3].contains("encoder.layers.31.mlp.fc2.bias"));
+        assert!(base[3].contains("text_projection.weight"));
+        let refiner = map_all(&manifest_at("sdxl/single-file", "sdxl_refiner"));
+        assert_eq!(lens(&refiner), [1220, 248, 517]);
+    }
+
+    /// The configs diffusers' SDXL 1.0 base and refiner folders publish, from the shapes alone.
+    #[test]
+    fn sdxl_configs_are_inferred_exactly() {
+        for (name, family, folders) in [
+            (
+                "sdxl_base",
+                Family::Xl,
+                vec!["text_encoder", "text_encoder_2"],
+            ),
+            ("sdxl_refiner", Family::XlRefiner, vec!["text_encoder_2"]),
+        ] {
+            let m = manifest_at("sdxl/single-file", name);
+            let c = infer_config(&m.shapes(), None).unwrap();
+            assert_eq!(c.family, family);
+            let d = &m.diffusers;
+            let unet: UNet2DConditionModelConfig =
+                serde_json::from_value(d["unet"].clone()).unwrap();
+            assert_eq!(normalise(c.unet.clone()), normalise(unet), "{name}");
+            let vae: AutoencoderKLConfig = serde_json::from_value(d["vae"].clone()).unwrap();
+            assert_eq!(c.vae, vae, "{name}");
+            assert_eq!(c.vae.scaling_factor, 0.13025);
+            for (config, folder) in c.text_configs().into_iter().zip(&folders) {
+                let want: ClipTextConfig = serde_json::from_value(d[*folder].clone()).unwrap();
+                assert_eq!(config, &want, "{name} {folder}");
+            }
+            assert_eq!(c.text_configs().len(), folders.len());
+            assert_eq!(c.scheduler.kind.class_name(), "EulerDiscreteScheduler");
+            assert_eq!(c.scheduler.prediction_type, PredictionType::Epsilon);
+        }
+    }
+
+    /// An SDXL file without one of the base's encoders says which one is missing.
+    #[test]
+    fn sdxl_files_missing_a_text_encoder_say_which() {
+        let m = manifest_at("sdxl/single-file", "sdxl_base");
+        for (drop, missing) in [(XL_OPEN_CLIP, "bigG"), (XL_CLIP, "ViT-L")] {
+            let mut shapes = m.shapes();
+            shapes.retain(|k, _| !k.starts_with(drop));
+            let e = infer_config(&shapes, None).unwrap_err().to_string();
+            assert!(e.contains(missing) && e.contains("incomplete"), "{e}");
+        }
     }
 
     #[test]
@@ -1152,20 +1447,29 @@ mod tests {
         for (ldm, diffusers) in vae {
             assert_eq!(vae_key(ldm, 4).as_deref(), Some(diffusers), "{ldm}");
         }
+        let shapes = manifest("sd21");
+        let sd2 = &text_sources(&shapes.shapes(), Family::V2)[0];
         assert_eq!(
-            text_key(
-                "transformer.resblocks.3.attn.in_proj_weight",
-                Family::V2,
-                23
-            ),
+            text_key("transformer.resblocks.3.attn.in_proj_weight", sd2, 23),
             Some(TextTarget::Split(
                 ["q_proj", "k_proj", "v_proj"]
                     .map(|p| format!("encoder.layers.3.self_attn.{p}.weight"))
             ))
         );
         assert_eq!(
-            text_key("transformer.resblocks.23.mlp.c_fc.weight", Family::V2, 23),
+            text_key("transformer.resblocks.23.mlp.c_fc.weight", sd2, 23),
             Some(TextTarget::Skip)
+        );
+        assert_eq!(text_key("text_projection", sd2, 23), Some(TextTarget::Skip));
+        let xl = manifest_at("sdxl/single-file", "sdxl_base");
+        let big_g = &text_sources(&xl.shapes(), Family::Xl)[1];
+        assert_eq!(
+            text_key("text_projection", big_g, 32),
+            Some(TextTarget::Transposed("text_projection.weight".into()))
+        );
+        assert_eq!(
+            unet_key("label_emb.0.2.weight", 2).as_deref(),
+            Some("add_embedding.linear_2.weight")
         );
     }
 
@@ -1197,7 +1501,7 @@ mod tests {
         assert!(e.contains("no UNet"), "{e}");
         let mut sdxl = m.shapes();
         sdxl.retain(|k, _| !k.starts_with("cond_stage_model."));
-        sdxl.insert("conditioner.embedders.0.transformer.x", &[1]);
+        sdxl.insert("conditioner.embedders.2.x", &[1]);
         let e = infer_config(&sdxl, None).unwrap_err().to_string();
         assert!(e.contains("SDXL"), "{e}");
     }

@@ -292,3 +292,135 @@ fn bad_sdxl_requests_are_typed_errors() {
         .unwrap_err();
     assert!(err.to_string().contains("inpainting"), "{err}");
 }
+
+/// `fixtures/sdxl/single-file/base.safetensors`: the tiny base in the layout of Stability's
+/// `sd_xl_base_1.0.safetensors` (`xtask/fixtures/sdxl_single_file.py`, whose values diffusers'
+/// converters read back exactly), with the folder's configs (its 8-wide text encoders have no
+/// head layout to infer).
+fn single_file() -> std::path::PathBuf {
+    sdxl().join("single-file/base.safetensors")
+}
+
+fn configs_only() -> tempfile::TempDir {
+    let dir = tempfile::tempdir().unwrap();
+    kiln_nn::config::copy_dir(&sdxl().join("base"), dir.path()).unwrap();
+    for component in ["unet", "vae", "text_encoder", "text_encoder_2"] {
+        for entry in std::fs::read_dir(dir.path().join(component)).unwrap() {
+            let path = entry.unwrap().path();
+            if path.extension().is_some_and(|e| e == "safetensors") {
+                std::fs::remove_file(path).unwrap();
+            }
+        }
+    }
+    dir
+}
+
+/// The recorded txt2img, img2img and Turbo-style cases from the single file, and from the
+/// diffusers folder `convert_to_diffusers` writes of it.
+#[test]
+fn single_files_give_diffusers_images() {
+    let reference = Reference::open(&sdxl().join("expected.safetensors")).unwrap();
+    let config = configs_only();
+    let options = kiln_pipeline::SingleFileOptions {
+        config: Some(config.path().to_path_buf()),
+        ..Default::default()
+    };
+    let mut pipe =
+        StableDiffusionPipeline::from_single_file(&single_file(), &options, &common::device())
+            .unwrap();
+    assert!(pipe.is_sdxl() && pipe.force_zeros_for_empty_prompt);
+    assert_eq!(pipe.class_name, "StableDiffusionXLPipeline");
+    let out = tempfile::tempdir().unwrap();
+    let folder = out.path().join("converted");
+    kiln_pipeline::convert_to_diffusers(&single_file(), &options, &folder).unwrap();
+    for name in ["tokenizer_2", "text_encoder_2", "model_index.json"] {
+        assert!(folder.join(name).exists(), "{name}");
+    }
+    let mut converted = StableDiffusionPipeline::from_pretrained(
+        &folder,
+        LoadOptions::default(),
+        &common::device(),
+    )
+    .unwrap();
+    let folder_scheduler = pipe.scheduler_config.clone();
+    let mut ran = 0;
+    for (case, spacing, _) in cases().iter().filter(|(c, ..)| c.model == "base") {
+        for (what, pipe) in [("single file", &mut pipe), ("converted", &mut converted)] {
+            // run_case samples with the pipeline's own scheduler config
+            pipe.scheduler_config = folder_scheduler.clone();
+            if let Some(spacing) = spacing {
+                pipe.scheduler_config.timestep_spacing =
+                    serde_json::from_value(serde_json::Value::String(spacing.clone())).unwrap();
+            }
+            let (float_diff, byte_diff) = run_case(case, pipe, &reference);
+            eprintln!("{what}, {}: max |float diff| {float_diff:.2e}", case.name);
+            assert!(
+                byte_diff <= tolerance::levels(tolerance::IMAGE) && float_diff <= tolerance::IMAGE,
+                "{what} {}: {float_diff} / {byte_diff}",
+                case.name
+            );
+            ran += 1;
+        }
+    }
+    assert!(ran >= 10, "only {ran} runs");
+}
+
+/// A refiner as the base of a txt2img run, and an SDXL file missing an encoder: one clear
+/// message each.
+#[test]
+fn refiners_and_incomplete_files_are_refused() {
+    let device = common::device();
+    let refiner = load("refiner");
+    assert!(refiner.is_sdxl_refiner() && !load("base").is_sdxl_refiner());
+    let mut scheduler = refiner
+        .scheduler(None, kiln_scheduler::SamplerOptions::default())
+        .unwrap();
+    let err = refiner
+        .generate(
+            &mut scheduler,
+            &GenerateOptions::new("a cat").with_size(48, 32),
+            &mut kiln_scheduler::QueuedNoise::new(Vec::new()),
+            None,
+        )
+        .unwrap_err();
+    assert!(err.to_string().contains("refiner"), "{err}");
+
+    // the base file without its OpenCLIP encoder
+    let file = kiln_nn::weights::SafetensorsFile::open(&single_file()).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("partial.safetensors");
+    let kept: Vec<(String, Vec<u8>, Vec<usize>)> = file
+        .tensors()
+        .filter(|(name, _)| !name.starts_with("conditioner.embedders.1."))
+        .map(|(name, info)| {
+            let t = file.tensor(name).unwrap();
+            (
+                name.to_string(),
+                t.read().unwrap().into_bytes().to_vec(),
+                info.shape.clone(),
+            )
+        })
+        .collect();
+    let views: Vec<(String, safetensors::tensor::TensorView<'_>)> = kept
+        .iter()
+        .map(|(name, bytes, shape)| {
+            let dtype = if name.ends_with("position_ids") {
+                safetensors::Dtype::I64
+            } else {
+                safetensors::Dtype::F16
+            };
+            (
+                name.clone(),
+                safetensors::tensor::TensorView::new(dtype, shape.clone(), bytes).unwrap(),
+            )
+        })
+        .collect();
+    safetensors::serialize_to_file(views, None, &path).unwrap();
+    let err = StableDiffusionPipeline::from_single_file(
+        &path,
+        &kiln_pipeline::SingleFileOptions::default(),
+        &device,
+    )
+    .unwrap_err();
+    assert!(err.to_string().contains("bigG"), "{err}");
+}
