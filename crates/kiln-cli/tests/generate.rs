@@ -832,3 +832,73 @@ fn embeddings_and_long_weighted_prompts_generate() {
         "{text}"
     );
 }
+
+/// SDXL from its folder: the base alone, the base with `--refiner` (the A1111 metadata names the
+/// refiner and the switch), and what cannot run refused in one line with no file.
+#[test]
+fn sdxl_base_and_refiner_from_folders() {
+    let sdxl = root().join("fixtures/sdxl");
+    let (base, refiner) = (sdxl.join("base"), sdxl.join("refiner"));
+    let dir = tempfile::tempdir().unwrap();
+    let run = |name: &str, extra: &[&str]| {
+        let output = dir.path().join(name);
+        let mut args = vec![
+            "generate",
+            "--model",
+            base.to_str().unwrap(),
+            "--prompt",
+            "a photo of an astronaut riding a horse",
+            "--steps",
+            "5",
+            "--seed",
+            "3",
+            "--width",
+            "48",
+            "--height",
+            "32",
+        ];
+        args.extend_from_slice(extra);
+        args.extend_from_slice(&["--output", output.to_str().unwrap()]);
+        let out = kiln(&args, &[]);
+        assert!(out.status.success(), "{}", stderr(&out));
+        read_png(&output)
+    };
+    let (w, h, alone, text) = run("base.png", &[]);
+    assert_eq!((w, h), (48, 32));
+    assert!(text.contains("CFG scale: 5,"), "{text}");
+    let (_, _, refined, text) = run(
+        "refined.png",
+        &[
+            "--refiner",
+            refiner.to_str().unwrap(),
+            "--refiner-switch",
+            "0.6",
+        ],
+    );
+    assert!(
+        text.contains("Refiner: refiner, Refiner switch at: 0.6"),
+        "{text}"
+    );
+    assert_ne!(alone, refined, "the refiner changed nothing");
+
+    refuses(&refiner, &["--prompt", "x"], "SDXL refiner");
+    refuses(
+        &model("sd1").path().to_path_buf(),
+        &["--prompt", "x", "--refiner", refiner.to_str().unwrap()],
+        "not SDXL",
+    );
+    refuses(
+        &base,
+        &[
+            "--prompt",
+            "x",
+            "--refiner",
+            refiner.to_str().unwrap(),
+            "--refiner-switch",
+            "1.5",
+        ],
+        "between 0 and 1",
+    );
+    // the tiny VAE halves: an odd width is not a multiple of its scale factor
+    refuses(&base, &["--prompt", "x", "--width", "45"], "multiple");
+}
