@@ -21,9 +21,17 @@ import time
 from pathlib import Path
 
 import torch
-from diffusers import AutoencoderKL, DDIMScheduler, PNDMScheduler, EulerDiscreteScheduler, StableDiffusionPipeline, UNet2DConditionModel
+from diffusers import (
+    AutoencoderKL,
+    DDIMScheduler,
+    EulerDiscreteScheduler,
+    PNDMScheduler,
+    StableDiffusionPipeline,
+    StableDiffusionXLPipeline,
+    UNet2DConditionModel,
+)
 from torch.utils.flop_counter import FlopCounterMode
-from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
 ROOT = Path(__file__).resolve().parents[2]
 SCHEDULERS = {"PNDMScheduler": PNDMScheduler, "DDIMScheduler": DDIMScheduler, "EulerDiscreteScheduler": EulerDiscreteScheduler}
@@ -97,12 +105,22 @@ def main() -> int:
     width = args.width or sample * f
     batch = args.batch or (2 if args.workload == "unet" else 1)
     lh, lw, tokens = height // f, width // f, 77
-    hidden = cfg["text_encoder"]["hidden_size"]
+    # SDXL: the two encoders' states side by side, a pooled embedding and six time ids
+    hidden = cfg["text_encoder"]["hidden_size"] + cfg.get("text_encoder_2", {}).get("hidden_size", 0)
+    xl = cfg["unet"].get("addition_embed_type") == "text_time"
+
+    def added(n, device="cpu", dtype=torch.float32):
+        if not xl:
+            return None
+        pooled = cfg["text_encoder_2"]["projection_dim"]
+        ids = torch.tensor([[height, width, 0, 0, height, width]] * n, dtype=dtype, device=device)
+        return {"text_embeds": torch.randn(n, pooled, device=device, dtype=dtype), "time_ids": ids}
     print(f"torch bench {args.workload} on {args.preset} ({args.dtype}): batch {batch}, {width}x{height}, {args.threads} thread(s)", file=sys.stderr)
 
     build_unet = lambda: UNet2DConditionModel(**strip(cfg["unet"])).eval()  # noqa: E731
     build_vae = lambda: AutoencoderKL(**strip(cfg["vae"])).eval()  # noqa: E731
     build_text = lambda: CLIPTextModel(CLIPTextConfig(**strip(cfg["text_encoder"]))).eval()  # noqa: E731
+    build_text_2 = lambda: CLIPTextModelWithProjection(CLIPTextConfig(**strip(cfg["text_encoder_2"]))).eval()  # noqa: E731
 
     start = time.perf_counter()
     if args.workload == "unet":
@@ -112,7 +130,7 @@ def main() -> int:
             x = torch.randn(shape, device=device, dtype=dtype)
             ctx = torch.randn(batch, tokens, hidden, device=device, dtype=dtype)
             t = torch.full((batch,), 500.0, device=device)
-            return model(x, t, ctx).sample
+            return model(x, t, ctx, added_cond_kwargs=added(batch, device, dtype)).sample
 
         flops = flops_of(build_unet, run, dtype)
         model = build_unet().to(dtype)
@@ -142,24 +160,36 @@ def main() -> int:
     else:
         scheduler = SCHEDULERS[cfg["scheduler"]["_class_name"]].from_config(cfg["scheduler"])
         unet = build_unet().to(dtype)
-        pipe = StableDiffusionPipeline(
-            vae=build_vae().to(dtype),
-            text_encoder=build_text(),
-            tokenizer=tokenizer(cfg.get("pad_token", "<|endoftext|>")),
-            unet=unet,
-            scheduler=scheduler,
-            safety_checker=None,
-            feature_extractor=None,
-            requires_safety_checker=False,
-        )
+        if xl:
+            pipe = StableDiffusionXLPipeline(
+                vae=build_vae().to(dtype),
+                text_encoder=build_text(),
+                text_encoder_2=build_text_2(),
+                tokenizer=tokenizer(cfg.get("pad_token", "<|endoftext|>")),
+                tokenizer_2=tokenizer("!"),
+                unet=unet,
+                scheduler=scheduler,
+            )
+        else:
+            pipe = StableDiffusionPipeline(
+                vae=build_vae().to(dtype),
+                text_encoder=build_text(),
+                tokenizer=tokenizer(cfg.get("pad_token", "<|endoftext|>")),
+                unet=unet,
+                scheduler=scheduler,
+                safety_checker=None,
+                feature_extractor=None,
+                requires_safety_checker=False,
+            )
         pipe.set_progress_bar_config(disable=True)
         # the same sum as `kiln bench pipeline`: 2 text encodings, `steps` guided UNet passes, 1 decode
-        text = flops_of(build_text, lambda m, d: m(torch.zeros(1, tokens, dtype=torch.long, device=d))[0])
+        encode = lambda m, d: m(torch.zeros(1, tokens, dtype=torch.long, device=d))[0]  # noqa: E731
+        text = flops_of(build_text, encode) + (flops_of(build_text_2, encode) if xl else 0)
         step = flops_of(
             build_unet,
             lambda m, d: m(
                 torch.randn(2 * batch, 4, lh, lw, device=d), torch.full((2 * batch,), 500.0, device=d),
-                torch.randn(2 * batch, tokens, hidden, device=d),
+                torch.randn(2 * batch, tokens, hidden, device=d), added_cond_kwargs=added(2 * batch, d),
             ).sample,
         )
         dec = flops_of(build_vae, lambda m, d: m.decode(torch.randn(batch, 4, lh, lw, device=d)).sample)

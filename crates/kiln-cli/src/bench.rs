@@ -54,7 +54,7 @@ pub struct BenchArgs {
     /// What to time.
     #[arg(value_enum)]
     workload: Workload,
-    /// Model shapes with random weights: sd15, sd21 or tiny (the embedded model's shapes).
+    /// Model shapes with random weights: sd15, sd21, sdxl or tiny (the embedded model's shapes).
     #[arg(long, conflicts_with = "model", default_value = "sd15")]
     preset: String,
     /// A diffusers model folder to time instead of a preset (its weights are loaded).
@@ -223,18 +223,50 @@ pub fn run(args: BenchArgs, device: impl FnOnce() -> Result<Device>) -> Result<(
             let flops = unet.flops(batch, lh, lw, tokens);
             let sample =
                 normal([batch, configs.unet.in_channels, lh, lw], &mut noise)?.cast(unet.dtype());
+            let text_width: usize = configs.text_configs().iter().map(|c| c.hidden_size).sum();
             let context = Tensor::<3>::random(
-                [batch, tokens, configs.text_encoder.hidden_size],
+                [batch, tokens, text_width],
                 Distribution::Normal(0.0, 1.0),
                 &device,
             )
             .cast(unet.dtype());
             let t =
                 Tensor::<1>::from_data(TensorData::new(vec![500.0f32; batch], [batch]), &device);
+            // SDXL: a pooled embedding and the base's six time ids (or the refiner's five)
+            let added = configs.unet.text_time().map(|(dim, input)| {
+                let pooled = configs
+                    .text_configs()
+                    .last()
+                    .map_or(0, |c| c.projection_dim);
+                let ids = input.saturating_sub(pooled) / dim.max(1);
+                let time_ids: Vec<f32> = [height, width, 0, 0, height, width]
+                    .iter()
+                    .map(|&v| v as f32)
+                    .take(ids)
+                    .cycle()
+                    .take(ids * batch)
+                    .collect();
+                kiln_pipeline::AddedConditioning {
+                    text_embeds: Tensor::<2>::random(
+                        [batch, pooled],
+                        Distribution::Normal(0.0, 1.0),
+                        &device,
+                    ),
+                    time_ids: Tensor::<2>::from_data(
+                        TensorData::new(time_ids, [batch, ids]),
+                        &device,
+                    ),
+                }
+            });
             (
                 flops,
                 Box::new(move || {
-                    let out = unet.forward(sample.clone(), t.clone(), context.clone())?;
+                    let out = unet.forward_with(
+                        sample.clone(),
+                        t.clone(),
+                        context.clone(),
+                        added.as_ref(),
+                    )?;
                     wait(out)
                 }),
             )
@@ -279,7 +311,12 @@ pub fn run(args: BenchArgs, device: impl FnOnce() -> Result<Device>) -> Result<(
             let pipe = source.pipeline(args.dtype, args.seed, &device)?;
             let guided = 2; // classifier-free guidance: the UNet runs on both halves
             // the prompt and the negative prompt are encoded once each, whatever the batch
-            let flops = 2 * pipe.text_encoder.flops(1, tokens)
+            let text: u64 = pipe
+                .text_encoders()
+                .iter()
+                .map(|(_, e)| e.flops(1, tokens))
+                .sum();
+            let flops = 2 * text
                 + args.steps as u64 * pipe.unet.flops(guided * batch, lh, lw, tokens)
                 + pipe.vae.decode_flops(batch, lh, lw);
             let options = GenerateOptions::new("a photo of an astronaut riding a horse on mars")

@@ -1,6 +1,7 @@
 //! The published model shapes Kiln knows by name, for running them with random weights: SD 1.5
 //! and SD 2.1 (768, v-prediction) as their diffusers folders' `config.json` files describe them
-//! (the same configs `xtask/full_size.py` builds the full-size reference models from), and
+//! (the same configs `xtask/full_size.py` builds the full-size reference models from), SDXL 1.0's
+//! base (`xtask/fixtures/sdxl_single_file.py`'s configs, checked there against diffusers), and
 //! `tiny`, the embedded default model's shapes (`crate::embedded`).
 //!
 //! Speed and memory do not depend on the weights' values, so `kiln bench --preset sd15`
@@ -23,6 +24,8 @@ pub enum Preset {
     Sd15,
     /// Stable Diffusion 2.1: 768 px, OpenCLIP ViT-H text encoder, DDIM, v-prediction.
     Sd21,
+    /// SDXL 1.0 base: 1024 px, CLIP ViT-L and OpenCLIP ViT-bigG text encoders, Euler.
+    Sdxl,
     /// The embedded default model's shapes (32 px, 18.5 MB).
     Tiny,
 }
@@ -34,9 +37,10 @@ impl std::str::FromStr for Preset {
         match s {
             "sd15" => Ok(Self::Sd15),
             "sd21" => Ok(Self::Sd21),
+            "sdxl" => Ok(Self::Sdxl),
             "tiny" => Ok(Self::Tiny),
             other => Err(Error::InvalidInput(format!(
-                "unknown preset `{other}`: use sd15, sd21 or tiny"
+                "unknown preset `{other}`: use sd15, sd21, sdxl or tiny"
             ))),
         }
     }
@@ -66,6 +70,7 @@ impl Preset {
         match self {
             Self::Sd15 => "sd15",
             Self::Sd21 => "sd21",
+            Self::Sdxl => "sdxl",
             Self::Tiny => "tiny",
         }
     }
@@ -75,6 +80,7 @@ impl Preset {
         let json = match self {
             Self::Sd15 => include_str!("../presets/sd15.json").to_string(),
             Self::Sd21 => include_str!("../presets/sd21.json").to_string(),
+            Self::Sdxl => include_str!("../presets/sdxl.json").to_string(),
             Self::Tiny => tiny_json(),
         };
         let mut all: Value = serde_json::from_str(&json).map_err(|e| preset_error(self, e))?;
@@ -82,6 +88,18 @@ impl Preset {
         let text_encoder: ClipTextConfig =
             serde_json::from_value(part("text_encoder")).map_err(|e| preset_error(self, e))?;
         text_encoder.validate(Path::new(&format!("<preset {}>/text_encoder", self.name())))?;
+        let text_encoder_2: Option<ClipTextConfig> = match part("text_encoder_2") {
+            Value::Null => None,
+            value => {
+                let c: ClipTextConfig =
+                    serde_json::from_value(value).map_err(|e| preset_error(self, e))?;
+                c.validate(Path::new(&format!(
+                    "<preset {}>/text_encoder_2",
+                    self.name()
+                )))?;
+                Some(c)
+            }
+        };
         let unet: UNet2DConditionModelConfig =
             serde_json::from_value(part("unet")).map_err(|e| preset_error(self, e))?;
         unet.validate()?;
@@ -95,7 +113,7 @@ impl Preset {
             .to_string();
         Ok(ModelConfigs {
             text_encoder,
-            text_encoder_2: None,
+            text_encoder_2,
             unet,
             vae,
             scheduler,

@@ -223,9 +223,15 @@ fn indices(shapes: &Shapes<'_>, prefix: &str) -> BTreeSet<usize> {
         .collect()
 }
 
-/// The family, from the text encoder's layout.
+/// The family, from the text encoders' layout, of a file that is a checkpoint at all (it has a
+/// UNet).
 pub(crate) fn family(shapes: &Shapes<'_>) -> Result<Family> {
     let has = |prefix: &str| shapes.keys().any(|k| k.starts_with(prefix));
+    if !has(UNET) {
+        return Err(invalid(
+            "no UNet: expected `model.diffusion_model.*` tensors (is this a diffusers-format or LoRA file?)",
+        ));
+    }
     if has(OPEN_CLIP) {
         Ok(Family::V2)
     } else if has(CLIP) {
@@ -299,11 +305,6 @@ pub fn infer_config(
     shapes: &Shapes<'_>,
     prediction_type: Option<PredictionType>,
 ) -> Result<SingleFileConfig> {
-    if !shapes.keys().any(|k| k.starts_with(UNET)) {
-        return Err(invalid(
-            "no UNet: expected `model.diffusion_model.*` tensors (is this a diffusers-format or LoRA file?)",
-        ));
-    }
     let family = family(shapes)?;
     let conv = |key: &str| dims::<4>(shapes, &format!("{UNET}{key}"));
 

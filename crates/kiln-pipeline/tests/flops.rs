@@ -33,6 +33,7 @@ fn unet_config(name: &str) -> UNet2DConditionModelConfig {
     match name {
         "sd15" => Preset::Sd15.configs().unwrap().unet,
         "sd21" => Preset::Sd21.configs().unwrap().unet,
+        "sdxl" => Preset::Sdxl.configs().unwrap().unet,
         tiny => {
             let kind = tiny.trim_start_matches("tiny-");
             UNet2DConditionModelConfig::from_file(
