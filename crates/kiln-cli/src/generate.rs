@@ -171,7 +171,7 @@ pub fn run(args: GenerateArgs, device: impl FnOnce() -> Result<Device>) -> Resul
         bail!("--refiner-switch {switch} must be between 0 and 1");
     }
     if args.refiner.is_some() && args.mask.is_some() {
-        bail!("--refiner is for txt2img and img2img: SDXL inpainting is not supported yet");
+        bail!("--refiner is for txt2img and img2img; inpaint with the base alone");
     }
     let model_dir = resolve_model(args.model.as_deref())?;
     let refiner_dir = args

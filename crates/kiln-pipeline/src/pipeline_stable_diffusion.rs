@@ -1151,11 +1151,6 @@ impl StableDiffusionPipeline {
                     .into(),
             ));
         }
-        if self.is_sdxl() && matches!(options.mode, Mode::Inpaint { .. }) {
-            return Err(Error::InvalidInput(
-                "inpainting with SDXL models is not supported yet; use txt2img or img2img".into(),
-            ));
-        }
         let guided = options.guidance_scale > 1.0;
         let estimate = self.estimate_memory(width, height, n, guided, options.vae_tiling.as_ref());
         if let Some(limit) = options

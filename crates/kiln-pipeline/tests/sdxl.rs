@@ -136,11 +136,13 @@ fn cases() -> Vec<(Case, Option<String>, Option<f64>)> {
 }
 
 /// txt2img (the SDXL-Turbo-style trailing, unguided one- and four-step runs among them),
-/// img2img, and the refiner's img2img.
+/// img2img, inpainting (`StableDiffusionXLInpaintPipeline` on the base's 4-channel UNet, at
+/// strength 1 from given latents and at 0.7 from drawn noise), and the refiner's img2img.
 #[test]
 fn pipelines_match_diffusers_within_two_levels() {
     let cases = cases();
-    assert!(cases.len() >= 8);
+    assert!(cases.len() >= 10);
+    assert!(cases.iter().any(|(c, ..)| c.mode == "inpaint"));
     let reference = Reference::open(&sdxl().join("expected.safetensors")).unwrap();
     let mut failures = Vec::new();
     for model in ["base", "refiner"] {
@@ -271,26 +273,34 @@ fn bad_sdxl_requests_are_typed_errors() {
         matches!(&err, Error::InvalidInput(m) if m.contains("pooled")),
         "{err}"
     );
-    // inpainting is refused before any work
-    let image = Tensor::<4>::zeros([1, 3, 32, 48], &device);
-    let mask = Tensor::<4>::ones([1, 1, 32, 48], &device);
-    let options = GenerateOptions::new("a cat").with_mode(Mode::Inpaint {
-        image,
-        mask,
-        strength: 1.0,
-    });
+    // denoising_start outside img2img, and a range the wrong way round
     let mut scheduler = pipe
         .scheduler(None, kiln_scheduler::SamplerOptions::default())
         .unwrap();
-    let err = pipe
-        .generate(
-            &mut scheduler,
-            &options,
-            &mut kiln_scheduler::QueuedNoise::new(Vec::new()),
-            None,
-        )
-        .unwrap_err();
-    assert!(err.to_string().contains("inpainting"), "{err}");
+    for (options, needle) in [
+        (
+            GenerateOptions::new("a cat").with_denoising_range(None, Some(0.5)),
+            "img2img",
+        ),
+        (
+            GenerateOptions::new("a cat").with_denoising_range(Some(0.3), Some(0.5)),
+            "below",
+        ),
+        (
+            GenerateOptions::new("a cat").with_denoising_range(Some(1.5), None),
+            "(0, 1)",
+        ),
+    ] {
+        let err = pipe
+            .generate(
+                &mut scheduler,
+                &options.with_size(48, 32),
+                &mut kiln_scheduler::QueuedNoise::new(Vec::new()),
+                None,
+            )
+            .unwrap_err();
+        assert!(err.to_string().contains(needle), "{err}");
+    }
 }
 
 /// `fixtures/sdxl/single-file/base.safetensors`: the tiny base in the layout of Stability's

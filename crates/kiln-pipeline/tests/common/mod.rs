@@ -97,15 +97,24 @@ pub fn run_case(case: &Case, pipe: &StableDiffusionPipeline, reference: &Referen
         name => Some(name.parse::<SamplerName>().unwrap()),
     };
     let mut scheduler = pipe.scheduler(sampler, SamplerOptions::default()).unwrap();
+    // recorded initial latents where the case gave diffusers some (else they are a noise draw)
+    let latents = match case.mode.as_str() {
+        "img2img" => None,
+        _ => reference
+            .tensor::<4>(&format!("{}.latents", case.name), &device)
+            .ok(),
+    };
+    // diffusers also encodes the masked image for a regular UNet and drops the result: after
+    // the image's encoding and the initial noise (when it is drawn)
+    let masked_draw = if latents.is_some() { 1 } else { 2 };
     let draws: Vec<Tensor<4>> = (0..case.noise_draws)
         .map(|i| {
             reference
                 .tensor::<4>(&format!("{}.noise.{i}", case.name), &device)
                 .unwrap()
         })
-        // diffusers also encodes the masked image for a regular UNet and drops the result
         .enumerate()
-        .filter(|(i, _)| !(case.mode == "inpaint" && case.model != "inpaint" && *i == 1))
+        .filter(|(i, _)| !(case.mode == "inpaint" && case.model != "inpaint" && *i == masked_draw))
         .map(|(_, t)| t)
         .collect();
     let mut noise = QueuedNoise::new(draws);
@@ -130,10 +139,7 @@ pub fn run_case(case: &Case, pipe: &StableDiffusionPipeline, reference: &Referen
         .with_steps(case.steps)
         .with_size(case.width, case.height)
         .with_mode(mode);
-    if case.mode != "img2img" {
-        let latents = reference
-            .tensor::<4>(&format!("{}.latents", case.name), &device)
-            .unwrap();
+    if let Some(latents) = latents {
         options = options.with_latents(latents);
     }
     let out = pipe
