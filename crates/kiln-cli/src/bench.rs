@@ -232,7 +232,8 @@ pub fn run(args: BenchArgs, device: impl FnOnce() -> Result<Device>) -> Result<(
             .cast(unet.dtype());
             let t =
                 Tensor::<1>::from_data(TensorData::new(vec![500.0f32; batch], [batch]), &device);
-            // SDXL: a pooled embedding and the base's six time ids (or the refiner's five)
+            // SDXL: a pooled embedding and the base's six time ids (or the refiner's five); an
+            // LCM UNet: its guidance embedding
             let added = configs.unet.text_time().map(|(dim, input)| {
                 let pooled = configs
                     .text_configs()
@@ -258,15 +259,19 @@ pub fn run(args: BenchArgs, device: impl FnOnce() -> Result<Device>) -> Result<(
                     ),
                 }
             });
+            let timestep_cond = configs
+                .unet
+                .time_cond_proj_dim
+                .map(|dim| kiln_unet::guidance_scale_embedding(&vec![7.0; batch], dim, &device));
+            let extra = kiln_unet::ExtraConditioning {
+                added,
+                timestep_cond,
+            };
             (
                 flops,
                 Box::new(move || {
-                    let out = unet.forward_with(
-                        sample.clone(),
-                        t.clone(),
-                        context.clone(),
-                        added.as_ref(),
-                    )?;
+                    let out =
+                        unet.forward_with(sample.clone(), t.clone(), context.clone(), &extra)?;
                     wait(out)
                 }),
             )

@@ -82,6 +82,9 @@ impl Timesteps {
 /// `linear_1 -> act -> linear_2`: lifts the sinusoidal embedding to the time-embedding width.
 #[derive(Module, Debug)]
 pub struct TimestepEmbedding {
+    /// `cond_proj_dim -> in_channels`, no bias: a condition added to the input (the guidance
+    /// embedding of guidance-distilled LCM UNets, diffusers' `timestep_cond`).
+    pub cond_proj: Option<Linear>,
     /// `in_channels -> time_embed_dim`.
     pub linear_1: Linear,
     /// `time_embed_dim -> time_embed_dim`.
@@ -100,23 +103,49 @@ impl TimestepEmbedding {
         device: &Device,
     ) -> Self {
         Self {
+            cond_proj: None,
             linear_1: LinearConfig::new(in_channels, time_embed_dim).init(device),
             linear_2: LinearConfig::new(time_embed_dim, time_embed_dim).init(device),
             act,
         }
     }
 
+    /// With `cond_proj`, `cond_proj_dim -> in_channels` (diffusers' `cond_proj_dim`).
+    pub fn with_cond_proj(mut self, cond_proj_dim: usize, device: &Device) -> Self {
+        let in_channels = self.linear_1.weight.dims()[0];
+        self.cond_proj = Some(
+            LinearConfig::new(cond_proj_dim, in_channels)
+                .with_bias(false)
+                .init(device),
+        );
+        self
+    }
+
     /// # Shapes
     /// - `x`: `[batch, in_channels]`
     /// - output: `[batch, time_embed_dim]`
     pub fn forward(&self, x: Tensor<2>) -> Tensor<2> {
+        self.forward_with(x, None)
+    }
+
+    /// [`forward`](Self::forward) with `condition` (`[batch, cond_proj_dim]`) projected and
+    /// added to the input first, when the embedding has a `cond_proj`.
+    pub fn forward_with(&self, x: Tensor<2>, condition: Option<Tensor<2>>) -> Tensor<2> {
+        let x = match (&self.cond_proj, condition) {
+            (Some(proj), Some(c)) => x + proj.forward(c),
+            _ => x,
+        };
         self.linear_2
             .forward(self.act.forward(self.linear_1.forward(x)))
     }
 
     /// FLOPs of [`forward`](Self::forward) on `batch` rows ([`crate::flops`]).
     pub fn flops(&self, batch: usize) -> u64 {
-        crate::flops::linear(&self.linear_1, batch) + crate::flops::linear(&self.linear_2, batch)
+        self.cond_proj
+            .as_ref()
+            .map_or(0, |p| crate::flops::linear(p, batch))
+            + crate::flops::linear(&self.linear_1, batch)
+            + crate::flops::linear(&self.linear_2, batch)
     }
 }
 

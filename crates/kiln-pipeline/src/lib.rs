@@ -76,7 +76,7 @@ pub mod training;
 
 pub use error::{Error, Result};
 pub use kiln_clip::PromptSyntax;
-pub use kiln_unet::AddedConditioning;
+pub use kiln_unet::{AddedConditioning, ExtraConditioning};
 pub use lora::{LoadedLora, LoraOptions};
 pub use pipeline_stable_diffusion::{
     Conditioning, GENERATION_FILE, GenerateOptions, GenerateOutput, GenerationDefaults,

@@ -22,7 +22,7 @@ use kiln_nn::weights::{SafetensorsFile, load_tensors};
 use kiln_scheduler::{
     AnyScheduler, NoiseSource, SamplerName, SamplerOptions, Scheduler, SchedulerConfig,
 };
-use kiln_unet::unet_2d_condition::{AddedConditioning, SampleSize};
+use kiln_unet::unet_2d_condition::{AddedConditioning, ExtraConditioning, SampleSize};
 use kiln_unet::{UNet2DConditionModel, UNet2DConditionModelConfig};
 use kiln_vae::{AutoencoderKL, AutoencoderKLConfig, TilingOptions};
 use serde::Deserialize;
@@ -509,8 +509,10 @@ pub struct Conditioning {
     /// The text context, `[n, seq, width]`, or `[2n, seq, width]` (negative first) under
     /// guidance; SDXL's is the text encoders' states concatenated along `width`.
     pub context: Tensor<3>,
-    /// SDXL's pooled text embeddings and time ids, batched as `context`; `None` for SD 1.x / 2.x.
-    pub added: Option<AddedConditioning>,
+    /// Batched as `context`: SDXL's pooled text embeddings and time ids (`added`), and a
+    /// guidance-distilled (LCM) UNet's embedding of `guidance_scale - 1` (`timestep_cond`),
+    /// which it takes instead of classifier-free guidance.
+    pub extra: ExtraConditioning,
 }
 
 /// What the step callback sees after each scheduler step.
@@ -1151,7 +1153,8 @@ impl StableDiffusionPipeline {
                     .into(),
             ));
         }
-        let guided = options.guidance_scale > 1.0;
+        // a guidance-distilled (LCM) UNet embeds the guidance scale instead
+        let guided = options.guidance_scale > 1.0 && self.unet.config.time_cond_proj_dim.is_none();
         let estimate = self.estimate_memory(width, height, n, guided, options.vae_tiling.as_ref());
         if let Some(limit) = options
             .memory_limit
@@ -1326,7 +1329,7 @@ impl StableDiffusionPipeline {
                     input.cast(self.dtype),
                     timestep,
                     conditioning.context.clone(),
-                    conditioning.added.as_ref(),
+                    &conditioning.extra,
                 )?
                 .cast(DType::F32);
             let pred = if run.guided {
@@ -1440,23 +1443,46 @@ impl StableDiffusionPipeline {
     /// ids, as [`generate`](Self::generate) computes them.
     pub fn conditioning(&self, options: &GenerateOptions) -> Result<Conditioning> {
         let (width, height) = self.resolve_size(options)?;
-        self.conditioning_for(options, [height, width], options.guidance_scale > 1.0)
+        let guided = options.guidance_scale > 1.0 && self.unet.config.time_cond_proj_dim.is_none();
+        self.conditioning_for(options, [height, width], guided)
     }
 
     fn conditioning_of(&self, options: &GenerateOptions, run: &RunPlan) -> Result<Conditioning> {
         self.conditioning_for(options, [run.height, run.width], run.guided)
     }
 
-    /// [`conditioning`](Self::conditioning) of a `[height, width]` run.
-    ///
-    /// Under guidance the shorter of the two encodings is padded with windows of the empty
-    /// prompt's, as the A1111 web UI pads them, so both have the same length.
+    /// [`conditioning`](Self::conditioning) of a `[height, width]` run: the text's, and a
+    /// guidance-distilled UNet's guidance embedding.
     fn conditioning_for(
         &self,
         options: &GenerateOptions,
         size: [usize; 2],
         do_cfg: bool,
     ) -> Result<Conditioning> {
+        let (context, added) = self.text_conditioning(options, size, do_cfg)?;
+        let timestep_cond = self.unet.config.time_cond_proj_dim.map(|dim| {
+            let w = vec![(options.guidance_scale - 1.0) as f32; options.num_images];
+            kiln_unet::guidance_scale_embedding(&w, dim, &self.device)
+        });
+        Ok(Conditioning {
+            context,
+            extra: ExtraConditioning {
+                added,
+                timestep_cond,
+            },
+        })
+    }
+
+    /// The text context and SDXL's added conditioning of a `[height, width]` run.
+    ///
+    /// Under guidance the shorter of the two encodings is padded with windows of the empty
+    /// prompt's, as the A1111 web UI pads them, so both have the same length.
+    fn text_conditioning(
+        &self,
+        options: &GenerateOptions,
+        size: [usize; 2],
+        do_cfg: bool,
+    ) -> Result<(Tensor<3>, Option<AddedConditioning>)> {
         let n = options.num_images;
         let width: usize = self
             .text_encoders()
@@ -1524,10 +1550,7 @@ impl StableDiffusionPipeline {
                 }),
                 _ => None,
             };
-            return Ok(Conditioning {
-                context: cond.repeat_dim(0, n).cast(self.dtype),
-                added,
-            });
+            return Ok((cond.repeat_dim(0, n).cast(self.dtype), added));
         }
         let zeros = xl.is_some()
             && self.force_zeros_for_empty_prompt
@@ -1575,11 +1598,8 @@ impl StableDiffusionPipeline {
             }),
             _ => None,
         };
-        Ok(Conditioning {
-            context: Tensor::cat(vec![uncond.repeat_dim(0, n), cond.repeat_dim(0, n)], 0)
-                .cast(self.dtype),
-            added,
-        })
+        let context = Tensor::cat(vec![uncond.repeat_dim(0, n), cond.repeat_dim(0, n)], 0);
+        Ok((context.cast(self.dtype), added))
     }
 }
 

@@ -62,7 +62,7 @@ fn conditioning_matches_diffusers_encode_prompt() {
             .with_size(48, 32)
             .with_guidance_scale(5.0);
         let c = pipe.conditioning(&options).unwrap();
-        let added = c.added.expect("SDXL has added conditioning");
+        let added = c.extra.added.expect("SDXL has added conditioning");
         let t = |key: &str| {
             reference
                 .tensor::<3>(&format!("encode.{name}.{key}"), &device)
@@ -137,15 +137,18 @@ fn cases() -> Vec<(Case, Option<String>, Option<f64>)> {
 
 /// txt2img (the SDXL-Turbo-style trailing, unguided one- and four-step runs among them),
 /// img2img, inpainting (`StableDiffusionXLInpaintPipeline` on the base's 4-channel UNet, at
-/// strength 1 from given latents and at 0.7 from drawn noise), and the refiner's img2img.
+/// strength 1 from given latents and at 0.7 from drawn noise), the refiner's img2img, and an
+/// LCM-distilled base (`time_cond_proj_dim`: guidance 8 embedded, no classifier-free guidance)
+/// with LCMScheduler.
 #[test]
 fn pipelines_match_diffusers_within_two_levels() {
     let cases = cases();
     assert!(cases.len() >= 10);
     assert!(cases.iter().any(|(c, ..)| c.mode == "inpaint"));
+    assert!(cases.iter().any(|(c, ..)| c.model == "lcm"));
     let reference = Reference::open(&sdxl().join("expected.safetensors")).unwrap();
     let mut failures = Vec::new();
-    for model in ["base", "refiner"] {
+    for model in ["base", "refiner", "lcm"] {
         for (case, spacing, _) in cases.iter().filter(|(c, ..)| c.model == model) {
             let mut pipe = load(model);
             if let Some(spacing) = spacing {
@@ -273,6 +276,34 @@ fn bad_sdxl_requests_are_typed_errors() {
         matches!(&err, Error::InvalidInput(m) if m.contains("pooled")),
         "{err}"
     );
+    // a guidance-distilled UNet without its guidance embedding, a plain one given one
+    let lcm = load("lcm");
+    let sample = Tensor::<4>::zeros([1, 4, 16, 24], &device);
+    let t = Tensor::<1>::from_floats([500.0], &device);
+    let context = Tensor::<3>::zeros([1, 77, 16], &device);
+    let added = kiln_pipeline::AddedConditioning {
+        text_embeds: Tensor::zeros([1, 6], &device),
+        time_ids: Tensor::zeros([1, 6], &device),
+    };
+    let without = kiln_pipeline::ExtraConditioning {
+        added: Some(added),
+        timestep_cond: None,
+    };
+    let err = lcm
+        .unet
+        .forward_with(sample.clone(), t.clone(), context.clone(), &without)
+        .unwrap_err();
+    assert!(err.to_string().contains("guidance-distilled"), "{err}");
+    let with = kiln_pipeline::ExtraConditioning {
+        timestep_cond: Some(Tensor::zeros([1, 8], &device)),
+        ..without
+    };
+    let err = pipe
+        .unet
+        .forward_with(sample, t, context, &with)
+        .unwrap_err();
+    assert!(err.to_string().contains("not guidance-distilled"), "{err}");
+
     // denoising_start outside img2img, and a range the wrong way round
     let mut scheduler = pipe
         .scheduler(None, kiln_scheduler::SamplerOptions::default())

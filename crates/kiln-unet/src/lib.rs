@@ -22,4 +22,7 @@ pub mod unet_2d_blocks;
 pub mod unet_2d_condition;
 
 pub use error::{Error, Result};
-pub use unet_2d_condition::{AddedConditioning, UNet2DConditionModel, UNet2DConditionModelConfig};
+pub use unet_2d_condition::{
+    AddedConditioning, ExtraConditioning, UNet2DConditionModel, UNet2DConditionModelConfig,
+    guidance_scale_embedding,
+};

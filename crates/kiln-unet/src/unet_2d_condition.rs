@@ -14,7 +14,7 @@ use std::path::Path;
 use burn::module::Module;
 use burn::nn::conv::{Conv2d, Conv2dConfig};
 use burn::nn::{GroupNorm, PaddingConfig2d};
-use burn::tensor::{DType, Device, Tensor};
+use burn::tensor::{DType, Device, Tensor, TensorData};
 use kiln_nn::activation::Activation;
 use kiln_nn::config::read_json;
 use kiln_nn::embeddings::{TimestepEmbedding, Timesteps};
@@ -195,7 +195,8 @@ pub struct UNet2DConditionModelConfig {
     /// Unsupported when set.
     #[serde(default)]
     pub encoder_hid_dim: Option<usize>,
-    /// Unsupported when set.
+    /// Width of the guidance embedding a guidance-distilled (LCM) UNet adds to its time
+    /// embedding through `time_embedding.cond_proj` ([`ExtraConditioning::timestep_cond`]).
     #[serde(default)]
     pub time_cond_proj_dim: Option<usize>,
     /// Unsupported when set.
@@ -328,7 +329,6 @@ impl UNet2DConditionModelConfig {
                     .is_some_and(|t| t != "text_time"),
             ),
             ("encoder_hid_dim", self.encoder_hid_dim.is_some()),
-            ("time_cond_proj_dim", self.time_cond_proj_dim.is_some()),
             ("timestep_post_act", self.timestep_post_act.is_some()),
             (
                 "time_embedding_act_fn",
@@ -442,6 +442,37 @@ pub struct AddedConditioning {
     /// `(h, w)`, crop top-left `(y, x)` and target size `(h, w)` (n = 6), or the refiner's
     /// original size, crop and aesthetic score (n = 5).
     pub time_ids: Tensor<2>,
+}
+
+/// What conditions the UNet besides the sample, the timestep and the text context; each part is
+/// present exactly when the UNet's config asks for it.
+#[derive(Debug, Clone, Default)]
+pub struct ExtraConditioning {
+    /// SDXL's pooled text embedding and time ids (`addition_embed_type: "text_time"`).
+    pub added: Option<AddedConditioning>,
+    /// A guidance-distilled (LCM) UNet's guidance embedding, `[batch, time_cond_proj_dim]`
+    /// (diffusers' `timestep_cond`; [`guidance_scale_embedding`]).
+    pub timestep_cond: Option<Tensor<2>>,
+}
+
+/// The sinusoidal embedding of guidance scales `w` that guidance-distilled (LCM) UNets take as
+/// `timestep_cond`, `[w.len(), dim]`: diffusers' `get_guidance_scale_embedding` (Meng et al.
+/// 2023; the pipelines pass `guidance_scale - 1`), in f32: `w * 1000` times
+/// `exp(-ln(10000) i / (dim/2 - 1))`, sines then cosines, a zero column for an odd `dim`.
+pub fn guidance_scale_embedding(w: &[f32], dim: usize, device: &Device) -> Tensor<2> {
+    let half = dim / 2;
+    let step = 10000f32.ln() / (half.max(2) - 1) as f32;
+    let freqs: Vec<f32> = (0..half).map(|i| (i as f32 * -step).exp()).collect();
+    let mut values = Vec::with_capacity(w.len() * dim);
+    for &scale in w {
+        let scaled = scale * 1000.0;
+        values.extend(freqs.iter().map(|f| (scaled * f).sin()));
+        values.extend(freqs.iter().map(|f| (scaled * f).cos()));
+        if dim % 2 == 1 {
+            values.push(0.0);
+        }
+    }
+    Tensor::from_data(TensorData::new(values, [w.len(), dim]), device)
 }
 
 /// The conditional UNet.
@@ -584,7 +615,11 @@ impl UNet2DConditionModel {
                 config.conv_in_kernel,
                 device,
             ),
-            time_embedding: TimestepEmbedding::new(channels[0], temb, config.act_fn, device),
+            time_embedding: match config.time_cond_proj_dim {
+                Some(dim) => TimestepEmbedding::new(channels[0], temb, config.act_fn, device)
+                    .with_cond_proj(dim, device),
+                None => TimestepEmbedding::new(channels[0], temb, config.act_fn, device),
+            },
             // diffusers builds it with TimestepEmbedding's default activation, whatever act_fn is
             add_embedding: config
                 .text_time()
@@ -718,6 +753,29 @@ impl UNet2DConditionModel {
         Ok(())
     }
 
+    /// Checks the guidance embedding against the UNet: present exactly when the config has
+    /// `time_cond_proj_dim`, `[batch, time_cond_proj_dim]`.
+    fn check_timestep_cond(&self, batch: usize, cond: Option<&Tensor<2>>) -> Result<()> {
+        match (self.config.time_cond_proj_dim, cond) {
+            (None, None) => Ok(()),
+            (None, Some(_)) => Err(Error::InvalidConfig(
+                "a guidance embedding (timestep_cond) was given, but this UNet's config has no \
+                 `time_cond_proj_dim`: it is not guidance-distilled"
+                    .into(),
+            )),
+            (Some(dim), None) => Err(Error::InvalidConfig(format!(
+                "this UNet is guidance-distilled (LCM, `time_cond_proj_dim` {dim}): give its \
+                 guidance embedding as `timestep_cond` (kiln_unet::guidance_scale_embedding)"
+            ))),
+            (Some(dim), Some(c)) if c.dims() != [batch, dim] => Err(Error::InputShape {
+                name: "timestep_cond",
+                expected: format!("[{batch}, {dim}]"),
+                found: c.dims().to_vec(),
+            }),
+            _ => Ok(()),
+        }
+    }
+
     /// Checks the added conditioning against the UNet: present exactly when the config has a
     /// `text_time` embedding, `[batch, width]` and `[batch, n]` with `width + n *
     /// addition_time_embed_dim` the embedding's input width.
@@ -782,24 +840,33 @@ impl UNet2DConditionModel {
         timesteps: Tensor<1>,
         encoder_hidden_states: Tensor<3>,
     ) -> Result<Tensor<4>> {
-        self.forward_with(sample, timesteps, encoder_hidden_states, None)
+        self.forward_with(
+            sample,
+            timesteps,
+            encoder_hidden_states,
+            &ExtraConditioning::default(),
+        )
     }
 
-    /// [`forward`](Self::forward) with SDXL's added conditioning, which a UNet with a
-    /// `text_time` embedding requires and any other refuses.
+    /// [`forward`](Self::forward) with the conditioning some UNets take besides the text
+    /// ([`ExtraConditioning`]): SDXL's added conditioning, which a UNet with a `text_time`
+    /// embedding requires and any other refuses, and a guidance-distilled UNet's guidance
+    /// embedding, likewise.
     ///
     /// # Shapes
-    /// As [`forward`](Self::forward), and [`AddedConditioning`]'s tensors with `batch` rows.
+    /// As [`forward`](Self::forward), and [`ExtraConditioning`]'s tensors with `batch` rows.
     pub fn forward_with(
         &self,
         sample: Tensor<4>,
         timesteps: Tensor<1>,
         encoder_hidden_states: Tensor<3>,
-        added: Option<&AddedConditioning>,
+        extra: &ExtraConditioning,
     ) -> Result<Tensor<4>> {
         self.check_inputs(&sample, &timesteps, &encoder_hidden_states)?;
         let [batch, _, height, width] = sample.dims();
+        let added = extra.added.as_ref();
         self.check_added(batch, added)?;
+        self.check_timestep_cond(batch, extra.timestep_cond.as_ref())?;
         let _span = tracing::debug_span!("unet_forward", batch, height, width).entered();
         let dtype = sample.dtype();
         let context = encoder_hidden_states;
@@ -818,7 +885,8 @@ impl UNet2DConditionModel {
             timesteps.expand([batch])
         };
         let t_emb = self.time_proj().forward(timesteps).cast(dtype);
-        let mut emb = self.time_embedding.forward(t_emb);
+        let cond = extra.timestep_cond.clone().map(|c| c.cast(dtype));
+        let mut emb = self.time_embedding.forward_with(t_emb, cond);
         // SDXL: sinusoidal embeddings of the time ids (f32) after the pooled text embedding,
         // through add_embedding, added to the time embedding
         if let (Some(embedding), Some(added), Some((dim, _))) =

@@ -238,7 +238,10 @@ fn sdxl_unets_match_diffusers() {
                 io.tensor(&t("sample"), &device).unwrap(),
                 io.tensor(&t("timestep"), &device).unwrap(),
                 io.tensor(&t("context"), &device).unwrap(),
-                Some(&added),
+                &kiln_unet::ExtraConditioning {
+                    added: Some(added.clone()),
+                    ..Default::default()
+                },
             )
             .unwrap();
         let expected: Tensor<4> = io.tensor(&t("output"), &device).unwrap();
@@ -260,7 +263,15 @@ fn sdxl_unets_match_diffusers() {
             ..added.clone()
         };
         let err = unet
-            .forward_with(sample, timestep, context, Some(&short))
+            .forward_with(
+                sample,
+                timestep,
+                context,
+                &kiln_unet::ExtraConditioning {
+                    added: Some(short),
+                    ..Default::default()
+                },
+            )
             .unwrap_err();
         assert!(
             matches!(
