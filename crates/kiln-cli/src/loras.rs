@@ -140,8 +140,12 @@ pub fn apply(
                 loaded.skipped().join(", ")
             );
         }
+        let second = match loaded.text_encoder_2_layers {
+            0 => String::new(),
+            n => format!(" and {n} of the second text encoder"),
+        };
         eprintln!(
-            "LoRA `{}` at {scale}: {} UNet and {} text-encoder layers",
+            "LoRA `{}` at {scale}: {} UNet and {} text-encoder layers{second}",
             request.name, loaded.unet_layers, loaded.text_encoder_layers
         );
     }

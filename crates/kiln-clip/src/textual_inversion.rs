@@ -2,8 +2,9 @@
 //!
 //! Two file layouts load, both `.safetensors` holding one tensor of `[width]` or
 //! `[vectors, width]`: the A1111 web UI's (`emb_params`, or `string_to_param.*`) and diffusers'
-//! `learned_embeds.safetensors` (the tensor named after its token, such as `<cat-toy>`). Pickle
-//! files (`.pt`, `.bin`) are refused.
+//! `learned_embeds.safetensors` (the tensor named after its token, such as `<cat-toy>`); and
+//! SDXL's, with `clip_l` and `clip_g` for its two text encoders. Pickle files (`.pt`, `.bin`)
+//! are refused.
 //!
 //! [`TextualInversion::load_into`] adds the token to the tokenizer and the vectors to the text
 //! encoder's token embedding table. An embedding of `n` vectors takes `n` ids: the word gives
@@ -23,8 +24,11 @@ use crate::{ClipTextModel, ClipTokenizer, Error, Result};
 pub struct TextualInversion {
     /// The word that names it in prompts.
     pub token: String,
-    /// The vectors, f32 `[vectors, width]`.
+    /// The vectors, f32 `[vectors, width]` (an SDXL embedding's `clip_l`, for its first text
+    /// encoder).
     pub vectors: TensorData,
+    /// An SDXL embedding's `clip_g` vectors for its second text encoder, `[vectors, width]`.
+    pub vectors_2: Option<TensorData>,
     /// The file.
     pub path: PathBuf,
 }
@@ -39,40 +43,34 @@ impl TextualInversion {
             path: path.to_path_buf(),
             message,
         };
-        let names: Vec<String> = file.tensors().map(|(n, _)| n.to_string()).collect();
-        let [name] = names.as_slice() else {
-            let hint = if names.iter().any(|n| n == "clip_l") {
-                " (an SDXL embedding with `clip_l` and `clip_g`, which needs SDXL's two text encoders)"
-            } else {
-                ""
-            };
-            return Err(bad(format!(
-                "holds {} tensors ({names:?}); an embedding file holds one{hint}",
-                names.len()
-            )));
-        };
-        let tensor = file.tensor(name)?;
-        let (count, width) = match *tensor.shape() {
-            [width] => (1, width),
-            [count, width] => (count, width),
-            ref other => {
+        let mut names: Vec<String> = file.tensors().map(|(n, _)| n.to_string()).collect();
+        names.sort();
+        let (name, vectors_2) = match names.as_slice() {
+            [name] => (name.clone(), None),
+            // SDXL: one set of vectors per text encoder, as many of each
+            [g, l] if g == "clip_g" && l == "clip_l" => {
+                let g = read_vectors(&file, g, &bad)?;
+                let l = read_vectors(&file, l, &bad)?;
+                if g.shape()[0] != l.shape()[0] {
+                    return Err(bad(format!(
+                        "has {} `clip_l` vectors and {} `clip_g` ones; SDXL's take as many of each",
+                        l.shape()[0],
+                        g.shape()[0]
+                    )));
+                }
+                ("clip_l".to_string(), Some(g))
+            }
+            _ => {
                 return Err(bad(format!(
-                    "`{name}` has shape {other:?}; expected [width] or [vectors, width]"
+                    "holds {} tensors ({names:?}); an embedding file holds one, or SDXL's \
+                     `clip_l` and `clip_g`",
+                    names.len()
                 )));
             }
         };
-        if count == 0 || width == 0 {
-            return Err(bad(format!("`{name}` is empty")));
-        }
-        let values = tensor
-            .read()?
-            .convert::<f32>()
-            .try_into_vec::<f32>()
-            .map_err(|e| bad(format!("cannot read `{name}`: {e:?}")))?;
-        if let Some(i) = values.iter().position(|v| !v.is_finite()) {
-            return Err(bad(format!("`{name}` holds {} at index {i}", values[i])));
-        }
-        let diffusers_key = name != "emb_params" && !name.starts_with("string_to_param");
+        let vectors = read_vectors(&file, &name, &bad)?;
+        let diffusers_key =
+            vectors_2.is_none() && name != "emb_params" && !name.starts_with("string_to_param");
         let token = match token {
             Some(t) => t.to_string(),
             None if diffusers_key => name.clone(),
@@ -89,7 +87,8 @@ impl TextualInversion {
         }
         Ok(Self {
             token,
-            vectors: TensorData::new(values, [count, width]),
+            vectors,
+            vectors_2,
             path: path.to_path_buf(),
         })
     }
@@ -111,17 +110,46 @@ impl TextualInversion {
         tokenizer: &mut ClipTokenizer,
         encoder: &mut ClipTextModel,
     ) -> Result<Vec<u32>> {
+        self.add(&self.vectors, tokenizer, encoder)
+    }
+
+    /// [`load_into`](Self::load_into) for SDXL's second text encoder: the `clip_g` vectors.
+    pub fn load_second_into(
+        &self,
+        tokenizer: &mut ClipTokenizer,
+        encoder: &mut ClipTextModel,
+    ) -> Result<Vec<u32>> {
+        let vectors = self.vectors_2.as_ref().ok_or_else(|| Error::Embedding {
+            path: self.path.clone(),
+            message: "holds one set of vectors, not SDXL's `clip_l` and `clip_g`".into(),
+        })?;
+        self.add(vectors, tokenizer, encoder)
+    }
+
+    /// Checks that `vectors` fit `encoder` (their width), without changing anything.
+    pub fn check_width(&self, vectors: &TensorData, encoder: &ClipTextModel) -> Result<()> {
         let width = encoder.config().hidden_size;
-        let [count, file_width] = [self.vectors.shape()[0], self.vectors.shape()[1]];
+        let file_width = vectors.shape()[1];
         if file_width != width {
             return Err(Error::Embedding {
                 path: self.path.clone(),
                 message: format!(
                     "has vectors of width {file_width}, but this text encoder's are {width} wide; \
-                     is it for another model (SD 1.x: 768, SD 2.x: 1024)?"
+                     is it for another model (SD 1.x: 768, SD 2.x: 1024, SDXL: 768 and 1280)?"
                 ),
             });
         }
+        Ok(())
+    }
+
+    fn add(
+        &self,
+        vectors: &TensorData,
+        tokenizer: &mut ClipTokenizer,
+        encoder: &mut ClipTextModel,
+    ) -> Result<Vec<u32>> {
+        self.check_width(vectors, encoder)?;
+        let count = vectors.shape()[0];
         let first = encoder.config().vocab_size;
         if tokenizer.vocab_size() != first {
             return Err(Error::InvalidInput(format!(
@@ -136,7 +164,37 @@ impl TextualInversion {
                 message,
             })?;
         debug_assert_eq!(ids[0] as usize, first);
-        encoder.add_token_embeddings(self.vectors.clone());
+        encoder.add_token_embeddings(vectors.clone());
         Ok(ids)
     }
+}
+
+/// Reads one embedding tensor, `[width]` or `[vectors, width]`, as f32 `[vectors, width]`.
+fn read_vectors(
+    file: &SafetensorsFile,
+    name: &str,
+    bad: &dyn Fn(String) -> Error,
+) -> Result<TensorData> {
+    let tensor = file.tensor(name)?;
+    let (count, width) = match *tensor.shape() {
+        [width] => (1, width),
+        [count, width] => (count, width),
+        ref other => {
+            return Err(bad(format!(
+                "`{name}` has shape {other:?}; expected [width] or [vectors, width]"
+            )));
+        }
+    };
+    if count == 0 || width == 0 {
+        return Err(bad(format!("`{name}` is empty")));
+    }
+    let values = tensor
+        .read()?
+        .convert::<f32>()
+        .try_into_vec::<f32>()
+        .map_err(|e| bad(format!("cannot read `{name}`: {e:?}")))?;
+    if let Some(i) = values.iter().position(|v| !v.is_finite()) {
+        return Err(bad(format!("`{name}` holds {} at index {i}", values[i])));
+    }
+    Ok(TensorData::new(values, [count, width]))
 }

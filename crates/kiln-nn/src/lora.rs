@@ -4,8 +4,10 @@
 //! layers. Two file layouts are in use, and both load:
 //!
 //! - kohya / the A1111 web UI: `lora_unet_<module>` and `lora_te_<module>` (the module path with
-//!   `_` for `.`), each with `.lora_down.weight`, `.lora_up.weight` and a scalar `.alpha`;
-//! - diffusers / PEFT: `unet.<module>` and `text_encoder.<module>` with `.lora_A.weight` and
+//!   `_` for `.`; SDXL's `lora_te1_` / `lora_te2_` for its two text encoders), each with
+//!   `.lora_down.weight`, `.lora_up.weight` and a scalar `.alpha`;
+//! - diffusers / PEFT: `unet.<module>`, `text_encoder.<module>` and `text_encoder_2.<module>`
+//!   with `.lora_A.weight` and
 //!   `.lora_B.weight`, or the older `.lora.down.weight` / `.lora.up.weight` (also
 //!   `.lora_linear_layer.` and attention processors' `.processor.to_q_lora.`), optionally with
 //!   `.alpha`, or peft's `lora_alpha` / `alpha_pattern` / `use_rslora` from the
@@ -35,8 +37,10 @@ use crate::{Error, Result};
 pub enum LoraComponent {
     /// The UNet (`lora_unet_`, `unet.`).
     Unet,
-    /// The CLIP text encoder (`lora_te_`, `text_encoder.`).
+    /// The CLIP text encoder (`lora_te_`, `lora_te1_`, `text_encoder.`).
     TextEncoder,
+    /// SDXL's second text encoder (`lora_te2_`, `text_encoder_2.`).
+    TextEncoder2,
 }
 
 impl std::fmt::Display for LoraComponent {
@@ -44,6 +48,7 @@ impl std::fmt::Display for LoraComponent {
         f.write_str(match self {
             Self::Unet => "UNet",
             Self::TextEncoder => "text encoder",
+            Self::TextEncoder2 => "second text encoder",
         })
     }
 }
@@ -152,9 +157,8 @@ impl LoraFile {
             return Err(bad(
                 &skipped[0],
                 format!(
-                    "is not a LoRA factor of the UNet or the text encoder ({} such key(s); \
-                     LoHa, LoKr, DoRA and SDXL's second text encoder are not supported); \
-                     allow unknown keys to skip them",
+                    "is not a LoRA factor of the UNet or a text encoder ({} such key(s); \
+                     LoHa, LoKr and DoRA are not supported); allow unknown keys to skip them",
                     skipped.len()
                 ),
             ));
@@ -225,6 +229,21 @@ impl LoraFile {
     pub fn component(&self, component: LoraComponent) -> impl Iterator<Item = &LoraLayer> {
         self.layers.iter().filter(move |l| l.component == component)
     }
+
+    /// Renames the targets of `component`'s layers where `rename` gives a new one: for files
+    /// that name modules by another layout of the same model (kohya's SDXL LoRAs name the
+    /// UNet's by the original SGM layout, `input_blocks_4_1_...`).
+    pub fn rename_targets(
+        &mut self,
+        component: LoraComponent,
+        rename: impl Fn(&LoraTarget) -> Option<LoraTarget>,
+    ) {
+        for layer in self.layers.iter_mut().filter(|l| l.component == component) {
+            if let Some(target) = rename(&layer.target) {
+                layer.target = target;
+            }
+        }
+    }
 }
 
 /// The adapter configs diffusers writes into a LoRA file's `__metadata__`
@@ -233,6 +252,7 @@ impl LoraFile {
 struct PeftConfigs {
     unet: Option<PeftConfig>,
     text_encoder: Option<PeftConfig>,
+    text_encoder_2: Option<PeftConfig>,
 }
 
 /// The fields of peft's `LoraConfig` that decide the scale.
@@ -284,6 +304,7 @@ impl PeftConfigs {
         Ok(Self {
             unet: component("unet")?,
             text_encoder: component("text_encoder")?,
+            text_encoder_2: component("text_encoder_2")?,
         })
     }
 
@@ -291,6 +312,7 @@ impl PeftConfigs {
         match component {
             LoraComponent::Unet => self.unet.as_ref(),
             LoraComponent::TextEncoder => self.text_encoder.as_ref(),
+            LoraComponent::TextEncoder2 => self.text_encoder_2.as_ref(),
         }
     }
 }
@@ -319,11 +341,19 @@ fn split_stem(stem: &str) -> Option<(LoraComponent, String, bool)> {
     if let Some(rest) = stem.strip_prefix("lora_unet_") {
         return Some((LoraComponent::Unet, rest.to_string(), true));
     }
-    if let Some(rest) = stem.strip_prefix("lora_te_") {
-        return Some((LoraComponent::TextEncoder, rest.to_string(), true));
+    for (prefix, component) in [
+        ("lora_te_", LoraComponent::TextEncoder),
+        ("lora_te1_", LoraComponent::TextEncoder),
+        ("lora_te2_", LoraComponent::TextEncoder2),
+    ] {
+        if let Some(rest) = stem.strip_prefix(prefix) {
+            return Some((component, rest.to_string(), true));
+        }
     }
     let (component, rest) = if let Some(rest) = stem.strip_prefix("unet.") {
         (LoraComponent::Unet, rest)
+    } else if let Some(rest) = stem.strip_prefix("text_encoder_2.") {
+        (LoraComponent::TextEncoder2, rest)
     } else if let Some(rest) = stem.strip_prefix("text_encoder.") {
         (LoraComponent::TextEncoder, rest)
     } else {

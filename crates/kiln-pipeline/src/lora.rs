@@ -15,11 +15,14 @@
 //! # Ok(()) }
 //! ```
 //!
-//! The file layouts are those of [`kiln_nn::lora`]: kohya / A1111 and diffusers / PEFT.
+//! The file layouts are those of [`kiln_nn::lora`]: kohya / A1111 and diffusers / PEFT. SDXL's
+//! LoRAs update both text encoders; kohya's name the UNet's modules by the original (SGM)
+//! layout (`lora_unet_input_blocks_4_1_...`), which is mapped onto diffusers' as single-file
+//! checkpoints are ([`crate::single_file`]).
 
 use std::path::Path;
 
-use kiln_nn::lora::{LoraComponent, LoraFile, LoraFuser, ScaledLora};
+use kiln_nn::lora::{LoraComponent, LoraFile, LoraFuser, LoraTarget, ScaledLora};
 
 use crate::{Error, Result, StableDiffusionPipeline};
 
@@ -47,6 +50,8 @@ pub struct LoadedLora {
     pub unet_layers: usize,
     /// Text-encoder layers it updates.
     pub text_encoder_layers: usize,
+    /// Layers of SDXL's second text encoder it updates.
+    pub text_encoder_2_layers: usize,
 }
 
 impl LoadedLora {
@@ -62,6 +67,7 @@ pub struct LoraSet {
     loaded: Vec<LoadedLora>,
     unet: LoraFuser,
     text_encoder: LoraFuser,
+    text_encoder_2: LoraFuser,
 }
 
 impl StableDiffusionPipeline {
@@ -80,7 +86,16 @@ impl StableDiffusionPipeline {
                 path.display()
             )));
         }
-        let file = LoraFile::open(path, options.allow_unknown_keys)?;
+        let mut file = LoraFile::open(path, options.allow_unknown_keys)?;
+        // kohya's SDXL LoRAs: the UNet's modules by their original (SGM) names
+        if let Ok(layers) = crate::single_file::uniform_layers(&self.unet.config) {
+            file.rename_targets(LoraComponent::Unet, |target| match target {
+                LoraTarget::Flat(flat) => {
+                    crate::single_file::sgm_lora_target(flat, layers).map(LoraTarget::Flat)
+                }
+                LoraTarget::Path(_) => None,
+            });
+        }
         let name = path
             .file_stem()
             .and_then(|s| s.to_str())
@@ -100,12 +115,30 @@ impl StableDiffusionPipeline {
             &one,
             TEXT_PREFIX,
         )?;
+        let text_encoder_2_layers = match &self.text_encoder_2 {
+            Some(encoder) => {
+                LoraFuser::check(encoder, LoraComponent::TextEncoder2, &one, TEXT_PREFIX)?
+            }
+            None => match file.component(LoraComponent::TextEncoder2).next() {
+                Some(layer) => {
+                    return Err(Error::Nn(kiln_nn::Error::Lora {
+                        path: path.to_path_buf(),
+                        key: layer.key.clone(),
+                        message: "is a layer of SDXL's second text encoder, which this model \
+                                  does not have; is the LoRA for SDXL?"
+                            .into(),
+                    }));
+                }
+                None => 0,
+            },
+        };
         self.loras.loaded.push(LoadedLora {
             name,
             file,
             scale,
             unet_layers,
             text_encoder_layers,
+            text_encoder_2_layers,
         });
         Ok(self.loras.loaded.last().expect("just pushed"))
     }
@@ -155,14 +188,25 @@ impl StableDiffusionPipeline {
         self.loras
             .unet
             .fuse(&mut self.unet, LoraComponent::Unet, &scaled, &[], &device)?;
-        if let Err(e) = self.loras.text_encoder.fuse(
+        let mut fused = self.loras.text_encoder.fuse(
             &mut self.text_encoder,
             LoraComponent::TextEncoder,
             &scaled,
             TEXT_PREFIX,
             &device,
-        ) {
-            self.loras.unet.unfuse(&mut self.unet)?;
+        );
+        if let (Ok(_), Some(encoder)) = (&fused, self.text_encoder_2.as_mut()) {
+            fused = self.loras.text_encoder_2.fuse(
+                encoder,
+                LoraComponent::TextEncoder2,
+                &scaled,
+                TEXT_PREFIX,
+                &device,
+            );
+        }
+        if let Err(e) = fused {
+            // nothing half-fused: every component back as it was
+            self.unfuse_loras()?;
             return Err(e.into());
         }
         Ok(())
@@ -173,12 +217,17 @@ impl StableDiffusionPipeline {
     pub fn unfuse_loras(&mut self) -> Result<()> {
         self.loras.unet.unfuse(&mut self.unet)?;
         self.loras.text_encoder.unfuse(&mut self.text_encoder)?;
+        if let Some(encoder) = self.text_encoder_2.as_mut() {
+            self.loras.text_encoder_2.unfuse(encoder)?;
+        }
         Ok(())
     }
 
     /// Whether LoRAs are fused into the weights now.
     pub fn loras_fused(&self) -> bool {
-        self.loras.unet.is_fused() || self.loras.text_encoder.is_fused()
+        self.loras.unet.is_fused()
+            || self.loras.text_encoder.is_fused()
+            || self.loras.text_encoder_2.is_fused()
     }
 
     /// Unfuses and forgets every LoRA.

@@ -1052,9 +1052,47 @@ impl StableDiffusionPipeline {
     /// Loads a textual-inversion embedding ([`kiln_clip::textual_inversion`]): `token`, or the
     /// file's own name for it, becomes a word that prompts and negative prompts can use. Returns
     /// the token.
+    ///
+    /// SDXL takes SDXL's embeddings (`clip_l` for the first encoder, `clip_g` for the second;
+    /// the refiner's one encoder takes `clip_g`); other models take one set of vectors.
     pub fn load_textual_inversion(&mut self, path: &Path, token: Option<&str>) -> Result<String> {
         let embedding = kiln_clip::TextualInversion::open(path, token)?;
-        embedding.load_into(&mut self.tokenizer, &mut self.text_encoder)?;
+        let refuse = |message: &str| {
+            Err(Error::Clip(kiln_clip::Error::Embedding {
+                path: path.to_path_buf(),
+                message: message.into(),
+            }))
+        };
+        let refiner = self.is_sdxl() && self.text_encoder_2.is_none();
+        match (
+            self.tokenizer_2.as_mut().zip(self.text_encoder_2.as_mut()),
+            &embedding.vectors_2,
+        ) {
+            (Some((tokenizer_2, encoder_2)), Some(g)) => {
+                // both widths first: nothing is added unless both fit
+                embedding.check_width(&embedding.vectors, &self.text_encoder)?;
+                embedding.check_width(g, encoder_2)?;
+                embedding.load_into(&mut self.tokenizer, &mut self.text_encoder)?;
+                embedding.load_second_into(tokenizer_2, encoder_2)?;
+            }
+            (None, Some(_)) if refiner => {
+                embedding.load_second_into(&mut self.tokenizer, &mut self.text_encoder)?;
+            }
+            (None, Some(_)) => {
+                return refuse(
+                    "is an SDXL embedding (`clip_l` and `clip_g`); this model is not SDXL",
+                );
+            }
+            (Some(_), None) => {
+                return refuse(
+                    "holds one set of vectors (an SD 1.x / 2.x embedding); SDXL's two text \
+                     encoders take an embedding with `clip_l` and `clip_g`",
+                );
+            }
+            (None, None) => {
+                embedding.load_into(&mut self.tokenizer, &mut self.text_encoder)?;
+            }
+        }
         Ok(embedding.token)
     }
 

@@ -879,6 +879,60 @@ fn unet_key(key: &str, layers: usize) -> Option<String> {
     })
 }
 
+/// diffusers' flat module name (`.` as `_`, as kohya writes them) for kohya's flat name of an
+/// original-layout (SGM / LDM) UNet module, such as kohya's SDXL LoRAs use:
+/// `input_blocks_4_1_transformer_blocks_0_attn1_to_q` is
+/// `down_blocks_1_attentions_0_transformer_blocks_0_attn1_to_q`, `input_blocks_1_0_in_layers_2`
+/// `down_blocks_0_resnets_0_conv1`. `None` for a name of another layout. `layers` is the UNet's
+/// (uniform) layers per block.
+pub(crate) fn sgm_lora_target(flat: &str, layers: usize) -> Option<String> {
+    // the sublayers LDM names with dots (ResNets, samplers); an attention's inner path stays
+    // flat, as its diffusers name is LDM's
+    let dotted = |inner: &str| -> String {
+        const SUBLAYERS: [(&str, &str); 8] = [
+            ("in_layers_0", "in_layers.0."),
+            ("in_layers_2", "in_layers.2."),
+            ("emb_layers_1", "emb_layers.1."),
+            ("out_layers_0", "out_layers.0."),
+            ("out_layers_3", "out_layers.3."),
+            ("skip_connection", "skip_connection."),
+            ("op", "op."),
+            ("conv", "conv."),
+        ];
+        SUBLAYERS
+            .iter()
+            .find(|(f, _)| *f == inner)
+            .map_or_else(|| inner.to_string(), |(_, d)| (*d).to_string())
+    };
+    let fixed = [
+        ("time_embed_0", "time_embed.0."),
+        ("time_embed_2", "time_embed.2."),
+        ("label_emb_0_0", "label_emb.0.0."),
+        ("label_emb_0_2", "label_emb.0.2."),
+        ("out_0", "out.0."),
+        ("out_2", "out.2."),
+    ];
+    let key = if let Some((_, key)) = fixed.iter().find(|(f, _)| *f == flat) {
+        (*key).to_string()
+    } else if let Some(rest) = flat.strip_prefix("middle_block_") {
+        let (i, inner) = rest.split_once('_')?;
+        format!(
+            "middle_block.{}.{}",
+            i.parse::<usize>().ok()?,
+            dotted(inner)
+        )
+    } else {
+        let (head, rest) = ["input_blocks", "output_blocks"]
+            .iter()
+            .find_map(|h| flat.strip_prefix(&format!("{h}_")).map(|r| (*h, r)))?;
+        let (i, rest) = rest.split_once('_')?;
+        let (j, inner) = rest.split_once('_').unwrap_or((rest, ""));
+        let (i, j) = (i.parse::<usize>().ok()?, j.parse::<usize>().ok()?);
+        format!("{head}.{i}.{j}.{}", dotted(inner))
+    };
+    unet_key(&key, layers).map(|path| path.trim_end_matches('.').replace('.', "_"))
+}
+
 /// diffusers' names inside a ResNet block.
 fn resnet_key(rest: &str) -> Option<String> {
     let map = [
@@ -1417,6 +1471,40 @@ mod tests {
             assert_eq!(unet_key(ldm, 2).as_deref(), Some(diffusers), "{ldm}");
         }
         assert_eq!(unet_key("input_blocks.1.7.weight", 2), None);
+        // kohya's SDXL LoRA names (SGM layout, flat), two layers per block
+        for (sgm, diffusers) in [
+            (
+                "input_blocks_4_1_transformer_blocks_0_attn1_to_q",
+                "down_blocks_1_attentions_0_transformer_blocks_0_attn1_to_q",
+            ),
+            (
+                "input_blocks_1_0_in_layers_2",
+                "down_blocks_0_resnets_0_conv1",
+            ),
+            ("input_blocks_0_0", "conv_in"),
+            ("input_blocks_3_0_op", "down_blocks_0_downsamplers_0_conv"),
+            ("middle_block_1_proj_out", "mid_block_attentions_0_proj_out"),
+            (
+                "middle_block_2_emb_layers_1",
+                "mid_block_resnets_1_time_emb_proj",
+            ),
+            ("output_blocks_2_2_conv", "up_blocks_0_upsamplers_0_conv"),
+            (
+                "output_blocks_5_0_skip_connection",
+                "up_blocks_1_resnets_2_conv_shortcut",
+            ),
+            ("label_emb_0_2", "add_embedding_linear_2"),
+            ("time_embed_0", "time_embedding_linear_1"),
+        ] {
+            assert_eq!(sgm_lora_target(sgm, 2).as_deref(), Some(diffusers), "{sgm}");
+        }
+        for other in [
+            "down_blocks_0_attentions_0_proj_in",
+            "input_blocks_x_1",
+            "text_model",
+        ] {
+            assert_eq!(sgm_lora_target(other, 2), None, "{other}");
+        }
         let vae = [
             (
                 "encoder.down.0.block.1.nin_shortcut.weight",

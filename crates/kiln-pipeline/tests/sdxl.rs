@@ -465,3 +465,148 @@ fn refiners_and_incomplete_files_are_refused() {
     .unwrap_err();
     assert!(err.to_string().contains("bigG"), "{err}");
 }
+
+/// SDXL LoRAs (`fixtures/sdxl/lora/`, `xtask/fixtures/sdxl_lora.py`): diffusers / PEFT keys with
+/// `text_encoder_2.`, and kohya's with the UNet in the original (SGM) layout and
+/// `lora_te1_` / `lora_te2_`, one at a time and together, against diffusers' `fuse_lora`;
+/// unfusing gives the folder's weights back.
+#[test]
+fn sdxl_loras_match_diffusers_in_both_layouts() {
+    #[derive(serde::Deserialize)]
+    struct LoraCase {
+        name: String,
+        loras: Vec<(String, f32)>,
+    }
+    let device = common::device();
+    let dir = sdxl().join("lora");
+    let reference = Reference::open(&dir.join("expected.safetensors")).unwrap();
+    let cases: Vec<LoraCase> =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("cases.json")).unwrap()).unwrap();
+    assert_eq!(cases.len(), 3);
+    let latents = reference.tensor::<4>("latents", &device).unwrap();
+    let options = GenerateOptions::new("a photo of an astronaut riding a horse")
+        .with_negative_prompt("blurry")
+        .with_size(48, 32)
+        .with_steps(4)
+        .with_guidance_scale(5.0)
+        .with_latents(latents);
+    let run = |pipe: &StableDiffusionPipeline| {
+        let mut scheduler = pipe
+            .scheduler(None, kiln_scheduler::SamplerOptions::default())
+            .unwrap();
+        pipe.generate(
+            &mut scheduler,
+            &options,
+            &mut kiln_scheduler::QueuedNoise::new(Vec::new()),
+            None,
+        )
+        .unwrap()
+        .images
+    };
+    let none = reference.tensor::<4>("none.image", &device).unwrap();
+    let mut pipe = load("base");
+    let before: f32 = (run(&pipe) - none.clone()).abs().max().into_scalar();
+    assert!(before <= tolerance::IMAGE, "without LoRA: {before}");
+    for case in cases {
+        pipe.clear_loras().unwrap();
+        for (name, scale) in &case.loras {
+            let loaded = pipe
+                .load_lora(
+                    &dir.join(format!("{name}.safetensors")),
+                    *scale,
+                    kiln_pipeline::LoraOptions::default(),
+                )
+                .unwrap();
+            assert!(
+                loaded.unet_layers > 0
+                    && loaded.text_encoder_layers > 0
+                    && loaded.text_encoder_2_layers > 0,
+                "{name}: {} / {} / {}",
+                loaded.unet_layers,
+                loaded.text_encoder_layers,
+                loaded.text_encoder_2_layers
+            );
+        }
+        pipe.fuse_loras().unwrap();
+        let want = reference
+            .tensor::<4>(&format!("{}.image", case.name), &device)
+            .unwrap();
+        let diff: f32 = (run(&pipe) - want.clone()).abs().max().into_scalar();
+        let moved: f32 = (want - none.clone()).abs().max().into_scalar();
+        eprintln!(
+            "{}: max |float diff| {diff:.2e} (the LoRA moves it {moved:.2})",
+            case.name
+        );
+        assert!(moved > 0.05, "{}: the LoRA changes the image", case.name);
+        assert!(diff <= tolerance::IMAGE, "{}: {diff}", case.name);
+    }
+    pipe.clear_loras().unwrap();
+    let after: f32 = (run(&pipe) - none).abs().max().into_scalar();
+    assert!(after <= tolerance::IMAGE, "after unfusing: {after}");
+
+    // a base's LoRA on the refiner (other UNet, one encoder): refused, the file named
+    let mut refiner = load("refiner");
+    let err = refiner
+        .load_lora(
+            &dir.join("sdxl-peft.safetensors"),
+            1.0,
+            kiln_pipeline::LoraOptions::default(),
+        )
+        .unwrap_err();
+    assert!(err.to_string().contains("sdxl-peft.safetensors"), "{err}");
+    assert!(refiner.loras().is_empty());
+}
+
+/// An SDXL embedding (`clip_l` and `clip_g`, `fixtures/sdxl/textual-inversion/`) into both text
+/// encoders, against diffusers loading each half into its encoder; an SD embedding refused on
+/// SDXL and an SDXL one on an SD model.
+#[test]
+fn sdxl_textual_inversion_matches_diffusers() {
+    let device = common::device();
+    let dir = sdxl().join("textual-inversion");
+    let reference = Reference::open(&dir.join("expected.safetensors")).unwrap();
+    let mut pipe = load("base");
+    let token = pipe
+        .load_textual_inversion(&dir.join("sdxl-style.safetensors"), None)
+        .unwrap();
+    assert_eq!(token, "sdxl-style");
+    let options = GenerateOptions::new("a photo of sdxl-style riding a horse")
+        .with_negative_prompt("blurry")
+        .with_size(48, 32)
+        .with_steps(4)
+        .with_guidance_scale(5.0)
+        .with_latents(reference.tensor::<4>("latents", &device).unwrap());
+    let mut scheduler = pipe
+        .scheduler(None, kiln_scheduler::SamplerOptions::default())
+        .unwrap();
+    let image = pipe
+        .generate(
+            &mut scheduler,
+            &options,
+            &mut kiln_scheduler::QueuedNoise::new(Vec::new()),
+            None,
+        )
+        .unwrap()
+        .images;
+    let want = reference.tensor::<4>("image", &device).unwrap();
+    let none = reference.tensor::<4>("none.image", &device).unwrap();
+    let diff: f32 = (image - want.clone()).abs().max().into_scalar();
+    let moved: f32 = (want - none).abs().max().into_scalar();
+    eprintln!("sdxl-style: max |float diff| {diff:.2e} (the embedding moves it {moved:.2})");
+    assert!(moved > 0.05 && diff <= tolerance::IMAGE, "{diff} / {moved}");
+
+    // an SD 1.x embedding (one tensor) on SDXL; the SDXL one on an SD 1.x model
+    let single = common::root().join("fixtures/textual-inversion/learned_embeds.safetensors");
+    let err = load("base")
+        .load_textual_inversion(&single, Some("other"))
+        .unwrap_err();
+    assert!(err.to_string().contains("one set of vectors"), "{err}");
+    let model = common::model("sd1");
+    let mut sd1 =
+        StableDiffusionPipeline::from_pretrained(model.path(), LoadOptions::default(), &device)
+            .unwrap();
+    let err = sd1
+        .load_textual_inversion(&dir.join("sdxl-style.safetensors"), None)
+        .unwrap_err();
+    assert!(err.to_string().contains("not SDXL"), "{err}");
+}
