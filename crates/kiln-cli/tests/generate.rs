@@ -883,7 +883,7 @@ fn sdxl_base_and_refiner_from_folders() {
 
     refuses(&refiner, &["--prompt", "x"], "SDXL refiner");
     refuses(
-        &model("sd1").path().to_path_buf(),
+        model("sd1").path(),
         &["--prompt", "x", "--refiner", refiner.to_str().unwrap()],
         "not SDXL",
     );
