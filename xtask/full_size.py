@@ -3,6 +3,7 @@
     cargo xtask py full_size.py make      # write .cache/full-size/ (about 11 GB, git-ignored)
     cargo xtask py full_size.py memory    # diffusers' peak RSS for one SD 1.5 UNet forward, 64x64, batch 2
     cargo xtask py full_size.py single-file   # .cache/full-size/<sd15|sd21>.safetensors (after make)
+    cargo xtask py full_size.py make-sdxl     # .cache/full-size/sdxl/ and sdxl.safetensors (about 21 GB)
 
 `make` builds the UNet, VAE and text encoder of each pipeline from its published `config.json`
 (reproduced below, so no download is needed), randomises every parameter with a fixed seed, saves
@@ -223,6 +224,105 @@ def single_file() -> None:
         print(f"{path}: {len(state)} tensors, {path.stat().st_size / 2**30:.2f} GiB")
 
 
+def half_round_(module) -> None:
+    with torch.no_grad():
+        for p in module.parameters():
+            p.copy_(p.half().float())
+
+
+@torch.no_grad()
+def make_sdxl() -> None:
+    """SDXL 1.0 base at full size with random weights, from Kiln's `sdxl` preset (the configs
+    `fixtures/sdxl_single_file.py` checks against diffusers): `.cache/full-size/sdxl/` with the
+    UNet, VAE and both text encoders (f32 files holding f16-representable values), each with
+    `io.safetensors` (the UNet's inputs with its added conditioning; the encoders' penultimate
+    hidden states, as SDXL reads them, and the second one's `text_embeds`), `params.json`, and
+    `.cache/full-size/sdxl.safetensors`: the same weights as one F16 single-file checkpoint in
+    Stability's layout (the values are f16's, so it loads to exactly the folder's weights).
+    `KILN_FULL_SIZE=1 cargo test -p kiln-unet -p kiln-clip -p kiln-pipeline --test full_size`."""
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from safetensors.torch import save_file
+    from sdxl_single_file import checkpoint_of
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    preset = json.loads((ROOT / "crates/kiln-pipeline/presets/sdxl.json").read_text(encoding="utf-8"))
+    cfg = {k: {n: v for n, v in c.items() if not n.startswith("_")} for k, c in preset.items() if isinstance(c, dict)}
+    base = CACHE / "sdxl"
+    base.mkdir(parents=True, exist_ok=True)
+    params, halves = {}, {}
+
+    print("sdxl/text encoders")
+    texts = {}
+    for i, (part, cls) in enumerate([("text_encoder", CLIPTextModel), ("text_encoder_2", CLIPTextModelWithProjection)]):
+        gen = seed_all(3000 + 10 * i)
+        model = cls(CLIPTextConfig(**cfg[part])).eval()
+        randomize_(model, 3001 + 10 * i)
+        half_round_(model)
+        model.save_pretrained(base / part, safe_serialization=True)
+        ids = torch.randint(3, 49400, (1, 77), generator=gen)
+        ids[0, 0] = 49406
+        ids[0, 20:] = 49407
+        out = model(ids, output_hidden_states=True)
+        io = {"input_ids": ids.to(torch.int64), "penultimate": out.hidden_states[-2]}
+        if part == "text_encoder_2":
+            io["text_embeds"] = out.text_embeds
+        save_tensors(base / part / "io.safetensors", io)
+        params[part] = count(model)
+        texts[part] = {k: v.half() for k, v in model.state_dict().items()}
+        strip_volatile(base / part)
+        del model
+
+    print("sdxl/vae")
+    gen = seed_all(3100)
+    vae = AutoencoderKL(**cfg["vae"]).eval()
+    randomize_(vae, 3101)
+    half_round_(vae)
+    vae.save_pretrained(base / "vae", safe_serialization=True)
+    latent = torch.randn(1, 4, 16, 24, generator=gen)
+    image = torch.randn(1, 3, 64, 96, generator=gen)
+    save_tensors(
+        base / "vae" / "io.safetensors",
+        {"latent": latent, "decoded": vae.decode(latent).sample, "image": image,
+         "mean": vae.encode(image).latent_dist.mean},
+    )
+    params["vae"] = count(vae)
+    vae_half = {k: v.half() for k, v in vae.state_dict().items()}
+    strip_volatile(base / "vae")
+    del vae
+
+    print("sdxl/unet")
+    gen = seed_all(3200)
+    unet = UNet2DConditionModel(**cfg["unet"]).eval()
+    randomize_(unet, 3201)
+    half_round_(unet)
+    unet.save_pretrained(base / "unet", safe_serialization=True)
+    sample = torch.randn(1, 4, 16, 24, generator=gen)
+    timestep = torch.tensor([421.0])
+    context = torch.randn(1, 77, 2048, generator=gen)
+    text_embeds = torch.randn(1, 1280, generator=gen)
+    time_ids = torch.tensor([[1024.0, 1024.0, 0.0, 0.0, 1024.0, 1024.0]])
+    start = time.time()
+    output = unet(sample, timestep, encoder_hidden_states=context,
+                  added_cond_kwargs={"text_embeds": text_embeds, "time_ids": time_ids}).sample
+    print(f"  unet forward {time.time() - start:.1f} s")
+    save_tensors(base / "unet" / "io.safetensors", {
+        "sample": sample, "timestep": timestep, "encoder_hidden_states": context,
+        "text_embeds": text_embeds, "time_ids": time_ids, "output": output,
+    })
+    params["unet"] = count(unet)
+    unet_half = {k: v.half() for k, v in unet.state_dict().items()}
+    unet_config = unet.config
+    strip_volatile(base / "unet")
+    del unet
+    save_json(base / "params.json", params)
+    print(f"sdxl: {params}")
+
+    state = checkpoint_of(unet_half, unet_config, vae_half, dict(cfg["vae"]), texts["text_encoder"], texts["text_encoder_2"])
+    path = CACHE / "sdxl.safetensors"
+    save_file({k: v.contiguous() for k, v in state.items()}, str(path))
+    print(f"{path}: {len(state)} tensors, {path.stat().st_size / 2**30:.2f} GiB")
+
+
 if __name__ == "__main__":
     command = sys.argv[1] if len(sys.argv) > 1 else "make"
-    {"make": make, "memory": memory, "single-file": single_file}[command]()
+    {"make": make, "memory": memory, "single-file": single_file, "make-sdxl": make_sdxl}[command]()
