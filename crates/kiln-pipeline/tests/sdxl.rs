@@ -137,7 +137,8 @@ fn cases() -> Vec<(Case, Option<String>, Option<f64>)> {
 
 /// txt2img (the SDXL-Turbo-style trailing, unguided one- and four-step runs among them),
 /// img2img, inpainting (`StableDiffusionXLInpaintPipeline` on the base's 4-channel UNet, at
-/// strength 1 from given latents and at 0.7 from drawn noise), the refiner's img2img, and an
+/// strength 1 from given latents and at 0.7 from drawn noise, and with a 9-channel inpainting
+/// UNet), the refiner's img2img, and an
 /// LCM-distilled base (`time_cond_proj_dim`: guidance 8 embedded, no classifier-free guidance)
 /// with LCMScheduler.
 #[test]
@@ -146,9 +147,10 @@ fn pipelines_match_diffusers_within_two_levels() {
     assert!(cases.len() >= 10);
     assert!(cases.iter().any(|(c, ..)| c.mode == "inpaint"));
     assert!(cases.iter().any(|(c, ..)| c.model == "lcm"));
+    assert!(cases.iter().any(|(c, ..)| c.model == "inpaint"));
     let reference = Reference::open(&sdxl().join("expected.safetensors")).unwrap();
     let mut failures = Vec::new();
-    for model in ["base", "refiner", "lcm"] {
+    for model in ["base", "refiner", "lcm", "inpaint"] {
         for (case, spacing, _) in cases.iter().filter(|(c, ..)| c.model == model) {
             let mut pipe = load(model);
             if let Some(spacing) = spacing {
