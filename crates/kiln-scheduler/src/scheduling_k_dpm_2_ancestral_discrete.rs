@@ -11,6 +11,7 @@ use burn::tensor::Tensor;
 use crate::config::{PredictionType, SchedulerKind};
 use crate::scheduling_k_dpm_2_discrete::{as_dtype, kdpm2_base, lerp_half, repeat_tail};
 use crate::scheduling_utils as utils;
+use crate::sigma_schedule::SigmaSchedule;
 use crate::{Error, NoiseSource, Result, Scheduler, SchedulerConfig, SchedulerOutput};
 
 const NAME: &str = "KDPM2AncestralDiscreteScheduler";
@@ -19,14 +20,12 @@ const NAME: &str = "KDPM2AncestralDiscreteScheduler";
 #[derive(Debug, Clone)]
 pub struct KDPM2AncestralDiscreteScheduler {
     config: SchedulerConfig,
-    alphas_cumprod: Vec<f32>,
-    timesteps: Vec<f64>,
-    sigmas: Vec<f32>,
+    /// The training tables, timesteps (model calls), sigmas and step index.
+    schedule: SigmaSchedule,
     sigmas_interpol: Vec<f32>,
     sigmas_up: Vec<f32>,
     sigmas_down: Vec<f32>,
     sample: Option<Tensor<4>>,
-    step_index: Option<usize>,
 }
 
 impl KDPM2AncestralDiscreteScheduler {
@@ -43,14 +42,11 @@ impl KDPM2AncestralDiscreteScheduler {
         let alphas_cumprod = utils::alphas_cumprod(&utils::betas(&config), false);
         Ok(Self {
             config,
-            alphas_cumprod,
-            timesteps: Vec::new(),
-            sigmas: Vec::new(),
+            schedule: SigmaSchedule::training(NAME, alphas_cumprod),
             sigmas_interpol: Vec::new(),
             sigmas_up: Vec::new(),
             sigmas_down: Vec::new(),
             sample: None,
-            step_index: None,
         })
     }
 }
@@ -67,8 +63,11 @@ impl Scheduler for KDPM2AncestralDiscreteScheduler {
             "at most num_train_timesteps",
         )?;
         let karras = self.config.use_karras_sigmas;
-        let (timesteps, sigmas, log_sigmas) =
-            kdpm2_base(&self.config, &self.alphas_cumprod, num_inference_steps);
+        let (timesteps, sigmas, log_sigmas) = kdpm2_base(
+            &self.config,
+            &self.schedule.alphas_cumprod,
+            num_inference_steps,
+        );
         let n1 = sigmas.len();
         let next: Vec<f32> = (0..n1)
             .map(|k| if k + 1 < n1 { sigmas[k + 1] } else { 0.0 })
@@ -91,7 +90,7 @@ impl Scheduler for KDPM2AncestralDiscreteScheduler {
         if n1 >= 2 {
             interpol[n1 - 2] = 0.0;
         }
-        self.sigmas = repeat_tail(&sigmas);
+        let all_sigmas = repeat_tail(&sigmas);
         self.sigmas_interpol = repeat_tail(&interpol);
         self.sigmas_up = repeat_tail(&up);
         self.sigmas_down = repeat_tail(&down);
@@ -105,17 +104,17 @@ impl Scheduler for KDPM2AncestralDiscreteScheduler {
             ts.push(t_interpol[k - 1]);
             ts.push(timesteps[k]);
         }
-        self.timesteps = ts;
+        self.schedule.set(ts, all_sigmas);
         self.reset();
         Ok(())
     }
 
     fn timesteps(&self) -> &[f64] {
-        &self.timesteps
+        &self.schedule.timesteps
     }
 
     fn sigmas(&self) -> &[f32] {
-        &self.sigmas
+        &self.schedule.sigmas
     }
 
     fn order(&self) -> usize {
@@ -123,13 +122,13 @@ impl Scheduler for KDPM2AncestralDiscreteScheduler {
     }
 
     fn init_noise_sigma(&self) -> f64 {
-        utils::sigma_init_noise(&self.config, &self.sigmas)
+        self.schedule.init_noise_sigma(&self.config)
     }
 
     fn scale_model_input(&mut self, sample: Tensor<4>, timestep: f64) -> Result<Tensor<4>> {
-        let i = utils::init_step_index(&mut self.step_index, NAME, &self.timesteps, timestep)?;
+        let i = self.schedule.index(timestep)?;
         let sigma = if self.sample.is_none() {
-            self.sigmas[i]
+            self.schedule.sigmas[i]
         } else {
             self.sigmas_interpol[i - 1]
         } as f64;
@@ -146,10 +145,10 @@ impl Scheduler for KDPM2AncestralDiscreteScheduler {
         noise: &mut dyn NoiseSource,
     ) -> Result<SchedulerOutput> {
         utils::check_same_shape(&model_output, &sample)?;
-        let i = utils::init_step_index(&mut self.step_index, NAME, &self.timesteps, timestep)?;
+        let i = self.schedule.index(timestep)?;
         let first_order = self.sample.is_none();
         let k = if first_order { i } else { i - 1 };
-        let (sigma, sigma_interpol) = (self.sigmas[k], self.sigmas_interpol[k]);
+        let (sigma, sigma_interpol) = (self.schedule.sigmas[k], self.sigmas_interpol[k]);
         let sigma_input = if first_order { sigma } else { sigma_interpol };
         let x0 = utils::x0_from_sigma(
             self.config.prediction_type,
@@ -173,7 +172,7 @@ impl Scheduler for KDPM2AncestralDiscreteScheduler {
                 prev + z.mul_scalar(sigma_up as f64)
             }
         };
-        self.step_index = Some(i + 1);
+        self.schedule.advance(i);
         Ok(SchedulerOutput {
             prev_sample: prev,
             pred_original_sample: Some(x0),
@@ -182,15 +181,14 @@ impl Scheduler for KDPM2AncestralDiscreteScheduler {
 
     fn reset(&mut self) {
         self.sample = None;
-        self.step_index = None;
+        self.schedule.reset();
     }
 
     fn alphas_cumprod(&self) -> &[f32] {
-        &self.alphas_cumprod
+        &self.schedule.alphas_cumprod
     }
 
     fn add_noise_coefficients(&self, timestep: f64) -> Result<(f64, f64)> {
-        let i = utils::index_for_timestep(NAME, &self.timesteps, timestep)?;
-        Ok((1.0, self.sigmas[i] as f64))
+        self.schedule.add_noise_coefficients(timestep)
     }
 }

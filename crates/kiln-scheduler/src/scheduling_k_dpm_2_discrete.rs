@@ -11,6 +11,7 @@ use burn::tensor::Tensor;
 use crate::config::{PredictionType, SchedulerKind};
 use crate::scheduling_heun_discrete::interleave;
 use crate::scheduling_utils as utils;
+use crate::sigma_schedule::SigmaSchedule;
 use crate::{Error, NoiseSource, Result, Scheduler, SchedulerConfig, SchedulerOutput};
 
 const NAME: &str = "KDPM2DiscreteScheduler";
@@ -58,12 +59,10 @@ pub(crate) fn repeat_tail(v: &[f32]) -> Vec<f32> {
 #[derive(Debug, Clone)]
 pub struct KDPM2DiscreteScheduler {
     config: SchedulerConfig,
-    alphas_cumprod: Vec<f32>,
-    timesteps: Vec<f64>,
-    sigmas: Vec<f32>,
+    /// The training tables, timesteps (model calls), sigmas and step index.
+    schedule: SigmaSchedule,
     sigmas_interpol: Vec<f32>,
     sample: Option<Tensor<4>>,
-    step_index: Option<usize>,
 }
 
 impl KDPM2DiscreteScheduler {
@@ -80,12 +79,9 @@ impl KDPM2DiscreteScheduler {
         let alphas_cumprod = utils::alphas_cumprod(&utils::betas(&config), false);
         Ok(Self {
             config,
-            alphas_cumprod,
-            timesteps: Vec::new(),
-            sigmas: Vec::new(),
+            schedule: SigmaSchedule::training(NAME, alphas_cumprod),
             sigmas_interpol: Vec::new(),
             sample: None,
-            step_index: None,
         })
     }
 }
@@ -102,14 +98,17 @@ impl Scheduler for KDPM2DiscreteScheduler {
             "at most num_train_timesteps",
         )?;
         let karras = self.config.use_karras_sigmas;
-        let (timesteps, sigmas, log_sigmas) =
-            kdpm2_base(&self.config, &self.alphas_cumprod, num_inference_steps);
+        let (timesteps, sigmas, log_sigmas) = kdpm2_base(
+            &self.config,
+            &self.schedule.alphas_cumprod,
+            num_inference_steps,
+        );
         // log-midpoints between consecutive sigmas (index 0 pairs with the final 0 and is unused)
         let n1 = sigmas.len();
         let interpol: Vec<f32> = (0..n1)
             .map(|k| lerp_half(sigmas[k].ln(), sigmas[(k + n1 - 1) % n1].ln()).exp())
             .collect();
-        self.sigmas = repeat_tail(&sigmas);
+        let all_sigmas = repeat_tail(&sigmas);
         self.sigmas_interpol = repeat_tail(&interpol);
         let t_interpol: Vec<f64> = interpol
             .iter()
@@ -121,17 +120,17 @@ impl Scheduler for KDPM2DiscreteScheduler {
             ts.push(t_interpol[k]);
             ts.push(timesteps[k]);
         }
-        self.timesteps = ts;
+        self.schedule.set(ts, all_sigmas);
         self.reset();
         Ok(())
     }
 
     fn timesteps(&self) -> &[f64] {
-        &self.timesteps
+        &self.schedule.timesteps
     }
 
     fn sigmas(&self) -> &[f32] {
-        &self.sigmas
+        &self.schedule.sigmas
     }
 
     fn order(&self) -> usize {
@@ -139,13 +138,13 @@ impl Scheduler for KDPM2DiscreteScheduler {
     }
 
     fn init_noise_sigma(&self) -> f64 {
-        utils::sigma_init_noise(&self.config, &self.sigmas)
+        self.schedule.init_noise_sigma(&self.config)
     }
 
     fn scale_model_input(&mut self, sample: Tensor<4>, timestep: f64) -> Result<Tensor<4>> {
-        let i = utils::init_step_index(&mut self.step_index, NAME, &self.timesteps, timestep)?;
+        let i = self.schedule.index(timestep)?;
         let sigma = if self.sample.is_none() {
-            self.sigmas[i]
+            self.schedule.sigmas[i]
         } else {
             self.sigmas_interpol[i]
         } as f64;
@@ -162,16 +161,20 @@ impl Scheduler for KDPM2DiscreteScheduler {
         _noise: &mut dyn NoiseSource,
     ) -> Result<SchedulerOutput> {
         utils::check_same_shape(&model_output, &sample)?;
-        let i = utils::init_step_index(&mut self.step_index, NAME, &self.timesteps, timestep)?;
+        let i = self.schedule.index(timestep)?;
         let first_order = self.sample.is_none();
         let (sigma, sigma_interpol, sigma_next) = if first_order {
             (
-                self.sigmas[i],
+                self.schedule.sigmas[i],
                 self.sigmas_interpol[i + 1],
-                self.sigmas[i + 1],
+                self.schedule.sigmas[i + 1],
             )
         } else {
-            (self.sigmas[i - 1], self.sigmas_interpol[i], self.sigmas[i])
+            (
+                self.schedule.sigmas[i - 1],
+                self.sigmas_interpol[i],
+                self.schedule.sigmas[i],
+            )
         };
         let sigma_input = if first_order { sigma } else { sigma_interpol };
         let x0 = utils::x0_from_sigma(
@@ -193,7 +196,7 @@ impl Scheduler for KDPM2DiscreteScheduler {
                 saved + derivative.mul_scalar((sigma_next - sigma) as f64)
             }
         };
-        self.step_index = Some(i + 1);
+        self.schedule.advance(i);
         Ok(SchedulerOutput {
             prev_sample: prev,
             pred_original_sample: Some(x0),
@@ -202,15 +205,14 @@ impl Scheduler for KDPM2DiscreteScheduler {
 
     fn reset(&mut self) {
         self.sample = None;
-        self.step_index = None;
+        self.schedule.reset();
     }
 
     fn alphas_cumprod(&self) -> &[f32] {
-        &self.alphas_cumprod
+        &self.schedule.alphas_cumprod
     }
 
     fn add_noise_coefficients(&self, timestep: f64) -> Result<(f64, f64)> {
-        let i = utils::index_for_timestep(NAME, &self.timesteps, timestep)?;
-        Ok((1.0, self.sigmas[i] as f64))
+        self.schedule.add_noise_coefficients(timestep)
     }
 }

@@ -1,6 +1,7 @@
-//! The state the sigma samplers share: diffusers' Euler, Euler-a, LMS and Heun keep the same
-//! training tables, discrete sigma schedule, step index and input scaling, and differ only in
-//! `step` (Heun on an interleaved schedule).
+//! The state the sigma samplers share: diffusers' Euler, Euler-a, LMS, Heun, KDPM2 and KDPM2-a
+//! keep the same training tables, sigma schedule, step index and input scaling, and differ only
+//! in `step` (Heun on an interleaved schedule; the KDPM2 pair on their own second-order one, with
+//! midpoint sigmas beside it).
 
 use burn::tensor::Tensor;
 
@@ -58,6 +59,13 @@ impl SigmaSchedule {
         self.timesteps = timesteps.iter().map(|&t| t as f32 as f64).collect();
         self.step_index = None;
         Ok(())
+    }
+
+    /// Sets a schedule computed by the sampler itself (the KDPM2 pair's); resets the step index.
+    pub fn set(&mut self, timesteps: Vec<f64>, sigmas: Vec<f32>) {
+        self.timesteps = timesteps;
+        self.sigmas = sigmas;
+        self.step_index = None;
     }
 
     /// Turns a first-order schedule into the second-order samplers' (Heun): every timestep but
