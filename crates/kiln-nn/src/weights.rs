@@ -519,8 +519,11 @@ pub fn refuse_pickle(path: &Path) -> Result<()> {
 /// other key of the file must be used. Tensors are read one at a time as the module takes them
 /// ([`load_tensors`]), so loading needs little memory beyond the model itself. Linear weights are transposed from PyTorch's `[out, in]` and norm
 /// `weight`/`bias` are matched to burn's `gamma`/`beta`; float tensors are cast to `options.dtype`.
+///
+/// `path` may also be a sharded checkpoint's index (`*.safetensors.index.json`, as diffusers and
+/// transformers write models above their shard size): its shards are read as one file.
 pub fn load_safetensors<M: Module>(module: M, path: &Path, options: &LoadOptions) -> Result<M> {
-    let file = SafetensorsFile::open(path)?;
+    let files = open_shards(path)?;
     let remap: Vec<(Regex, String)> = compile(
         &options
             .remap
@@ -533,14 +536,68 @@ pub fn load_safetensors<M: Module>(module: M, path: &Path, options: &LoadOptions
     .collect();
     let ignored = compile(&options.ignore_unused)?;
     let mut tensors = Vec::new();
-    for (name, _) in file.tensors() {
-        let mapped = remap_key(name, &remap);
-        if ignored.iter().any(|re| re.is_match(&mapped)) {
-            continue;
+    for file in &files {
+        for (name, _) in file.tensors() {
+            let mapped = remap_key(name, &remap);
+            if ignored.iter().any(|re| re.is_match(&mapped)) {
+                continue;
+            }
+            tensors.push((mapped, file.tensor(name)?));
         }
-        tensors.push((mapped, file.tensor(name)?));
     }
     load_tensors(module, tensors, options.dtype, path)
+}
+
+/// The suffix of a sharded checkpoint's index next to its shards.
+const INDEX_SUFFIX: &str = ".index.json";
+
+/// The files of a checkpoint: the safetensors file at `path`, or the shards a
+/// `*.safetensors.index.json` lists in its `weight_map` (each once, every one present, and
+/// every tensor in the shard the index names).
+fn open_shards(path: &Path) -> Result<Vec<SafetensorsFile>> {
+    let is_index = path
+        .file_name()
+        .and_then(|n| n.to_str())
+        .is_some_and(|n| n.ends_with(INDEX_SUFFIX));
+    if !is_index {
+        return Ok(vec![SafetensorsFile::open(path)?]);
+    }
+    #[derive(serde::Deserialize)]
+    struct Index {
+        weight_map: BTreeMap<String, String>,
+    }
+    let index: Index = crate::config::read_json(path, "sharded checkpoint index")?;
+    let dir = path.parent().unwrap_or(Path::new("."));
+    let shards: std::collections::BTreeSet<&String> = index.weight_map.values().collect();
+    if shards.is_empty() {
+        return Err(Error::InvalidInput(format!(
+            "`{}` lists no shards in its weight_map",
+            path.display()
+        )));
+    }
+    let mut files = Vec::with_capacity(shards.len());
+    for shard in shards {
+        if shard.contains('/') || shard.contains('\\') || shard.starts_with('.') {
+            return Err(Error::InvalidInput(format!(
+                "`{}` names the shard `{shard}` outside its folder",
+                path.display()
+            )));
+        }
+        let file = SafetensorsFile::open(&dir.join(shard))?;
+        files.push((shard.as_str(), file));
+    }
+    for (tensor, shard) in &index.weight_map {
+        let found = files
+            .iter()
+            .any(|(name, file)| *name == shard.as_str() && file.contains(tensor));
+        if !found {
+            return Err(Error::InvalidInput(format!(
+                "`{}` places `{tensor}` in `{shard}`, which does not hold it",
+                path.display()
+            )));
+        }
+    }
+    Ok(files.into_iter().map(|(_, file)| file).collect())
 }
 
 /// For a module key: the file's name and shape of the tensor mapped onto it.
@@ -616,15 +673,20 @@ fn apply_error_path(error: &ApplyError) -> &str {
     }
 }
 
-/// The first of `candidates` (file names inside `dir`) that exists, or [`Error::NotFound`] listing them all.
+/// The first of `candidates` (file names inside `dir`) that exists, as one file or as a sharded
+/// checkpoint's index (`<candidate>.index.json`, which [`load_safetensors`] reads with its
+/// shards), or [`Error::NotFound`] listing them all.
 pub fn find_weights(dir: &Path, candidates: &[&str], what: &str) -> Result<PathBuf> {
     candidates
         .iter()
-        .map(|name| dir.join(name))
+        .flat_map(|name| [dir.join(name), dir.join(format!("{name}{INDEX_SUFFIX}"))])
         .find(|p| p.is_file())
         .ok_or_else(|| Error::NotFound {
             what: what.to_string(),
             path: dir.to_path_buf(),
-            hint: Some(format!("expected one of: {}", candidates.join(", "))),
+            hint: Some(format!(
+                "expected one of: {} (or a sharded checkpoint's `.index.json`)",
+                candidates.join(", ")
+            )),
         })
 }

@@ -177,3 +177,41 @@ fn transposed_tensors_read_transposed() {
         assert!(matches!(err, Err(Error::InvalidInput(_))), "{err:?}");
     }
 }
+
+/// A sharded checkpoint (`*.safetensors.index.json` and its shards, as diffusers writes models
+/// above 10 GB) loads as one file through `find_weights` and `load_safetensors`; an index that
+/// misplaces a tensor is a typed error.
+#[test]
+fn sharded_checkpoints_load_as_one_file() {
+    use kiln_nn::weights::{LoadOptions, find_weights, load_safetensors};
+    let dir = tempfile::tempdir().unwrap();
+    let q: Vec<u8> = (0..4).flat_map(|v| (v as f32).to_le_bytes()).collect();
+    let k: Vec<u8> = (4..8).flat_map(|v| (v as f32).to_le_bytes()).collect();
+    for (shard, name, bytes) in [
+        ("m-00001-of-00002.safetensors", "q.weight", &q),
+        ("m-00002-of-00002.safetensors", "k.weight", &k),
+    ] {
+        let view = TensorView::new(Dtype::F32, vec![2, 2], bytes).unwrap();
+        safetensors::serialize_to_file([(name, view)], None, &dir.path().join(shard)).unwrap();
+    }
+    let index = |k_shard: &str| {
+        format!(
+            r#"{{"metadata": {{}}, "weight_map": {{"q.weight": "m-00001-of-00002.safetensors", "k.weight": "{k_shard}"}}}}"#
+        )
+    };
+    std::fs::write(
+        dir.path().join("m.safetensors.index.json"),
+        index("m-00002-of-00002.safetensors"),
+    )
+    .unwrap();
+    let path = find_weights(dir.path(), &["m.safetensors"], "weights").unwrap();
+    assert!(path.ends_with("m.safetensors.index.json"));
+    let device = Device::default();
+    let loaded = load_safetensors(pair(&device), &path, &LoadOptions::default()).unwrap();
+    assert_eq!(values(&loaded.q.weight), [0.0, 2.0, 1.0, 3.0]);
+    assert_eq!(values(&loaded.k.weight), [4.0, 6.0, 5.0, 7.0]);
+
+    std::fs::write(&path, index("m-00001-of-00002.safetensors")).unwrap();
+    let err = load_safetensors(pair(&device), &path, &LoadOptions::default()).unwrap_err();
+    assert!(err.to_string().contains("does not hold"), "{err}");
+}
