@@ -612,3 +612,51 @@ fn sdxl_textual_inversion_matches_diffusers() {
         .unwrap_err();
     assert!(err.to_string().contains("not SDXL"), "{err}");
 }
+
+/// Components that do not fit are refused before any weight is read: text encoders whose widths
+/// do not add up to the UNet's cross-attention width, a last encoder without a projection.
+#[test]
+fn mismatched_sdxl_components_are_refused() {
+    let device = common::device();
+    for (edit, needle) in [
+        (r#""hidden_size": 8"#.replace("8", "12"), "add up to"),
+        (
+            r#""architectures": ["CLIPTextModel"]"#.to_string(),
+            "text_projection",
+        ),
+    ] {
+        let dir = tempfile::tempdir().unwrap();
+        kiln_nn::config::copy_dir(&sdxl().join("base"), dir.path()).unwrap();
+        let config = dir.path().join("text_encoder_2/config.json");
+        let mut value: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(&config).unwrap()).unwrap();
+        let patch: serde_json::Value = serde_json::from_str(&format!("{{{edit}}}")).unwrap();
+        for (k, v) in patch.as_object().unwrap() {
+            value[k] = v.clone();
+        }
+        std::fs::write(&config, value.to_string()).unwrap();
+        let err =
+            StableDiffusionPipeline::from_pretrained(dir.path(), LoadOptions::default(), &device)
+                .unwrap_err();
+        assert!(err.to_string().contains(needle), "{edit}: {err}");
+    }
+}
+
+/// In f16, an SDXL VAE with `force_upcast` (the original one overflows in f16) runs in f32 while
+/// the UNet runs in f16, as diffusers' SDXL pipelines upcast it.
+#[test]
+fn f16_runs_upcast_the_sdxl_vae() {
+    use burn::tensor::DType;
+    let pipe = StableDiffusionPipeline::from_pretrained(
+        &sdxl().join("base"),
+        LoadOptions {
+            dtype: kiln_nn::FloatKind::F16,
+        },
+        &common::device(),
+    )
+    .unwrap();
+    assert!(pipe.vae.config.force_upcast);
+    assert_eq!(pipe.vae.decoder.conv_in.weight.val().dtype(), DType::F32);
+    assert_eq!(pipe.unet.conv_in.weight.val().dtype(), DType::F16);
+    assert_eq!(pipe.dtype(), DType::F16);
+}
