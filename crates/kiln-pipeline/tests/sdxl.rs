@@ -542,6 +542,48 @@ fn sdxl_loras_match_diffusers_in_both_layouts() {
         assert!(moved > 0.05, "{}: the LoRA changes the image", case.name);
         assert!(diff <= tolerance::IMAGE, "{}: {diff}", case.name);
     }
+
+    // LCM-LoRA as diffusers documents it: the LoRA fused, the LCM scheduler, 4 steps at
+    // guidance 1.5 on the undistilled base, LCM's own noise draws replayed
+    pipe.clear_loras().unwrap();
+    pipe.load_lora(
+        &dir.join("sdxl-peft.safetensors"),
+        1.0,
+        kiln_pipeline::LoraOptions::default(),
+    )
+    .unwrap();
+    pipe.fuse_loras().unwrap();
+    let draws: Vec<Tensor<4>> = (0..3)
+        .map(|i| {
+            reference
+                .tensor::<4>(&format!("lcm_lora.noise.{i}"), &device)
+                .unwrap()
+        })
+        .collect();
+    let mut noise = kiln_scheduler::QueuedNoise::new(draws);
+    let mut lcm = pipe
+        .scheduler(
+            Some(kiln_scheduler::SamplerName::Lcm),
+            kiln_scheduler::SamplerOptions::default(),
+        )
+        .unwrap();
+    let image = pipe
+        .generate(
+            &mut lcm,
+            &options.clone().with_guidance_scale(1.5),
+            &mut noise,
+            None,
+        )
+        .unwrap()
+        .images;
+    assert_eq!(noise.remaining(), 0);
+    let diff: f32 = (image - reference.tensor::<4>("lcm_lora.image", &device).unwrap())
+        .abs()
+        .max()
+        .into_scalar();
+    eprintln!("lcm_lora: max |float diff| {diff:.2e}");
+    assert!(diff <= tolerance::IMAGE, "lcm_lora: {diff}");
+
     pipe.clear_loras().unwrap();
     let after: f32 = (run(&pipe) - none).abs().max().into_scalar();
     assert!(after <= tolerance::IMAGE, "after unfusing: {after}");
