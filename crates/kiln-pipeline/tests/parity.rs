@@ -7,7 +7,7 @@
 mod common;
 
 use burn::tensor::Tensor;
-use common::{cases, run_case};
+use common::{cases, check_case};
 use kiln_nn::reference::{Reference, tolerance};
 use kiln_pipeline::{
     GenerateOptions, LoadOptions, PromptSyntax, StableDiffusionPipeline, images_to_rgb8,
@@ -25,14 +25,7 @@ fn pipelines_match_diffusers_within_two_levels() {
             StableDiffusionPipeline::from_pretrained(dir.path(), LoadOptions::default(), &device)
                 .unwrap();
         for case in cases().iter().filter(|c| c.model == kind) {
-            let (float_diff, byte_diff) = run_case(case, &pipe, &reference);
-            eprintln!(
-                "{}: max |float diff| {float_diff:.2e}, max 8-bit diff {byte_diff}",
-                case.name
-            );
-            if byte_diff > tolerance::levels(tolerance::IMAGE) || float_diff > tolerance::IMAGE {
-                failures.push(format!("{}: {float_diff:e} / {byte_diff}", case.name));
-            }
+            check_case(case, &pipe, &reference, &mut failures);
         }
     }
     assert!(failures.is_empty(), "beyond tolerance: {failures:?}");

@@ -7,7 +7,7 @@
 mod common;
 
 use burn::tensor::Tensor;
-use common::{Case, run_case};
+use common::{Case, check_case, run_case};
 use kiln_nn::reference::{Reference, max_relative_error, tolerance};
 use kiln_pipeline::{
     Error, GenerateOptions, LoadOptions, MicroConditioning, Mode, StableDiffusionPipeline,
@@ -157,14 +157,7 @@ fn pipelines_match_diffusers_within_two_levels() {
                 pipe.scheduler_config.timestep_spacing =
                     serde_json::from_value(serde_json::Value::String(spacing.clone())).unwrap();
             }
-            let (float_diff, byte_diff) = run_case(case, &pipe, &reference);
-            eprintln!(
-                "{}: max |float diff| {float_diff:.2e}, max 8-bit diff {byte_diff}",
-                case.name
-            );
-            if byte_diff > tolerance::levels(tolerance::IMAGE) || float_diff > tolerance::IMAGE {
-                failures.push(format!("{}: {float_diff:e} / {byte_diff}", case.name));
-            }
+            check_case(case, &pipe, &reference, &mut failures);
         }
     }
     assert!(failures.is_empty(), "beyond tolerance: {failures:?}");

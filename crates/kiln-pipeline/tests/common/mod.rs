@@ -4,7 +4,7 @@
 use std::path::{Path, PathBuf};
 
 use burn::tensor::Tensor;
-use kiln_nn::reference::Reference;
+use kiln_nn::reference::{Reference, tolerance};
 use kiln_pipeline::{GenerateOptions, Mode, StableDiffusionPipeline, images_to_rgb8};
 use kiln_scheduler::{QueuedNoise, SamplerName, SamplerOptions};
 use serde::Deserialize;
@@ -163,6 +163,24 @@ pub fn run_case(case: &Case, pipe: &StableDiffusionPipeline, reference: &Referen
         .max()
         .unwrap();
     (float_diff, byte_diff)
+}
+
+/// Runs one case, prints its differences, and records it in `failures` when it is beyond the
+/// image tolerance ([`tolerance::IMAGE`] on the floats, [`tolerance::levels`] of it on 8 bits).
+pub fn check_case(
+    case: &Case,
+    pipe: &StableDiffusionPipeline,
+    reference: &Reference,
+    failures: &mut Vec<String>,
+) {
+    let (float_diff, byte_diff) = run_case(case, pipe, reference);
+    eprintln!(
+        "{}: max |float diff| {float_diff:.2e}, max 8-bit diff {byte_diff}",
+        case.name
+    );
+    if byte_diff > tolerance::levels(tolerance::IMAGE) || float_diff > tolerance::IMAGE {
+        failures.push(format!("{}: {float_diff:e} / {byte_diff}", case.name));
+    }
 }
 
 /// Runs `options` with DDIM and no random draws (the options carry the latents): the image.
