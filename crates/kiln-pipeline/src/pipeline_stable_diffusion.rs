@@ -901,14 +901,19 @@ impl StableDiffusionPipeline {
     /// Whether the model is an SDXL refiner: its UNet takes the aesthetic score among five time
     /// ids. A refiner refines (img2img); it cannot start from noise.
     pub fn is_sdxl_refiner(&self) -> bool {
+        self.time_id_count() == Some(5)
+    }
+
+    /// How many time ids an SDXL UNet takes (6 for the base, 5 for the refiner): its
+    /// `add_embedding`'s input width less the last encoder's pooled width, over each id's
+    /// width (`check_components` has checked that it divides). `None` for other UNets.
+    fn time_id_count(&self) -> Option<usize> {
+        let (dim, input) = self.unet.config.text_time()?;
         let pooled = self
             .text_encoders()
             .last()
             .map_or(0, |(_, e)| e.config().projection_dim);
-        self.unet
-            .config
-            .text_time()
-            .is_some_and(|(dim, input)| input.checked_sub(pooled) == Some(5 * dim))
+        input.checked_sub(pooled).map(|rest| rest / dim.max(1))
     }
 
     /// The text encoders with their tokenizers, in order (one for SD 1.x / 2.x and the SDXL
@@ -1528,7 +1533,7 @@ impl StableDiffusionPipeline {
             .map(|(_, e)| e.config().hidden_size)
             .sum();
         let window = self.tokenizer.max_length();
-        let xl = self.unet.config.text_time();
+        let xl = self.is_sdxl();
         let pooled_width = self
             .text_encoders()
             .last()
@@ -1544,9 +1549,9 @@ impl StableDiffusionPipeline {
         };
         let check_pooled = |e: Option<Tensor<2>>, what: &str| -> Result<Option<Tensor<2>>> {
             match (xl, e) {
-                (None, _) => Ok(None),
-                (Some(_), Some(e)) if e.dims() == [1, pooled_width] => Ok(Some(e.cast(DType::F32))),
-                (Some(_), e) => Err(Error::InvalidInput(format!(
+                (false, _) => Ok(None),
+                (true, Some(e)) if e.dims() == [1, pooled_width] => Ok(Some(e.cast(DType::F32))),
+                (true, e) => Err(Error::InvalidInput(format!(
                     "an SDXL model needs {what} of shape [1, {pooled_width}] with the embeddings; \
                      got {:?}",
                     e.map(|e| e.dims())
@@ -1568,12 +1573,8 @@ impl StableDiffusionPipeline {
             None => encode(&options.prompt, &options.prompt_2)?,
         };
         check(&cond, "prompt embeddings")?;
-        let time_ids = match xl {
-            Some((dim, input)) => Some(
-                options
-                    .micro_conditioning
-                    .time_ids(size, (input - pooled_width) / dim)?,
-            ),
+        let time_ids = match self.time_id_count() {
+            Some(n) => Some(options.micro_conditioning.time_ids(size, n)?),
             None => None,
         };
         let batch = |x: Tensor<2>| x.repeat_dim(0, n);
@@ -1590,7 +1591,7 @@ impl StableDiffusionPipeline {
             };
             return Ok((cond.repeat_dim(0, n).cast(self.dtype), added));
         }
-        let zeros = xl.is_some()
+        let zeros = xl
             && self.force_zeros_for_empty_prompt
             && options.negative_prompt.is_empty()
             && options.negative_prompt_2.is_none();
