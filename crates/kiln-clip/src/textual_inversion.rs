@@ -45,8 +45,8 @@ impl TextualInversion {
         };
         let mut names: Vec<String> = file.tensors().map(|(n, _)| n.to_string()).collect();
         names.sort();
-        let (name, vectors_2) = match names.as_slice() {
-            [name] => (name.clone(), None),
+        let (name, vectors, vectors_2) = match names.as_slice() {
+            [name] => (name.clone(), read_vectors(&file, name, &bad)?, None),
             // SDXL: one set of vectors per text encoder, as many of each
             [g, l] if g == "clip_g" && l == "clip_l" => {
                 let g = read_vectors(&file, g, &bad)?;
@@ -58,7 +58,7 @@ impl TextualInversion {
                         g.shape()[0]
                     )));
                 }
-                ("clip_l".to_string(), Some(g))
+                ("clip_l".to_string(), l, Some(g))
             }
             _ => {
                 return Err(bad(format!(
@@ -68,7 +68,6 @@ impl TextualInversion {
                 )));
             }
         };
-        let vectors = read_vectors(&file, &name, &bad)?;
         let diffusers_key =
             vectors_2.is_none() && name != "emb_params" && !name.starts_with("string_to_param");
         let token = match token {
