@@ -1196,8 +1196,7 @@ impl StableDiffusionPipeline {
                     .into(),
             ));
         }
-        // a guidance-distilled (LCM) UNet embeds the guidance scale instead
-        let guided = options.guidance_scale > 1.0 && self.unet.config.time_cond_proj_dim.is_none();
+        let guided = self.guided(options);
         let estimate = self.estimate_memory(width, height, n, guided, options.vae_tiling.as_ref());
         if let Some(limit) = options
             .memory_limit
@@ -1486,8 +1485,14 @@ impl StableDiffusionPipeline {
     /// ids, as [`generate`](Self::generate) computes them.
     pub fn conditioning(&self, options: &GenerateOptions) -> Result<Conditioning> {
         let (width, height) = self.resolve_size(options)?;
-        let guided = options.guidance_scale > 1.0 && self.unet.config.time_cond_proj_dim.is_none();
-        self.conditioning_for(options, [height, width], guided)
+        self.conditioning_for(options, [height, width], self.guided(options))
+    }
+
+    /// Whether a run uses classifier-free guidance (the UNet on `[uncond, cond]`): a guidance
+    /// scale above 1, unless the UNet is guidance-distilled (LCM), which embeds the scale
+    /// instead.
+    fn guided(&self, options: &GenerateOptions) -> bool {
+        options.guidance_scale > 1.0 && self.unet.config.time_cond_proj_dim.is_none()
     }
 
     fn conditioning_of(&self, options: &GenerateOptions, run: &RunPlan) -> Result<Conditioning> {

@@ -86,10 +86,7 @@ impl Family {
     /// The first tokenizer's padding token: `<|endoftext|>` for CLIP (SD 1.x, SDXL base), `!`
     /// for OpenCLIP (SD 2.x, the SDXL refiner).
     pub fn pad_token(self) -> &'static str {
-        match self {
-            Self::V1 | Self::Xl => "<|endoftext|>",
-            Self::V2 | Self::XlRefiner => "!",
-        }
+        self.pad_tokens()[0]
     }
 
     /// Whether it is SDXL (base or refiner).
