@@ -134,24 +134,8 @@ impl ToBf16 for bf16 {
     }
 }
 
-/// `x` rounded to the nearest bf16 (ties to even; NaN stays NaN), branch-free so that loops of
-/// it vectorise: the same bits as `half::bf16::from_f32`.
-#[inline(always)]
-pub(super) fn bf16_bits(x: f32) -> u16 {
-    let b = x.to_bits();
-    let rounded = (b.wrapping_add(0x7fff + ((b >> 16) & 1)) >> 16) as u16;
-    let quiet = ((b >> 16) as u16) | 0x0040;
-    if x.is_nan() { quiet } else { rounded }
-}
-
-vectorised! {
-    /// `dst[i] = bf16_bits(src[i])`.
-    fn convert_f32(src: &[f32], dst: &mut [u16]) {
-        for (d, &s) in dst.iter_mut().zip(src) {
-            *d = bf16_bits(s);
-        }
-    }
-}
+pub(super) use super::host::bf16_bits;
+use super::host::narrow_bf16 as convert_f32;
 
 /// Element types the epilogue writes: f32, or bf16 rounded to nearest even.
 pub(super) trait FromF32: Copy + Send + Sync {

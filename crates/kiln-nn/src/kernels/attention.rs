@@ -50,8 +50,8 @@ pub fn attention(q: Tensor<4>, k: Tensor<4>, v: Tensor<4>) -> Option<Tensor<4>> 
     }
     match super::host::reduced_precision(&q) {
         Some(dtype) => {
-            let wide = |t: Tensor<4>| t.cast(DType::F32);
-            host_attention(wide(q), wide(k), wide(v)).map(|o| o.cast(dtype))
+            let wide = |t: Tensor<4>| super::host::widen(&t);
+            host_attention(wide(q), wide(k), wide(v)).map(|o| super::host::narrow(o, dtype))
         }
         None if dtype == DType::F32 => host_attention(q, k, v),
         None => None,

@@ -20,7 +20,7 @@ use burn::tensor::Tensor;
 use rayon::prelude::*;
 use std::cell::RefCell;
 
-use super::host::{self, HostF32};
+use super::host::{self, Float, HostF32};
 use super::winograd;
 
 /// Elements of one task's column panel (`K x pixels`): 256 Ki f32, 1 MB, so that it stays in
@@ -112,15 +112,12 @@ pub fn conv2d_with(
         if dtype == burn::tensor::DType::BF16 && super::amx_available() {
             return amx_conv2d(x, weight, bias, &shape);
         }
-        let bias = bias.map(host::widen);
-        return conv2d_with(
-            &host::widen(x),
-            &host::widen(weight),
-            bias.as_ref(),
-            options,
-            algorithm,
-        )
-        .map(|y| y.cast(dtype));
+        return match dtype {
+            burn::tensor::DType::BF16 => {
+                reduced_conv2d::<half::bf16>(x, weight, bias, &shape, algorithm)
+            }
+            _ => reduced_conv2d::<half::f16>(x, weight, bias, &shape, algorithm),
+        };
     }
     let x = HostF32::new(x.clone())?;
     let weight = HostF32::new(weight.clone())?;
@@ -128,25 +125,58 @@ pub fn conv2d_with(
         Some(b) => Some(HostF32::new(b.clone())?),
         None => None,
     };
-    let mut out = vec![0f32; batch * cout * shape.oh * shape.ow];
+    let bias = bias.as_ref().map(HostF32::as_slice);
+    let out = conv2d_f32(x.as_slice(), weight.as_slice(), bias, &shape, algorithm);
+    Some(host::tensor(out, [batch, cout, shape.oh, shape.ow]))
+}
+
+/// A bf16 or f16 convolution computed in f32: the input widened once, the weights a task's
+/// block at a time in cache (so that a model's weights are never copied whole at every call),
+/// the result rounded back.
+fn reduced_conv2d<T: Float>(
+    x: &Tensor<4>,
+    weight: &Tensor<4>,
+    bias: Option<&Tensor<1>>,
+    shape: &ConvShape,
+    algorithm: Conv2dAlgorithm,
+) -> Option<Tensor<4>> {
+    let x = host::widen_vec(host::Host::<T>::new(x.clone())?.as_slice());
+    let weight = host::Host::<T>::new(weight.clone())?;
+    let bias = match bias {
+        Some(b) => Some(host::bias_f32(b)?),
+        None => None,
+    };
+    let out = conv2d_f32(&x, weight.as_slice(), bias.as_deref(), shape, algorithm);
+    let dims = [shape.batch, shape.cout, shape.oh, shape.ow];
+    Some(host::tensor(host::narrow_vec::<T>(&out), dims))
+}
+
+/// The convolution of an f32 input by weights of `W` (widened a block at a time), in the
+/// algorithm `algorithm` picks for the shape.
+fn conv2d_f32<W: Float>(
+    x: &[f32],
+    weight: &[W],
+    bias: Option<&[f32]>,
+    shape: &ConvShape,
+    algorithm: Conv2dAlgorithm,
+) -> Vec<f32> {
+    let mut out = vec![0f32; shape.batch * shape.cout * shape.oh * shape.ow];
     let algorithm = match algorithm {
         Conv2dAlgorithm::Auto => auto_algorithm(),
         chosen => chosen,
     };
-    let winograd = winograd::applies(&shape)
+    let winograd = winograd::applies(shape)
         && match algorithm {
-            Conv2dAlgorithm::Auto => winograd::pays(&shape),
+            Conv2dAlgorithm::Auto => winograd::pays(shape),
             Conv2dAlgorithm::Im2col => false,
             Conv2dAlgorithm::Winograd => true,
         };
-    let (x, weight) = (x.as_slice(), weight.as_slice());
-    let bias = bias.as_ref().map(HostF32::as_slice);
     if winograd {
-        winograd::conv3x3(x, weight, bias, &shape, &mut out);
+        winograd::conv3x3(x, weight, bias, shape, &mut out);
     } else {
-        conv2d_host(x, weight, bias, &shape, &mut out);
+        conv2d_host(x, weight, bias, shape, &mut out);
     }
-    Some(host::tensor(out, [batch, cout, shape.oh, shape.ow]))
+    out
 }
 
 /// The sizes of one convolution.
@@ -216,6 +246,8 @@ impl ConvShape {
 thread_local! {
     /// Each thread's column panel, kept between calls so that it is not faulted in again.
     static PANEL: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
+    /// Each thread's block of widened (bf16 or f16) weights.
+    static WIDE_WEIGHTS: std::cell::Cell<Vec<f32>> = const { std::cell::Cell::new(Vec::new()) };
 }
 
 /// Fewer tasks than this and the output channels are split too (so that the deep, small levels
@@ -230,7 +262,13 @@ pub(super) const MIN_CHANNELS: usize = 64;
 ///
 /// The work is cut into tasks of (image, panel of output rows, block of output channels); each
 /// task gathers its panel into its thread's buffer and multiplies it on that thread.
-fn conv2d_host(x: &[f32], weight: &[f32], bias: Option<&[f32]>, s: &ConvShape, out: &mut [f32]) {
+fn conv2d_host<W: Float>(
+    x: &[f32],
+    weight: &[W],
+    bias: Option<&[f32]>,
+    s: &ConvShape,
+    out: &mut [f32],
+) {
     let k = s.k();
     let pixels = s.oh * s.ow;
     let in_plane = s.cin * s.h * s.w;
@@ -265,7 +303,8 @@ fn conv2d_host(x: &[f32], weight: &[f32], bias: Option<&[f32]>, s: &ConvShape, o
                 row.fill(bias[c0 + c]);
             }
         }
-        let lhs = &weight[c0 * k..(c0 + channels) * k];
+        let mut wide = WIDE_WEIGHTS.take();
+        let lhs = W::widen(&weight[c0 * k..(c0 + channels) * k], &mut wide);
         let multiply = |rhs: &[f32], rhs_rs: usize| {
             debug_assert!(rhs.len() >= (k - 1) * rhs_rs + cols);
             // SAFETY: dst is this task's [channels, cols] block with row stride `pixels` (as
@@ -305,6 +344,7 @@ fn conv2d_host(x: &[f32], weight: &[f32], bias: Option<&[f32]>, s: &ConvShape, o
                 multiply(panel, cols);
             });
         }
+        WIDE_WEIGHTS.set(wide);
     });
 }
 

@@ -18,7 +18,7 @@ use burn::tensor::Tensor;
 use rayon::prelude::*;
 
 use super::exp;
-use super::host;
+use super::host::{self, Float};
 
 /// Elements of one parallel chunk of an elementwise kernel.
 const CHUNK: usize = 1 << 14;
@@ -73,46 +73,6 @@ macro_rules! dispatch {
     };
 }
 use dispatch;
-
-/// The float types the kernels read and write; each computes in f32, a chunk at a time (so
-/// that bf16 and f16 are widened and rounded back in cache, never in whole-tensor copies).
-trait Float: burn::tensor::Element + bytemuck::Pod + Send + Sync {
-    /// `x` as f32: in place for f32, widened into `scratch` otherwise.
-    fn widen<'a>(x: &'a [Self], scratch: &'a mut Vec<f32>) -> &'a [f32];
-    /// Runs `f` on an f32 buffer of `out.len()` (`out` itself for f32) and stores it in `out`.
-    fn store(out: &mut [Self], scratch: &mut Vec<f32>, f: impl FnOnce(&mut [f32]));
-}
-
-impl Float for f32 {
-    fn widen<'a>(x: &'a [f32], _: &'a mut Vec<f32>) -> &'a [f32] {
-        x
-    }
-    fn store(out: &mut [f32], _: &mut Vec<f32>, f: impl FnOnce(&mut [f32])) {
-        f(out)
-    }
-}
-
-macro_rules! reduced_float {
-    ($t:ty) => {
-        impl Float for $t {
-            fn widen<'a>(x: &'a [$t], scratch: &'a mut Vec<f32>) -> &'a [f32] {
-                scratch.clear();
-                scratch.extend(x.iter().map(|v| v.to_f32()));
-                scratch
-            }
-            fn store(out: &mut [$t], scratch: &mut Vec<f32>, f: impl FnOnce(&mut [f32])) {
-                scratch.clear();
-                scratch.resize(out.len(), 0.0);
-                f(scratch);
-                for (o, &v) in out.iter_mut().zip(scratch.iter()) {
-                    *o = <$t>::from_f32(v);
-                }
-            }
-        }
-    };
-}
-reduced_float!(half::bf16);
-reduced_float!(half::f16);
 
 std::thread_local! {
     /// Each thread's f32 scratch for widened inputs and outputs (a chunk each).

@@ -59,9 +59,38 @@ pub(crate) fn reduced_precision<const D: usize>(t: &Tensor<D>) -> Option<DType> 
         .then_some(dtype)
 }
 
-/// `t` in f32.
+/// `t` (bf16 or f16 on flex) in f32, widened in parallel vector loops (burn-flex's cast
+/// converts one element at a time); other tensors through burn's cast.
 pub(crate) fn widen<const D: usize>(t: &Tensor<D>) -> Tensor<D> {
-    t.clone().cast(DType::F32)
+    fn host<T: Float, const D: usize>(t: &Tensor<D>) -> Option<Tensor<D>> {
+        Some(tensor(
+            widen_vec(Host::<T>::new(t.clone())?.as_slice()),
+            t.dims(),
+        ))
+    }
+    let wide = match t.dtype() {
+        DType::BF16 => host::<bf16, D>(t),
+        DType::F16 => host::<half::f16, D>(t),
+        _ => None,
+    };
+    wide.unwrap_or_else(|| t.clone().cast(DType::F32))
+}
+
+/// `t` (f32 on flex) rounded to `dtype` (bf16 or f16) as [`widen`] widens; other cases through
+/// burn's cast.
+pub(crate) fn narrow<const D: usize>(t: Tensor<D>, dtype: DType) -> Tensor<D> {
+    fn host<T: Float, const D: usize>(t: &Tensor<D>) -> Option<Tensor<D>> {
+        Some(tensor(
+            narrow_vec::<T>(HostF32::new(t.clone())?.as_slice()),
+            t.dims(),
+        ))
+    }
+    let narrow = match dtype {
+        DType::BF16 => host::<bf16, D>(&t),
+        DType::F16 => host::<half::f16, D>(&t),
+        _ => None,
+    };
+    narrow.unwrap_or_else(|| t.cast(dtype))
 }
 
 /// `bias` as f32 on the host, whatever its float dtype (the kernels add it in f32).
@@ -105,4 +134,141 @@ pub(crate) fn with_buffer<T: Default, R>(
     let r = f(&mut buf);
     key.set(buf);
     r
+}
+
+/// The float types the kernels read and write; each computes in f32, a chunk at a time (so
+/// that bf16 and f16 are widened and rounded back in cache, never in whole-tensor copies).
+pub(crate) trait Float: burn::tensor::Element + bytemuck::Pod + Send + Sync {
+    /// `x` as f32: in place for f32, widened into `scratch` otherwise.
+    fn widen<'a>(x: &'a [Self], scratch: &'a mut Vec<f32>) -> &'a [f32];
+    /// Runs `f` on an f32 buffer of `out.len()` (`out` itself for f32) and stores it in `out`.
+    fn store(out: &mut [Self], scratch: &mut Vec<f32>, f: impl FnOnce(&mut [f32]));
+    /// `out[i] = src[i]` rounded to nearest (even).
+    fn narrow(src: &[f32], out: &mut [Self]);
+    /// `out[i] = src[i]` in f32.
+    fn widen_into(src: &[Self], out: &mut [f32]);
+}
+
+impl Float for f32 {
+    fn widen<'a>(x: &'a [f32], _: &'a mut Vec<f32>) -> &'a [f32] {
+        x
+    }
+    fn store(out: &mut [f32], _: &mut Vec<f32>, f: impl FnOnce(&mut [f32])) {
+        f(out)
+    }
+    fn narrow(src: &[f32], out: &mut [f32]) {
+        out.copy_from_slice(src)
+    }
+    fn widen_into(src: &[f32], out: &mut [f32]) {
+        out.copy_from_slice(src)
+    }
+}
+
+macro_rules! reduced_float {
+    ($t:ty) => {
+        impl Float for $t {
+            fn widen<'a>(x: &'a [$t], scratch: &'a mut Vec<f32>) -> &'a [f32] {
+                let out = scratch_of(scratch, x.len());
+                Self::widen_into(x, out);
+                out
+            }
+            fn widen_into(src: &[$t], out: &mut [f32]) {
+                <$t as NarrowFrom>::widen_from(src, out)
+            }
+
+            fn store(out: &mut [$t], scratch: &mut Vec<f32>, f: impl FnOnce(&mut [f32])) {
+                let wide = scratch_of(scratch, out.len());
+                f(wide);
+                <$t>::narrow(wide, out);
+            }
+            fn narrow(src: &[f32], out: &mut [$t]) {
+                <$t as NarrowFrom>::narrow_from(src, out)
+            }
+        }
+    };
+}
+reduced_float!(half::bf16);
+reduced_float!(half::f16);
+
+/// The first `len` elements of `scratch`, grown (never shrunk) first where it is shorter; the
+/// contents are the caller's to overwrite.
+fn scratch_of(scratch: &mut Vec<f32>, len: usize) -> &mut [f32] {
+    if scratch.len() < len {
+        scratch.resize(len, 0.0);
+    }
+    &mut scratch[..len]
+}
+
+impl NarrowFrom for half::bf16 {
+    fn narrow_from(src: &[f32], out: &mut [Self]) {
+        narrow_bf16(src, bytemuck::cast_slice_mut(out))
+    }
+    fn widen_from(src: &[Self], out: &mut [f32]) {
+        widen_bf16(bytemuck::cast_slice(src), out)
+    }
+}
+impl NarrowFrom for half::f16 {
+    fn narrow_from(src: &[f32], out: &mut [Self]) {
+        use half::slice::HalfFloatSliceExt;
+        out.convert_from_f32_slice(src)
+    }
+    fn widen_from(src: &[Self], out: &mut [f32]) {
+        use half::slice::HalfFloatSliceExt;
+        src.convert_to_f32_slice(out)
+    }
+}
+
+/// Conversion to and from f32 a slice at a time (vectorised; `half`'s own slice conversions use
+/// F16C for f16 where the CPU has it).
+trait NarrowFrom: Sized {
+    fn narrow_from(src: &[f32], out: &mut [Self]);
+    fn widen_from(src: &[Self], out: &mut [f32]);
+}
+
+vectorised! {
+    /// `out[i]` = the bf16 of bits `src[i]` in f32 (exact).
+    fn widen_bf16(src: &[u16], out: &mut [f32]) {
+        for (o, &s) in out.iter_mut().zip(src) {
+            *o = f32::from_bits(u32::from(s) << 16);
+        }
+    }
+}
+
+/// `x` rounded to the nearest bf16 (ties to even; NaN stays NaN), branch-free so that loops of
+/// it vectorise: the same bits as `half::bf16::from_f32`.
+#[inline(always)]
+pub(crate) fn bf16_bits(x: f32) -> u16 {
+    let b = x.to_bits();
+    let rounded = (b.wrapping_add(0x7fff + ((b >> 16) & 1)) >> 16) as u16;
+    let quiet = ((b >> 16) as u16) | 0x0040;
+    if x.is_nan() { quiet } else { rounded }
+}
+
+vectorised! {
+    /// `out[i] = bf16_bits(src[i])`.
+    pub(crate) fn narrow_bf16(src: &[f32], out: &mut [u16]) {
+        for (o, &x) in out.iter_mut().zip(src) {
+            *o = bf16_bits(x);
+        }
+    }
+}
+
+/// `data` widened to f32, in parallel chunks.
+pub(crate) fn widen_vec<T: Float>(data: &[T]) -> Vec<f32> {
+    use rayon::prelude::*;
+    let mut out = vec![0f32; data.len()];
+    out.par_chunks_mut(1 << 14)
+        .zip(data.par_chunks(1 << 14))
+        .for_each(|(o, d)| T::widen_into(d, o));
+    out
+}
+
+/// `data` (f32) rounded to `T`, in parallel chunks.
+pub(crate) fn narrow_vec<T: Float>(data: &[f32]) -> Vec<T> {
+    use rayon::prelude::*;
+    let mut out = bytemuck::zeroed_vec::<T>(data.len());
+    out.par_chunks_mut(1 << 14)
+        .zip(data.par_chunks(1 << 14))
+        .for_each(|(o, d)| T::narrow(d, o));
+    out
 }

@@ -7,8 +7,9 @@
 //! f32 is computed as described below. bf16 products run on Intel's AMX tiles where the CPU has
 //! them ([`amx_available`]: linear layers, convolutions, attention, their weights packed once
 //! for the tiles and kept while they live), f32-accumulated and rounded to bf16 once, as
-//! PyTorch's oneDNN kernels compute; elsewhere bf16 and f16 run the f32 kernels on widened
-//! copies and round the result (burn-flex widens op by op too, or computes one scalar at a
+//! PyTorch's oneDNN kernels compute; elsewhere bf16 and f16 run the f32 kernels and round the
+//! result, the weights widened a task's block at a time in cache (never a whole-model copy at
+//! every call; burn-flex widens each matmul's operands whole, or computes one scalar at a
 //! time). The elementwise kernels widen a chunk at a time in every case.
 //!
 //! - [`attention`]: exact two-pass softmax over query blocks whose score rows fit in cache.
@@ -59,8 +60,8 @@ pub fn packs_weights(device: &burn::tensor::Device, dtype: burn::tensor::DType) 
 }
 
 /// Whether bf16 products run on AMX tiles here (x86-64 Linux with AMX-BF16, the kernel's
-/// permission granted, `KILN_AMX` not `0`); elsewhere bf16 kernels run in f32 on widened
-/// copies.
+/// permission granted, `KILN_AMX` not `0`); elsewhere bf16 kernels run in f32, their operands
+/// widened a block at a time.
 pub fn amx_available() -> bool {
     #[cfg(all(target_arch = "x86_64", target_os = "linux", target_env = "gnu"))]
     return amx::available();

@@ -28,7 +28,7 @@ use rayon::prelude::*;
 use std::cell::RefCell;
 
 use super::conv::{ConvShape, MIN_CHANNELS, MIN_TASKS, grow};
-use super::host::SharedMut;
+use super::host::{Float, SharedMut};
 
 /// Output tiles per image (16x16 output pixels), and over the batch (two such images), below
 /// which [`pays`] declines. Measured on the 2-core Xeon (`cargo run --release -p kiln-nn
@@ -71,8 +71,9 @@ pub(super) fn pays(s: &ConvShape) -> bool {
 
 thread_local! {
     /// Each thread's transformed input `V` (`[16, in, tiles]`), transformed filters `U`
-    /// (`[16, channels, in]`) and GEMM results `M` (`[16, channels, tiles]`), kept between calls so that they are not faulted in again.
-    static BUFFERS: RefCell<[Vec<f32>; 3]> = const { RefCell::new([Vec::new(), Vec::new(), Vec::new()]) };
+    /// (`[16, channels, in]`), GEMM results `M` (`[16, channels, tiles]`) and widened (bf16 or
+    /// f16) filters, kept between calls so that they are not faulted in again.
+    static BUFFERS: RefCell<[Vec<f32>; 4]> = const { RefCell::new([Vec::new(), Vec::new(), Vec::new(), Vec::new()]) };
 }
 
 /// The convolution `s` (see [`applies`]) on host slices: `out` (`[batch, out, oh, ow]`) is
@@ -84,9 +85,9 @@ thread_local! {
 /// channels it transforms their filters once, then runs each of its panels: the panel's input
 /// transform (again for each sub-block, which [`MAX_SUB_CHANNELS`] keeps few), the 16 GEMMs
 /// and the output transform.
-pub(super) fn conv3x3(
+pub(super) fn conv3x3<W: Float>(
     x: &[f32],
-    weight: &[f32],
+    weight: &[W],
     bias: Option<&[f32]>,
     s: &ConvShape,
     out: &mut [f32],
@@ -122,7 +123,7 @@ pub(super) fn conv3x3(
         let most = (FILTER_BUDGET / (16 * cin)).clamp(MIN_CHANNELS, MAX_SUB_CHANNELS);
         // rounds as even as possible
         let sub = channels.div_ceil(channels.div_ceil(most));
-        BUFFERS.with_borrow_mut(|[v, u, m]| {
+        BUFFERS.with_borrow_mut(|[v, u, m, wide]| {
             grow(v, 16 * cin * tile_rows * tw);
             grow(u, 16 * sub * cin);
             grow(m, 16 * sub * tile_rows * tw);
@@ -140,7 +141,8 @@ pub(super) fn conv3x3(
             for sc in (c0..c0 + channels).step_by(sub) {
                 let sub = sub.min(c0 + channels - sc);
                 let u = &mut u[..16 * sub * cin];
-                transform_filters(&weight[sc * cin * 9..(sc + sub) * cin * 9], cin, u);
+                let g = W::widen(&weight[sc * cin * 9..(sc + sub) * cin * 9], wide);
+                transform_filters(g, cin, u);
                 for panel in first_panel..first_panel + group_panels {
                     let (row0, rows) = panel_rows(panel);
                     let tiles = rows * tw;
