@@ -128,6 +128,7 @@ impl PromptArgs {
 }
 
 fn main() -> ExitCode {
+    kiln_nn::alloc::reuse_freed_memory();
     let cli = Cli::parse();
     match run(cli) {
         Ok(()) => ExitCode::SUCCESS,
