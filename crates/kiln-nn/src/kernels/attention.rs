@@ -22,9 +22,12 @@ use super::host::HostF32;
 /// 2^20 0.62 s, 2^21 0.91 s (burn's op: 1.60 s).
 const SCORE_BUDGET: usize = 1 << 20;
 
-/// Below this many keys burn's op is as fast (its naive path has no copies to make; measured:
-/// the UNet's cross-attention to 77 tokens, 39 ms burn against 42 ms here), so it keeps them.
-pub const MIN_KEYS: usize = 256;
+/// Below this many keys burn's op keeps the attention (its naive path has no copies to make).
+/// The UNet's cross-attention to 77 tokens (`2x8x4096x77x40`, f32) took 17.1 ms through
+/// burn's op and 12.4 ms here (PyTorch: 10.4 ms), on the 2-core Xeon of 2026-12-06 with
+/// `cargo run --release -p kiln-nn --example bf16_timings attention`; it was 256 when this
+/// kernel's products went through gemm without its AVX-512 kernels.
+pub const MIN_KEYS: usize = 64;
 
 /// `softmax(Q K^T / sqrt(d)) V` of f32 tensors on the host, or `None` for other dtypes and for
 /// fewer than [`MIN_KEYS`] keys (the caller then uses burn's op).
