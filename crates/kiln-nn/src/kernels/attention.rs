@@ -61,6 +61,14 @@ pub fn attention(q: Tensor<4>, k: Tensor<4>, v: Tensor<4>) -> Option<Tensor<4>> 
     }
 }
 
+std::thread_local! {
+    /// Each thread's scores and their rows' inverse sums, kept between calls so that they are
+    /// not allocated and faulted in again for every block of queries.
+    static SCORES: std::cell::Cell<[Vec<f32>; 2]> = const {
+        std::cell::Cell::new([Vec::new(), Vec::new()])
+    };
+}
+
 /// [`attention`] without the choice of when to use it.
 fn host_attention(q: Tensor<4>, k: Tensor<4>, v: Tensor<4>) -> Option<Tensor<4>> {
     let device = q.device();
@@ -85,11 +93,12 @@ fn host_attention(q: Tensor<4>, k: Tensor<4>, v: Tensor<4>) -> Option<Tensor<4>>
             out_head
                 .par_chunks_mut(rows * dv)
                 .enumerate()
-                .for_each_init(
-                    || (vec![0f32; rows * m], vec![0f32; rows]),
-                    |(scores, inverse), (block, o)| {
-                        let r = o.len() / dv;
-                        let q0 = block * rows;
+                .for_each(|(block, o)| {
+                    let r = o.len() / dv;
+                    let q0 = block * rows;
+                    super::host::with_buffer(&SCORES, |[scores, inverse]| {
+                        super::conv::grow(scores, r * m);
+                        super::conv::grow(inverse, r);
                         attention_block(
                             &qh[q0 * d..(q0 + r) * d],
                             kh,
@@ -100,8 +109,8 @@ fn host_attention(q: Tensor<4>, k: Tensor<4>, v: Tensor<4>) -> Option<Tensor<4>>
                             [d, m, dv],
                             scale,
                         );
-                    },
-                );
+                    });
+                });
         });
     Some(Tensor::from_data(TensorData::new(out, out_shape), &device))
 }
