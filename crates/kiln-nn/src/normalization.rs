@@ -28,9 +28,10 @@ pub fn group_norm(groups: usize, channels: usize, eps: f64, device: &Device) -> 
 /// - output: same as `x`
 pub fn group_norm_forward<const D: usize>(norm: &GroupNorm, x: Tensor<D>) -> Tensor<D> {
     #[cfg(feature = "flex")]
-    if let Some(y) = kernel_group_norm(norm, &x, false) {
-        return y;
-    }
+    let x = match kernel_group_norm(norm, x, false) {
+        Ok(y) => return y,
+        Err(x) => x,
+    };
     reference_group_norm(norm, x)
 }
 
@@ -45,11 +46,13 @@ pub fn group_norm_act<const D: usize>(
     x: Tensor<D>,
 ) -> Tensor<D> {
     #[cfg(feature = "flex")]
-    if act == Activation::Silu
-        && let Some(y) = kernel_group_norm(norm, &x, true)
-    {
-        return y;
-    }
+    let x = match act {
+        Activation::Silu => match kernel_group_norm(norm, x, true) {
+            Ok(y) => return y,
+            Err(x) => x,
+        },
+        _ => x,
+    };
     act.forward(group_norm_forward(norm, x))
 }
 
@@ -62,18 +65,20 @@ pub fn group_norm_silu<const D: usize>(norm: &GroupNorm, x: Tensor<D>) -> Tensor
     group_norm_act(norm, Activation::Silu, x)
 }
 
+/// Kiln's GroupNorm kernel (over `x`'s own elements where nothing else holds them), or `x`
+/// back where it does not apply.
 #[cfg(feature = "flex")]
 fn kernel_group_norm<const D: usize>(
     norm: &GroupNorm,
-    x: &Tensor<D>,
+    x: Tensor<D>,
     silu: bool,
-) -> Option<Tensor<D>> {
+) -> Result<Tensor<D>, Tensor<D>> {
     let affine = match (&norm.gamma, &norm.beta) {
         (Some(gamma), Some(beta)) => Some((gamma.val(), beta.val())),
         (None, None) => None,
-        _ => return None,
+        _ => return Err(x),
     };
-    crate::kernels::group_norm(
+    crate::kernels::group_norm_owned(
         x,
         norm.num_groups,
         norm.epsilon,

@@ -133,11 +133,14 @@ impl ResnetBlock2D {
     /// - `temb`: `[batch, temb_channels]` (ignored by blocks built without `temb_channels`)
     /// - output: `[batch, out_channels, height, width]`
     pub fn forward(&self, x: Tensor<4>, temb: Option<&Tensor<2>>) -> Tensor<4> {
+        // the shortcut first where it is a convolution, so that `x` can be normalised in place
+        // (its last use), which keeps one tensor of its size fewer alive
+        let (shortcut, x_in) = match &self.conv_shortcut {
+            Some(conv) => (conv2d(conv, x.clone()), x),
+            None => (x.clone(), x),
+        };
         // 1. norm1 -> act -> conv1
-        let h = conv2d(
-            &self.conv1,
-            group_norm_act(&self.norm1, self.act, x.clone()),
-        );
+        let h = conv2d(&self.conv1, group_norm_act(&self.norm1, self.act, x_in));
         // 2. + time_emb_proj(act(temb))[:, :, None, None]
         let h = match (&self.time_emb_proj, temb) {
             (Some(proj), Some(temb)) => {
@@ -150,10 +153,6 @@ impl ResnetBlock2D {
         // 3. norm2 -> act -> (dropout) -> conv2
         let h = conv2d(&self.conv2, group_norm_act(&self.norm2, self.act, h));
         // 4. residual, scaled
-        let shortcut = match &self.conv_shortcut {
-            Some(conv) => conv2d(conv, x),
-            None => x,
-        };
         let out = shortcut + h;
         if self.output_scale_factor == 1.0 {
             out

@@ -147,6 +147,14 @@ pub(crate) trait Float: burn::tensor::Element + bytemuck::Pod + Send + Sync {
     fn narrow(src: &[f32], out: &mut [Self]);
     /// `out[i] = src[i]` in f32.
     fn widen_into(src: &[Self], out: &mut [f32]);
+    /// Runs `f` on `x` in f32 (`x` itself for f32, widened into `scratch` otherwise) and stores
+    /// the result back into `x`.
+    fn update(x: &mut [Self], scratch: &mut Vec<f32>, f: impl FnOnce(&mut [f32])) {
+        let wide = scratch_of(scratch, x.len());
+        Self::widen_into(x, wide);
+        f(wide);
+        Self::narrow(wide, x);
+    }
 }
 
 impl Float for f32 {
@@ -161,6 +169,9 @@ impl Float for f32 {
     }
     fn widen_into(src: &[f32], out: &mut [f32]) {
         out.copy_from_slice(src)
+    }
+    fn update(x: &mut [f32], _: &mut Vec<f32>, f: impl FnOnce(&mut [f32])) {
+        f(x)
     }
 }
 
