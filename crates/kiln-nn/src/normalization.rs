@@ -68,6 +68,7 @@ pub fn group_norm_silu<const D: usize>(norm: &GroupNorm, x: Tensor<D>) -> Tensor
 /// Kiln's GroupNorm kernel (over `x`'s own elements where nothing else holds them), or `x`
 /// back where it does not apply.
 #[cfg(feature = "flex")]
+#[allow(clippy::result_large_err)]
 fn kernel_group_norm<const D: usize>(
     norm: &GroupNorm,
     x: Tensor<D>,
