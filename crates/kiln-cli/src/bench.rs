@@ -390,6 +390,7 @@ pub fn run(args: BenchArgs, device: impl FnOnce() -> Result<Device>) -> Result<(
         "threads": threads(),
         "cpu": cpu_name(),
         "simd": simd_features(),
+        "bf16_products": bf16_products(),
     });
     println!("{report}");
     Ok(())
@@ -420,6 +421,14 @@ fn peak_rss_bytes() -> Option<u64> {
     let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
     let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
     Some(kib * 1024)
+}
+
+/// What Kiln's kernels run bf16 products on here (`kiln_nn::kernels::bf16_products`).
+fn bf16_products() -> &'static str {
+    #[cfg(feature = "flex")]
+    return kiln_nn::kernels::bf16_products();
+    #[cfg(not(feature = "flex"))]
+    return "f32";
 }
 
 /// The CPU's model name, where the system reports it.

@@ -16,6 +16,10 @@
 //!
 //! x86-64 Linux only: the kernel must grant the process AMX's 8 KiB of tile state
 //! (`arch_prctl(ARCH_REQ_XCOMP_PERM)`), and [`available`] asks for it once.
+//!
+//! On a CPU with AVX512-BF16 but no AMX (Zen 4, Cooper Lake, Xeons whose hypervisor hides the
+//! tiles), the same packed operands go through `vdpbf16ps` instead ([`Engine::DotProduct`],
+//! [`dot_block`]), where it outruns f32 FMAs ([`engine`] measures that once).
 
 use half::bf16;
 use std::arch::asm;
@@ -71,13 +75,23 @@ struct TileConfig {
     rows: [u8; 16],
 }
 
-/// The tiles configured on this thread for as long as the value lives (a task's lifetime);
-/// released on drop.
-pub(super) struct Tiles(());
+/// The tiles configured on this thread for as long as the value lives (a task's lifetime),
+/// released on drop; nothing where bf16 products run on AVX512-BF16 ([`engine`]).
+pub(super) struct Tiles(bool);
 
 impl Tiles {
-    /// Loads the configuration. Call only where [`available`] is true.
+    /// Loads the configuration where the engine is the tiles. Call only where [`engine`] is
+    /// some.
     pub(super) fn new() -> Self {
+        debug_assert!(engine().is_some());
+        if engine() != Some(Engine::Tiles) {
+            return Self(false);
+        }
+        Self::configure()
+    }
+
+    /// Loads the configuration. Call only where [`available`] is true.
+    fn configure() -> Self {
         debug_assert!(available());
         let mut config = TileConfig {
             palette: 1,
@@ -91,14 +105,114 @@ impl Tiles {
         // SAFETY: AMX is available and permitted (checked by the caller); the configuration is
         // a valid palette-1 one.
         unsafe { asm!("ldtilecfg [{}]", in(reg) &config, options(nostack, readonly)) };
-        Self(())
+        Self(true)
     }
 }
 
 impl Drop for Tiles {
     fn drop(&mut self) {
-        // SAFETY: tiles were configured by `new`.
-        unsafe { asm!("tilerelease", options(nostack, nomem)) };
+        if self.0 {
+            // SAFETY: tiles were configured by `new`.
+            unsafe { asm!("tilerelease", options(nostack, nomem)) };
+        }
+    }
+}
+
+/// What multiplies bf16 operands on this CPU.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) enum Engine {
+    /// AMX's tiles ([`block`]).
+    Tiles,
+    /// AVX512-BF16's `vdpbf16ps` on the same packed operands ([`dot_block`]): 16 f32 lanes,
+    /// each adding two exact bf16 products.
+    DotProduct,
+}
+
+/// The engine bf16 products run on here, chosen once: the tiles where [`available`]; else
+/// `vdpbf16ps` where the CPU has AVX512-BF16 and it outruns f32 FMAs (measured at first use,
+/// [`dot_product_pays`]: twice their rate on Zen 4, less than half on an Emerald Rapids Xeon
+/// without AMX); else `None`, and bf16 runs the f32 kernels on operands widened a block at a
+/// time. `KILN_BF16=tiles|dot|f32` forces one where the CPU can run it (to compare them, and
+/// to test each on a CPU that has it).
+pub(super) fn engine() -> Option<Engine> {
+    static ENGINE: std::sync::OnceLock<Option<Engine>> = std::sync::OnceLock::new();
+    *ENGINE.get_or_init(|| {
+        let dot = dot_product_available();
+        match std::env::var("KILN_BF16").as_deref() {
+            Ok("f32") => None,
+            Ok("dot") if dot => Some(Engine::DotProduct),
+            Ok("tiles") if available() => Some(Engine::Tiles),
+            _ if available() => Some(Engine::Tiles),
+            _ if dot && dot_product_pays() => Some(Engine::DotProduct),
+            _ => None,
+        }
+    })
+}
+
+/// Whether the CPU has AVX512-BF16 (and AVX-512F).
+fn dot_product_available() -> bool {
+    std::arch::is_x86_feature_detected!("avx512f")
+        && std::arch::is_x86_feature_detected!("avx512bf16")
+}
+
+/// Whether `vdpbf16ps` computes bf16 products at least 1.5 times as fast as f32 FMAs do (which
+/// then also pay for widening the operands): each timed twice for about a millisecond on this
+/// thread, the better time kept.
+fn dot_product_pays() -> bool {
+    const ITERS: usize = 100_000;
+    let best = |run: fn(usize) -> f32| {
+        (0..2)
+            .map(|_| {
+                let start = std::time::Instant::now();
+                std::hint::black_box(run(std::hint::black_box(ITERS)));
+                start.elapsed().as_secs_f64()
+            })
+            .fold(f64::MAX, f64::min)
+    };
+    // SAFETY: the CPU has AVX512-BF16 and AVX-512F (checked by the caller).
+    let dot = best(|n| unsafe { peak::dot(n) });
+    // SAFETY: as above.
+    let fma = best(|n| unsafe { peak::fma(n) });
+    // 64 FLOPs per dot-product instruction, 32 per FMA, the same count of each
+    fma / dot * 2.0 >= 1.5
+}
+
+/// Register-only loops of 24 independent accumulators, to time the two instructions.
+mod peak {
+    use std::arch::x86_64::*;
+
+    #[target_feature(enable = "avx512f,avx512bf16")]
+    pub(super) fn dot(iters: usize) -> f32 {
+        let mut acc = [_mm512_setzero_ps(); 24];
+        // opaque values, so that the loop is not folded away
+        let (x, y) = std::hint::black_box((0.5, 1e-3));
+        let a = _mm512_cvtne2ps_pbh(_mm512_set1_ps(x), _mm512_set1_ps(x));
+        let b = _mm512_cvtne2ps_pbh(_mm512_set1_ps(y), _mm512_set1_ps(y));
+        for _ in 0..iters {
+            for r in &mut acc {
+                *r = _mm512_dpbf16_ps(*r, a, b);
+            }
+        }
+        let sum = acc
+            .iter()
+            .fold(_mm512_setzero_ps(), |s, &r| _mm512_add_ps(s, r));
+        _mm512_reduce_add_ps(sum)
+    }
+
+    #[target_feature(enable = "avx512f")]
+    pub(super) fn fma(iters: usize) -> f32 {
+        let mut acc = [_mm512_setzero_ps(); 24];
+        let (x, y) = std::hint::black_box((0.5, 1e-3));
+        let (a, b) = (_mm512_set1_ps(x), _mm512_set1_ps(y));
+        for _ in 0..iters {
+            for r in &mut acc {
+                *r = _mm512_fmadd_ps(*r, a, b);
+            }
+        }
+        let sum = acc
+            .iter()
+            .fold(_mm512_setzero_ps(), |s, &r| _mm512_add_ps(s, r));
+        _mm512_reduce_add_ps(sum)
     }
 }
 
@@ -603,6 +717,53 @@ unsafe fn half_block(a: &Lhs<'_>, mb: usize, b: *const u16, c: &mut CBlock) {
     }
 }
 
+/// [`block`] (`TILES` = 2) or [`half_block`] (1) with AVX512-BF16's `vdpbf16ps` instead of
+/// the tiles, on the same operands: a row's pair of `k` elements is broadcast to 16 lanes and
+/// multiplied with a row of B's VNNI tile (16 columns, that pair of `k` each), both products
+/// added exactly into each f32 lane. Eight rows at a time, 16 accumulators.
+///
+/// # Safety
+/// As [`block`], on a CPU with AVX-512F and AVX512-BF16 (no tiles needed).
+#[target_feature(enable = "avx512f,avx512bf16")]
+unsafe fn dot_block<const TILES: usize>(a: &Lhs<'_>, mb: usize, b: *const u16, c: &mut CBlock) {
+    use std::arch::x86_64::*;
+    const ROWS: usize = 8;
+    // SAFETY: every read is inside block row `mb` of `a` (rows of `a.stride` bytes, the second
+    // tile `a.half` elements on, `k` block `kb` at `kb * a.step`, 32 elements each) or inside
+    // the `k_blocks * BLOCK` elements of `b`; the stores write rows of `c`.
+    unsafe {
+        let a_block = a.ptr.add(mb * a.block);
+        for pass in 0..MR / ROWS {
+            let rows: [*const u16; ROWS] = std::array::from_fn(|i| {
+                let r = pass * ROWS + i;
+                a_block.add((r / 16) * a.half + (r % 16) * (a.stride / 2))
+            });
+            let mut acc = [[_mm512_setzero_ps(); TILES]; ROWS];
+            for kb in 0..a.k_blocks {
+                let bk = b.add(kb * BLOCK);
+                for p in 0..TK / 2 {
+                    let bv: [__m512bh; TILES] = std::array::from_fn(|t| {
+                        std::mem::transmute(_mm512_loadu_si512(bk.add(t * 512 + p * 32).cast()))
+                    });
+                    for (row, acc) in rows.iter().zip(&mut acc) {
+                        let pair = row.add(kb * a.step + 2 * p).cast::<i32>().read_unaligned();
+                        let av: __m512bh = std::mem::transmute(_mm512_set1_epi32(pair));
+                        for (acc, &bv) in acc.iter_mut().zip(&bv) {
+                            *acc = _mm512_dpbf16_ps(*acc, av, bv);
+                        }
+                    }
+                }
+            }
+            for (i, acc) in acc.iter().enumerate() {
+                let row = c.0.as_mut_ptr().add((pass * ROWS + i) * NR);
+                for (t, &acc) in acc.iter().enumerate() {
+                    _mm512_storeu_ps(row.add(t * 16), acc);
+                }
+            }
+        }
+    }
+}
+
 /// One 32x32 block of f32 results, aligned to cache lines for the tile stores.
 #[repr(C, align(64))]
 pub(super) struct CBlock([f32; MR * NR]);
@@ -666,6 +827,23 @@ pub(super) unsafe fn multiply<O: FromF32>(
     epilogue: &Epilogue<'_, O>,
     order: Order,
 ) {
+    let engine = engine().expect("bf16 products run natively here");
+    // SAFETY: the caller's guarantees, and the engine is this CPU's.
+    unsafe { multiply_on(engine, a, b, epilogue, order) }
+}
+
+/// [`multiply`] on `engine`.
+///
+/// # Safety
+/// As [`multiply`]; the CPU must run `engine` (tiles configured by the caller for
+/// [`Engine::Tiles`]).
+unsafe fn multiply_on<O: FromF32>(
+    engine: Engine,
+    a: &Lhs<'_>,
+    b: &PackedB<'_>,
+    epilogue: &Epilogue<'_, O>,
+    order: Order,
+) {
     let slab = a.k_blocks * BLOCK;
     assert_eq!(a.k_blocks, b.k_blocks);
     assert!(epilogue.rows.div_ceil(MR) <= a.blocks);
@@ -686,10 +864,12 @@ pub(super) unsafe fn multiply<O: FromF32>(
             // tiles are configured and the epilogue's view is valid (the caller's guarantee).
             unsafe {
                 let b = b.data.as_ptr().add(nb * slab);
-                if epilogue.cols - nb * NR <= 16 {
-                    half_block(a, mb, b, &mut c);
-                } else {
-                    block(a, mb, b, &mut c);
+                let half = epilogue.cols - nb * NR <= 16;
+                match (engine, half) {
+                    (Engine::Tiles, true) => half_block(a, mb, b, &mut c),
+                    (Engine::Tiles, false) => block(a, mb, b, &mut c),
+                    (Engine::DotProduct, true) => dot_block::<1>(a, mb, b, &mut c),
+                    (Engine::DotProduct, false) => dot_block::<2>(a, mb, b, &mut c),
                 }
                 epilogue.write(&c, mb * MR, nb * NR);
             }
@@ -782,14 +962,27 @@ mod tests {
         }
     }
 
-    /// The tiles' product against an f64 one of the same bf16 operands, at sizes that are not
-    /// multiples of the blocks, for each way an output block starts.
+    /// The product of each engine this CPU runs (the tiles, `vdpbf16ps`) against an f64 one of
+    /// the same bf16 operands, at sizes that are not multiples of the blocks, for each way an
+    /// output block starts.
     #[test]
     fn matches_an_f64_product_of_the_bf16_operands() {
-        if !available() {
-            eprintln!("no AMX on this CPU: nothing to test");
-            return;
+        let engines: Vec<Engine> = [
+            available().then_some(Engine::Tiles),
+            dot_product_available().then_some(Engine::DotProduct),
+        ]
+        .into_iter()
+        .flatten()
+        .collect();
+        if engines.is_empty() {
+            eprintln!("neither AMX nor AVX512-BF16 on this CPU: nothing to test");
         }
+        for engine in engines {
+            products_match_f64(engine);
+        }
+    }
+
+    fn products_match_f64(engine: Engine) {
         let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(7);
         // (64, 96, 320) and (32, 40, 64) are read in place, the rest packed
         for (m, n, k) in [
@@ -825,8 +1018,8 @@ mod tests {
                         _ => Init::ColBias(&bias),
                     },
                 };
-                let _tiles = Tiles::new();
-                unsafe { multiply(&pa, &pb, &epilogue, Order::ColumnsOuter) };
+                let _tiles = (engine == Engine::Tiles).then(Tiles::configure);
+                unsafe { multiply_on(engine, &pa, &pb, &epilogue, Order::ColumnsOuter) };
                 for i in 0..m {
                     for j in 0..n {
                         let dot: f64 = (0..k)
@@ -847,7 +1040,7 @@ mod tests {
                             + start.abs();
                         assert!(
                             (got - expected).abs() <= 1e-6 * scale.max(1e-30),
-                            "{m}x{n}x{k} {init} ({i}, {j}): {got} vs {expected}"
+                            "{engine:?} {m}x{n}x{k} {init} ({i}, {j}): {got} vs {expected}"
                         );
                     }
                 }

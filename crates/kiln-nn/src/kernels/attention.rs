@@ -42,9 +42,7 @@ pub fn attention(q: Tensor<4>, k: Tensor<4>, v: Tensor<4>) -> Option<Tensor<4>> 
         return None;
     }
     #[cfg(all(target_arch = "x86_64", target_os = "linux", target_env = "gnu"))]
-    if dtype == DType::BF16
-        && super::amx_available()
-        && super::host::reduced_precision(&q).is_some()
+    if dtype == DType::BF16 && super::native_bf16() && super::host::reduced_precision(&q).is_some()
     {
         return amx_attention(q, k, v);
     }
@@ -480,7 +478,7 @@ mod tests {
             let k = Tensor::<4>::random([b, h, m, d], normal, &device).cast(DType::BF16);
             let v = Tensor::<4>::random([b, h, m, dv], normal, &device).cast(DType::BF16);
             let Some(ours) = attention(q.clone(), k.clone(), v.clone()) else {
-                assert!(m < MIN_KEYS && !crate::kernels::amx_available());
+                assert!(m < MIN_KEYS && !crate::kernels::native_bf16());
                 continue;
             };
             assert_eq!(ours.dtype(), DType::BF16);

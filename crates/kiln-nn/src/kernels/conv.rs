@@ -109,7 +109,7 @@ pub fn conv2d_with(
             return None;
         }
         #[cfg(all(target_arch = "x86_64", target_os = "linux", target_env = "gnu"))]
-        if dtype == burn::tensor::DType::BF16 && super::amx_available() {
+        if dtype == burn::tensor::DType::BF16 && super::native_bf16() {
             return amx_conv2d(x, weight, bias, &shape);
         }
         return match dtype {

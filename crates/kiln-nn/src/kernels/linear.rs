@@ -46,7 +46,7 @@ pub fn linear<const D: usize>(
             return None;
         }
         #[cfg(all(target_arch = "x86_64", target_os = "linux", target_env = "gnu"))]
-        if dtype == burn::tensor::DType::BF16 && super::amx_available() {
+        if dtype == burn::tensor::DType::BF16 && super::native_bf16() {
             dims[D - 1] = d_out;
             return amx_linear(x, weight, bias, [rows, d_in, d_out], dims);
         }

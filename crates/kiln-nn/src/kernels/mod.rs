@@ -5,8 +5,9 @@
 //! Each is checked against the burn op it replaces (the `tests` of each module).
 //!
 //! f32 is computed as described below. bf16 products run on Intel's AMX tiles where the CPU has
-//! them ([`amx_available`]: linear layers, convolutions, attention, their weights packed once
-//! for the tiles and kept while they live), f32-accumulated and rounded to bf16 once, as
+//! them ([`amx_available`]), or with AVX512-BF16's `vdpbf16ps` where that outruns f32 FMAs
+//! ([`native_bf16`]): linear layers, convolutions, attention, their weights packed once and
+//! kept while they live, f32-accumulated and rounded to bf16 once, as
 //! PyTorch's oneDNN kernels compute; elsewhere bf16 and f16 run the f32 kernels and round the
 //! result, the weights widened a task's block at a time in cache (never a whole-model copy at
 //! every call; burn-flex widens each matmul's operands whole, or computes one scalar at a
@@ -54,9 +55,35 @@ pub use linear::linear;
 
 /// Whether Kiln's kernels keep a packed copy of the weights they multiply (linear layers and
 /// convolutions, as much memory again as those weights) for models of `dtype` on `device`:
-/// bf16 on flex where AMX is available ([`amx_available`]).
+/// bf16 on flex where bf16 products run natively ([`native_bf16`]).
 pub fn packs_weights(device: &burn::tensor::Device, dtype: burn::tensor::DType) -> bool {
-    dtype == burn::tensor::DType::BF16 && *device == burn::tensor::Device::flex() && amx_available()
+    dtype == burn::tensor::DType::BF16 && *device == burn::tensor::Device::flex() && native_bf16()
+}
+
+/// Whether bf16 products run on bf16 operands here, their weights packed once: on AMX tiles
+/// ([`amx_available`]), or with AVX512-BF16's `vdpbf16ps` where it outruns f32 FMAs (measured
+/// once, at first use: Zen 4 has it at twice their rate). Elsewhere bf16 runs the f32 kernels
+/// on operands widened a block at a time. `KILN_BF16=tiles|dot|f32` forces one of the three
+/// where the CPU can run it.
+pub fn native_bf16() -> bool {
+    #[cfg(all(target_arch = "x86_64", target_os = "linux", target_env = "gnu"))]
+    return amx::engine().is_some();
+    #[cfg(not(all(target_arch = "x86_64", target_os = "linux", target_env = "gnu")))]
+    return false;
+}
+
+/// What bf16 products run on here, for reports: `"amx"` (the tiles), `"avx512bf16"`
+/// (`vdpbf16ps`) or `"f32"` (the f32 kernels on operands widened a block at a time); see
+/// [`native_bf16`].
+pub fn bf16_products() -> &'static str {
+    #[cfg(all(target_arch = "x86_64", target_os = "linux", target_env = "gnu"))]
+    return match amx::engine() {
+        Some(amx::Engine::Tiles) => "amx",
+        Some(amx::Engine::DotProduct) => "avx512bf16",
+        None => "f32",
+    };
+    #[cfg(not(all(target_arch = "x86_64", target_os = "linux", target_env = "gnu")))]
+    return "f32";
 }
 
 /// Whether bf16 products run on AMX tiles here (x86-64 Linux with AMX-BF16, the kernel's
