@@ -170,50 +170,12 @@ fn dot_product_pays() -> bool {
             .fold(f64::MAX, f64::min)
     };
     // SAFETY: the CPU has AVX512-BF16 and AVX-512F (checked by the caller).
-    let dot = best(|n| unsafe { peak::dot(n) });
+    let dot = best(|n| unsafe { super::peak::dot_bf16(n) });
     // SAFETY: as above.
-    let fma = best(|n| unsafe { peak::fma(n) });
-    // 64 FLOPs per dot-product instruction, 32 per FMA, the same count of each
-    fma / dot * 2.0 >= 1.5
-}
-
-/// Register-only loops of 24 independent accumulators, to time the two instructions.
-mod peak {
-    use std::arch::x86_64::*;
-
-    #[target_feature(enable = "avx512f,avx512bf16")]
-    pub(super) fn dot(iters: usize) -> f32 {
-        let mut acc = [_mm512_setzero_ps(); 24];
-        // opaque values, so that the loop is not folded away
-        let (x, y) = std::hint::black_box((0.5, 1e-3));
-        let a = _mm512_cvtne2ps_pbh(_mm512_set1_ps(x), _mm512_set1_ps(x));
-        let b = _mm512_cvtne2ps_pbh(_mm512_set1_ps(y), _mm512_set1_ps(y));
-        for _ in 0..iters {
-            for r in &mut acc {
-                *r = _mm512_dpbf16_ps(*r, a, b);
-            }
-        }
-        let sum = acc
-            .iter()
-            .fold(_mm512_setzero_ps(), |s, &r| _mm512_add_ps(s, r));
-        _mm512_reduce_add_ps(sum)
-    }
-
-    #[target_feature(enable = "avx512f")]
-    pub(super) fn fma(iters: usize) -> f32 {
-        let mut acc = [_mm512_setzero_ps(); 24];
-        let (x, y) = std::hint::black_box((0.5, 1e-3));
-        let (a, b) = (_mm512_set1_ps(x), _mm512_set1_ps(y));
-        for _ in 0..iters {
-            for r in &mut acc {
-                *r = _mm512_fmadd_ps(*r, a, b);
-            }
-        }
-        let sum = acc
-            .iter()
-            .fold(_mm512_setzero_ps(), |s, &r| _mm512_add_ps(s, r));
-        _mm512_reduce_add_ps(sum)
-    }
+    let fma = best(|n| unsafe { super::peak::fma_avx512(n) });
+    // the same count of each instruction
+    let ratio = fma / dot * super::peak::DOT_BF16 as f64 / super::peak::FMA_AVX512 as f64;
+    ratio >= 1.5
 }
 
 /// `k` padded to whole tiles.

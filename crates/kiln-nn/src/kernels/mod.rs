@@ -46,6 +46,8 @@ mod conv;
 mod elementwise;
 mod host;
 mod linear;
+#[cfg(target_arch = "x86_64")]
+pub mod peak;
 mod winograd;
 
 pub use attention::{MIN_KEYS, attention};
