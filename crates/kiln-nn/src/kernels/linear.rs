@@ -119,6 +119,24 @@ std::thread_local! {
     };
 }
 
+/// The input and the weight read in place as `T` on the host, the bias widened to f32.
+#[allow(clippy::type_complexity)]
+fn host_operands<T: Float, const D: usize>(
+    x: &Tensor<D>,
+    weight: &Tensor<2>,
+    bias: Option<&Tensor<1>>,
+) -> Option<(host::Host<T>, host::Host<T>, Option<Vec<f32>>)> {
+    let bias = match bias {
+        Some(b) => Some(host::bias_f32(b)?),
+        None => None,
+    };
+    Some((
+        host::Host::<T>::new(x.clone())?,
+        host::Host::<T>::new(weight.clone())?,
+        bias,
+    ))
+}
+
 /// `x W + b` in bf16 or f16, computed in f32 in tasks of [`WIDE_ROWS`] rows by [`WIDE_COLS`]
 /// output columns: each widens its rows and its block of weight columns into its thread's
 /// buffers (in cache, so that the weights are never copied whole at every call), multiplies
@@ -130,12 +148,7 @@ fn reduced_linear<T: Float, const D: usize>(
     [rows, d_in, d_out]: [usize; 3],
     dims: [usize; D],
 ) -> Option<Tensor<D>> {
-    let x = host::Host::<T>::new(x.clone())?;
-    let weight = host::Host::<T>::new(weight.clone())?;
-    let bias = match bias {
-        Some(b) => Some(host::bias_f32(b)?),
-        None => None,
-    };
+    let (x, weight, bias) = host_operands::<T, D>(x, weight, bias)?;
     let (xs, ws) = (x.as_slice(), weight.as_slice());
     assert_eq!(xs.len(), rows * d_in);
     assert_eq!(ws.len(), d_in * d_out);
@@ -217,12 +230,7 @@ fn amx_linear<const D: usize>(
 ) -> Option<Tensor<D>> {
     use super::amx;
     use half::bf16;
-    let x = host::Host::<bf16>::new(x.clone())?;
-    let weight = host::Host::<bf16>::new(weight.clone())?;
-    let bias = match bias {
-        Some(b) => Some(host::bias_f32(b)?),
-        None => None,
-    };
+    let (x, weight, bias) = host_operands::<bf16, D>(x, weight, bias)?;
     let init = match &bias {
         Some(b) => amx::Init::ColBias(b),
         None => amx::Init::Zero,
