@@ -195,7 +195,7 @@ impl ToBf16 for f32 {
         bf16_bits(self)
     }
     fn convert(src: &[f32], dst: &mut [u16]) {
-        convert_f32(src, dst)
+        super::host::narrow_bf16(src, dst)
     }
 }
 impl ToBf16 for bf16 {
@@ -211,7 +211,6 @@ impl ToBf16 for bf16 {
 }
 
 pub(super) use super::host::bf16_bits;
-use super::host::narrow_bf16 as convert_f32;
 
 /// Element types the epilogue writes: f32, or bf16 rounded to nearest even.
 pub(super) trait FromF32: Copy + Send + Sync {

@@ -95,8 +95,8 @@ fn host_attention(q: Tensor<4>, k: Tensor<4>, v: Tensor<4>) -> Option<Tensor<4>>
                     let r = o.len() / dv;
                     let q0 = block * rows;
                     super::host::with_buffer(&SCORES, |[scores, inverse]| {
-                        super::conv::grow(scores, r * m);
-                        super::conv::grow(inverse, r);
+                        super::host::grow(scores, r * m);
+                        super::host::grow(inverse, r);
                         attention_block(
                             &qh[q0 * d..(q0 + r) * d],
                             kh,

@@ -20,7 +20,7 @@ use burn::tensor::Tensor;
 use rayon::prelude::*;
 use std::cell::RefCell;
 
-use super::host::{self, Float, HostF32};
+use super::host::{self, Float, HostF32, grow};
 use super::winograd;
 
 /// Elements of one task's column panel (`K x pixels`): 256 Ki f32, 1 MB, so that it stays in
@@ -425,14 +425,6 @@ impl Split {
             c0,
             channels: self.channels.min(self.cout - c0),
         }
-    }
-}
-
-/// Makes the thread buffer `buf` at least `len` long (zeros; its contents are overwritten before
-/// use), reallocating only when it is too short so that it is not faulted in again.
-pub(super) fn grow(buf: &mut Vec<f32>, len: usize) {
-    if buf.len() < len {
-        *buf = vec![0f32; len];
     }
 }
 

@@ -150,7 +150,7 @@ pub(crate) trait Float: burn::tensor::Element + bytemuck::Pod + Send + Sync {
     /// Runs `f` on `x` in f32 (`x` itself for f32, widened into `scratch` otherwise) and stores
     /// the result back into `x`.
     fn update(x: &mut [Self], scratch: &mut Vec<f32>, f: impl FnOnce(&mut [f32])) {
-        let wide = scratch_of(scratch, x.len());
+        let wide = grow(scratch, x.len());
         Self::widen_into(x, wide);
         f(wide);
         Self::narrow(wide, x);
@@ -179,7 +179,7 @@ macro_rules! reduced_float {
     ($t:ty) => {
         impl Float for $t {
             fn widen<'a>(x: &'a [$t], scratch: &'a mut Vec<f32>) -> &'a [f32] {
-                let out = scratch_of(scratch, x.len());
+                let out = grow(scratch, x.len());
                 Self::widen_into(x, out);
                 out
             }
@@ -188,7 +188,7 @@ macro_rules! reduced_float {
             }
 
             fn store(out: &mut [$t], scratch: &mut Vec<f32>, f: impl FnOnce(&mut [f32])) {
-                let wide = scratch_of(scratch, out.len());
+                let wide = grow(scratch, out.len());
                 f(wide);
                 <$t>::narrow(wide, out);
             }
@@ -201,13 +201,14 @@ macro_rules! reduced_float {
 reduced_float!(half::bf16);
 reduced_float!(half::f16);
 
-/// The first `len` elements of `scratch`, grown (never shrunk) first where it is shorter; the
-/// contents are the caller's to overwrite.
-fn scratch_of(scratch: &mut Vec<f32>, len: usize) -> &mut [f32] {
-    if scratch.len() < len {
-        scratch.resize(len, 0.0);
+/// The first `len` elements of the thread buffer `buf`, which is reallocated (zeroed) only when
+/// it is too short, so that it is not faulted in again; the contents are the caller's to
+/// overwrite.
+pub(crate) fn grow(buf: &mut Vec<f32>, len: usize) -> &mut [f32] {
+    if buf.len() < len {
+        *buf = vec![0f32; len];
     }
-    &mut scratch[..len]
+    &mut buf[..len]
 }
 
 impl NarrowFrom for half::bf16 {

@@ -17,7 +17,6 @@
 use burn::tensor::Tensor;
 use rayon::prelude::*;
 
-use super::conv;
 use super::host::{self, Float, HostF32};
 
 /// Below this many multiply-adds the GEMM runs on one thread (as burn-flex decides).
@@ -163,20 +162,19 @@ fn reduced_linear<T: Float, const D: usize>(
         let (n, cols) = (WIDE_ROWS.min(rows - r0), WIDE_COLS.min(d_out - j0));
         host::with_buffer(&WIDE, |[xbuf, wbuf, obuf]| {
             let xw = T::widen(&xs[r0 * d_in..(r0 + n) * d_in], xbuf);
-            conv::grow(wbuf, d_in * cols);
-            for (kk, dst) in wbuf.chunks_exact_mut(cols).take(d_in).enumerate() {
+            let w = host::grow(wbuf, d_in * cols);
+            for (kk, dst) in w.chunks_exact_mut(cols).enumerate() {
                 T::widen_into(&ws[kk * d_out + j0..kk * d_out + j0 + cols], dst);
             }
-            conv::grow(obuf, n * cols);
-            let o = &mut obuf[..n * cols];
+            let o = host::grow(obuf, n * cols);
             match &bias {
                 Some(b) => o
                     .chunks_exact_mut(cols)
                     .for_each(|row| row.copy_from_slice(&b[j0..j0 + cols])),
                 None => o.fill(0.0),
             }
-            // SAFETY: o is [n, cols], xw [n, d_in] and wbuf's first d_in * cols elements
-            // [d_in, cols], all row-major of those lengths; o aliases neither.
+            // SAFETY: o is [n, cols], xw [n, d_in] and w [d_in, cols], all row-major of those
+            // lengths; o aliases neither.
             unsafe {
                 gemm::gemm(
                     n,
@@ -189,7 +187,7 @@ fn reduced_linear<T: Float, const D: usize>(
                     xw.as_ptr(),
                     1,
                     d_in as isize,
-                    wbuf.as_ptr(),
+                    w.as_ptr(),
                     1,
                     cols as isize,
                     1.0,

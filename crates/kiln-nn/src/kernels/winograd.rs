@@ -27,8 +27,8 @@
 use rayon::prelude::*;
 use std::cell::RefCell;
 
-use super::conv::{ConvShape, MIN_CHANNELS, MIN_TASKS, grow};
-use super::host::{Float, SharedMut};
+use super::conv::{ConvShape, MIN_CHANNELS, MIN_TASKS};
+use super::host::{Float, SharedMut, grow};
 
 /// Output tiles per image (16x16 output pixels), and over the batch (two such images), below
 /// which [`pays`] declines. Measured on the 2-core Xeon (`cargo run --release -p kiln-nn
