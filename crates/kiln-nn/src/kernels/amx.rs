@@ -210,7 +210,7 @@ impl ToBf16 for bf16 {
     }
 }
 
-pub(super) use super::host::bf16_bits;
+use super::host::bf16_bits;
 
 /// Element types the epilogue writes: f32, or bf16 rounded to nearest even.
 pub(super) trait FromF32: Copy + Send + Sync {

@@ -351,7 +351,7 @@ vectorised! {
             for j in 0..32 {
                 let e = exp((chunk[j] - max) * scale);
                 sum[j] += e;
-                out[j] = super::amx::bf16_bits(e);
+                out[j] = super::host::bf16_bits(e);
             }
         }
         let mut total: f32 = sum.iter().sum();
@@ -361,7 +361,7 @@ vectorised! {
             for (o, &x) in out.iter_mut().zip(chunk) {
                 let e = exp((x - max) * scale);
                 total += e;
-                *o = super::amx::bf16_bits(e);
+                *o = super::host::bf16_bits(e);
             }
             out[chunk.len()..].fill(0);
         }

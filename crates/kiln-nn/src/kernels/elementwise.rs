@@ -157,14 +157,14 @@ fn geglu_host<T: Float, const D: usize>(h: &Tensor<D>) -> Option<Tensor<D>> {
     Some(host::tensor(out, out_dims))
 }
 
-/// The checked sizes of a GroupNorm of `x`: `(channels, spatial size, channels per group)` and
-/// the affine parameters in f32, or `None` where the kernel does not apply.
+/// The checked sizes of a GroupNorm of `x`: `[spatial size, channels per group]` and the affine
+/// parameters in f32, or `None` where the kernel does not apply.
 #[allow(clippy::type_complexity)]
 fn group_norm_sizes<const D: usize>(
     x: &Tensor<D>,
     groups: usize,
     affine: Option<(&Tensor<1>, &Tensor<1>)>,
-) -> Option<([usize; 3], Option<(Vec<f32>, Vec<f32>)>)> {
+) -> Option<([usize; 2], Option<(Vec<f32>, Vec<f32>)>)> {
     let dims = x.dims();
     if D < 2 || groups == 0 || !dims[1].is_multiple_of(groups) {
         return None;
@@ -180,7 +180,7 @@ fn group_norm_sizes<const D: usize>(
         }
         None => None,
     };
-    Some(([channels, spatial, channels / groups], affine))
+    Some(([spatial, channels / groups], affine))
 }
 
 /// The mean and `1 / sqrt(var + eps)` of one group's elements (two passes, in f64).
@@ -212,7 +212,7 @@ fn group_norm_host<T: Float, const D: usize>(
     affine: Option<(&Tensor<1>, &Tensor<1>)>,
     silu: bool,
 ) -> Option<Tensor<D>> {
-    let ([_, spatial, per_group], affine) = group_norm_sizes(x, groups, affine)?;
+    let ([spatial, per_group], affine) = group_norm_sizes(x, groups, affine)?;
     let host_x = host::Host::<T>::new(x.clone())?;
     let xs = host_x.as_slice();
     let mut out = bytemuck::zeroed_vec::<T>(xs.len());
@@ -250,7 +250,7 @@ fn group_norm_in_place<T: Float, const D: usize>(
     silu: bool,
 ) -> Result<Tensor<D>, Tensor<D>> {
     use burn_flex::Flex;
-    let Some(([_, spatial, per_group], affine_f32)) = group_norm_sizes(&x, groups, affine) else {
+    let Some(([spatial, per_group], affine_f32)) = group_norm_sizes(&x, groups, affine) else {
         return Err(x);
     };
     // a plain flex tensor (checked on a handle that is dropped at once, so that `x` is again
