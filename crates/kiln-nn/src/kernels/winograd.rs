@@ -15,11 +15,13 @@
 //!
 //! Work is cut as in [`super::conv`], by the shapes only (so the result does not depend on the
 //! thread count): the tile rows of the whole batch into panels, and tasks of (block of output
-//! channels, group of panels). For each round of its channels a task transforms their filters
-//! into its thread's `U` buffer, then for each of its panels transforms the input into `V`, runs
-//! the 16 GEMMs single-threaded into `M` and transforms `M` into the output, adding the bias.
-//! Nothing is kept between calls but the thread buffers: keeping the transformed filters would
-//! hold 16/9 of every layer's weights more.
+//! channels, run of panels). For each round of its channels a task transforms their filters
+//! into its thread's `U` buffer, then for each of its panels runs the 16 GEMMs single-threaded
+//! into `M` against the transformed input `V` and transforms `M` into the output, adding the
+//! bias. `V` is made once for all the tasks where the panels are few (the deep levels, whose
+//! filters cost more to transform than their images), else by each task for its own panels
+//! ([`SHARED_PANELS`]). Nothing is kept between calls but the buffers: keeping the transformed
+//! filters would hold 16/9 of every layer's weights more.
 //!
 //! [`conv2d`](super::conv2d) takes this path from 16x16 output pixels up ([`pays`]); PyTorch's
 //! CPU convolutions run oneDNN's direct algorithm.
@@ -69,11 +71,23 @@ pub(super) fn pays(s: &ConvShape) -> bool {
     tiles >= MIN_IMAGE_TILES && s.batch * tiles >= MIN_BATCH_TILES
 }
 
+/// Panels at most whose transformed input is made once, before the tasks, and shared by them.
+/// With more (large images against their channels), each task transforms its own panels' input
+/// into its thread's buffer, where its GEMMs find it in cache. Measured on the 2-core Xeon
+/// (`cargo run --release -p kiln-nn --example conv_algorithms`): shared, the UNet's 3x3
+/// convolutions at 32x32, 16x16 and 8x8 pixels took 32, 32 and 14 ms against 38, 42 and 18 ms
+/// (each filter transformed once instead of two or three times), at 64x64 pixels (six panels)
+/// 39 ms against 35, and the VAE's at 128 to 512 pixels 4-18% longer.
+const SHARED_PANELS: usize = 4;
+
 thread_local! {
-    /// Each thread's transformed input `V` (`[16, in, tiles]`), transformed filters `U`
-    /// (`[16, channels, in]`), GEMM results `M` (`[16, channels, tiles]`) and widened (bf16 or
-    /// f16) filters, kept between calls so that they are not faulted in again.
+    /// Each thread's transformed input `V` (`[16, in, tiles]`, when not shared), transformed
+    /// filters `U` (`[16, channels, in]`), GEMM results `M` (`[16, channels, tiles]`) and
+    /// widened (bf16 or f16) filters, kept between calls so that they are not faulted in again.
     static BUFFERS: RefCell<[Vec<f32>; 4]> = const { RefCell::new([Vec::new(), Vec::new(), Vec::new(), Vec::new()]) };
+    /// The calling thread's shared transformed input, kept between calls (taken out while in
+    /// use: a nested call on the same thread gets a fresh one).
+    static SHARED_INPUT: std::cell::Cell<Vec<f32>> = const { std::cell::Cell::new(Vec::new()) };
 }
 
 /// The convolution `s` (see [`applies`]) on host slices: `out` (`[batch, out, oh, ow]`) is
@@ -81,10 +95,14 @@ thread_local! {
 ///
 /// The tile rows of all the images, one after the other, are cut into panels (so that at the
 /// deep levels, a few tile rows per image, one panel serves the whole batch). A task takes a
-/// block of output channels and a group of consecutive panels; for each sub-block of its
-/// channels it transforms their filters once, then runs each of its panels: the panel's input
-/// transform (again for each sub-block, which [`MAX_SUB_CHANNELS`] keeps few), the 16 GEMMs
-/// and the output transform.
+/// block of output channels and a run of consecutive panels; for each round of its channels it
+/// transforms their filters once, then runs each of its panels: the 16 GEMMs and the output
+/// transform. At most [`SHARED_PANELS`] panels (the deep levels, whose weights are large
+/// against their images), the input is transformed once for all the tasks, and the channels
+/// are split before the panels, so that each filter is transformed once per call (reading the
+/// weights and writing their transform is most of what the algorithm adds to the GEMMs there);
+/// with more, each task transforms its panels' input (again in each round, unless it has one
+/// panel), and the panels are split before the channels.
 pub(super) fn conv3x3<W: Float>(
     x: &[f32],
     weight: &[W],
@@ -107,183 +125,274 @@ pub(super) fn conv3x3<W: Float>(
     let panels = all_rows.div_ceil(tile_rows);
     // the same number of panels, as even as possible
     let tile_rows = all_rows.div_ceil(panels);
-    let blocks = MIN_TASKS.div_ceil(panels).min(cout / MIN_CHANNELS).max(1);
+    let panel_len = 16 * cin * tile_rows * tw;
+    let shared = panels <= SHARED_PANELS;
+    let most_blocks = if shared {
+        MIN_TASKS
+    } else {
+        MIN_TASKS.div_ceil(panels)
+    };
+    let blocks = most_blocks.min(cout / MIN_CHANNELS).max(1);
     let channels = cout.div_ceil(blocks);
     let blocks = cout.div_ceil(channels);
-    let groups = MIN_TASKS.div_ceil(blocks).min(panels);
-    let group_panels = panels.div_ceil(groups);
-    let groups = panels.div_ceil(group_panels);
+    let runs = MIN_TASKS.div_ceil(blocks).min(panels);
+    let run_panels = panels.div_ceil(runs);
+    let runs = panels.div_ceil(run_panels);
+    let most = (FILTER_BUDGET / (16 * cin)).clamp(MIN_CHANNELS, MAX_SUB_CHANNELS);
+    // rounds as even as possible
+    let sub = channels.div_ceil(channels.div_ceil(most));
+    let panel_rows = |panel: usize| {
+        let row0 = panel * tile_rows;
+        (row0, tile_rows.min(all_rows - row0))
+    };
     let out_ptr = SharedMut(out.as_mut_ptr());
-    (0..groups * blocks).into_par_iter().for_each(|task| {
-        let (group, block) = (task / blocks, task % blocks);
-        let first_panel = group * group_panels;
-        let group_panels = group_panels.min(panels - first_panel);
-        let c0 = block * channels;
-        let channels = channels.min(cout - c0);
-        let most = (FILTER_BUDGET / (16 * cin)).clamp(MIN_CHANNELS, MAX_SUB_CHANNELS);
-        // rounds as even as possible
-        let sub = channels.div_ceil(channels.div_ceil(most));
-        BUFFERS.with_borrow_mut(|[v, u, m, wide]| {
-            grow(v, 16 * cin * tile_rows * tw);
-            grow(u, 16 * sub * cin);
-            grow(m, 16 * sub * tile_rows * tw);
-            // a task of one panel (the deep levels) transforms its input once, before the
-            // rounds; a task of several transforms each panel's input in every round
-            let one_panel = group_panels == 1;
-            let panel_rows = |panel: usize| {
-                let row0 = panel * tile_rows;
-                (row0, tile_rows.min(all_rows - row0))
-            };
-            if one_panel {
-                let (row0, rows) = panel_rows(first_panel);
-                transform_input(x, s, row0, rows, &mut v[..16 * cin * rows * tw]);
-            }
-            for sc in (c0..c0 + channels).step_by(sub) {
-                let sub = sub.min(c0 + channels - sc);
-                let u = &mut u[..16 * sub * cin];
-                let g = W::widen(&weight[sc * cin * 9..(sc + sub) * cin * 9], wide);
-                transform_filters(g, cin, u);
-                for panel in first_panel..first_panel + group_panels {
-                    let (row0, rows) = panel_rows(panel);
-                    let tiles = rows * tw;
-                    let v = &mut v[..16 * cin * tiles];
-                    let m = &mut m[..16 * sub * tiles];
-                    if !one_panel {
-                        transform_input(x, s, row0, rows, v);
-                    }
-                    for xi in 0..16 {
-                        let lhs = &u[xi * sub * cin..(xi + 1) * sub * cin];
-                        let rhs = &v[xi * cin * tiles..(xi + 1) * cin * tiles];
-                        let dst = &mut m[xi * sub * tiles..(xi + 1) * sub * tiles];
-                        // SAFETY: dst is [sub, tiles], lhs [sub, cin] and rhs [cin, tiles],
-                        // all row-major and of exactly those lengths; dst aliases neither.
-                        unsafe {
-                            gemm::gemm(
-                                sub,
-                                tiles,
-                                cin,
-                                dst.as_mut_ptr(),
-                                1,
-                                tiles as isize,
-                                false,
-                                lhs.as_ptr(),
-                                1,
-                                cin as isize,
-                                rhs.as_ptr(),
-                                1,
-                                tiles as isize,
-                                0.0,
-                                1.0,
-                                false,
-                                false,
-                                false,
-                                gemm::Parallelism::None,
-                            );
-                        }
-                    }
-                    for c in 0..sub {
-                        let co = sc + c;
-                        let b = bias.map_or(0.0, |b| b[co]);
-                        for r in 0..rows {
-                            let (image, tr) = ((row0 + r) / th, (row0 + r) % th);
-                            let out_rows = 2.min(s.oh - 2 * tr);
-                            // SAFETY: output rows 2 tr .. 2 tr + out_rows of channel co of
-                            // image `image`: inside `out`, and this task's (its tile rows, its
-                            // channels) only.
-                            let dst = unsafe {
-                                std::slice::from_raw_parts_mut(
-                                    out_ptr
-                                        .get()
-                                        .add((image * cout + co) * pixels + 2 * tr * s.ow),
-                                    out_rows * s.ow,
-                                )
-                            };
-                            let m_row = |xi: usize| {
-                                let start = (xi * sub + c) * tiles + r * tw;
-                                &m[start..start + tw]
-                            };
-                            transform_output(std::array::from_fn(m_row), b, dst, s.ow);
+    super::host::with_buffer(&SHARED_INPUT, |shared_v| {
+        let shared_v: &[f32] = if shared {
+            let v = grow(shared_v, panels * panel_len);
+            // tasks of (panel, block of input channels)
+            let parts = MIN_TASKS.div_ceil(panels).min(cin);
+            let part_channels = cin.div_ceil(parts);
+            let parts = cin.div_ceil(part_channels);
+            let v_ptr = SharedMut(v.as_mut_ptr());
+            (0..panels * parts).into_par_iter().for_each(|task| {
+                let (panel, part) = (task / parts, task % parts);
+                let (row0, rows) = panel_rows(panel);
+                let c0 = part * part_channels;
+                let channels = c0..(c0 + part_channels).min(cin);
+                // SAFETY: panel `panel`'s part of `v` (`panel_len` from `panel * panel_len`,
+                // within its `panels * panel_len`), of which this task writes only its
+                // channels' rows.
+                unsafe {
+                    transform_input(
+                        x,
+                        s,
+                        row0,
+                        rows,
+                        channels,
+                        v_ptr.get().add(panel * panel_len),
+                    )
+                };
+            });
+            v
+        } else {
+            &[]
+        };
+        (0..runs * blocks).into_par_iter().for_each(|task| {
+            let (run, block) = (task / blocks, task % blocks);
+            let first_panel = run * run_panels;
+            let run_panels = run_panels.min(panels - first_panel);
+            let c0 = block * channels;
+            let channels = channels.min(cout - c0);
+            BUFFERS.with_borrow_mut(|[own_v, u, m, wide]| {
+                grow(u, 16 * sub * cin);
+                grow(m, 16 * sub * tile_rows * tw);
+                if !shared {
+                    grow(own_v, panel_len);
+                }
+                for sc in (c0..c0 + channels).step_by(sub) {
+                    let sub = sub.min(c0 + channels - sc);
+                    let u = &mut u[..16 * sub * cin];
+                    let g = W::widen(&weight[sc * cin * 9..(sc + sub) * cin * 9], wide);
+                    transform_filters(g, u);
+                    for panel in first_panel..first_panel + run_panels {
+                        let (row0, rows) = panel_rows(panel);
+                        let tiles = rows * tw;
+                        let v = if shared {
+                            &shared_v[panel * panel_len..panel * panel_len + 16 * cin * tiles]
+                        } else {
+                            let v = &mut own_v[..16 * cin * tiles];
+                            // a task of one panel transforms its input once, in its first round
+                            if run_panels > 1 || sc == c0 {
+                                // SAFETY: `v` is this thread's, of the panel's length.
+                                unsafe {
+                                    transform_input(x, s, row0, rows, 0..cin, v.as_mut_ptr())
+                                };
+                            }
+                            &*v
+                        };
+                        let m = &mut m[..16 * sub * tiles];
+                        panel_gemms(u, v, m, [sub, cin, tiles]);
+                        for c in 0..sub {
+                            let co = sc + c;
+                            let b = bias.map_or(0.0, |b| b[co]);
+                            for r in 0..rows {
+                                let (image, tr) = ((row0 + r) / th, (row0 + r) % th);
+                                let out_rows = 2.min(s.oh - 2 * tr);
+                                // SAFETY: output rows 2 tr .. 2 tr + out_rows of channel co of
+                                // image `image`: inside `out`, and this task's (its tile rows,
+                                // its channels) only.
+                                let dst = unsafe {
+                                    std::slice::from_raw_parts_mut(
+                                        out_ptr
+                                            .get()
+                                            .add((image * cout + co) * pixels + 2 * tr * s.ow),
+                                        out_rows * s.ow,
+                                    )
+                                };
+                                let m_row = |xi: usize| {
+                                    let start = (xi * sub + c) * tiles + r * tw;
+                                    &m[start..start + tw]
+                                };
+                                transform_output(std::array::from_fn(m_row), b, dst, s.ow);
+                            }
                         }
                     }
                 }
-            }
+            });
         });
     });
 }
 
-/// The filters of a block of output channels (`weight`: `[channels, in, 3, 3]`) as `U = G g
-/// G^T` for every (out, in) pair, into `u` laid out `[16, channels, in]`, so that each
-/// position's `[channels, in]` matrix is a GEMM's left operand as it stands.
-///
-/// `G = [[1, 0, 0], [1/2, 1/2, 1/2], [1/2, -1/2, 1/2], [0, 0, 1]]`, and `vec(U) = (G ⊗ G)
-/// vec(g)`: one GEMM of the `[pairs, 9]` filters by the `[9, 16]` matrix `(G ⊗ G)^T`, written
-/// with a column stride of one position's plane (gemm's kernels do the gathering and the
-/// scattering that a loop over the pairs would do one scalar at a time).
-fn transform_filters(weight: &[f32], cin: usize, u: &mut [f32]) {
-    const G: [[f32; 3]; 4] = [
-        [1.0, 0.0, 0.0],
-        [0.5, 0.5, 0.5],
-        [0.5, -0.5, 0.5],
-        [0.0, 0.0, 1.0],
-    ];
-    let pairs = weight.len() / 9;
-    assert_eq!(pairs % cin, 0);
-    assert_eq!(u.len(), 16 * pairs);
-    // (G ⊗ G)^T: row (a, b) of the filter, column (i, j) of the transformed tile
-    let mut kron = [0f32; 9 * 16];
-    for (ab, row) in kron.chunks_exact_mut(16).enumerate() {
-        for (ij, value) in row.iter_mut().enumerate() {
-            *value = G[ij / 4][ab / 3] * G[ij % 4][ab % 3];
+/// The 16 GEMMs of one panel and round: `m[ξ] = u[ξ] v[ξ]` for each position ξ, `u` being
+/// `[16, sub, cin]`, `v` `[16, cin, tiles]` and `m` `[16, sub, tiles]`, all row-major.
+fn panel_gemms(u: &[f32], v: &[f32], m: &mut [f32], [sub, cin, tiles]: [usize; 3]) {
+    assert_eq!(u.len(), 16 * sub * cin);
+    assert_eq!(v.len(), 16 * cin * tiles);
+    assert_eq!(m.len(), 16 * sub * tiles);
+    for xi in 0..16 {
+        let lhs = &u[xi * sub * cin..(xi + 1) * sub * cin];
+        let rhs = &v[xi * cin * tiles..(xi + 1) * cin * tiles];
+        let dst = &mut m[xi * sub * tiles..(xi + 1) * sub * tiles];
+        // SAFETY: dst is [sub, tiles], lhs [sub, cin] and rhs [cin, tiles], all row-major and
+        // of exactly those lengths; dst aliases neither.
+        unsafe {
+            gemm::gemm(
+                sub,
+                tiles,
+                cin,
+                dst.as_mut_ptr(),
+                1,
+                tiles as isize,
+                false,
+                lhs.as_ptr(),
+                1,
+                cin as isize,
+                rhs.as_ptr(),
+                1,
+                tiles as isize,
+                0.0,
+                1.0,
+                false,
+                false,
+                false,
+                gemm::Parallelism::None,
+            );
         }
     }
-    // SAFETY: dst is u as [pairs, 16] with row stride 1 and column stride `pairs` (its 16
-    // planes), lhs the weights as [pairs, 9] row-major, rhs kron as [9, 16] row-major: the
-    // lengths are checked above, and dst aliases neither.
-    unsafe {
-        gemm::gemm(
-            pairs,
-            16,
-            9,
-            u.as_mut_ptr(),
-            pairs as isize,
-            1,
-            false,
-            weight.as_ptr(),
-            1,
-            9,
-            kron.as_ptr(),
-            1,
-            16,
-            0.0,
-            1.0,
-            false,
-            false,
-            false,
-            gemm::Parallelism::None,
-        );
+}
+
+/// Filters transformed per step of [`transform_filters`]: one AVX-512 register's lanes.
+const FILTER_LANES: usize = 16;
+
+vectorised! {
+    /// The filters of a block of output channels (`weight`: `[channels, in, 3, 3]`) as `U = G g
+    /// G^T` for every (out, in) pair, into `u` laid out `[16, channels, in]`, so that each
+    /// position's `[channels, in]` matrix is a GEMM's left operand as it stands.
+    ///
+    /// `G = [[1, 0, 0], [1/2, 1/2, 1/2], [1/2, -1/2, 1/2], [0, 0, 1]]`: `G g` over the filter's
+    /// columns, then `(G g) G^T` over its rows, each a sum of at most three terms (the halving
+    /// is exact). [`FILTER_LANES`] pairs at a time, their nine taps gathered into one vector
+    /// each, so that each of the 16 values is stored as a run of consecutive pairs of its
+    /// plane. (This was one GEMM of the `[pairs, 9]` filters by `(G ⊗ G)^T`, with `k = 9`:
+    /// about 7% of the SD 1.5 UNet's forward at 512 px on the 2-core Xeon, as much as 15 ms of
+    /// a 45 ms convolution at 16x16 pixels.)
+    fn transform_filters(weight: &[f32], u: &mut [f32]) {
+        let pairs = weight.len() / 9;
+        assert_eq!(weight.len(), 9 * pairs);
+        assert_eq!(u.len(), 16 * pairs);
+        let full = pairs / FILTER_LANES * FILTER_LANES;
+        for p0 in (0..full).step_by(FILTER_LANES) {
+            let w = &weight[9 * p0..9 * (p0 + FILTER_LANES)];
+            let mut g = [[0f32; FILTER_LANES]; 9];
+            for (lane, taps) in w.chunks_exact(9).enumerate() {
+                for (tap, &value) in taps.iter().enumerate() {
+                    g[tap][lane] = value;
+                }
+            }
+            let mut t = [[0f32; FILTER_LANES]; 16];
+            filter_tile(&g, &mut t);
+            for (xi, values) in t.iter().enumerate() {
+                u[xi * pairs + p0..xi * pairs + p0 + FILTER_LANES].copy_from_slice(values);
+            }
+        }
+        for p in full..pairs {
+            let mut g = [[0f32; 1]; 9];
+            for (tap, value) in g.iter_mut().enumerate() {
+                *value = [weight[9 * p + tap]];
+            }
+            let mut t = [[0f32; 1]; 16];
+            filter_tile(&g, &mut t);
+            for (xi, [value]) in t.into_iter().enumerate() {
+                u[xi * pairs + p] = value;
+            }
+        }
+    }
+}
+
+/// `G g G^T` of `L` filters at once into `u`: `g[3 a + b][lane]` is tap `(a, b)` of filter
+/// `lane`, `u[4 i + j][lane]` position `(i, j)` of its transformed tile.
+#[inline(always)]
+fn filter_tile<const L: usize>(g: &[[f32; L]; 9], u: &mut [[f32; L]; 16]) {
+    // G applied to three values: [x0, (x0 + x1 + x2) / 2, (x0 - x1 + x2) / 2, x2]
+    #[inline(always)]
+    fn spread<const L: usize>(x: [&[f32; L]; 3], out: [&mut [f32; L]; 4]) {
+        let [x0, x1, x2] = x;
+        let [o0, o1, o2, o3] = out;
+        for l in 0..L {
+            let outer = x0[l] + x2[l];
+            o0[l] = x0[l];
+            o1[l] = 0.5 * (outer + x1[l]);
+            o2[l] = 0.5 * (outer - x1[l]);
+            o3[l] = x2[l];
+        }
+    }
+    // over each column b of the filter: t[i][b] = (G g)[i][b], stored at t[3 i + b]
+    let mut t = [[0f32; L]; 12];
+    for b in 0..3 {
+        let [t0, t1, t2, t3] = t.get_disjoint_mut([b, 3 + b, 6 + b, 9 + b]).unwrap();
+        spread([&g[b], &g[3 + b], &g[6 + b]], [t0, t1, t2, t3]);
+    }
+    // over each row i: u[4 i + j] = (t G^T)[i][j]
+    for (i, row) in u.chunks_exact_mut(4).enumerate() {
+        let [u0, u1, u2, u3] = row else {
+            unreachable!()
+        };
+        spread([&t[3 * i], &t[3 * i + 1], &t[3 * i + 2]], [u0, u1, u2, u3]);
     }
 }
 
 vectorised! {
-    /// `V = B^T d B` for the tiles of tile rows `row0..row0 + rows` of the batch `x` (`[batch,
-    /// in, h, w]`; the tile rows of all images one after the other), into `v` (`[16, in, rows *
-    /// tw]`); the patches outside the image read zeros (the padding).
+    /// `V = B^T d B` of input channels `channels` for the tiles of tile rows `row0..row0 +
+    /// rows` of the batch `x` (`[batch, in, h, w]`; the tile rows of all images one after the
+    /// other), into their rows of `v` (`[16, in, rows * tw]`); the patches outside the image
+    /// read zeros (the padding).
     ///
     /// `B^T = [[1, 0, -1, 0], [0, 1, 1, 0], [0, -1, 1, 0], [0, 1, 0, -1]]`. Each input row under a
     /// tile row is split into its even and odd columns (of the padded image), so that both
     /// passes of the transform run on contiguous lanes.
-    fn transform_input(x: &[f32], s: &ConvShape, row0: usize, rows: usize, v: &mut [f32]) {
+    ///
+    /// # Safety
+    /// `v` points to `16 * in * rows * tw` writable f32s, of which no one else reads or writes
+    /// the rows of `channels` (`v[ξ][c]` for every ξ and `c` in `channels`) during the call.
+    unsafe fn transform_input(
+        x: &[f32],
+        s: &ConvShape,
+        row0: usize,
+        rows: usize,
+        channels: std::ops::Range<usize>,
+        v: *mut f32,
+    ) {
         let [[top, _], [left, _]] = s.options.padding;
         let (cin, h, w) = (s.cin, s.h, s.w);
         let (th, tw) = (s.oh.div_ceil(2), s.ow.div_ceil(2));
         let tiles = rows * tw;
-        assert_eq!(v.len(), 16 * cin * tiles);
+        assert!(channels.end <= cin);
         // [row k of the patch][even, odd][tw + 1 lanes]
         let n = tw + 1;
         let mut d = vec![0f32; 8 * n];
         let mut e = vec![0f32; 8 * n];
         // channel by channel, so that each plane's rows are read in order
-        for ci in 0..cin {
+        for ci in channels {
             for r in 0..rows {
                 let (image, tr) = ((row0 + r) / th, (row0 + r) % th);
                 let plane = &x[(image * cin + ci) * h * w..(image * cin + ci + 1) * h * w];
@@ -313,19 +422,27 @@ vectorised! {
                 for (i, ei) in e.chunks_exact(2 * n).enumerate() {
                     let (even, odd) = ei.split_at(n);
                     let at = |j: usize| ((i * 4 + j) * cin + ci) * tiles + r * tw;
-                    let v0 = &mut v[at(0)..at(0) + tw];
+                    // SAFETY: row (ξ, ci) of `v`, columns r tw .. (r + 1) tw: in bounds and
+                    // this call's (see # Safety).
+                    let v0 = unsafe { std::slice::from_raw_parts_mut(v.add(at(0)), tw) };
                     for t in 0..tw {
                         v0[t] = even[t] - even[t + 1];
                     }
-                    let v1 = &mut v[at(1)..at(1) + tw];
+                    // SAFETY: row (ξ, ci) of `v`, columns r tw .. (r + 1) tw: in bounds and
+                    // this call's (see # Safety).
+                    let v1 = unsafe { std::slice::from_raw_parts_mut(v.add(at(1)), tw) };
                     for t in 0..tw {
                         v1[t] = odd[t] + even[t + 1];
                     }
-                    let v2 = &mut v[at(2)..at(2) + tw];
+                    // SAFETY: row (ξ, ci) of `v`, columns r tw .. (r + 1) tw: in bounds and
+                    // this call's (see # Safety).
+                    let v2 = unsafe { std::slice::from_raw_parts_mut(v.add(at(2)), tw) };
                     for t in 0..tw {
                         v2[t] = even[t + 1] - odd[t];
                     }
-                    let v3 = &mut v[at(3)..at(3) + tw];
+                    // SAFETY: row (ξ, ci) of `v`, columns r tw .. (r + 1) tw: in bounds and
+                    // this call's (see # Safety).
+                    let v3 = unsafe { std::slice::from_raw_parts_mut(v.add(at(3)), tw) };
                     for t in 0..tw {
                         v3[t] = odd[t] - odd[t + 1];
                     }
@@ -526,24 +643,52 @@ mod tests {
         }
     }
 
+    /// Both ways of splitting the work, at sizes with several panels, runs of panels, channel
+    /// blocks and rounds of filters: against the im2col kernel within 1e-5 relative (the small
+    /// cases above check both against burn and the exact result).
+    #[test]
+    fn every_split_matches_im2col() {
+        let device = Device::flex();
+        let normal = Distribution::Normal(0.0, 1.0);
+        for (x, cout) in [
+            // 12 panels, each task's own input: runs of two panels, two rounds of 105 channels
+            ([2, 1280, 48, 48], 210),
+            // two panels, shared input: eight blocks of 129 channels, two rounds each
+            ([2, 2048, 16, 16], 1032),
+        ] {
+            let xt = Tensor::<4>::random(x, normal, &device);
+            let wt = Tensor::<4>::random([cout, x[1], 3, 3], normal, &device);
+            let bt = Tensor::<1>::random([cout], normal, &device);
+            let run = |algorithm| conv2d_with(&xt, &wt, Some(&bt), options([1; 4]), algorithm);
+            let ours = run(Conv2dAlgorithm::Winograd).unwrap();
+            let im2col = run(Conv2dAlgorithm::Im2col).unwrap();
+            let relative = crate::reference::max_relative_error(&ours, &im2col);
+            assert!(relative < 1e-5, "{x:?} -> {cout}: {relative:e}");
+        }
+    }
+
     #[test]
     fn thread_count_does_not_change_the_result() {
         let device = Device::flex();
         let normal = Distribution::Normal(0.0, 1.0);
-        let x = Tensor::<4>::random([2, 64, 24, 23], normal, &device);
-        let w = Tensor::<4>::random([160, 64, 3, 3], normal, &device);
-        let b = Tensor::<1>::random([160], normal, &device);
-        let run = |threads: usize| {
-            let pool = rayon::ThreadPoolBuilder::new()
-                .num_threads(threads)
-                .build()
-                .unwrap();
-            let out = pool.install(|| {
-                conv2d_with(&x, &w, Some(&b), options([1; 4]), Conv2dAlgorithm::Winograd).unwrap()
-            });
-            values(&out)
-        };
-        assert_eq!(run(1), run(3));
+        // one panel (shared input), then five (each task's own)
+        for (x, cout) in [([2, 64, 24, 23], 160), ([130, 256, 8, 8], 8)] {
+            let x = Tensor::<4>::random(x, normal, &device);
+            let w = Tensor::<4>::random([cout, x.dims()[1], 3, 3], normal, &device);
+            let b = Tensor::<1>::random([cout], normal, &device);
+            let run = |threads: usize| {
+                let pool = rayon::ThreadPoolBuilder::new()
+                    .num_threads(threads)
+                    .build()
+                    .unwrap();
+                let out = pool.install(|| {
+                    conv2d_with(&x, &w, Some(&b), options([1; 4]), Conv2dAlgorithm::Winograd)
+                        .unwrap()
+                });
+                values(&out)
+            };
+            assert_eq!(run(1), run(3));
+        }
     }
 
     /// `Auto` takes Winograd's algorithm from 16x16 output pixels (and two such images) up and
