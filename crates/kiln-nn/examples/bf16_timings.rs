@@ -41,6 +41,8 @@ fn report(name: &str, flops: f64, mut run: impl FnMut(DType)) {
 }
 
 fn main() {
+    // as the `kiln` CLI runs
+    kiln_nn::alloc::reuse_freed_memory();
     let device = Device::flex();
     let d = Distribution::Normal(0.0, 1.0);
     println!("AMX: {}", kiln_nn::kernels::amx_available());

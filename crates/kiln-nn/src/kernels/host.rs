@@ -147,6 +147,8 @@ pub(crate) trait Float: burn::tensor::Element + bytemuck::Pod + Send + Sync {
     fn narrow(src: &[f32], out: &mut [Self]);
     /// `out[i] = src[i]` in f32.
     fn widen_into(src: &[Self], out: &mut [f32]);
+    /// `x` itself where `Self` is f32, else `None` (for kernels that read f32 operands in place).
+    fn as_f32(x: &[Self]) -> Option<&[f32]>;
     /// Runs `f` on `x` in f32 (`x` itself for f32, widened into `scratch` otherwise) and stores
     /// the result back into `x`.
     fn update(x: &mut [Self], scratch: &mut Vec<f32>, f: impl FnOnce(&mut [f32])) {
@@ -170,6 +172,9 @@ impl Float for f32 {
     fn widen_into(src: &[f32], out: &mut [f32]) {
         out.copy_from_slice(src)
     }
+    fn as_f32(x: &[f32]) -> Option<&[f32]> {
+        Some(x)
+    }
     fn update(x: &mut [f32], _: &mut Vec<f32>, f: impl FnOnce(&mut [f32])) {
         f(x)
     }
@@ -185,6 +190,9 @@ macro_rules! reduced_float {
             }
             fn widen_into(src: &[$t], out: &mut [f32]) {
                 <$t as NarrowFrom>::widen_from(src, out)
+            }
+            fn as_f32(_: &[$t]) -> Option<&[f32]> {
+                None
             }
 
             fn store(out: &mut [$t], scratch: &mut Vec<f32>, f: impl FnOnce(&mut [f32])) {

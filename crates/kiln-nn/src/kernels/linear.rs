@@ -1,29 +1,31 @@
-//! Kiln's linear layer kernel: `x W + b` in f32, one GEMM into an output prefilled with the bias.
+//! Kiln's linear layer kernel: `x W + b`, in tasks of rows by output columns.
 //!
 //! burn's `Linear` multiplies a `[batch, tokens, in]` input as a batched matmul against the
 //! broadcast weight, then adds the bias in a second pass over the output: at the UNet's
 //! feed-forward (`[2, 4096, 320] -> 2560`) it runs at 72 GFLOP/s on the 2-core Xeon, where one
 //! gemm call on the flattened rows reaches 185. Here the rows are flattened (the input is
-//! already row-major), the output is filled with the bias and the product is accumulated onto
-//! it by gemm on rayon.
+//! already row-major) and cut with the output columns into tasks of [`TASK_ROWS`] x
+//! [`TASK_COLS`] on rayon ([`tiled_linear`]); each task runs gemm single-threaded and adds the
+//! bias to its block of the output while the block is in cache. In f32 the operands are read
+//! in place and the product written straight into the output (filling the output with the bias
+//! first and accumulating onto it, as this kernel did, cost a write and a read of the whole
+//! output: 10-25% of the feed-forward's time); in bf16 and f16 each task widens its rows and
+//! its block of weight columns into its thread's buffers (widening the whole weight at every
+//! call, as before, cost about a third of a bf16 UNet step on a CPU without AMX) and rounds its
+//! block of the output.
 //!
 //! In bf16 the product runs on AMX tiles where the CPU has them (the weights packed into the
 //! tiles' layout once and kept while they live, the rows in tasks of [`AMX_ROWS`], read in
 //! place where they are aligned and packed otherwise, the bias added and the result rounded to
-//! bf16 as each block is stored); elsewhere, and in f16, in f32 tasks that widen their rows and
-//! their block of weight columns in cache ([`reduced_linear`]): widening the whole weight at
-//! every call, as before, cost about a third of a bf16 UNet step on a CPU without AMX.
+//! bf16 as each block is stored).
 
 use burn::tensor::Tensor;
 use rayon::prelude::*;
 
-use super::host::{self, Float, HostF32};
+use super::host::{self, Float};
 
-/// Below this many multiply-adds the GEMM runs on one thread (as burn-flex decides).
-const PARALLEL_MIN: usize = 192 * 192 * 192;
-
-/// `x W + b` for plain f32 flex tensors (burn's `Linear` layout: `weight` is `[in, out]`), or
-/// `None` (the caller then uses burn's op).
+/// `x W + b` for flex tensors (burn's `Linear` layout: `weight` is `[in, out]`) in f32, bf16 or
+/// f16, or `None` (the caller then uses burn's op).
 ///
 /// # Shapes
 /// - `x`: `[..., in]`, `weight`: `[in, out]`, `bias`: `[out]`
@@ -40,82 +42,42 @@ pub fn linear<const D: usize>(
     if w_in != d_in || bias.is_some_and(|b| b.dims() != [d_out]) || rows * d_in * d_out == 0 {
         return None;
     }
-    if let Some(dtype) = host::reduced_precision(x) {
-        if weight.dtype() != dtype || bias.is_some_and(|b| b.dtype() != dtype) {
-            return None;
-        }
-        #[cfg(all(target_arch = "x86_64", target_os = "linux", target_env = "gnu"))]
-        if dtype == burn::tensor::DType::BF16 && super::native_bf16() {
-            dims[D - 1] = d_out;
-            return amx_linear(x, weight, bias, [rows, d_in, d_out], dims);
-        }
-        dims[D - 1] = d_out;
-        return match dtype {
-            burn::tensor::DType::BF16 => {
-                reduced_linear::<half::bf16, D>(x, weight, bias, [rows, d_in, d_out], dims)
-            }
-            _ => reduced_linear::<half::f16, D>(x, weight, bias, [rows, d_in, d_out], dims),
-        };
-    }
-    let x = HostF32::new(x.clone())?;
-    let weight = HostF32::new(weight.clone())?;
-    let bias = match bias {
-        Some(b) => Some(HostF32::new(b.clone())?),
-        None => None,
-    };
-    let mut out = vec![0f32; rows * d_out];
-    if let Some(bias) = &bias {
-        let bias = bias.as_slice();
-        out.par_chunks_mut(d_out)
-            .for_each(|row| row.copy_from_slice(bias));
-    }
-    let parallelism = if rows * d_in * d_out >= PARALLEL_MIN {
-        gemm::Parallelism::Rayon(rayon::current_num_threads())
-    } else {
-        gemm::Parallelism::None
-    };
-    let (xs, ws) = (x.as_slice(), weight.as_slice());
-    assert_eq!(xs.len(), rows * d_in);
-    assert_eq!(ws.len(), d_in * d_out);
-    // SAFETY: out is [rows, d_out], x [rows, d_in] and weight [d_in, d_out], all row-major with
-    // the lengths checked above; out aliases neither.
-    unsafe {
-        gemm::gemm(
-            rows,
-            d_out,
-            d_in,
-            out.as_mut_ptr(),
-            1,
-            d_out as isize,
-            bias.is_some(),
-            xs.as_ptr(),
-            1,
-            d_in as isize,
-            ws.as_ptr(),
-            1,
-            d_out as isize,
-            1.0,
-            1.0,
-            false,
-            false,
-            false,
-            parallelism,
-        );
+    let dtype = x.dtype();
+    if weight.dtype() != dtype || bias.is_some_and(|b| b.dtype() != dtype) {
+        return None;
     }
     dims[D - 1] = d_out;
-    Some(host::tensor(out, dims))
+    let sizes = [rows, d_in, d_out];
+    match host::reduced_precision(x) {
+        #[cfg(all(target_arch = "x86_64", target_os = "linux", target_env = "gnu"))]
+        Some(burn::tensor::DType::BF16) if super::native_bf16() => {
+            amx_linear(x, weight, bias, sizes, dims)
+        }
+        Some(burn::tensor::DType::BF16) => {
+            tiled_linear::<half::bf16, D>(x, weight, bias, sizes, dims)
+        }
+        Some(_) => tiled_linear::<half::f16, D>(x, weight, bias, sizes, dims),
+        None if dtype == burn::tensor::DType::F32 => {
+            tiled_linear::<f32, D>(x, weight, bias, sizes, dims)
+        }
+        None => None,
+    }
 }
 
-/// Rows of one task of [`reduced_linear`]. Measured on the 2-core Xeon of 2026-12-06 with this
-/// path run in f32 against the one-gemm f32 path, alternating in one process at the UNet's
-/// shapes: tasks of 256 x 256 took 1.05-1.17x the one-gemm time, 512 x 512 1.02-1.09x, 1024 x
-/// 256 1.00-1.07x, 2048 x 128 1.00-1.10x.
-const WIDE_ROWS: usize = 1024;
-/// Output columns of one task of [`reduced_linear`].
-const WIDE_COLS: usize = 256;
+/// Rows of one task of [`tiled_linear`]. Measured on the 2-core Xeon of 2026-12-06 at the UNet's
+/// shapes in f32 (`[8192, 320] -> 320, 2560`, `[8192, 1280] -> 320`, `[2048, 640] -> 5120`,
+/// `[512, 1280] -> 10240`), against one multithreaded gemm onto the output filled with the bias:
+/// tasks of 512 x 512 took 0.78-0.95x its time (`cargo run --release -p kiln-nn --example
+/// op_timings`, before and after). 256 x 256, 512 x 256, 1024 x 256 and 512 x 1024 were within
+/// the machine's noise (10%) of 512 x 512, in f32 and in bf16 without AMX (`bf16_timings
+/// linear`).
+const TASK_ROWS: usize = 512;
+/// Output columns of one task of [`tiled_linear`].
+const TASK_COLS: usize = 512;
 
 std::thread_local! {
-    /// Each thread's widened rows, widened block of weight columns and f32 result block.
+    /// Each thread's widened rows, widened block of weight columns and f32 result block (bf16
+    /// and f16 only).
     static WIDE: std::cell::Cell<[Vec<f32>; 3]> = const {
         std::cell::Cell::new([Vec::new(), Vec::new(), Vec::new()])
     };
@@ -139,11 +101,10 @@ fn host_operands<T: Float, const D: usize>(
     ))
 }
 
-/// `x W + b` in bf16 or f16, computed in f32 in tasks of [`WIDE_ROWS`] rows by [`WIDE_COLS`]
-/// output columns: each widens its rows and its block of weight columns into its thread's
-/// buffers (in cache, so that the weights are never copied whole at every call), multiplies
-/// them with gemm, adds the bias and rounds its block of the output.
-fn reduced_linear<T: Float, const D: usize>(
+/// `x W + b` computed in f32 in tasks of [`TASK_ROWS`] rows by [`TASK_COLS`] output columns
+/// (see the module's doc). The tasks depend on the shapes only, so the result does not depend
+/// on the thread count.
+fn tiled_linear<T: Float, const D: usize>(
     x: &Tensor<D>,
     weight: &Tensor<2>,
     bias: Option<&Tensor<1>>,
@@ -154,60 +115,112 @@ fn reduced_linear<T: Float, const D: usize>(
     let (xs, ws) = (x.as_slice(), weight.as_slice());
     assert_eq!(xs.len(), rows * d_in);
     assert_eq!(ws.len(), d_in * d_out);
-    let mut out = bytemuck::zeroed_vec::<T>(rows * d_out);
+    let mut out = Vec::<T>::with_capacity(rows * d_out);
     let out_ptr = host::SharedMut(out.as_mut_ptr());
-    let (row_tasks, col_tasks) = (rows.div_ceil(WIDE_ROWS), d_out.div_ceil(WIDE_COLS));
+    let (row_tasks, col_tasks) = (rows.div_ceil(TASK_ROWS), d_out.div_ceil(TASK_COLS));
     (0..row_tasks * col_tasks).into_par_iter().for_each(|task| {
-        let (r0, j0) = (task / col_tasks * WIDE_ROWS, task % col_tasks * WIDE_COLS);
-        let (n, cols) = (WIDE_ROWS.min(rows - r0), WIDE_COLS.min(d_out - j0));
+        let (r0, j0) = (task / col_tasks * TASK_ROWS, task % col_tasks * TASK_COLS);
+        let (n, cols) = (TASK_ROWS.min(rows - r0), TASK_COLS.min(d_out - j0));
+        let bias = bias.as_ref().map(|b| &b[j0..j0 + cols]);
+        // SAFETY (for the pointers into `out` below): rows r0..r0 + n, columns j0..j0 + cols
+        // of the output are this task's alone, and inside its `rows * d_out` capacity.
+        let block = unsafe { out_ptr.get().add(r0 * d_out + j0) };
+        let rows_in = &xs[r0 * d_in..(r0 + n) * d_in];
+        if let (Some(xw), Some(w)) = (T::as_f32(rows_in), T::as_f32(ws)) {
+            // SAFETY: the block is [n, cols] with row stride d_out (see above; `T` is f32), xw
+            // [n, d_in] row-major and w's columns j0..j0 + cols [d_in, cols] with row stride
+            // d_out, inside `ws`; the output aliases neither.
+            unsafe {
+                block_gemm(
+                    block.cast(),
+                    d_out,
+                    xw,
+                    w.as_ptr().add(j0),
+                    d_out,
+                    [n, d_in, cols],
+                );
+                for i in 0..n {
+                    let row = std::slice::from_raw_parts_mut(block.add(i * d_out).cast(), cols);
+                    if let Some(b) = bias {
+                        add_in_place(row, b);
+                    }
+                }
+            }
+            return;
+        }
         host::with_buffer(&WIDE, |[xbuf, wbuf, obuf]| {
-            let xw = T::widen(&xs[r0 * d_in..(r0 + n) * d_in], xbuf);
+            let xw = T::widen(rows_in, xbuf);
             let w = host::grow(wbuf, d_in * cols);
             for (kk, dst) in w.chunks_exact_mut(cols).enumerate() {
                 T::widen_into(&ws[kk * d_out + j0..kk * d_out + j0 + cols], dst);
             }
             let o = host::grow(obuf, n * cols);
-            match &bias {
-                Some(b) => o
-                    .chunks_exact_mut(cols)
-                    .for_each(|row| row.copy_from_slice(&b[j0..j0 + cols])),
-                None => o.fill(0.0),
-            }
             // SAFETY: o is [n, cols], xw [n, d_in] and w [d_in, cols], all row-major of those
             // lengths; o aliases neither.
-            unsafe {
-                gemm::gemm(
-                    n,
-                    cols,
-                    d_in,
-                    o.as_mut_ptr(),
-                    1,
-                    cols as isize,
-                    true,
-                    xw.as_ptr(),
-                    1,
-                    d_in as isize,
-                    w.as_ptr(),
-                    1,
-                    cols as isize,
-                    1.0,
-                    1.0,
-                    false,
-                    false,
-                    false,
-                    gemm::Parallelism::None,
-                );
-            }
-            for (i, row) in o.chunks_exact(cols).enumerate() {
-                // SAFETY: row r0 + i, columns j0..j0 + cols of the output are this task's.
-                let dst = unsafe {
-                    std::slice::from_raw_parts_mut(out_ptr.get().add((r0 + i) * d_out + j0), cols)
-                };
+            unsafe { block_gemm(o.as_mut_ptr(), cols, xw, w.as_ptr(), cols, [n, d_in, cols]) };
+            for (i, row) in o.chunks_exact_mut(cols).enumerate() {
+                if let Some(b) = bias {
+                    add_in_place(row, b);
+                }
+                // SAFETY: see above.
+                let dst = unsafe { std::slice::from_raw_parts_mut(block.add(i * d_out), cols) };
                 T::narrow(row, dst);
             }
         });
     });
+    // SAFETY: the tasks have written every element of the `rows * d_out` capacity (their
+    // blocks cover the output).
+    unsafe { out.set_len(rows * d_out) };
     Some(host::tensor(out, dims))
+}
+
+/// `out = x w` on this thread: `out` `[n, cols]` with row stride `out_stride`, `x` `[n, d_in]`
+/// row-major, `w` `[d_in, cols]` with row stride `w_stride`; `out` is written, not read.
+///
+/// # Safety
+/// The pointers cover those matrices, and `out` aliases neither operand.
+unsafe fn block_gemm(
+    out: *mut f32,
+    out_stride: usize,
+    x: &[f32],
+    w: *const f32,
+    w_stride: usize,
+    [n, d_in, cols]: [usize; 3],
+) {
+    debug_assert_eq!(x.len(), n * d_in);
+    // SAFETY: as the caller promises.
+    unsafe {
+        gemm::gemm(
+            n,
+            cols,
+            d_in,
+            out,
+            1,
+            out_stride as isize,
+            false,
+            x.as_ptr(),
+            1,
+            d_in as isize,
+            w,
+            1,
+            w_stride as isize,
+            0.0,
+            1.0,
+            false,
+            false,
+            false,
+            gemm::Parallelism::None,
+        );
+    }
+}
+
+vectorised! {
+    /// `row[j] += bias[j]`.
+    fn add_in_place(row: &mut [f32], bias: &[f32]) {
+        for (x, b) in row.iter_mut().zip(bias) {
+            *x += b;
+        }
+    }
 }
 
 /// Rows of one AMX task (four blocks of 32).
@@ -296,6 +309,12 @@ mod tests {
             let ours = linear(&x4, &layer.weight.val(), b.as_ref()).unwrap();
             assert!(crate::reference::max_relative_error(&ours, &layer.forward(x4)) < 1e-5);
         }
+        // several tasks of rows and of output columns, the last ones partial
+        let layer = LinearConfig::new(70, 1100).init(&device);
+        let x = Tensor::<3>::random([2, 600, 70], normal, &device);
+        let b = layer.bias.as_ref().map(|b| b.val());
+        let ours = linear(&x, &layer.weight.val(), b.as_ref()).unwrap();
+        assert!(crate::reference::max_relative_error(&ours, &layer.forward(x)) < 1e-5);
         // a strided input (a transposed view) is made contiguous first
         let layer = LinearConfig::new(8, 3).init(&device);
         let xt = Tensor::<3>::random([2, 8, 5], normal, &device).swap_dims(1, 2);
@@ -319,6 +338,7 @@ mod tests {
             ([1, 160], 64, 1),
             ([2, 300], 96, 300),
             ([1, 1100], 40, 300),
+            ([1, 700], 40, 1100),
         ] {
             for dtype in [DType::BF16, DType::F16] {
                 let x = Tensor::<3>::random([dims[0], dims[1], d_in], normal, &device).cast(dtype);
