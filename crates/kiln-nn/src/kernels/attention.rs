@@ -161,28 +161,14 @@ fn attention_block(
     // SAFETY: as above; `v` is [m, dv] row-major.
     unsafe {
         // o [r, dv] = exp-scores [r, m] @ v [m, dv]
-        gemm::gemm(
-            r,
-            dv,
-            m,
-            o.as_mut_ptr(),
-            1,
-            dv as isize,
+        super::host::gemm_rows(
+            (o.as_mut_ptr(), dv),
             false,
-            scores.as_ptr(),
-            1,
-            m as isize,
-            v.as_ptr(),
-            1,
-            dv as isize,
-            0.0,
-            1.0,
-            false,
-            false,
-            false,
-            gemm::Parallelism::None,
-        );
-    }
+            (scores.as_ptr(), m),
+            (v.as_ptr(), dv),
+            [r, m, dv],
+        )
+    };
     for (row, inv) in o.chunks_exact_mut(dv).zip(inverse.iter()) {
         for x in row {
             *x *= inv;

@@ -311,28 +311,14 @@ fn conv2d_host<W: Float>(
             // above), lhs is [channels, k] row-major, rhs is [k, cols] with row stride `rhs_rs`
             // (checked above); dst aliases neither.
             unsafe {
-                gemm::gemm(
-                    channels,
-                    cols,
-                    k,
-                    dst,
-                    1,
-                    pixels as isize,
+                super::host::gemm_rows(
+                    (dst, pixels),
                     bias.is_some(),
-                    lhs.as_ptr(),
-                    1,
-                    k as isize,
-                    rhs.as_ptr(),
-                    1,
-                    rhs_rs as isize,
-                    1.0,
-                    1.0,
-                    false,
-                    false,
-                    false,
-                    gemm::Parallelism::None,
-                );
-            }
+                    (lhs.as_ptr(), k),
+                    (rhs.as_ptr(), rhs_rs),
+                    [channels, k, cols],
+                )
+            };
         };
         if pointwise {
             multiply(&x_b[row0 * s.ow..], pixels);

@@ -292,3 +292,43 @@ pub(crate) fn narrow_vec<T: Float>(data: &[f32]) -> Vec<T> {
         .for_each(|(o, d)| T::narrow(d, o));
     out
 }
+
+/// `dst = lhs rhs`, or `dst += lhs rhs` when `accumulate`, on this thread (the `gemm` crate,
+/// single-threaded), for row-major matrices with the given row strides: `dst` `[m, n]`, `lhs`
+/// `[m, k]`, `rhs` `[k, n]`. Without `accumulate`, `dst` is only written.
+///
+/// # Safety
+/// Each pointer covers its matrix (`(rows - 1) * stride + columns` elements), and `dst` aliases
+/// neither operand.
+pub(crate) unsafe fn gemm_rows(
+    (dst, dst_stride): (*mut f32, usize),
+    accumulate: bool,
+    (lhs, lhs_stride): (*const f32, usize),
+    (rhs, rhs_stride): (*const f32, usize),
+    [m, k, n]: [usize; 3],
+) {
+    // SAFETY: as the caller promises.
+    unsafe {
+        gemm::gemm(
+            m,
+            n,
+            k,
+            dst,
+            1,
+            dst_stride as isize,
+            accumulate,
+            lhs,
+            1,
+            lhs_stride as isize,
+            rhs,
+            1,
+            rhs_stride as isize,
+            1.0,
+            1.0,
+            false,
+            false,
+            false,
+            gemm::Parallelism::None,
+        );
+    }
+}

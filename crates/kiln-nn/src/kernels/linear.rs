@@ -131,12 +131,11 @@ fn tiled_linear<T: Float, const D: usize>(
             // [n, d_in] row-major and w's columns j0..j0 + cols [d_in, cols] with row stride
             // d_out, inside `ws`; the output aliases neither.
             unsafe {
-                block_gemm(
-                    block.cast(),
-                    d_out,
-                    xw,
-                    w.as_ptr().add(j0),
-                    d_out,
+                host::gemm_rows(
+                    (block.cast(), d_out),
+                    false,
+                    (xw.as_ptr(), d_in),
+                    (w.as_ptr().add(j0), d_out),
                     [n, d_in, cols],
                 );
                 for i in 0..n {
@@ -157,7 +156,15 @@ fn tiled_linear<T: Float, const D: usize>(
             let o = host::grow(obuf, n * cols);
             // SAFETY: o is [n, cols], xw [n, d_in] and w [d_in, cols], all row-major of those
             // lengths; o aliases neither.
-            unsafe { block_gemm(o.as_mut_ptr(), cols, xw, w.as_ptr(), cols, [n, d_in, cols]) };
+            unsafe {
+                host::gemm_rows(
+                    (o.as_mut_ptr(), cols),
+                    false,
+                    (xw.as_ptr(), d_in),
+                    (w.as_ptr(), cols),
+                    [n, d_in, cols],
+                )
+            };
             for (i, row) in o.chunks_exact_mut(cols).enumerate() {
                 if let Some(b) = bias {
                     add_in_place(row, b);
@@ -172,46 +179,6 @@ fn tiled_linear<T: Float, const D: usize>(
     // blocks cover the output).
     unsafe { out.set_len(rows * d_out) };
     Some(host::tensor(out, dims))
-}
-
-/// `out = x w` on this thread: `out` `[n, cols]` with row stride `out_stride`, `x` `[n, d_in]`
-/// row-major, `w` `[d_in, cols]` with row stride `w_stride`; `out` is written, not read.
-///
-/// # Safety
-/// The pointers cover those matrices, and `out` aliases neither operand.
-unsafe fn block_gemm(
-    out: *mut f32,
-    out_stride: usize,
-    x: &[f32],
-    w: *const f32,
-    w_stride: usize,
-    [n, d_in, cols]: [usize; 3],
-) {
-    debug_assert_eq!(x.len(), n * d_in);
-    // SAFETY: as the caller promises.
-    unsafe {
-        gemm::gemm(
-            n,
-            cols,
-            d_in,
-            out,
-            1,
-            out_stride as isize,
-            false,
-            x.as_ptr(),
-            1,
-            d_in as isize,
-            w,
-            1,
-            w_stride as isize,
-            0.0,
-            1.0,
-            false,
-            false,
-            false,
-            gemm::Parallelism::None,
-        );
-    }
 }
 
 vectorised! {

@@ -256,28 +256,14 @@ fn panel_gemms(u: &[f32], v: &[f32], m: &mut [f32], [sub, cin, tiles]: [usize; 3
         // SAFETY: dst is [sub, tiles], lhs [sub, cin] and rhs [cin, tiles], all row-major and
         // of exactly those lengths; dst aliases neither.
         unsafe {
-            gemm::gemm(
-                sub,
-                tiles,
-                cin,
-                dst.as_mut_ptr(),
-                1,
-                tiles as isize,
+            super::host::gemm_rows(
+                (dst.as_mut_ptr(), tiles),
                 false,
-                lhs.as_ptr(),
-                1,
-                cin as isize,
-                rhs.as_ptr(),
-                1,
-                tiles as isize,
-                0.0,
-                1.0,
-                false,
-                false,
-                false,
-                gemm::Parallelism::None,
-            );
-        }
+                (lhs.as_ptr(), cin),
+                (rhs.as_ptr(), tiles),
+                [sub, cin, tiles],
+            )
+        };
     }
 }
 
