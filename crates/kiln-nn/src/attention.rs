@@ -154,20 +154,30 @@ impl Attention {
             None => x,
         };
         let kv_source = context.cloned().unwrap_or_else(|| x.clone());
-        let q = self.heads_first(linear(&self.to_q, x));
-        let k = self.heads_first(linear(&self.to_k, kv_source.clone()));
-        let v = self.heads_first(linear(&self.to_v, kv_source));
-
-        let dtype = q.dtype();
-        let upcast = self.upcast && matches!(dtype, DType::F16 | DType::BF16);
-        let out = if upcast {
-            fused_attention(q.cast(DType::F32), k.cast(DType::F32), v.cast(DType::F32)).cast(dtype)
-        } else {
-            fused_attention(q, k, v)
+        let q = linear(&self.to_q, x);
+        let k = linear(&self.to_k, kv_source.clone());
+        let v = linear(&self.to_v, kv_source);
+        let out = match tokens_attention(&q, &k, &v, self.heads) {
+            Some(out) => out,
+            None => {
+                let (q, k, v) = (
+                    self.heads_first(q),
+                    self.heads_first(k),
+                    self.heads_first(v),
+                );
+                let dtype = q.dtype();
+                let upcast = self.upcast && matches!(dtype, DType::F16 | DType::BF16);
+                let out = if upcast {
+                    let f32 = |t: Tensor<4>| t.cast(DType::F32);
+                    fused_attention(f32(q), f32(k), f32(v)).cast(dtype)
+                } else {
+                    fused_attention(q, k, v)
+                };
+                // [b, heads, n, d] -> [b, n, heads, d] -> [b, n, heads * d]
+                let [b, h, n, d] = out.dims();
+                out.swap_dims(1, 2).reshape([b, n, h * d])
+            }
         };
-        // [b, heads, n, d] -> [b, n, heads, d] -> [b, n, heads * d]
-        let [b, h, n, d] = out.dims();
-        let out = out.swap_dims(1, 2).reshape([b, n, h * d]);
         let out = linear(&self.to_out.0, out);
         let out = match residual {
             Some(r) => out + r,
@@ -211,6 +221,27 @@ impl Attention {
         t.reshape([b, n, self.heads, inner / self.heads])
             .swap_dims(1, 2)
     }
+}
+
+/// Kiln's attention kernel on the projections' `[batch, tokens, heads * d]` outputs as they
+/// are ([`crate::kernels::attention_tokens`]: no heads-first copies), where it applies (flex;
+/// f32, or bf16 and f16 computed in f32 and rounded once, which is what upcasting gives too).
+#[cfg(feature = "flex")]
+fn tokens_attention(
+    q: &Tensor<3>,
+    k: &Tensor<3>,
+    v: &Tensor<3>,
+    heads: usize,
+) -> Option<Tensor<3>> {
+    if !is_flex(&q.device()) {
+        return None;
+    }
+    crate::kernels::attention_tokens(q.clone(), k.clone(), v.clone(), heads)
+}
+
+#[cfg(not(feature = "flex"))]
+fn tokens_attention(_: &Tensor<3>, _: &Tensor<3>, _: &Tensor<3>, _: usize) -> Option<Tensor<3>> {
+    None
 }
 
 /// Smallest `queries * keys` product for which [`fused_attention`] splits the queries (below it,

@@ -49,13 +49,86 @@ pub fn attention(q: Tensor<4>, k: Tensor<4>, v: Tensor<4>) -> Option<Tensor<4>> 
     if k.dims()[2] < MIN_KEYS {
         return None;
     }
+    let [b, h, n, d] = q.dims();
+    let [_, _, m, dv] = v.dims();
+    in_f32(q, k, v, |q, k, v| {
+        host_attention(q, k, v, Layout::HeadsFirst, [b, h, n, m, d, dv])
+    })
+}
+
+/// [`attention`] on operands in the layout the projections make them, heads side by side in
+/// each token's row, so that nothing is transposed: `None` where [`attention`] would be, and
+/// for bf16 where it would run the bf16 products (the caller then splits the heads and calls
+/// it). This saves the copies of q, k and v into heads-first order and of the output back:
+/// four passes over `[batch, tokens, heads * d]` per call.
+///
+/// # Shapes
+/// - `q`: `[batch, queries, heads * d]`, `k`: `[batch, keys, heads * d]`,
+///   `v`: `[batch, keys, heads * dv]`
+/// - output: `[batch, queries, heads * dv]`
+pub fn attention_tokens(
+    q: Tensor<3>,
+    k: Tensor<3>,
+    v: Tensor<3>,
+    heads: usize,
+) -> Option<Tensor<3>> {
+    let dtype = q.dtype();
+    let ([b, n, qw], [kb, m, kw], [vb, vm, vw]) = (q.dims(), k.dims(), v.dims());
+    if [k.dtype(), v.dtype()] != [dtype; 2]
+        || heads == 0
+        || [kb, vb, vm] != [b, b, m]
+        || qw != kw
+        || qw % heads != 0
+        || vw % heads != 0
+        || m < MIN_KEYS
+    {
+        return None;
+    }
+    #[cfg(all(target_arch = "x86_64", target_os = "linux", target_env = "gnu"))]
+    if dtype == DType::BF16 && super::native_bf16() {
+        return None;
+    }
+    let (d, dv) = (qw / heads, vw / heads);
+    in_f32(q, k, v, |q, k, v| {
+        host_attention(q, k, v, Layout::TokensFirst, [b, heads, n, m, d, dv])
+    })
+}
+
+/// `f` on f32 flex tensors: the operands themselves, or (bf16, f16) widened and the result
+/// rounded back; `None` for other dtypes and devices.
+fn in_f32<const D: usize>(
+    q: Tensor<D>,
+    k: Tensor<D>,
+    v: Tensor<D>,
+    f: impl FnOnce(Tensor<D>, Tensor<D>, Tensor<D>) -> Option<Tensor<D>>,
+) -> Option<Tensor<D>> {
     match super::host::reduced_precision(&q) {
         Some(dtype) => {
-            let wide = |t: Tensor<4>| super::host::widen(&t);
-            host_attention(wide(q), wide(k), wide(v)).map(|o| super::host::narrow(o, dtype))
+            let wide = |t: Tensor<D>| super::host::widen(&t);
+            f(wide(q), wide(k), wide(v)).map(|o| super::host::narrow(o, dtype))
         }
-        None if dtype == DType::F32 => host_attention(q, k, v),
+        None if q.dtype() == DType::F32 => f(q, k, v),
         None => None,
+    }
+}
+
+/// Where the rows of each (batch, head) pair lie in an attention operand.
+#[derive(Clone, Copy)]
+enum Layout {
+    /// `[batch, heads, tokens, width]`: a head's rows are contiguous.
+    HeadsFirst,
+    /// `[batch, tokens, heads * width]`: a head's rows are `heads * width` apart.
+    TokensFirst,
+}
+
+impl Layout {
+    /// The offset of row 0 of head `head` of image `image` and the distance between rows, in
+    /// an operand of `tokens` rows of `width` per head.
+    fn rows(self, [image, head]: [usize; 2], [heads, tokens, width]: [usize; 3]) -> (usize, usize) {
+        match self {
+            Layout::HeadsFirst => ((image * heads + head) * tokens * width, width),
+            Layout::TokensFirst => (image * tokens * heads * width + head * width, heads * width),
+        }
     }
 }
 
@@ -67,72 +140,106 @@ std::thread_local! {
     };
 }
 
-/// [`attention`] without the choice of when to use it.
-fn host_attention(q: Tensor<4>, k: Tensor<4>, v: Tensor<4>) -> Option<Tensor<4>> {
+/// [`attention`] and [`attention_tokens`] without the choice of when to use them: f32 flex
+/// operands in `layout`, the output in the same layout.
+fn host_attention<const D: usize>(
+    q: Tensor<D>,
+    k: Tensor<D>,
+    v: Tensor<D>,
+    layout: Layout,
+    [b, h, n, m, d, dv]: [usize; 6],
+) -> Option<Tensor<D>> {
     let device = q.device();
-    let [b, h, n, d] = q.dims();
-    let [_, _, m, dv] = v.dims();
-    let out_shape = [b, h, n, dv];
+    let mut out_shape = q.dims();
+    out_shape[D - 1] = match layout {
+        Layout::HeadsFirst => dv,
+        Layout::TokensFirst => h * dv,
+    };
     if b * h * n * dv == 0 {
         return Some(Tensor::zeros(out_shape, &device));
     }
-    // read in place (a copy only for strided views, such as the heads-first transposes)
+    // read in place (a copy only for strided views)
     let (q, k, v) = (HostF32::new(q)?, HostF32::new(k)?, HostF32::new(v)?);
     let (q, k, v) = (q.as_slice(), k.as_slice(), v.as_slice());
-    let mut out = vec![0f32; b * h * n * dv];
+    assert_eq!(q.len(), b * h * n * d);
+    assert_eq!(k.len(), b * h * m * d);
+    assert_eq!(v.len(), b * h * m * dv);
+    let mut out = Vec::<f32>::with_capacity(b * h * n * dv);
+    let out_ptr = super::host::SharedMut(out.as_mut_ptr());
     let scale = (d as f32).sqrt().recip();
     let rows = (SCORE_BUDGET / m.max(1)).clamp(4, 1024).min(n);
-    out.par_chunks_mut(n * dv)
-        .enumerate()
-        .for_each(|(head, out_head)| {
-            let qh = &q[head * n * d..(head + 1) * n * d];
-            let kh = &k[head * m * d..(head + 1) * m * d];
-            let vh = &v[head * m * dv..(head + 1) * m * dv];
-            out_head
-                .par_chunks_mut(rows * dv)
-                .enumerate()
-                .for_each(|(block, o)| {
-                    let r = o.len() / dv;
-                    let q0 = block * rows;
-                    super::host::with_buffer(&SCORES, |[scores, inverse]| {
-                        super::host::grow(scores, r * m);
-                        super::host::grow(inverse, r);
-                        attention_block(
-                            &qh[q0 * d..(q0 + r) * d],
-                            kh,
-                            vh,
-                            o,
-                            &mut scores[..r * m],
-                            &mut inverse[..r],
-                            [d, m, dv],
-                            scale,
-                        );
-                    });
-                });
+    let blocks = n.div_ceil(rows);
+    (0..b * h * blocks).into_par_iter().for_each(|task| {
+        let (pair, block) = (task / blocks, task % blocks);
+        let pair = [pair / h, pair % h];
+        let q0 = block * rows;
+        let r = rows.min(n - q0);
+        let (q_at, q_stride) = layout.rows(pair, [h, n, d]);
+        let (k_at, k_stride) = layout.rows(pair, [h, m, d]);
+        let (v_at, v_stride) = layout.rows(pair, [h, m, dv]);
+        let (o_at, o_stride) = layout.rows(pair, [h, n, dv]);
+        let q_at = q_at + q0 * q_stride;
+        super::host::with_buffer(&SCORES, |[scores, inverse]| {
+            super::host::grow(scores, r * m);
+            super::host::grow(inverse, r);
+            let operands = Operands {
+                q: (&q[q_at..q_at + (r - 1) * q_stride + d], q_stride),
+                k: (&k[k_at..k_at + (m - 1) * k_stride + d], k_stride),
+                v: (&v[v_at..v_at + (m - 1) * v_stride + dv], v_stride),
+                // SAFETY: rows q0..q0 + r of this (image, head) pair's output, `dv` wide and
+                // `o_stride` apart: inside the `b * h * n * dv` capacity, and this task's alone
+                // (the tasks' rows and heads do not overlap).
+                o: (unsafe { out_ptr.get().add(o_at + q0 * o_stride) }, o_stride),
+            };
+            // SAFETY: as above.
+            unsafe {
+                attention_block(
+                    operands,
+                    &mut scores[..r * m],
+                    &mut inverse[..r],
+                    [d, m, dv],
+                    scale,
+                )
+            };
         });
+    });
+    // SAFETY: the tasks have written every row of every (image, head) pair: all of it.
+    unsafe { out.set_len(b * h * n * dv) };
     Some(Tensor::from_data(TensorData::new(out, out_shape), &device))
 }
 
+/// One block's operands: `q` (`r` rows of `d`), `k` (`m` rows of `d`), `v` (`m` rows of `dv`)
+/// and the output `o` (`r` rows of `dv`), each with its distance between rows.
+struct Operands<'a> {
+    q: (&'a [f32], usize),
+    k: (&'a [f32], usize),
+    v: (&'a [f32], usize),
+    o: (*mut f32, usize),
+}
+
 /// One block of `r` query rows of one head: `o = softmax(scale q k^T) v`.
-#[allow(clippy::too_many_arguments)]
-fn attention_block(
-    q: &[f32],
-    k: &[f32],
-    v: &[f32],
-    o: &mut [f32],
+///
+/// # Safety
+/// `o` points to `r` writable rows of `dv` f32s, its stride apart, that nothing else reads or
+/// writes during the call.
+unsafe fn attention_block(
+    Operands { q, k, v, o }: Operands,
     scores: &mut [f32],
     inverse: &mut [f32],
     [d, m, dv]: [usize; 3],
     scale: f32,
 ) {
     let r = inverse.len();
-    debug_assert_eq!(q.len(), r * d);
-    debug_assert_eq!(scores.len(), r * m);
-    debug_assert_eq!(o.len(), r * dv);
+    let ((q, q_stride), (k, k_stride), (v, v_stride), (o, o_stride)) = (q, k, v, o);
+    assert_eq!(q.len(), (r - 1) * q_stride + d);
+    assert_eq!(k.len(), (m - 1) * k_stride + d);
+    assert_eq!(v.len(), (m - 1) * v_stride + dv);
+    assert_eq!(scores.len(), r * m);
     // SAFETY: every pointer covers the matrix its sizes and strides describe (the slices'
-    // lengths are checked above), `scores` and `o` are not aliased by the inputs.
+    // lengths are checked above, `o` by the caller), `scores` and `o` are not aliased by the
+    // inputs.
     unsafe {
-        // scores [r, m] = scale * q [r, d] @ k^T (k is [m, d] row-major)
+        // scores [r, m] = scale * q [r, d] @ k^T (k is [m, d], rows k_stride apart)
         gemm::gemm(
             r,
             m,
@@ -143,9 +250,9 @@ fn attention_block(
             false,
             q.as_ptr(),
             1,
-            d as isize,
+            q_stride as isize,
             k.as_ptr(),
-            d as isize,
+            k_stride as isize,
             1,
             0.0,
             scale,
@@ -158,18 +265,20 @@ fn attention_block(
     for (row, inv) in scores.chunks_exact_mut(m).zip(inverse.iter_mut()) {
         *inv = softmax_numerator(row, 1.0).recip();
     }
-    // SAFETY: as above; `v` is [m, dv] row-major.
+    // SAFETY: as above.
     unsafe {
         // o [r, dv] = exp-scores [r, m] @ v [m, dv]
         super::host::gemm_rows(
-            (o.as_mut_ptr(), dv),
+            (o, o_stride),
             false,
             (scores.as_ptr(), m),
-            (v.as_ptr(), dv),
+            (v.as_ptr(), v_stride),
             [r, m, dv],
         )
     };
-    for (row, inv) in o.chunks_exact_mut(dv).zip(inverse.iter()) {
+    for (i, inv) in inverse.iter().enumerate() {
+        // SAFETY: row i of `o` (the caller's).
+        let row = unsafe { std::slice::from_raw_parts_mut(o.add(i * o_stride), dv) };
         for x in row {
             *x *= inv;
         }
@@ -335,7 +444,7 @@ vectorised! {
             let chunk: &[f32; 32] = row[kb * 32..kb * 32 + 32].try_into().unwrap();
             let out: &mut [u16; 32] = (&mut dst[kb * 1024..kb * 1024 + 32]).try_into().unwrap();
             for j in 0..32 {
-                let e = exp((chunk[j] - max) * scale);
+                let e = exp((chunk[j] - max) * scale, has_fma!());
                 sum[j] += e;
                 out[j] = super::host::bf16_bits(e);
             }
@@ -345,7 +454,7 @@ vectorised! {
             let chunk = &row[full * 32..];
             let out = &mut dst[full * 1024..full * 1024 + 32];
             for (o, &x) in out.iter_mut().zip(chunk) {
-                let e = exp((x - max) * scale);
+                let e = exp((x - max) * scale, has_fma!());
                 total += e;
                 *o = super::host::bf16_bits(e);
             }
@@ -367,14 +476,14 @@ vectorised! {
         let mut chunks = row.chunks_exact_mut(LANES);
         for chunk in &mut chunks {
             for (s, x) in sum.iter_mut().zip(chunk.iter_mut()) {
-                let e = exp((*x - max) * scale);
+                let e = exp((*x - max) * scale, has_fma!());
                 *x = e;
                 *s += e;
             }
         }
         let mut total: f32 = sum.iter().sum();
         for x in chunks.into_remainder() {
-            let e = exp((*x - max) * scale);
+            let e = exp((*x - max) * scale, has_fma!());
             *x = e;
             total += e;
         }
@@ -406,10 +515,28 @@ mod tests {
             let q = Tensor::<4>::random([b, h, n, d], normal, &device) * 2.0;
             let k = Tensor::<4>::random([b, h, m, d], normal, &device);
             let v = Tensor::<4>::random([b, h, m, dv], normal, &device);
-            let ours = host_attention(q.clone(), k.clone(), v.clone()).unwrap();
-            let reference = burn_attention(q, k, v, None, None, AttentionModuleOptions::default());
+            let sizes = [b, h, n, m, d, dv];
+            let (q_, k_, v_) = (q.clone(), k.clone(), v.clone());
+            let ours = host_attention(q_, k_, v_, Layout::HeadsFirst, sizes).unwrap();
+            let reference = burn_attention(
+                q.clone(),
+                k.clone(),
+                v.clone(),
+                None,
+                None,
+                AttentionModuleOptions::default(),
+            );
             let error = crate::reference::max_relative_error(&ours, &reference);
             assert!(error < 1e-5, "{:?}: {error:e}", [b, h, n, m, d, dv]);
+            // the same heads side by side in each token's row: the same result, in that layout
+            let tokens = |t: Tensor<4>| {
+                let [b, h, n, w] = t.dims();
+                t.swap_dims(1, 2).reshape([b, n, h * w])
+            };
+            let (q, k, v) = (tokens(q), tokens(k), tokens(v));
+            let ours = host_attention(q, k, v, Layout::TokensFirst, sizes).unwrap();
+            let error = crate::reference::max_relative_error(&ours, &tokens(reference));
+            assert!(error < 1e-5, "tokens {:?}: {error:e}", [b, h, n, m, d, dv]);
         }
     }
 
@@ -443,6 +570,15 @@ mod tests {
         assert!(attention(half(&q), half(&q), half(&q)).is_none());
         let double = |t: &Tensor<4>| t.clone().cast(DType::F64);
         assert!(attention(double(&q), double(&long), double(&long)).is_none());
+        // the token-major entry: the same rules, and heads that must divide the widths
+        let q = Tensor::<3>::zeros([1, 4, 8], &device);
+        let long = Tensor::<3>::zeros([1, MIN_KEYS, 8], &device);
+        assert!(attention_tokens(q.clone(), long.clone(), long.clone(), 2).is_some());
+        assert!(attention_tokens(q.clone(), q.clone(), q.clone(), 2).is_none());
+        assert!(attention_tokens(q.clone(), long.clone(), long.clone(), 3).is_none());
+        assert!(attention_tokens(q.clone(), long.clone(), long.clone(), 0).is_none());
+        let half = |t: &Tensor<3>| t.clone().cast(DType::F16);
+        assert!(attention_tokens(half(&q), half(&long), half(&long), 2).is_some());
     }
 
     /// bf16 against the same attention in f64 of the bf16 operands. On AMX the exponentials are

@@ -297,25 +297,25 @@ const A_S: [f32; 5] = [
 
 /// `1 + erf(z)`, without cancellation for negative `z` (see the module docs).
 #[inline(always)]
-fn one_plus_erf(z: f32) -> f32 {
+fn one_plus_erf(z: f32, fma: bool) -> f32 {
     let a = z.abs();
     let t = 1.0 / (1.0 + A_S_P * a);
     let r = t * (A_S[0] + t * (A_S[1] + t * (A_S[2] + t * (A_S[3] + t * A_S[4]))));
     // erfc(|z|) = r e^(-z^2)
-    let q = r * exp(-a * a);
+    let q = r * exp(-a * a, fma);
     if z < 0.0 { q } else { 2.0 - q }
 }
 
 #[inline(always)]
-fn gelu_one(x: f32) -> f32 {
-    0.5 * x * one_plus_erf(x * std::f32::consts::FRAC_1_SQRT_2)
+fn gelu_one(x: f32, fma: bool) -> f32 {
+    0.5 * x * one_plus_erf(x * std::f32::consts::FRAC_1_SQRT_2, fma)
 }
 
 /// `x sigmoid(x)`, from `e = e^(-|x|)` (never overflows): `sigmoid(x) = 1 / (1 + e)` for
 /// `x >= 0` and `e / (1 + e)` below.
 #[inline(always)]
-fn silu_one(x: f32) -> f32 {
-    let e = exp(-x.abs());
+fn silu_one(x: f32, fma: bool) -> f32 {
+    let e = exp(-x.abs(), fma);
     let s = if x >= 0.0 { 1.0 } else { e } / (1.0 + e);
     x * s
 }
@@ -323,7 +323,7 @@ fn silu_one(x: f32) -> f32 {
 vectorised! {
     fn gelu_slice(x: &[f32], out: &mut [f32]) {
         for (o, &x) in out.iter_mut().zip(x) {
-            *o = gelu_one(x);
+            *o = gelu_one(x, has_fma!());
         }
     }
 }
@@ -331,7 +331,7 @@ vectorised! {
 vectorised! {
     fn silu_slice(x: &[f32], out: &mut [f32]) {
         for (o, &x) in out.iter_mut().zip(x) {
-            *o = silu_one(x);
+            *o = silu_one(x, has_fma!());
         }
     }
 }
@@ -339,7 +339,7 @@ vectorised! {
 vectorised! {
     fn geglu_row(hidden: &[f32], gate: &[f32], out: &mut [f32]) {
         for ((o, &h), &g) in out.iter_mut().zip(hidden).zip(gate) {
-            *o = h * gelu_one(g);
+            *o = h * gelu_one(g, has_fma!());
         }
     }
 }
@@ -385,7 +385,7 @@ vectorised! {
     fn scale_shift_in_place(x: &mut [f32], scale: f32, shift: f32, silu: bool) {
         if silu {
             for x in x.iter_mut() {
-                *x = silu_one(*x * scale + shift);
+                *x = silu_one(*x * scale + shift, has_fma!());
             }
         } else {
             for x in x.iter_mut() {
@@ -400,7 +400,7 @@ vectorised! {
     fn scale_shift(x: &[f32], scale: f32, shift: f32, silu: bool, out: &mut [f32]) {
         if silu {
             for (o, &x) in out.iter_mut().zip(x) {
-                *o = silu_one(x * scale + shift);
+                *o = silu_one(x * scale + shift, has_fma!());
             }
         } else {
             for (o, &x) in out.iter_mut().zip(x) {
