@@ -3,8 +3,9 @@
 use burn::nn::Linear;
 use burn::tensor::Tensor;
 
-/// `layer.forward(x)`: on flex in f32 inference Kiln's kernel ([`crate::kernels::linear`], one
-/// GEMM onto the bias), burn's op everywhere else (other backends and dtypes, autodiff).
+/// `layer.forward(x)`: on flex in inference Kiln's kernel ([`crate::kernels::linear`]: tasks of
+/// rows by output columns, the bias added in cache; f32, bf16 and f16), burn's op everywhere
+/// else (other backends and dtypes, autodiff).
 ///
 /// # Shapes
 /// - `x`: `[..., in]`
