@@ -520,14 +520,8 @@ mod tests {
             let sizes = [b, h, n, m, d, dv];
             let (q_, k_, v_) = (q.clone(), k.clone(), v.clone());
             let ours = host_attention(q_, k_, v_, Layout::HeadsFirst, sizes).unwrap();
-            let reference = burn_attention(
-                q.clone(),
-                k.clone(),
-                v.clone(),
-                None,
-                None,
-                AttentionModuleOptions::default(),
-            );
+            let options = AttentionModuleOptions::default();
+            let reference = burn_attention(q.clone(), k.clone(), v.clone(), None, None, options);
             let error = crate::reference::max_relative_error(&ours, &reference);
             assert!(error < 1e-5, "{:?}: {error:e}", [b, h, n, m, d, dv]);
             // the same heads side by side in each token's row: the same result, in that layout
