@@ -73,27 +73,21 @@ pub fn group_norm_owned<const D: usize>(
     affine: Option<(&Tensor<1>, &Tensor<1>)>,
     silu: bool,
 ) -> Result<Tensor<D>, Tensor<D>> {
-    match x.dtype() {
-        burn::tensor::DType::F32 => group_norm_in_place::<f32, D>(x, groups, eps, affine, silu),
-        burn::tensor::DType::BF16 => {
-            group_norm_in_place::<half::bf16, D>(x, groups, eps, affine, silu)
-        }
-        burn::tensor::DType::F16 => {
-            group_norm_in_place::<half::f16, D>(x, groups, eps, affine, silu)
-        }
-        _ => Err(x),
-    }
+    dispatch!(x, group_norm_in_place(x, groups, eps, affine, silu) else Err(x))
 }
 
-/// Calls the generic host function `$f` for the element type of `$x` (f32, bf16 or f16; `None`
-/// for other dtypes and for tensors that are not plain flex ones).
+/// Calls the generic host function `$f` for the element type of `$x` (f32, bf16 or f16), or
+/// gives `$other` (`None` unless said) for other dtypes.
 macro_rules! dispatch {
     ($x:expr, $f:ident($($arg:expr),*)) => {
+        dispatch!($x, $f($($arg),*) else None)
+    };
+    ($x:expr, $f:ident($($arg:expr),*) else $other:expr) => {
         match $x.dtype() {
             burn::tensor::DType::F32 => $f::<f32, _>($($arg),*),
             burn::tensor::DType::BF16 => $f::<half::bf16, _>($($arg),*),
             burn::tensor::DType::F16 => $f::<half::f16, _>($($arg),*),
-            _ => None,
+            _ => $other,
         }
     };
 }

@@ -83,22 +83,26 @@ std::thread_local! {
     };
 }
 
-/// The input and the weight read in place as `T` on the host, the bias widened to f32.
+/// The input and the weight read in place as `T` on the host (their lengths checked against
+/// `[rows, d_in, d_out]`), the bias widened to f32.
 #[allow(clippy::type_complexity)]
 fn host_operands<T: Float, const D: usize>(
     x: &Tensor<D>,
     weight: &Tensor<2>,
     bias: Option<&Tensor<1>>,
+    [rows, d_in, d_out]: [usize; 3],
 ) -> Option<(host::Host<T>, host::Host<T>, Option<Vec<f32>>)> {
     let bias = match bias {
         Some(b) => Some(host::bias_f32(b)?),
         None => None,
     };
-    Some((
+    let (x, weight) = (
         host::Host::<T>::new(x.clone())?,
         host::Host::<T>::new(weight.clone())?,
-        bias,
-    ))
+    );
+    assert_eq!(x.as_slice().len(), rows * d_in);
+    assert_eq!(weight.as_slice().len(), d_in * d_out);
+    Some((x, weight, bias))
 }
 
 /// `x W + b` computed in f32 in tasks of [`TASK_ROWS`] rows by [`TASK_COLS`] output columns
@@ -111,10 +115,8 @@ fn tiled_linear<T: Float, const D: usize>(
     [rows, d_in, d_out]: [usize; 3],
     dims: [usize; D],
 ) -> Option<Tensor<D>> {
-    let (x, weight, bias) = host_operands::<T, D>(x, weight, bias)?;
+    let (x, weight, bias) = host_operands::<T, D>(x, weight, bias, [rows, d_in, d_out])?;
     let (xs, ws) = (x.as_slice(), weight.as_slice());
-    assert_eq!(xs.len(), rows * d_in);
-    assert_eq!(ws.len(), d_in * d_out);
     let mut out = Vec::<T>::with_capacity(rows * d_out);
     let out_ptr = host::SharedMut(out.as_mut_ptr());
     let (row_tasks, col_tasks) = (rows.div_ceil(TASK_ROWS), d_out.div_ceil(TASK_COLS));
@@ -138,9 +140,9 @@ fn tiled_linear<T: Float, const D: usize>(
                     (w.as_ptr().add(j0), d_out),
                     [n, d_in, cols],
                 );
-                for i in 0..n {
-                    let row = std::slice::from_raw_parts_mut(block.add(i * d_out).cast(), cols);
-                    if let Some(b) = bias {
+                if let Some(b) = bias {
+                    for i in 0..n {
+                        let row = std::slice::from_raw_parts_mut(block.add(i * d_out).cast(), cols);
                         add_in_place(row, b);
                     }
                 }
@@ -211,14 +213,12 @@ fn amx_linear<const D: usize>(
 ) -> Option<Tensor<D>> {
     use super::amx;
     use half::bf16;
-    let (x, weight, bias) = host_operands::<bf16, D>(x, weight, bias)?;
+    let (x, weight, bias) = host_operands::<bf16, D>(x, weight, bias, [rows, d_in, d_out])?;
     let init = match &bias {
         Some(b) => amx::Init::ColBias(b),
         None => amx::Init::Zero,
     };
-    let (xs, ws) = (x.as_slice(), weight.as_slice());
-    assert_eq!(xs.len(), rows * d_in);
-    assert_eq!(ws.len(), d_in * d_out);
+    let xs = x.as_slice();
     let mut out = bytemuck::zeroed_vec::<bf16>(rows * d_out);
     let out_ptr = host::SharedMut(out.as_mut_ptr());
     let packed = amx::packed_weight(&weight, amx::Operand::Right, [d_in, d_out], [d_out, 1]);
