@@ -223,6 +223,7 @@ def main() -> int:
         times_s=times, median_s=median, min_s=ordered[0], max_s=ordered[-1], flops=flops,
         gflops_per_s=flops / median / 1e9, peak_rss_bytes=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
         threads=args.threads, cpu=cpu_name(), torch=torch.__version__,
+        cpu_capability=torch.backends.cpu.get_cpu_capability(),
     )
     print(json.dumps(report))
     return 0

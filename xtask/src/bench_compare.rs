@@ -149,8 +149,16 @@ fn measure(cmd: &mut Command) -> Result<Value> {
     last_json(&out.stdout)
 }
 
-/// Runs the set, appending every result to `results`; then writes the report.
-pub fn run(root: &Path, python: &Path, set: &str, rounds: usize, bf16: bool) -> Result<()> {
+/// Runs the set, appending every result to `results`; then writes the report. With `hidden`
+/// (the `hide-isa` library), both sides run with AVX-512 hidden from them.
+pub fn run(
+    root: &Path,
+    python: &Path,
+    set: &str,
+    rounds: usize,
+    bf16: bool,
+    hidden: Option<&Path>,
+) -> Result<()> {
     let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
     crate::run(Command::new(&cargo).current_dir(root).args([
         "build",
@@ -177,21 +185,27 @@ pub fn run(root: &Path, python: &Path, set: &str, rounds: usize, bf16: bool) -> 
             };
             for side in sides {
                 eprintln!("bench-compare: {} round {} {side}", config.key(), round + 1);
-                let mut report = if side == "kiln" {
-                    measure(
-                        Command::new(&kiln)
-                            .arg("bench")
-                            .args(config.args())
-                            .env("RAYON_NUM_THREADS", "2"),
-                    )?
+                let mut cmd = if side == "kiln" {
+                    let mut cmd = Command::new(&kiln);
+                    cmd.arg("bench")
+                        .args(config.args())
+                        .env("RAYON_NUM_THREADS", "2");
+                    cmd
                 } else {
                     let mut cmd = Command::new(python);
                     cmd.arg(root.join("xtask/bench/torch_bench.py"))
                         .args(config.args())
                         .args(["--threads", "2"]);
                     crate::python_env(&mut cmd, root);
-                    measure(&mut cmd)?
+                    cmd
                 };
+                if let Some(library) = hidden {
+                    crate::hide_isa::apply(&mut cmd, library);
+                }
+                let mut report = measure(&mut cmd)?;
+                if hidden.is_some() {
+                    report["hidden_isa"] = "avx512".into();
+                }
                 report["side"] = side.into();
                 report["round"] = round.into();
                 report["key"] = config.key().into();
@@ -217,8 +231,8 @@ fn now() -> String {
         .unwrap_or_default()
 }
 
-fn cpu() -> String {
-    let name = std::fs::read_to_string("/proc/cpuinfo")
+fn cpu_name() -> String {
+    std::fs::read_to_string("/proc/cpuinfo")
         .ok()
         .and_then(|info| {
             info.lines()
@@ -226,7 +240,11 @@ fn cpu() -> String {
                 .and_then(|l| l.split_once(':'))
                 .map(|(_, v)| v.trim().to_string())
         })
-        .unwrap_or_else(|| "unknown CPU".into());
+        .unwrap_or_else(|| "unknown CPU".into())
+}
+
+fn cpu() -> String {
+    let name = cpu_name();
     let mut simd = Vec::new();
     #[cfg(target_arch = "x86_64")]
     {
@@ -292,8 +310,12 @@ pub fn report(root: &Path, results: &Path, session: Option<&str>) -> Result<()> 
             .context("no results")?
             .to_string(),
     };
+    let session_lines: Vec<&Value> = lines
+        .iter()
+        .filter(|l| l["session"] == session.as_str())
+        .collect();
     let mut rows: Vec<Row> = Vec::new();
-    for line in lines.iter().filter(|l| l["session"] == session.as_str()) {
+    for line in &session_lines {
         let key = line["key"].as_str().unwrap_or_default().to_string();
         let index = match rows.iter().position(|r| r.key == key) {
             Some(i) => i,
@@ -328,12 +350,36 @@ pub fn report(root: &Path, results: &Path, session: Option<&str>) -> Result<()> 
     }
     let gib = |b: u64| b as f64 / (1u64 << 30) as f64;
     let mut table = String::new();
-    let rounds = lines
+    let rounds = session_lines
         .iter()
-        .filter(|l| l["session"] == session.as_str())
         .filter_map(|l| l["round"].as_u64())
         .max()
         .map_or(0, |r| r + 1);
+    let hidden = session_lines.iter().any(|l| l["hidden_isa"].is_string());
+    let machine = if hidden {
+        let torch_seen = session_lines
+            .iter()
+            .find_map(|l| l["cpu_capability"].as_str())
+            .unwrap_or("?")
+            .to_string();
+        let seen = session_lines
+            .iter()
+            .find_map(|l| l["simd"].as_array())
+            .map(|s| {
+                s.iter()
+                    .filter_map(|v| v.as_str())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            })
+            .unwrap_or_default();
+        format!(
+            "{} with AVX-512, AVX-VNNI and AMX hidden from both sides (`--hide-avx512`; Kiln \
+             detected {seen}, PyTorch's ATen {torch_seen})",
+            cpu_name()
+        )
+    } else {
+        cpu()
+    };
     let order = if rounds > 1 {
         format!("{rounds} rounds, the side that runs first swapping each round")
     } else {
@@ -341,9 +387,8 @@ pub fn report(root: &Path, results: &Path, session: Option<&str>) -> Result<()> 
     };
     writeln!(
         table,
-        "Measured {session} on {} with 2 threads each, PyTorch {}, `cargo xtask bench-compare` \
-         ({order}; medians of each side's runs, the ratio of the medians):\n",
-        cpu(),
+        "Measured {session} on {machine} with 2 threads each, PyTorch {}, `cargo xtask \
+         bench-compare` ({order}; medians of each side's runs, the ratio of the medians):\n",
         lines
             .iter()
             .find_map(|l| l["torch"].as_str())
@@ -370,12 +415,28 @@ pub fn report(root: &Path, results: &Path, session: Option<&str>) -> Result<()> 
     print!("{table}");
     let docs = root.join("docs/performance.md");
     let doc = std::fs::read_to_string(&docs)?;
-    let (start, end) = ("<!-- bench-compare -->", "<!-- /bench-compare -->");
+    let (start, end, heading) = if hidden {
+        (
+            "<!-- bench-compare avx2 -->",
+            "<!-- /bench-compare avx2 -->",
+            "### AVX2 code on this machine",
+        )
+    } else {
+        (
+            "<!-- bench-compare -->",
+            "<!-- /bench-compare -->",
+            "## Side by side with PyTorch",
+        )
+    };
     let new_doc = match (doc.find(start), doc.find(end)) {
         (Some(a), Some(b)) if a < b => format!("{}{start}\n{table}{}", &doc[..a], &doc[b..]),
-        _ => format!("{doc}\n## Side by side with PyTorch\n\n{start}\n{table}{end}\n"),
+        _ => format!("{doc}\n{heading}\n\n{start}\n{table}{end}\n"),
     };
     std::fs::write(&docs, new_doc)?;
+    if hidden {
+        // the plot shows the machine as it is
+        return Ok(());
+    }
     let unet: Vec<&Row> = rows
         .iter()
         .filter(|r| r.workload == "unet" && r.key.contains("f32"))

@@ -6,12 +6,14 @@
 //!
 //! `cargo xtask emulate-cpu` runs the test suite on an emulated CPU model (qemu's user-mode
 //! emulator), so an AVX-512 machine can check what an AVX2-only one computes
-//! (docs/determinism.md).
+//! (docs/determinism.md); `cargo xtask hide-isa` runs any command at native speed with AVX-512
+//! hidden from feature detection, where the CPU offers CPUID faulting.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
 mod bench_compare;
+mod hide_isa;
 
 use anyhow::{Context, Result, bail};
 use clap::{Parser, Subcommand};
@@ -60,6 +62,18 @@ enum Task {
         /// Only redraw the table and the plot from the saved results.
         #[arg(long)]
         report: bool,
+        /// Hide AVX-512, AVX-VNNI and AMX from both sides (as `hide-isa` does): the table of an
+        /// AVX2-only CPU's code on this machine, written under its own heading.
+        #[arg(long)]
+        hide_avx512: bool,
+    },
+    /// Run a command with AVX-512 (every subset), AVX-VNNI and AMX hidden from run-time feature
+    /// detection, at native speed (CPUID faulting, where /proc/cpuinfo lists `cpuid_fault`), e.g.
+    /// `cargo xtask hide-isa -- cargo test -p kiln-nn --release` runs the AVX2 kernel clones.
+    HideIsa {
+        /// The command and its arguments.
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true, required = true)]
+        command: Vec<String>,
     },
     /// Run `cargo test --no-fail-fast` (on the workspace, or on the `-p` packages given) with
     /// every test binary under qemu's user-mode
@@ -161,6 +175,7 @@ fn main() -> Result<()> {
             rounds,
             bf16,
             report,
+            hide_avx512,
         } => {
             if report {
                 bench_compare::report(
@@ -170,8 +185,16 @@ fn main() -> Result<()> {
                 )?;
             } else {
                 let python = venv(&root)?;
-                bench_compare::run(&root, &python, &set, rounds.max(1), bf16)?;
+                let hidden = hide_avx512.then(|| hide_isa::library(&root)).transpose()?;
+                bench_compare::run(&root, &python, &set, rounds.max(1), bf16, hidden.as_deref())?;
             }
+        }
+        Task::HideIsa { command } => {
+            let library = hide_isa::library(&root)?;
+            let mut cmd = Command::new(&command[0]);
+            cmd.args(&command[1..]);
+            hide_isa::apply(&mut cmd, &library);
+            run(&mut cmd)?;
         }
         Task::EmulateCpu { cpu, args } => {
             let probe = Command::new("qemu-x86_64").args(["-cpu", "help"]).output();
