@@ -11,7 +11,7 @@ use std::process::ExitCode;
 use anyhow::{Context, Result, bail};
 use burn::tensor::Device;
 use clap::{Parser, Subcommand};
-use kiln_clip::{ClipTextModel, ClipTokenizer, PromptSyntax};
+use kiln_clip::{ClipTokenizer, PromptSyntax};
 
 mod bench;
 mod generate;
@@ -34,9 +34,10 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Print the token ids the text encoder receives for a prompt, as one JSON object.
+    /// Print the token ids the text encoder receives for a prompt, as one JSON object (an SDXL
+    /// folder's second tokenizer under `tokenizer_2`).
     Tokenize {
-        /// Model folder (with a `tokenizer/` subfolder) or a tokenizer folder.
+        /// Model folder (with `tokenizer/`, and `tokenizer_2/` for SDXL) or a tokenizer folder.
         #[arg(long)]
         model: PathBuf,
         /// The prompt.
@@ -45,10 +46,13 @@ enum Command {
         #[command(flatten)]
         syntax: PromptArgs,
     },
-    /// Encode a prompt with the text encoder and write the embeddings to a safetensors file
-    /// (`prompt_embeds` [1, seq, hidden] and `pooled_prompt_embeds` [1, hidden]).
+    /// Encode a prompt with the model's text encoders and write the embeddings to a
+    /// safetensors file: `prompt_embeds` [1, seq, width] and `pooled_prompt_embeds`, as the
+    /// model's pipeline uses them (SDXL: both encoders' penultimate states side by side and the
+    /// second's projected pooled output; SD 1.x / 2.x: the last state and CLIP's pooled output).
     Encode {
-        /// Model folder with `tokenizer/` and `text_encoder/` subfolders.
+        /// Model folder with `tokenizer/` and `text_encoder/` subfolders (SDXL: and
+        /// `tokenizer_2/`, `text_encoder_2/`).
         #[arg(long)]
         model: PathBuf,
         /// The prompt.
@@ -153,21 +157,39 @@ fn run(cli: Cli) -> Result<()> {
             prompt,
             syntax,
         } => {
-            let tokenizer = ClipTokenizer::from_dir(&model)?;
-            let input_ids = tokenizer.encode(&prompt)?;
-            let content = tokenizer.content_ids(&prompt)?;
-            let room = tokenizer.max_length() - 2;
-            let windows = tokenizer.tokenize_prompt(&prompt, syntax.syntax())?;
-            let out = serde_json::json!({
-                "prompt": prompt,
-                "input_ids": input_ids,
-                "tokens": tokenizer.tokens(&input_ids),
-                "num_tokens": content.len(),
-                "truncated": content.len() > room,
-                "max_length": tokenizer.max_length(),
-                "windows": windows.ids,
-                "weights": windows.weights,
-            });
+            // a model folder's tokenizers (an SDXL refiner has only `tokenizer_2/`), or the
+            // tokenizer folder given
+            let mut folders: Vec<PathBuf> = ["tokenizer", "tokenizer_2"]
+                .iter()
+                .map(|name| model.join(name))
+                .filter(|dir| dir.is_dir())
+                .collect();
+            if folders.is_empty() {
+                folders.push(model.clone());
+            }
+            let mut out = serde_json::Value::Null;
+            for (i, folder) in folders.iter().enumerate() {
+                let tokenizer = ClipTokenizer::from_dir(folder)?;
+                let input_ids = tokenizer.encode(&prompt)?;
+                let content = tokenizer.content_ids(&prompt)?;
+                let room = tokenizer.max_length() - 2;
+                let windows = tokenizer.tokenize_prompt(&prompt, syntax.syntax())?;
+                let ids = serde_json::json!({
+                    "prompt": prompt,
+                    "input_ids": input_ids,
+                    "tokens": tokenizer.tokens(&input_ids),
+                    "num_tokens": content.len(),
+                    "truncated": content.len() > room,
+                    "max_length": tokenizer.max_length(),
+                    "windows": windows.ids,
+                    "weights": windows.weights,
+                });
+                if i == 0 {
+                    out = ids;
+                } else {
+                    out["tokenizer_2"] = ids;
+                }
+            }
             let mut stdout = std::io::stdout().lock();
             serde_json::to_writer(&mut stdout, &out)?;
             writeln!(stdout)?;
@@ -182,16 +204,15 @@ fn run(cli: Cli) -> Result<()> {
         } => {
             check_output(&output, overwrite)?;
             let device = device(cli.device.as_deref())?;
-            let tokenizer = ClipTokenizer::from_dir(&model)?;
-            let encoder = ClipTextModel::from_dir(&model, &device)?;
-            let windows = tokenizer.tokenize_prompt(&prompt, syntax.syntax())?;
+            let encoders = kiln_pipeline::TextEncoders::from_dir(&model, &device)?;
             // The pooled output is the first window's, as the A1111 UI and diffusers use it.
-            let out = encoder.encode_windows(&windows, clip_skip, &device)?;
-            let (embeds, pooled) = (out.hidden_state, out.pooled);
+            let out =
+                encoders.encode_prompts([&prompt, &prompt], syntax.syntax(), clip_skip, &device)?;
+            let pooled = out.pooled_prompt_embeds();
             write_safetensors(
                 &output,
                 &[
-                    ("prompt_embeds", embeds.into_data()),
+                    ("prompt_embeds", out.hidden_states.into_data()),
                     ("pooled_prompt_embeds", pooled.into_data()),
                 ],
             )?;

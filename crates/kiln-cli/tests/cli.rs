@@ -64,6 +64,27 @@ fn tokenize_keeps_long_prompts_in_windows() {
     assert!(windows.iter().all(|w| w.as_array().unwrap().len() == 77));
 }
 
+/// `kiln encode` of `prompt` with `model` on flex, skipping `skip` layers, over `output`; the
+/// embeddings it wrote.
+fn encode(model: &Path, prompt: &str, skip: &str, output: &Path) -> Reference {
+    let out = kiln(&[
+        "encode",
+        "--model",
+        model.to_str().unwrap(),
+        "--prompt",
+        prompt,
+        "--device",
+        "flex",
+        "--clip-skip",
+        skip,
+        "--output",
+        output.to_str().unwrap(),
+        "--overwrite",
+    ]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    Reference::open(output).unwrap()
+}
+
 #[test]
 fn encode_writes_transformers_equal_embeddings() {
     let dir = tempfile::tempdir().unwrap();
@@ -72,22 +93,7 @@ fn encode_writes_transformers_equal_embeddings() {
     let prompt = "a photo of an astronaut riding a horse on mars";
     let device = kiln_nn::parse_device("flex").unwrap();
     for (skip, name) in [("0", "prompt_embeds"), ("1", "prompt_embeds_clip_skip_1")] {
-        let out = kiln(&[
-            "encode",
-            "--model",
-            model().to_str().unwrap(),
-            "--prompt",
-            prompt,
-            "--device",
-            "flex",
-            "--clip-skip",
-            skip,
-            "--output",
-            output.to_str().unwrap(),
-            "--overwrite",
-        ]);
-        assert!(out.status.success(), "{}", stderr(&out));
-        let got = Reference::open(&output).unwrap();
+        let got = encode(&model(), prompt, skip, &output);
         let a: Tensor<3> = got.tensor("prompt_embeds", &device).unwrap();
         let b: Tensor<3> = expected.tensor(name, &device).unwrap();
         assert_eq!(a.dims(), [1, 77, 8]);
@@ -101,6 +107,87 @@ fn encode_writes_transformers_equal_embeddings() {
         .map(|e| e.unwrap().file_name())
         .collect();
     assert_eq!(names.len(), 1, "{names:?}");
+}
+
+/// An SDXL folder is encoded by both its text encoders and the refiner's by its one, as
+/// diffusers' `encode_prompt` does (`fixtures/sdxl/expected.safetensors`, `xtask/fixtures/sdxl.py`).
+#[test]
+fn encode_uses_every_sdxl_text_encoder() {
+    let dir = tempfile::tempdir().unwrap();
+    let output = dir.path().join("embeds.safetensors");
+    let sdxl = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../fixtures/sdxl");
+    let expected = Reference::open(&sdxl.join("expected.safetensors")).unwrap();
+    let device = kiln_nn::parse_device("flex").unwrap();
+    for (folder, skip, name) in [
+        ("base", "0", "base"),
+        ("base", "1", "base_skip1"),
+        ("refiner", "0", "refiner"),
+    ] {
+        let prompt = "a photo of an astronaut riding a horse";
+        let got = encode(&sdxl.join(folder), prompt, skip, &output);
+        let embeds: Tensor<3> = got.tensor("prompt_embeds", &device).unwrap();
+        let pooled: Tensor<2> = got.tensor("pooled_prompt_embeds", &device).unwrap();
+        let want_embeds: Tensor<3> = expected
+            .tensor(&format!("encode.{name}.prompt_embeds"), &device)
+            .unwrap();
+        let want_pooled: Tensor<2> = expected
+            .tensor(&format!("encode.{name}.pooled"), &device)
+            .unwrap();
+        assert_eq!(embeds.dims(), want_embeds.dims(), "{name}");
+        assert_eq!(pooled.dims(), want_pooled.dims(), "{name}");
+        for (what, err) in [
+            ("prompt_embeds", max_relative_error(&embeds, &want_embeds)),
+            ("pooled", max_relative_error(&pooled, &want_pooled)),
+        ] {
+            // a text-encoder forward pass: [`tolerance::FORWARD`] says why this bound holds
+            assert!(
+                err < tolerance::FORWARD,
+                "{name} {what}: max relative error {err}"
+            );
+        }
+    }
+}
+
+#[test]
+fn tokenize_shows_both_sdxl_tokenizers() {
+    let sdxl = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../fixtures/sdxl");
+    let run = |folder: &str| -> serde_json::Value {
+        let out = kiln(&[
+            "tokenize",
+            "--model",
+            sdxl.join(folder).to_str().unwrap(),
+            "--prompt",
+            "a cat",
+        ]);
+        assert!(out.status.success(), "{}", stderr(&out));
+        serde_json::from_slice(&out.stdout).unwrap()
+    };
+    let base = run("base");
+    let refiner = run("refiner");
+    assert_eq!(base["input_ids"].as_array().unwrap().len(), 77);
+    // the refiner's one tokenizer is the base's second
+    assert_eq!(base["tokenizer_2"]["input_ids"], refiner["input_ids"]);
+    assert!(refiner.get("tokenizer_2").is_none());
+    // the same words; the second pads with `!` where the first pads with the end token
+    let ids = |v: &serde_json::Value| -> Vec<u64> {
+        v.as_array()
+            .unwrap()
+            .iter()
+            .map(|x| x.as_u64().unwrap())
+            .collect()
+    };
+    let (first, second) = (
+        ids(&base["input_ids"]),
+        ids(&base["tokenizer_2"]["input_ids"]),
+    );
+    let words = base["num_tokens"].as_u64().unwrap() as usize + 2;
+    assert_eq!(first[..words], second[..words]);
+    assert!(
+        first[words..]
+            .iter()
+            .zip(&second[words..])
+            .all(|(a, b)| a != b)
+    );
 }
 
 #[test]

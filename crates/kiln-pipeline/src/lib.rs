@@ -72,6 +72,7 @@ pub mod memory;
 pub mod pipeline_stable_diffusion;
 pub mod presets;
 pub mod single_file;
+pub mod text_encoders;
 pub mod training;
 
 pub use error::{Error, Result};
@@ -88,3 +89,4 @@ pub use single_file::{
     Family, SingleFileConfig, SingleFileOptions, convert_to_diffusers, infer_config,
     write_model_index,
 };
+pub use text_encoders::{PromptEncoding, TextEncoders};

@@ -17,7 +17,7 @@ use std::ops::ControlFlow;
 use std::path::{Path, PathBuf};
 
 use burn::tensor::{DType, Device, Tensor, TensorData};
-use kiln_clip::{ClipTextConfig, ClipTextModel, ClipTokenizer, HiddenLayer, PromptSyntax};
+use kiln_clip::{ClipTextConfig, ClipTextModel, ClipTokenizer, PromptSyntax};
 use kiln_nn::weights::{SafetensorsFile, load_tensors};
 use kiln_scheduler::{
     AnyScheduler, NoiseSource, SamplerName, SamplerOptions, Scheduler, SchedulerConfig,
@@ -47,6 +47,18 @@ pub(crate) fn text_components(dir: &Path) -> Vec<(&'static str, &'static str)> {
         pairs.push(("tokenizer_2", "text_encoder_2"));
     }
     pairs
+}
+
+/// The subfolders among `names` that `dir` lacks, each written `name/`.
+pub(crate) fn missing_folders<'a>(
+    dir: &Path,
+    names: impl IntoIterator<Item = &'a str>,
+) -> Vec<String> {
+    names
+        .into_iter()
+        .filter(|c| !dir.join(c).is_dir())
+        .map(|c| format!("{c}/"))
+        .collect()
 }
 
 /// `model_index.json`: the class name and SDXL's `force_zeros_for_empty_prompt`; components
@@ -657,14 +669,10 @@ impl StableDiffusionPipeline {
             missing.push("model_index.json".into());
         }
         let texts = text_components(dir);
-        missing.extend(
-            texts
-                .iter()
-                .flat_map(|(t, e)| [*t, *e])
-                .chain(COMPONENTS)
-                .filter(|c| !dir.join(c).is_dir())
-                .map(|c| format!("{c}/")),
-        );
+        missing.extend(missing_folders(
+            dir,
+            texts.iter().flat_map(|(t, e)| [*t, *e]).chain(COMPONENTS),
+        ));
         if !missing.is_empty() {
             return Err(Error::IncompleteModel {
                 dir: dir.to_path_buf(),
@@ -686,14 +694,7 @@ impl StableDiffusionPipeline {
         let dtype = options.dtype.dtype();
         let vae_dtype = vae_dtype(xl, &vae_config, dtype);
         let _span = tracing::info_span!("load_pipeline", dir = %dir.display()).entered();
-        let mut encoders = Vec::with_capacity(texts.len());
-        for (tokenizer, encoder) in texts {
-            encoders.push((
-                ClipTokenizer::from_dir(dir.join(tokenizer))?,
-                ClipTextModel::from_dir(dir.join(encoder), device)?,
-            ));
-        }
-        let mut encoders = encoders.into_iter();
+        let mut encoders = crate::text_encoders::load(dir, &texts, device)?.into_iter();
         let (tokenizer, text_encoder) = encoders.next().expect("one text encoder at least");
         let (tokenizer_2, text_encoder_2) = encoders.next().unzip();
         let unet = UNet2DConditionModel::from_pretrained(&dir.join("unet"), dtype, device)?;
@@ -1017,41 +1018,22 @@ impl StableDiffusionPipeline {
         clip_skip: usize,
     ) -> Result<(Tensor<3>, Option<Tensor<2>>)> {
         let xl = self.is_sdxl();
-        let layer = if xl {
-            HiddenLayer::Raw(clip_skip + 1)
-        } else {
-            HiddenLayer::Normed(clip_skip)
-        };
-        let encoders = self.text_encoders();
-        let mut states = Vec::with_capacity(encoders.len());
-        let mut pooled = None;
-        for (i, (tokenizer, encoder)) in encoders.iter().enumerate() {
-            let windows = tokenizer.tokenize_prompt(prompts[i.min(1)], syntax)?;
-            let out = encoder.encode_windows(&windows, layer, &self.device)?;
-            states.push(out.hidden_state);
-            pooled = out.text_embeds;
-        }
-        let longest = states.iter().map(|s| s.dims()[1]).max().unwrap_or(0);
-        for (state, (tokenizer, encoder)) in states.iter_mut().zip(&encoders) {
-            let seq = state.dims()[1];
-            if seq < longest {
-                let empty = tokenizer.tokenize_prompt("", syntax)?;
-                let empty = encoder.encode_windows(&empty, layer, &self.device)?;
-                let window = empty.hidden_state.dims()[1];
-                let pad = empty
-                    .hidden_state
-                    .repeat_dim(1, (longest - seq) / window.max(1));
-                *state = Tensor::cat(vec![state.clone(), pad], 1);
-            }
-        }
-        if xl && pooled.is_none() {
+        let out = crate::text_encoders::encode_prompts(
+            &self.text_encoders(),
+            xl,
+            prompts,
+            syntax,
+            clip_skip,
+            &self.device,
+        )?;
+        if xl && out.text_embeds.is_none() {
             return Err(Error::Mismatch(
                 "an SDXL UNet needs a pooled text embedding, but the last text encoder has no \
                  text_projection (its config.json must name CLIPTextModelWithProjection)"
                     .into(),
             ));
         }
-        Ok((Tensor::cat(states, 2), pooled))
+        Ok((out.hidden_states, out.text_embeds))
     }
 
     /// Loads a textual-inversion embedding ([`kiln_clip::textual_inversion`]): `token`, or the
