@@ -2,7 +2,8 @@
 //! through diffusers / PyTorch (`xtask/bench/torch_bench.py` in the venv, 2 threads), the two
 //! alternating run by run so that a change in the machine's load hits both, then the table of
 //! time ratios written into docs/performance.md (between its `bench-compare` markers) and a plot
-//! of seconds per UNet step against resolution (`docs/images/unet-seconds-vs-resolution.png`).
+//! of seconds per UNet step against resolution (`docs/images/unet-seconds-vs-resolution.png`;
+//! AVX2 code's, `--hide-avx512` or a CPU without AVX-512, `...-avx2.png`).
 //!
 //! Every result is appended to `target/bench-compare/results.jsonl` as it comes, so a stopped
 //! run keeps what it measured; `--report` redraws the table and the plot from that file alone.
@@ -441,19 +442,23 @@ pub fn report(root: &Path, results: &Path, session: Option<&str>) -> Result<()> 
         _ => format!("{doc}\n{heading}\n\n{start}\n{table}{end}\n"),
     };
     std::fs::write(&docs, new_doc)?;
-    if hidden || avx2_only {
-        // the plot goes with the main table
-        return Ok(());
-    }
+    // each table has its plot: the AVX2 code's beside the main one
+    let (png, code) = if hidden {
+        ("unet-seconds-vs-resolution-avx2.png", ", AVX-512 hidden")
+    } else if avx2_only {
+        ("unet-seconds-vs-resolution-avx2.png", ", AVX2")
+    } else {
+        ("unet-seconds-vs-resolution.png", "")
+    };
     let unet: Vec<&Row> = rows
         .iter()
         .filter(|r| r.workload == "unet" && r.key.contains("f32"))
         .collect();
     if unet.len() >= 2 {
         plot(
-            &root.join("docs/images/unet-seconds-vs-resolution.png"),
+            &root.join("docs/images").join(png),
             &unet,
-            &session,
+            &format!("{session}, {}{code}", cpu_name()),
         )?;
     }
     Ok(())
@@ -461,7 +466,7 @@ pub fn report(root: &Path, results: &Path, session: Option<&str>) -> Result<()> 
 
 const FONT: &[u8] = include_bytes!("../../crates/kiln-train/assets/DejaVuSans-Subset.ttf");
 
-fn plot(png: &Path, rows: &[&Row], session: &str) -> Result<()> {
+fn plot(png: &Path, rows: &[&Row], run: &str) -> Result<()> {
     let _ = plotters::style::register_font("sans-serif", FontStyle::Normal, FONT);
     let (width, height) = (900u32, 560u32);
     let mut pixels = vec![255u8; (width * height * 3) as usize];
@@ -475,7 +480,7 @@ fn plot(png: &Path, rows: &[&Row], session: &str) -> Result<()> {
         let max_px = rows.iter().map(|r| r.size).max().unwrap_or(1024) as f64;
         let mut chart = ChartBuilder::on(&area)
             .caption(
-                format!("SD 1.5 UNet step (batch 2, f32, 2 threads), {session}"),
+                format!("SD 1.5 UNet step (batch 2, f32, 2 threads), {run}"),
                 ("sans-serif", 20),
             )
             .margin(16)
