@@ -75,6 +75,19 @@ const TASK_ROWS: usize = 512;
 /// Output columns of one task of [`tiled_linear`].
 const TASK_COLS: usize = 512;
 
+/// The rows and output columns of one task of [`tiled_linear`]: at most [`TASK_ROWS`] x
+/// [`TASK_COLS`], the output cut into equal tasks (to a multiple of 8 rows and 16 columns), so
+/// that a few large tasks do not leave a thread idle. The text encoder's `[154, 768] -> 768`
+/// was one task of 512 columns and one of 256, a thread waiting a third of the time. The shape
+/// depends on the sizes only, not on the thread count.
+fn task_shape(rows: usize, d_out: usize) -> [usize; 2] {
+    let task_rows = rows.div_ceil(rows.div_ceil(TASK_ROWS)).next_multiple_of(8);
+    let task_cols = d_out
+        .div_ceil(d_out.div_ceil(TASK_COLS))
+        .next_multiple_of(16);
+    [task_rows.min(TASK_ROWS), task_cols.min(TASK_COLS)]
+}
+
 std::thread_local! {
     /// Each thread's widened rows, widened block of weight columns and f32 result block (bf16
     /// and f16 only).
@@ -105,8 +118,8 @@ fn host_operands<T: Float, const D: usize>(
     Some((x, weight, bias))
 }
 
-/// `x W + b` computed in f32 in tasks of [`TASK_ROWS`] rows by [`TASK_COLS`] output columns
-/// (see the module's doc). The tasks depend on the shapes only, so the result does not depend
+/// `x W + b` computed in f32 in tasks of at most [`TASK_ROWS`] rows by [`TASK_COLS`] output
+/// columns ([`task_shape`]; see the module's doc). The tasks depend on the shapes only, so the result does not depend
 /// on the thread count.
 fn tiled_linear<T: Float, const D: usize>(
     x: &Tensor<D>,
@@ -119,10 +132,11 @@ fn tiled_linear<T: Float, const D: usize>(
     let (xs, ws) = (x.as_slice(), weight.as_slice());
     let mut out = Vec::<T>::with_capacity(rows * d_out);
     let out_ptr = host::SharedMut(out.as_mut_ptr());
-    let (row_tasks, col_tasks) = (rows.div_ceil(TASK_ROWS), d_out.div_ceil(TASK_COLS));
+    let [task_rows, task_cols] = task_shape(rows, d_out);
+    let (row_tasks, col_tasks) = (rows.div_ceil(task_rows), d_out.div_ceil(task_cols));
     (0..row_tasks * col_tasks).into_par_iter().for_each(|task| {
-        let (r0, j0) = (task / col_tasks * TASK_ROWS, task % col_tasks * TASK_COLS);
-        let (n, cols) = (TASK_ROWS.min(rows - r0), TASK_COLS.min(d_out - j0));
+        let (r0, j0) = (task / col_tasks * task_rows, task % col_tasks * task_cols);
+        let (n, cols) = (task_rows.min(rows - r0), task_cols.min(d_out - j0));
         let bias = bias.as_ref().map(|b| &b[j0..j0 + cols]);
         // SAFETY (for the pointers into `out` below): rows r0..r0 + n, columns j0..j0 + cols
         // of the output are this task's alone, and inside its `rows * d_out` capacity.
@@ -288,6 +302,28 @@ mod tests {
         let b = layer.bias.as_ref().map(|b| b.val());
         let ours = linear(&xt, &layer.weight.val(), b.as_ref()).unwrap();
         assert!(crate::reference::max_relative_error(&ours, &layer.forward(xt)) < 1e-5);
+    }
+
+    /// Tasks are at most 512 x 512, cover the output, and are equal but for the last, which
+    /// is short by less than the rounding (8 rows, 16 columns).
+    #[test]
+    fn tasks_are_equal_and_bounded() {
+        for (rows, d_out) in [(154, 768), (8192, 320), (8192, 1280), (2048, 5120), (1, 1)] {
+            let [tr, tc] = task_shape(rows, d_out);
+            assert!(
+                tr <= TASK_ROWS && tc <= TASK_COLS,
+                "{rows}x{d_out}: {tr}x{tc}"
+            );
+            let (nr, nc) = (rows.div_ceil(tr), d_out.div_ceil(tc));
+            let (last_r, last_c) = (rows - (nr - 1) * tr, d_out - (nc - 1) * tc);
+            assert!(
+                tr - last_r < 8 * nr && tc - last_c < 16 * nc,
+                "{rows}x{d_out}"
+            );
+        }
+        // the text encoder's [154, 768] -> 768: two tasks of 384 columns, not 512 and 256
+        assert_eq!(task_shape(154, 768), [160, 384]);
+        assert_eq!(task_shape(8192, 1280), [512, 432]);
     }
 
     /// bf16 (on AMX tiles where the CPU has them, else widened) gives the f32 result of the
