@@ -119,8 +119,8 @@ fn host_operands<T: Float, const D: usize>(
 }
 
 /// `x W + b` computed in f32 in tasks of at most [`TASK_ROWS`] rows by [`TASK_COLS`] output
-/// columns ([`task_shape`]; see the module's doc). The tasks depend on the shapes only, so the result does not depend
-/// on the thread count.
+/// columns ([`task_shape`]; see the module's doc). The tasks depend on the shapes only, so the
+/// result does not depend on the thread count.
 fn tiled_linear<T: Float, const D: usize>(
     x: &Tensor<D>,
     weight: &Tensor<2>,
