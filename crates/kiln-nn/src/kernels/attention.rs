@@ -3,9 +3,13 @@
 //! burn-flex's flash attention tiles the keys 64 at a time over all the queries of a head,
 //! rescales the whole output after every tile, and computes its softmax one scalar `exp` at a
 //! time; at the UNet's shapes (4096 queries and keys, heads of 40) it runs at about 50 GFLOP/s
-//! against PyTorch's 128. Here each task takes a block of queries of one head whose full score
-//! rows fit in L2 (`SCORE_BUDGET`), so the softmax is exact in two passes with no rescaling; both
-//! products go through the `gemm` crate (as flex's do), and the exponentials are a vector loop
+//! against PyTorch's 128. Here each task takes a block of queries of one head and its scores
+//! against up to [`MAX_CHUNK`] keys at a time (`SCORE_BUDGET` elements at most): where the
+//! keys fit in one chunk (the UNet's at up to 512 px) the softmax is exact in two passes with
+//! no rescaling; longer sequences go chunk by chunk with the online softmax of flash attention
+//! (the output and the sum rescaled when a chunk raises a row's maximum), so that a block keeps
+//! its rows at any length. Both products go through the `gemm` crate (as flex's do), and the
+//! exponentials are a vector loop
 //! compiled for AVX-512, AVX2+FMA and NEON and chosen at run time (`multiversion`). Blocks run in
 //! parallel on rayon; a row's arithmetic does not depend on how the work is split, so the result
 //! is the same for any thread count. The operands may hold their heads first (`[batch, heads,
@@ -23,6 +27,12 @@ use super::host::HostF32;
 /// 512 px (`cargo bench --workspace --bench attention`): 2^16 0.80 s, 2^18 0.72 s, 2^19 0.68 s,
 /// 2^20 0.62 s, 2^21 0.91 s (burn's op: 1.60 s).
 const SCORE_BUDGET: usize = 1 << 20;
+
+/// Keys one score block spans at most (rows against more keys go chunk by chunk): 256 query
+/// rows of [`SCORE_BUDGET`]. Before, a block held its rows' scores against every key, so at
+/// 16384 keys (the UNet's self-attention at 1024 px) it had 64 rows and the keys, repacked
+/// for every block, were reused 4 times less than at 4096.
+const MAX_CHUNK: usize = SCORE_BUDGET / 256;
 
 /// Below this many keys burn's op keeps the attention (its naive path has no copies to make).
 /// The UNet's cross-attention to 77 tokens (`2x8x4096x77x40`, f32) took 17.1 ms through
@@ -135,7 +145,7 @@ impl Layout {
 }
 
 std::thread_local! {
-    /// Each thread's scores and their rows' inverse sums, kept between calls so that they are
+    /// Each thread's scores and their rows' maxima and sums, kept between calls so that they are
     /// not allocated and faulted in again for every block of queries.
     static SCORES: std::cell::Cell<[Vec<f32>; 2]> = const {
         std::cell::Cell::new([Vec::new(), Vec::new()])
@@ -169,7 +179,8 @@ fn host_attention<const D: usize>(
     let mut out = Vec::<f32>::with_capacity(b * h * n * dv);
     let out_ptr = super::host::SharedMut(out.as_mut_ptr());
     let scale = (d as f32).sqrt().recip();
-    let rows = (SCORE_BUDGET / m.max(1)).clamp(4, 1024).min(n);
+    let chunk = key_chunk(m);
+    let rows = (SCORE_BUDGET / chunk).clamp(4, 1024).min(n);
     let blocks = n.div_ceil(rows);
     (0..b * h * blocks).into_par_iter().for_each(|task| {
         let (pair, block) = (task / blocks, task % blocks);
@@ -181,9 +192,9 @@ fn host_attention<const D: usize>(
         let (v_at, v_stride) = layout.rows(pair, [h, m, dv]);
         let (o_at, o_stride) = layout.rows(pair, [h, n, dv]);
         let q_at = q_at + q0 * q_stride;
-        super::host::with_buffer(&SCORES, |[scores, inverse]| {
-            super::host::grow(scores, r * m);
-            super::host::grow(inverse, r);
+        super::host::with_buffer(&SCORES, |[scores, stats]| {
+            super::host::grow(scores, r * chunk);
+            super::host::grow(stats, 2 * r);
             let operands = Operands {
                 q: (&q[q_at..q_at + (r - 1) * q_stride + d], q_stride),
                 k: (&k[k_at..k_at + (m - 1) * k_stride + d], k_stride),
@@ -197,8 +208,8 @@ fn host_attention<const D: usize>(
             unsafe {
                 attention_block(
                     operands,
-                    &mut scores[..r * m],
-                    &mut inverse[..r],
+                    &mut scores[..r * chunk],
+                    &mut stats[..2 * r],
                     [d, m, dv],
                     scale,
                 )
@@ -219,7 +230,22 @@ struct Operands<'a> {
     o: (*mut f32, usize),
 }
 
-/// One block of `r` query rows of one head: `o = softmax(scale q k^T) v`.
+/// Keys per score chunk for `m` keys: all of them up to [`MAX_CHUNK`], else equal chunks of at
+/// most [`MAX_CHUNK`] (a multiple of 16, as gemm's microkernels' widths divide).
+fn key_chunk(m: usize) -> usize {
+    if m <= MAX_CHUNK {
+        return m.max(1);
+    }
+    m.div_ceil(m.div_ceil(MAX_CHUNK)).next_multiple_of(16)
+}
+
+/// One block of `r` query rows of one head: `o = softmax(scale q k^T) v`, over the keys in
+/// chunks of `scores.len() / r`.
+///
+/// With one chunk (all the keys) the scores' exponentials are taken against each row's maximum
+/// and the product with `v` divided by their sum. With more, each chunk's exponentials are taken
+/// against the row's maximum so far, and where a chunk raises it the output and the sum so far
+/// are scaled by `exp(old - new)` first (flash attention's online softmax).
 ///
 /// # Safety
 /// `o` points to `r` writable rows of `dv` f32s, its stride apart, that nothing else reads or
@@ -227,58 +253,83 @@ struct Operands<'a> {
 unsafe fn attention_block(
     Operands { q, k, v, o }: Operands,
     scores: &mut [f32],
-    inverse: &mut [f32],
+    stats: &mut [f32],
     [d, m, dv]: [usize; 3],
     scale: f32,
 ) {
-    let r = inverse.len();
+    let r = stats.len() / 2;
+    let chunk = scores.len() / r;
     let ((q, q_stride), (k, k_stride), (v, v_stride), (o, o_stride)) = (q, k, v, o);
     assert_eq!(q.len(), (r - 1) * q_stride + d);
     assert_eq!(k.len(), (m - 1) * k_stride + d);
     assert_eq!(v.len(), (m - 1) * v_stride + dv);
-    assert_eq!(scores.len(), r * m);
-    // SAFETY: every pointer covers the matrix its sizes and strides describe (the slices'
-    // lengths are checked above, `o` by the caller), `scores` and `o` are not aliased by the
-    // inputs.
-    unsafe {
-        // scores [r, m] = scale * q [r, d] @ k^T (k is [m, d], rows k_stride apart)
-        gemm::gemm(
-            r,
-            m,
-            d,
-            scores.as_mut_ptr(),
-            1,
-            m as isize,
-            false,
-            q.as_ptr(),
-            1,
-            q_stride as isize,
-            k.as_ptr(),
-            k_stride as isize,
-            1,
-            0.0,
-            scale,
-            false,
-            false,
-            false,
-            gemm::Parallelism::None,
-        );
+    assert_eq!(scores.len(), r * chunk);
+    let (max, sum) = stats.split_at_mut(r);
+    for k0 in (0..m).step_by(chunk) {
+        let w = chunk.min(m - k0);
+        let scores = &mut scores[..r * w];
+        // SAFETY: every pointer covers the matrix its sizes and strides describe (the slices'
+        // lengths are checked above, `o` by the caller), `scores` and `o` are not aliased by
+        // the inputs.
+        unsafe {
+            // scores [r, w] = scale * q [r, d] @ k[k0..k0 + w]^T (k is [m, d], rows k_stride
+            // apart)
+            gemm::gemm(
+                r,
+                w,
+                d,
+                scores.as_mut_ptr(),
+                1,
+                w as isize,
+                false,
+                q.as_ptr(),
+                1,
+                q_stride as isize,
+                k[k0 * k_stride..].as_ptr(),
+                k_stride as isize,
+                1,
+                0.0,
+                scale,
+                false,
+                false,
+                false,
+                gemm::Parallelism::None,
+            );
+        }
+        for (i, row) in scores.chunks_exact_mut(w).enumerate() {
+            let chunk_max = row_max(row);
+            if k0 == 0 {
+                max[i] = chunk_max;
+                sum[i] = exp_in_place(row, chunk_max, 1.0);
+                continue;
+            }
+            let new = max[i].max(chunk_max);
+            if new > max[i] {
+                let factor = (max[i] - new).exp();
+                sum[i] *= factor;
+                // SAFETY: row i of `o` (the caller's), written by the first chunk's product.
+                let out = unsafe { std::slice::from_raw_parts_mut(o.add(i * o_stride), dv) };
+                for x in out {
+                    *x *= factor;
+                }
+                max[i] = new;
+            }
+            sum[i] += exp_in_place(row, new, 1.0);
+        }
+        // SAFETY: as above; v's rows k0..k0 + w.
+        unsafe {
+            // o [r, dv] (+)= exp-scores [r, w] @ v[k0..k0 + w] [w, dv]
+            super::host::gemm_rows(
+                (o, o_stride),
+                k0 > 0,
+                (scores.as_ptr(), w),
+                (v[k0 * v_stride..].as_ptr(), v_stride),
+                [r, w, dv],
+            )
+        };
     }
-    for (row, inv) in scores.chunks_exact_mut(m).zip(inverse.iter_mut()) {
-        *inv = softmax_numerator(row, 1.0).recip();
-    }
-    // SAFETY: as above.
-    unsafe {
-        // o [r, dv] = exp-scores [r, m] @ v [m, dv]
-        super::host::gemm_rows(
-            (o, o_stride),
-            false,
-            (scores.as_ptr(), m),
-            (v.as_ptr(), v_stride),
-            [r, m, dv],
-        )
-    };
-    for (i, inv) in inverse.iter().enumerate() {
+    for (i, s) in sum.iter().enumerate() {
+        let inv = s.recip();
         // SAFETY: row i of `o` (the caller's).
         let row = unsafe { std::slice::from_raw_parts_mut(o.add(i * o_stride), dv) };
         for x in row {
@@ -470,10 +521,10 @@ vectorised! {
 const LANES: usize = 16;
 
 vectorised! {
-    /// Replaces `row` by `exp(scale (row - max(row)))` and returns its sum (the softmax's
-    /// denominator); `scale > 0` (1 where the scores are scaled already).
-    fn softmax_numerator(row: &mut [f32], scale: f32) -> f32 {
-        let max = row_max(row);
+    /// Replaces `row` by `exp(scale (row - max))` and returns its sum (the softmax's
+    /// denominator, or its share of it); `scale > 0` (1 where the scores are scaled already)
+    /// and `max` at least the row's largest element.
+    fn exp_in_place(row: &mut [f32], max: f32, scale: f32) -> f32 {
         let mut sum = [0f32; LANES];
         let mut chunks = row.chunks_exact_mut(LANES);
         for chunk in &mut chunks {
@@ -536,22 +587,76 @@ mod tests {
         }
     }
 
+    /// Keys beyond one chunk go through the online softmax: against burn's op where every later
+    /// chunk raises the rows' maxima (keys growing along the sequence, so the output and sums
+    /// are rescaled at each chunk), where none does (shrinking), and with a short last chunk.
+    #[test]
+    fn long_sequences_go_chunk_by_chunk() {
+        let device = Device::flex();
+        let normal = Distribution::Normal(0.0, 1.0);
+        let (b, h, n, m, d) = (1, 2, 37, 2 * MAX_CHUNK + 100, 8);
+        assert!(key_chunk(m) < m);
+        let ramp: Vec<f32> = (0..m).map(|i| i as f32 / m as f32).collect();
+        let ramp = Tensor::<1>::from_data(TensorData::new(ramp, [m]), &device);
+        for along in [ramp.clone() * 3.0 + 0.5, (-ramp + 1.0) * 3.0 + 0.5] {
+            let q = Tensor::<4>::random([b, h, n, d], normal, &device);
+            let k =
+                Tensor::<4>::random([b, h, m, d], normal, &device) * along.reshape([1, 1, m, 1]);
+            let v = Tensor::<4>::random([b, h, m, d], normal, &device);
+            let sizes = [b, h, n, m, d, d];
+            let (q_, k_, v_) = (q.clone(), k.clone(), v.clone());
+            let ours = host_attention(q_, k_, v_, Layout::HeadsFirst, sizes).unwrap();
+            let options = AttentionModuleOptions::default();
+            let reference = burn_attention(q, k, v, None, None, options);
+            let error = crate::reference::max_relative_error(&ours, &reference);
+            assert!(error < 1e-5, "{error:e}");
+        }
+    }
+
+    #[test]
+    fn key_chunks_are_equal_and_bounded() {
+        for m in [
+            1,
+            77,
+            4096,
+            MAX_CHUNK,
+            MAX_CHUNK + 1,
+            9000,
+            16384,
+            65536,
+            100_003,
+        ] {
+            let chunk = key_chunk(m);
+            assert!(chunk <= MAX_CHUNK, "{m}: {chunk}");
+            if m <= MAX_CHUNK {
+                assert_eq!(chunk, m);
+                continue;
+            }
+            assert_eq!(chunk % 16, 0, "{m}: {chunk}");
+            // as few chunks as the bound allows, the last one short by less than a chunk
+            assert_eq!(m.div_ceil(chunk), m.div_ceil(MAX_CHUNK), "{m}: {chunk}");
+        }
+    }
+
     #[test]
     fn thread_count_does_not_change_the_result() {
         let device = Device::flex();
         let normal = Distribution::Normal(0.0, 1.0);
-        let q = Tensor::<4>::random([1, 2, 500, 40], normal, &device);
-        let k = Tensor::<4>::random([1, 2, 600, 40], normal, &device);
-        let v = Tensor::<4>::random([1, 2, 600, 40], normal, &device);
-        let run = |threads: usize| {
-            let pool = rayon::ThreadPoolBuilder::new()
-                .num_threads(threads)
-                .build()
-                .unwrap();
-            let out = pool.install(|| attention(q.clone(), k.clone(), v.clone()).unwrap());
-            out.into_data().try_into_vec::<f32>().unwrap()
-        };
-        assert_eq!(run(1), run(3));
+        // one chunk of keys, and several
+        for (n, m, d) in [(500, 600, 40), (50, MAX_CHUNK + 300, 8)] {
+            let q = Tensor::<4>::random([1, 2, n, d], normal, &device);
+            let k = Tensor::<4>::random([1, 2, m, d], normal, &device);
+            let v = Tensor::<4>::random([1, 2, m, d], normal, &device);
+            let run = |threads: usize| {
+                let pool = rayon::ThreadPoolBuilder::new()
+                    .num_threads(threads)
+                    .build()
+                    .unwrap();
+                let out = pool.install(|| attention(q.clone(), k.clone(), v.clone()).unwrap());
+                out.into_data().try_into_vec::<f32>().unwrap()
+            };
+            assert_eq!(run(1), run(3));
+        }
     }
 
     #[test]
