@@ -300,7 +300,7 @@ unsafe fn attention_block(
             let chunk_max = row_max(row);
             if k0 == 0 {
                 max[i] = chunk_max;
-                sum[i] = exp_in_place(row, chunk_max, 1.0);
+                sum[i] = exp_in_place(row, chunk_max);
                 continue;
             }
             let new = max[i].max(chunk_max);
@@ -314,7 +314,7 @@ unsafe fn attention_block(
                 }
                 max[i] = new;
             }
-            sum[i] += exp_in_place(row, new, 1.0);
+            sum[i] += exp_in_place(row, new);
         }
         // SAFETY: as above; v's rows k0..k0 + w.
         unsafe {
@@ -521,22 +521,21 @@ vectorised! {
 const LANES: usize = 16;
 
 vectorised! {
-    /// Replaces `row` by `exp(scale (row - max))` and returns its sum (the softmax's
-    /// denominator, or its share of it); `scale > 0` (1 where the scores are scaled already)
-    /// and `max` at least the row's largest element.
-    fn exp_in_place(row: &mut [f32], max: f32, scale: f32) -> f32 {
+    /// Replaces `row` by `exp(row - max)` and returns its sum (the softmax's denominator, or
+    /// its share of it); `max` at least the row's largest element.
+    fn exp_in_place(row: &mut [f32], max: f32) -> f32 {
         let mut sum = [0f32; LANES];
         let mut chunks = row.chunks_exact_mut(LANES);
         for chunk in &mut chunks {
             for (s, x) in sum.iter_mut().zip(chunk.iter_mut()) {
-                let e = exp((*x - max) * scale, has_fma!());
+                let e = exp(*x - max, has_fma!());
                 *x = e;
                 *s += e;
             }
         }
         let mut total: f32 = sum.iter().sum();
         for x in chunks.into_remainder() {
-            let e = exp((*x - max) * scale, has_fma!());
+            let e = exp(*x - max, has_fma!());
             *x = e;
             total += e;
         }
