@@ -138,7 +138,7 @@ fn exp(x: f32, fma: bool) -> f32 {
     let ni = (t.to_bits() as i32).wrapping_sub(ROUND.to_bits() as i32);
     let r = madd(-n, LN2_LO, madd(-n, LN2_HI, x, fma), fma);
     let p = 1.384_360_7e-3_f32;
-    let p = madd(p, r, 8.374_195_5e-3, fma);
+    let p = madd(p, r, 8.374_196e-3, fma);
     let p = madd(p, r, 4.166_800_5e-2, fma);
     let p = madd(p, r, 1.666_643e-1, fma);
     let p = madd(p, r, 0.499_999_94, fma);
