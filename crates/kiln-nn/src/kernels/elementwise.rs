@@ -1,4 +1,4 @@
-//! Kiln's elementwise kernels: GELU, GEGLU, SiLU, and GroupNorm with an optional SiLU, computed
+//! Kiln's elementwise kernels: GELU, GEGLU, SiLU, CLIP's quick GELU, and GroupNorm with an optional SiLU, computed
 //! in f32 (bf16 and f16 inputs widened, the results rounded back).
 //!
 //! burn-flex computes `erf` and `exp` one scalar libm call at a time: GELU takes 16 ns per
@@ -32,6 +32,12 @@ pub fn gelu<const D: usize>(x: &Tensor<D>) -> Option<Tensor<D>> {
 /// SiLU, `x sigmoid(x)`, of a float flex tensor, or `None` (the caller then uses burn's op).
 pub fn silu<const D: usize>(x: &Tensor<D>) -> Option<Tensor<D>> {
     dispatch!(x, map(x, silu_slice))
+}
+
+/// CLIP's quick GELU, `x sigmoid(1.702 x)`, of a float flex tensor, or `None` (the caller then
+/// uses burn's ops).
+pub fn quick_gelu<const D: usize>(x: &Tensor<D>) -> Option<Tensor<D>> {
+    dispatch!(x, map(x, quick_gelu_slice))
 }
 
 /// GEGLU's gating: `h[.., :n] * gelu(h[.., n:])` for `h` of last dimension `2n`, or `None`.
@@ -305,13 +311,25 @@ fn gelu_one(x: f32, fma: bool) -> f32 {
     0.5 * x * one_plus_erf(x * std::f32::consts::FRAC_1_SQRT_2, fma)
 }
 
-/// `x sigmoid(x)`, from `e = e^(-|x|)` (never overflows): `sigmoid(x) = 1 / (1 + e)` for
-/// `x >= 0` and `e / (1 + e)` below.
+/// `sigmoid(x)` from `e = e^(-|x|)` (never overflows): `1 / (1 + e)` for `x >= 0` and
+/// `e / (1 + e)` below.
+#[inline(always)]
+fn sigmoid_one(x: f32, fma: bool) -> f32 {
+    let e = exp(-x.abs(), fma);
+    (if x >= 0.0 { 1.0 } else { e }) / (1.0 + e)
+}
+
+/// `x sigmoid(x)`.
 #[inline(always)]
 fn silu_one(x: f32, fma: bool) -> f32 {
-    let e = exp(-x.abs(), fma);
-    let s = if x >= 0.0 { 1.0 } else { e } / (1.0 + e);
-    x * s
+    x * sigmoid_one(x, fma)
+}
+
+/// `x sigmoid(1.702 x)`, the product `1.702 x` rounded to f32 first, as transformers' CLIP
+/// computes it.
+#[inline(always)]
+fn quick_gelu_one(x: f32, fma: bool) -> f32 {
+    x * sigmoid_one(1.702 * x, fma)
 }
 
 vectorised! {
@@ -326,6 +344,14 @@ vectorised! {
     fn silu_slice(x: &[f32], out: &mut [f32]) {
         for (o, &x) in out.iter_mut().zip(x) {
             *o = silu_one(x, has_fma!());
+        }
+    }
+}
+
+vectorised! {
+    fn quick_gelu_slice(x: &[f32], out: &mut [f32]) {
+        for (o, &x) in out.iter_mut().zip(x) {
+            *o = quick_gelu_one(x, has_fma!());
         }
     }
 }
@@ -431,6 +457,12 @@ mod tests {
                 (1.5e-7 + 6e-8) / 2.0,
             ),
             ("silu", silu(&x).unwrap(), activation::silu(x.clone()), 0.0),
+            (
+                "quick_gelu",
+                quick_gelu(&x).unwrap(),
+                x.clone() * activation::sigmoid(x.clone() * 1.702),
+                0.0,
+            ),
         ] {
             for ((&x, o), r) in xs.iter().zip(values(&ours)).zip(values(&reference)) {
                 let bound = approximation * x.abs() + 5.0 * f32::EPSILON * r.abs() + 1e-30;
@@ -554,6 +586,11 @@ mod tests {
             let cases: Vec<(&str, Tensor<4>, Tensor<4>)> = vec![
                 ("gelu", gelu(&x).unwrap(), gelu(&wide(&x)).unwrap()),
                 ("silu", silu(&x).unwrap(), silu(&wide(&x)).unwrap()),
+                (
+                    "quick_gelu",
+                    quick_gelu(&x).unwrap(),
+                    quick_gelu(&wide(&x)).unwrap(),
+                ),
                 (
                     "group_norm",
                     group_norm(&x, 4, 1e-6, Some((&g, &b)), true).unwrap(),

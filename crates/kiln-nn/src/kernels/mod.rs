@@ -66,7 +66,7 @@ mod winograd;
 
 pub use attention::{MIN_KEYS, attention, attention_tokens};
 pub use conv::{Conv2dAlgorithm, Conv2dOptions, conv2d, conv2d_with};
-pub use elementwise::{geglu, gelu, group_norm, group_norm_owned, silu};
+pub use elementwise::{geglu, gelu, group_norm, group_norm_owned, quick_gelu, silu};
 pub use linear::linear;
 
 /// Whether Kiln's kernels keep a packed copy of the weights they multiply (linear layers and
