@@ -9,12 +9,12 @@
 //! no rescaling; longer sequences go chunk by chunk with the online softmax of flash attention
 //! (the output and the sum rescaled when a chunk raises a row's maximum), so that a block keeps
 //! its rows at any length. Both products go through the `gemm` crate (as flex's do), and the
-//! exponentials are a vector loop
-//! compiled for AVX-512, AVX2+FMA and NEON and chosen at run time (`multiversion`). Blocks run in
-//! parallel on rayon; a row's arithmetic does not depend on how the work is split, so the result
-//! is the same for any thread count. The operands may hold their heads first (`[batch, heads,
-//! tokens, d]`, [`attention`]) or side by side in each token's row (`[batch, tokens, heads *
-//! d]`, as the projections make them: [`attention_tokens`]); gemm takes either as strides.
+//! exponentials are a vector loop compiled for AVX-512, AVX2+FMA and NEON and chosen at run time
+//! (`multiversion`). Blocks run in parallel on rayon; a row's arithmetic does not depend on how
+//! the work is split, so the result is the same for any thread count. The operands may hold
+//! their heads first (`[batch, heads, tokens, d]`, [`attention`]) or side by side in each
+//! token's row (`[batch, tokens, heads * d]`, as the projections make them:
+//! [`attention_tokens`]); gemm takes either as strides.
 
 use burn::tensor::{DType, Tensor, TensorData};
 use rayon::prelude::*;
