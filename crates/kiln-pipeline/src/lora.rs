@@ -50,7 +50,7 @@ pub struct LoadedLora {
     pub unet_layers: usize,
     /// Text-encoder layers it updates.
     pub text_encoder_layers: usize,
-    /// Layers of SDXL's second text encoder it updates.
+    /// Layers of SDXL's second text encoder it updates (on the SDXL refiner, its one encoder).
     pub text_encoder_2_layers: usize,
 }
 
@@ -109,28 +109,42 @@ impl StableDiffusionPipeline {
         }
         let one = [ScaledLora { file: &file, scale }];
         let unet_layers = LoraFuser::check(&self.unet, LoraComponent::Unet, &one, &[])?;
-        let text_encoder_layers = LoraFuser::check(
-            &self.text_encoder,
-            LoraComponent::TextEncoder,
-            &one,
-            TEXT_PREFIX,
-        )?;
-        let text_encoder_2_layers = match &self.text_encoder_2 {
+        let first = self.first_encoder_component();
+        let first_layers = LoraFuser::check(&self.text_encoder, first, &one, TEXT_PREFIX)?;
+        let second_layers = match &self.text_encoder_2 {
             Some(encoder) => {
                 LoraFuser::check(encoder, LoraComponent::TextEncoder2, &one, TEXT_PREFIX)?
             }
-            None => match file.component(LoraComponent::TextEncoder2).next() {
-                Some(layer) => {
-                    return Err(Error::Nn(kiln_nn::Error::Lora {
-                        path: path.to_path_buf(),
-                        key: layer.key.clone(),
-                        message: "is a layer of SDXL's second text encoder, which this model \
-                                  does not have; is the LoRA for SDXL?"
-                            .into(),
-                    }));
-                }
-                None => 0,
-            },
+            None => 0,
+        };
+        // layers of an encoder this model does not have
+        let missing = if self.is_sdxl_refiner() {
+            Some((
+                LoraComponent::TextEncoder,
+                "is a layer of SDXL's first text encoder (CLIP ViT-L), which the SDXL refiner \
+                 does not have; is the LoRA for the SDXL base?",
+            ))
+        } else if self.text_encoder_2.is_none() {
+            Some((
+                LoraComponent::TextEncoder2,
+                "is a layer of SDXL's second text encoder, which this model does not have; is \
+                 the LoRA for SDXL?",
+            ))
+        } else {
+            None
+        };
+        if let Some((component, message)) = missing
+            && let Some(layer) = file.component(component).next()
+        {
+            return Err(Error::Nn(kiln_nn::Error::Lora {
+                path: path.to_path_buf(),
+                key: layer.key.clone(),
+                message: message.into(),
+            }));
+        }
+        let (text_encoder_layers, text_encoder_2_layers) = match first {
+            LoraComponent::TextEncoder2 => (0, first_layers),
+            _ => (first_layers, second_layers),
         };
         self.loras.loaded.push(LoadedLora {
             name,
@@ -141,6 +155,17 @@ impl StableDiffusionPipeline {
             text_encoder_2_layers,
         });
         Ok(self.loras.loaded.last().expect("just pushed"))
+    }
+
+    /// Which LoRA layers the first encoder slot takes: SDXL's second encoder's (`lora_te2_`,
+    /// `text_encoder_2.`) on the SDXL refiner, whose one encoder (OpenCLIP ViT-bigG) is held
+    /// there; the text encoder's everywhere else.
+    fn first_encoder_component(&self) -> LoraComponent {
+        if self.is_sdxl_refiner() {
+            LoraComponent::TextEncoder2
+        } else {
+            LoraComponent::TextEncoder
+        }
     }
 
     /// The loaded LoRAs, in loading order.
@@ -188,9 +213,10 @@ impl StableDiffusionPipeline {
         self.loras
             .unet
             .fuse(&mut self.unet, LoraComponent::Unet, &scaled, &[], &device)?;
+        let first = self.first_encoder_component();
         let mut fused = self.loras.text_encoder.fuse(
             &mut self.text_encoder,
-            LoraComponent::TextEncoder,
+            first,
             &scaled,
             TEXT_PREFIX,
             &device,

@@ -594,6 +594,78 @@ fn sdxl_loras_match_diffusers_in_both_layouts() {
     assert!(refiner.loras().is_empty());
 }
 
+/// `lora_te2_` layers on the SDXL refiner go into its one encoder (SDXL's second, held in the
+/// first slot): the second-encoder layers of the kohya fixture, alone in a file, move the
+/// refiner's encoder by what they move the base's second encoder (a LoRA adds `scale * up @
+/// down`, whatever the weights it is added to; the base's is checked against diffusers above),
+/// and unfusing restores it. The first encoder's layers are refused on the refiner, naming the
+/// key.
+#[test]
+fn refiner_takes_second_encoder_loras() {
+    let kohya = std::fs::read(sdxl().join("lora/sdxl-kohya.safetensors")).unwrap();
+    let kohya = safetensors::SafeTensors::deserialize(&kohya).unwrap();
+    let tmp = tempfile::tempdir().unwrap();
+    let only = |prefix: &str| {
+        let path = tmp.path().join(format!("{prefix}.safetensors"));
+        let views: Vec<_> = kohya
+            .tensors()
+            .into_iter()
+            .filter(|(k, _)| k.starts_with(prefix))
+            .collect();
+        assert!(!views.is_empty(), "{prefix}");
+        safetensors::serialize_to_file(views, None, &path).unwrap();
+        path
+    };
+    let (te1, te2) = (only("lora_te1_"), only("lora_te2_"));
+    let q_proj = |encoder: &kiln_clip::ClipTextModel| {
+        encoder.encoder.layers[0].self_attn.q_proj.weight.val()
+    };
+    let delta = |pipe: &mut StableDiffusionPipeline, second: bool| {
+        let weight = |pipe: &StableDiffusionPipeline| match second {
+            true => q_proj(pipe.text_encoder_2.as_ref().unwrap()),
+            false => q_proj(&pipe.text_encoder),
+        };
+        let before = weight(pipe);
+        let loaded = pipe
+            .load_lora(&te2, 0.7, kiln_pipeline::LoraOptions::default())
+            .unwrap();
+        assert_eq!(
+            (loaded.unet_layers, loaded.text_encoder_layers),
+            (0, 0),
+            "{second}"
+        );
+        assert!(loaded.text_encoder_2_layers > 0, "{second}");
+        pipe.fuse_loras().unwrap();
+        let after = weight(pipe);
+        pipe.unfuse_loras().unwrap();
+        let restored = weight(pipe);
+        assert_eq!(
+            restored.to_data().as_bytes(),
+            before.to_data().as_bytes(),
+            "unfused"
+        );
+        after - before
+    };
+    let on_base = delta(&mut load("base"), true);
+    let mut refiner = load("refiner");
+    let on_refiner = delta(&mut refiner, false);
+    let moved: f32 = on_base.clone().abs().max().into_scalar();
+    assert!(moved > 1e-3, "the LoRA moves it: {moved}");
+    let error = max_relative_error(&on_refiner, &on_base);
+    assert!(error < 1e-4, "{error:e}");
+
+    refiner.clear_loras().unwrap();
+    let err = refiner
+        .load_lora(&te1, 1.0, kiln_pipeline::LoraOptions::default())
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("lora_te1_") && err.contains("first text encoder"),
+        "{err}"
+    );
+    assert!(refiner.loras().is_empty());
+}
+
 /// An SDXL embedding (`clip_l` and `clip_g`, `fixtures/sdxl/textual-inversion/`) into both text
 /// encoders, against diffusers loading each half into its encoder; an SD embedding refused on
 /// SDXL and an SDXL one on an SD model.
