@@ -118,20 +118,18 @@ impl StableDiffusionPipeline {
             None => 0,
         };
         // layers of an encoder this model does not have
-        let missing = if self.is_sdxl_refiner() {
-            Some((
+        let missing = match (first, &self.text_encoder_2) {
+            (LoraComponent::TextEncoder2, _) => Some((
                 LoraComponent::TextEncoder,
                 "is a layer of SDXL's first text encoder (CLIP ViT-L), which the SDXL refiner \
                  does not have; is the LoRA for the SDXL base?",
-            ))
-        } else if self.text_encoder_2.is_none() {
-            Some((
+            )),
+            (_, None) => Some((
                 LoraComponent::TextEncoder2,
                 "is a layer of SDXL's second text encoder, which this model does not have; is \
                  the LoRA for SDXL?",
-            ))
-        } else {
-            None
+            )),
+            (_, Some(_)) => None,
         };
         if let Some((component, message)) = missing
             && let Some(layer) = file.component(component).next()

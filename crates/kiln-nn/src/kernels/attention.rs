@@ -265,6 +265,15 @@ unsafe fn attention_block(
     assert_eq!(v.len(), (m - 1) * v_stride + dv);
     assert_eq!(scores.len(), r * chunk);
     let (max, sum) = stats.split_at_mut(r);
+    // row i of `o` times `factor`
+    let scale_row = |i: usize, factor: f32| {
+        // SAFETY: row i < r of `o`, the caller's alone; written by the first chunk's product
+        // before any call.
+        let row = unsafe { std::slice::from_raw_parts_mut(o.add(i * o_stride), dv) };
+        for x in row {
+            *x *= factor;
+        }
+    };
     for k0 in (0..m).step_by(chunk) {
         let w = chunk.min(m - k0);
         let scores = &mut scores[..r * w];
@@ -307,11 +316,7 @@ unsafe fn attention_block(
             if new > max[i] {
                 let factor = (max[i] - new).exp();
                 sum[i] *= factor;
-                // SAFETY: row i of `o` (the caller's), written by the first chunk's product.
-                let out = unsafe { std::slice::from_raw_parts_mut(o.add(i * o_stride), dv) };
-                for x in out {
-                    *x *= factor;
-                }
+                scale_row(i, factor);
                 max[i] = new;
             }
             sum[i] += exp_in_place(row, new);
@@ -329,12 +334,7 @@ unsafe fn attention_block(
         };
     }
     for (i, s) in sum.iter().enumerate() {
-        let inv = s.recip();
-        // SAFETY: row i of `o` (the caller's).
-        let row = unsafe { std::slice::from_raw_parts_mut(o.add(i * o_stride), dv) };
-        for x in row {
-            *x *= inv;
-        }
+        scale_row(i, s.recip());
     }
 }
 

@@ -1,5 +1,5 @@
-//! Kiln's elementwise kernels: GELU, GEGLU, SiLU, CLIP's quick GELU, and GroupNorm with an optional SiLU, computed
-//! in f32 (bf16 and f16 inputs widened, the results rounded back).
+//! Kiln's elementwise kernels: GELU, GEGLU, SiLU, CLIP's quick GELU, and GroupNorm with an
+//! optional SiLU, computed in f32 (bf16 and f16 inputs widened, the results rounded back).
 //!
 //! burn-flex computes `erf` and `exp` one scalar libm call at a time: GELU takes 16 ns per
 //! element and SiLU 8 (`[2, 4096, 1280]` and `[2, 320, 64, 64]` on the 2-core Xeon), so the
