@@ -209,6 +209,38 @@ macro_rules! reduced_float {
 reduced_float!(half::bf16);
 reduced_float!(half::f16);
 
+/// Hands the whole pages of `buf` past its first `keep` elements back to the system where the
+/// call used at most an eighth of it and there are at least [`RELEASE_MIN`] bytes of them
+/// (Linux: they read as zero afterwards, and fault in again when next written), so that a
+/// thread buffer grown for a much larger call does not keep them resident through smaller
+/// ones, while buffers whose size only wavers between calls stay in place; elsewhere it does
+/// nothing.
+pub(crate) fn release_tail(buf: &mut [f32], keep: usize) {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    if keep <= buf.len() / 8 {
+        static PAGE: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
+        // SAFETY: `sysconf` only reads a system constant.
+        let page = *PAGE.get_or_init(|| match unsafe { libc::sysconf(libc::_SC_PAGESIZE) } {
+            p if p > 0 => p as usize,
+            _ => 4096,
+        });
+        let base = buf.as_mut_ptr() as usize;
+        let start = (base + keep.min(buf.len()) * 4).next_multiple_of(page);
+        let end = (base + buf.len() * 4) / page * page;
+        if end >= start + RELEASE_MIN {
+            // SAFETY: [start, end) is whole pages inside `buf`, which the caller holds
+            // exclusively; MADV_DONTNEED on private anonymous memory only zeroes those pages
+            // (the allocator's own bookkeeping lies outside a live block).
+            unsafe { libc::madvise(start as *mut libc::c_void, end - start, libc::MADV_DONTNEED) };
+        }
+    }
+    #[cfg(not(all(target_os = "linux", target_env = "gnu")))]
+    let _ = (buf, keep);
+}
+
+/// The least [`release_tail`] hands back: 4 MiB.
+const RELEASE_MIN: usize = 4 << 20;
+
 /// The first `len` elements of the thread buffer `buf`, which is reallocated (zeroed) only when
 /// it is too short, so that it is not faulted in again; the contents are the caller's to
 /// overwrite.
@@ -330,5 +362,43 @@ pub(crate) unsafe fn gemm_rows(
             false,
             gemm::Parallelism::None,
         );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A buffer a call used an eighth of or less loses the pages past what it used (they read
+    /// as zero on Linux with glibc) and keeps what it used; one used more keeps everything.
+    #[test]
+    fn release_tail_keeps_what_was_used() {
+        let len = 4 << 20; // 16 MiB of f32
+        let mut buf = vec![1f32; len];
+        release_tail(&mut buf, len / 4);
+        assert!(
+            buf.iter().all(|&x| x == 1.0),
+            "a quarter used: nothing released"
+        );
+        let keep = len / 16;
+        release_tail(&mut buf, keep);
+        assert!(
+            buf[..keep].iter().all(|&x| x == 1.0),
+            "the used part changed"
+        );
+        let released = buf[keep..].iter().filter(|&&x| x == 0.0).count();
+        if cfg!(all(target_os = "linux", target_env = "gnu")) {
+            // all but the partial pages after `keep` and at the end (pages of up to 64 KiB)
+            assert!(
+                released + 2 * (16 << 10) >= len - keep,
+                "{released} of {}",
+                len - keep
+            );
+        } else {
+            assert_eq!(released, 0);
+        }
+        // still usable: written again, it holds what it is given
+        buf.fill(2.0);
+        assert!(buf.iter().all(|&x| x == 2.0));
     }
 }

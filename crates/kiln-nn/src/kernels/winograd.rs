@@ -30,7 +30,7 @@ use rayon::prelude::*;
 use std::cell::RefCell;
 
 use super::conv::{ConvShape, MIN_CHANNELS, MIN_TASKS};
-use super::host::{Float, SharedMut, grow};
+use super::host::{self, Float, SharedMut, grow};
 
 /// Output tiles per image (16x16 output pixels), and over the batch (two such images), below
 /// which [`pays`] declines. Measured on the 2-core Xeon (`cargo run --release -p kiln-nn
@@ -83,7 +83,9 @@ const SHARED_PANELS: usize = 4;
 thread_local! {
     /// Each thread's transformed input `V` (`[16, in, tiles]`, when not shared), transformed
     /// filters `U` (`[16, channels, in]`), GEMM results `M` (`[16, channels, tiles]`) and
-    /// widened (bf16 or f16) filters, kept between calls so that they are not faulted in again.
+    /// widened (bf16 or f16) filters, kept between calls so that they are not faulted in again
+    /// (a call that uses an eighth of `V`, `U`, `M` or the shared input or less hands the rest
+    /// of its pages back: [`host::release_tail`]).
     static BUFFERS: RefCell<[Vec<f32>; 4]> = const { RefCell::new([Vec::new(), Vec::new(), Vec::new(), Vec::new()]) };
     /// The calling thread's shared transformed input, kept between calls (taken out while in
     /// use: a nested call on the same thread gets a fresh one).
@@ -146,9 +148,9 @@ pub(super) fn conv3x3<W: Float>(
         (row0, tile_rows.min(all_rows - row0))
     };
     let out_ptr = SharedMut(out.as_mut_ptr());
-    super::host::with_buffer(&SHARED_INPUT, |shared_v| {
+    super::host::with_buffer(&SHARED_INPUT, |shared_buf| {
         let shared_v: &[f32] = if shared {
-            let v = grow(shared_v, panels * panel_len);
+            let v = grow(shared_buf, panels * panel_len);
             // tasks of (panel, block of input channels)
             let parts = MIN_TASKS.div_ceil(panels).min(cin);
             let part_channels = cin.div_ceil(parts);
@@ -238,8 +240,15 @@ pub(super) fn conv3x3<W: Float>(
                         }
                     }
                 }
+                // what this call did not use of the thread's buffers (grown for a larger
+                // one) goes back to the system
+                host::release_tail(u, 16 * sub * cin);
+                host::release_tail(m, 16 * sub * tile_rows * tw);
+                host::release_tail(own_v, if shared { 0 } else { panel_len });
             });
         });
+        let used = if shared { panels * panel_len } else { 0 };
+        host::release_tail(shared_buf, used);
     });
 }
 
