@@ -185,12 +185,13 @@ pub(super) fn conv3x3<W: Float>(
             let run_panels = run_panels.min(panels - first_panel);
             let c0 = block * channels;
             let channels = channels.min(cout - c0);
+            // what this task uses of its thread's buffers
+            let (u_len, m_len) = (16 * sub * cin, 16 * sub * tile_rows * tw);
+            let v_len = if shared { 0 } else { panel_len };
             BUFFERS.with_borrow_mut(|[own_v, u, m, wide]| {
-                grow(u, 16 * sub * cin);
-                grow(m, 16 * sub * tile_rows * tw);
-                if !shared {
-                    grow(own_v, panel_len);
-                }
+                grow(u, u_len);
+                grow(m, m_len);
+                grow(own_v, v_len);
                 for sc in (c0..c0 + channels).step_by(sub) {
                     let sub = sub.min(c0 + channels - sc);
                     let u = &mut u[..16 * sub * cin];
@@ -242,9 +243,9 @@ pub(super) fn conv3x3<W: Float>(
                 }
                 // what this call did not use of the thread's buffers (grown for a larger
                 // one) goes back to the system
-                host::release_tail(u, 16 * sub * cin);
-                host::release_tail(m, 16 * sub * tile_rows * tw);
-                host::release_tail(own_v, if shared { 0 } else { panel_len });
+                host::release_tail(u, u_len);
+                host::release_tail(m, m_len);
+                host::release_tail(own_v, v_len);
             });
         });
         let used = if shared { panels * panel_len } else { 0 };
