@@ -1,7 +1,10 @@
 //! The forward of burn-nn's [`Conv2d`], through Kiln's kernel where it applies.
 
+use burn::nn::GroupNorm;
 use burn::nn::conv::Conv2d;
 use burn::tensor::Tensor;
+
+use crate::activation::Activation;
 
 /// `conv.forward(x)`: on flex in f32 inference Kiln's kernel ([`crate::kernels::conv2d`], the
 /// same result within 1e-5 relative and faster at every size SD uses), burn's op everywhere else
@@ -19,6 +22,90 @@ pub fn conv2d(conv: &Conv2d, x: Tensor<4>) -> Tensor<4> {
         }
     }
     conv.forward(x)
+}
+
+/// `conv.forward(act(norm(x)))` without storing `act(norm(x))`, where Kiln's kernel folds the
+/// GroupNorm and a SiLU into the convolution's reading of its input
+/// ([`crate::kernels::group_norm_conv2d`]: on flex in f32 inference, a convolution that runs
+/// Winograd's algorithm); `None` elsewhere, and the caller normalises and convolves. `x` is
+/// left as it is, for a residual path to read after. Bit for bit what
+/// [`group_norm_act`](crate::normalization::group_norm_act) then [`conv2d`] give.
+///
+/// # Shapes
+/// - `x`: `[batch, in, height, width]`
+/// - output: `[batch, out, out_height, out_width]`
+pub fn group_norm_act_conv2d(
+    norm: &GroupNorm,
+    act: Activation,
+    conv: &Conv2d,
+    x: &Tensor<4>,
+) -> Option<Tensor<4>> {
+    #[cfg(feature = "flex")]
+    if act == Activation::Silu
+        && let Some(options) = kernel_options(conv)
+    {
+        let affine = match (&norm.gamma, &norm.beta) {
+            (Some(gamma), Some(beta)) => Some((gamma.val(), beta.val())),
+            (None, None) => None,
+            _ => return None,
+        };
+        let norm = crate::kernels::InputGroupNorm {
+            groups: norm.num_groups,
+            eps: norm.epsilon,
+            affine: affine.as_ref().map(|(g, b)| (g, b)),
+            silu: true,
+        };
+        let bias = conv.bias.as_ref().map(|b| b.val());
+        return crate::kernels::group_norm_conv2d(
+            x,
+            norm,
+            &conv.weight.val(),
+            bias.as_ref(),
+            options,
+        );
+    }
+    let _ = (norm, act, conv, x);
+    None
+}
+
+/// Whether [`conv2d_owned`] writes `conv`'s output over `x`'s storage when nothing else holds
+/// `x` (see there); false where it allocates as [`conv2d`] does.
+pub fn conv2d_writes_in_place(conv: &Conv2d, x: &Tensor<4>) -> bool {
+    #[cfg(feature = "flex")]
+    if let Some(options) = kernel_options(conv) {
+        let [cout, cin, kh, kw] = conv.weight.dims();
+        let pointwise =
+            [kh, kw] == [1, 1] && options.stride == [1, 1] && options.padding == [[0, 0], [0, 0]];
+        return pointwise
+            && x.dims()[1] == cin
+            && x.dtype() == burn::tensor::DType::F32
+            && crate::kernels::pointwise_in_place_applies(x.dims(), cout);
+    }
+    let _ = (conv, x);
+    false
+}
+
+/// [`conv2d`] taking `x` by value: a 1x1 convolution with stride 1, no padding and no more
+/// output channels than input ones, on images large enough, is written over `x`'s own storage
+/// where nothing else holds it ([`crate::kernels::conv2d_pointwise_owned`], on flex in f32
+/// inference), so that no second tensor is allocated; otherwise as [`conv2d`].
+///
+/// # Shapes
+/// - `x`: `[batch, in, height, width]`
+/// - output: `[batch, out, out_height, out_width]`
+pub fn conv2d_owned(conv: &Conv2d, x: Tensor<4>) -> Tensor<4> {
+    #[cfg(feature = "flex")]
+    let x = match kernel_options(conv) {
+        Some(options) if options.stride == [1, 1] && options.padding == [[0, 0], [0, 0]] => {
+            let bias = conv.bias.as_ref().map(|b| b.val());
+            match crate::kernels::conv2d_pointwise_owned(x, &conv.weight.val(), bias.as_ref()) {
+                Ok(y) => return y,
+                Err(x) => x,
+            }
+        }
+        _ => x,
+    };
+    conv2d(conv, x)
 }
 
 /// The kernel's options for `conv`, or `None` where only burn's op applies.

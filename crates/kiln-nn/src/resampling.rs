@@ -89,6 +89,12 @@ impl Upsample2D {
     pub fn forward_to(&self, x: Tensor<4>, size: Option<[usize; 2]>) -> Tensor<4> {
         let [_, _, h, w] = x.dims();
         let [oh, ow] = size.unwrap_or([2 * h, 2 * w]);
+        #[cfg(feature = "flex")]
+        if (oh, ow) == (2 * h, 2 * w)
+            && let Some(y) = self.fused(&x)
+        {
+            return y;
+        }
         let up = if (oh, ow) == (2 * h, 2 * w) {
             interpolate(
                 x,
@@ -104,6 +110,24 @@ impl Upsample2D {
         };
         conv2d(&self.conv, up)
     }
+
+    /// On flex in f32 inference, the upsampling and the 3x3 convolution as one kernel
+    /// ([`crate::kernels::upsample_conv2d`]: the same result within 1e-5 relative, without the
+    /// upsampled image); `None` where the ops run (other backends and dtypes, autodiff, a
+    /// convolution other than SD's 3x3 with stride 1 and padding 1).
+    #[cfg(feature = "flex")]
+    fn fused(&self, x: &Tensor<4>) -> Option<Tensor<4>> {
+        let conv = &self.conv;
+        let sd = conv.stride == [1, 1]
+            && conv.dilation == [1, 1]
+            && conv.groups == 1
+            && conv.padding == PaddingConfig2d::Explicit(1, 1, 1, 1);
+        if !sd {
+            return None;
+        }
+        let bias = conv.bias.as_ref().map(|b| b.val());
+        crate::kernels::upsample_conv2d(x, &conv.weight.val(), bias.as_ref())
+    }
 }
 
 /// Source index of each output position under PyTorch's `nearest` interpolation
@@ -117,4 +141,35 @@ pub fn nearest_indices(input: usize, output: usize) -> Vec<i64> {
     (0..output)
         .map(|i| ((i as f32 * scale).floor() as usize).min(input - 1) as i64)
         .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use burn::tensor::Distribution;
+
+    /// The upsampler gives the ops' result (nearest x2, then burn-nn's convolution) where its
+    /// fused kernel runs (64x64 input pixels and up on flex) and where it does not.
+    #[test]
+    fn forward_matches_upsampling_then_convolving() {
+        let device = Device::default();
+        let up = Upsample2D::new(3, 5, &device);
+        for size in [[5, 7], [64, 66]] {
+            let x = Tensor::<4>::random(
+                [2, 3, size[0], size[1]],
+                Distribution::Normal(0.0, 1.0),
+                &device,
+            );
+            let ops = up.conv.forward(interpolate(
+                x.clone(),
+                InterpolateOptions::new(InterpolateMode::Nearest)
+                    .with_output_size([2 * size[0], 2 * size[1]]),
+            ));
+            #[cfg(feature = "flex")]
+            assert_eq!(up.fused(&x).is_some(), size == [64, 66], "{size:?}");
+            let ours = up.forward(x);
+            let error = crate::reference::max_relative_error(&ours, &ops);
+            assert!(error < 1e-5, "{size:?}: {error:e}");
+        }
+    }
 }

@@ -28,11 +28,11 @@ use super::winograd;
 /// (2026-12-02) at the SD 1.5 UNet's and VAE's shapes, alternating settings in one process:
 /// 128 Ki to 512 Ki elements were within the machine's noise of each other, 1 Mi and 2 Mi were
 /// 10-40% slower on the 64x64 and 16x16 levels.
-const PANEL_BUDGET: usize = 1 << 18;
+pub(super) const PANEL_BUDGET: usize = 1 << 18;
 
 /// Pixels of one panel at least, even past the budget (the deep levels' `K` is 11520): fewer
 /// columns leave gemm's microkernel short rows to work on.
-const MIN_COLS: usize = 128;
+pub(super) const MIN_COLS: usize = 128;
 
 /// A 2-D convolution's geometry (groups 1).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -130,6 +130,236 @@ pub fn conv2d_with(
     Some(host::tensor(out, [batch, cout, shape.oh, shape.ow]))
 }
 
+/// The GroupNorm (and SiLU) that [`group_norm_conv2d`] applies to its input as it reads it.
+#[derive(Clone, Copy, Debug)]
+pub struct InputGroupNorm<'a> {
+    /// Groups of channels.
+    pub groups: usize,
+    /// Added to the variance.
+    pub eps: f64,
+    /// `(gamma, beta)`, each `[in]`, or none.
+    pub affine: Option<(&'a Tensor<1>, &'a Tensor<1>)>,
+    /// SiLU after the normalisation.
+    pub silu: bool,
+}
+
+/// `conv2d(silu(group_norm(x)), weight) + bias` without storing the normalised input: the
+/// GroupNorm's statistics are taken first, then each input row is normalised (and activated)
+/// as the convolution reads it, so `x` is left as it is and can still feed a residual path
+/// (a ResNet block's shortcut) with no second tensor of its size alive. The result is bit for
+/// bit that of [`group_norm`](super::group_norm) followed by [`conv2d`].
+///
+/// `Some` where the convolution runs Winograd's algorithm (a 3x3 kernel with stride 1 from 16x16
+/// output pixels up, see [`Conv2dAlgorithm::Auto`]) on plain f32 flex tensors; `None`
+/// otherwise, and the caller normalises and convolves.
+///
+/// # Shapes
+/// - `x`: `[batch, in, height, width]`, `weight`: `[out, in, 3, 3]`, `bias`: `[out]`
+/// - output: `[batch, out, out_height, out_width]`
+pub fn group_norm_conv2d(
+    x: &Tensor<4>,
+    norm: InputGroupNorm<'_>,
+    weight: &Tensor<4>,
+    bias: Option<&Tensor<1>>,
+    options: Conv2dOptions,
+) -> Option<Tensor<4>> {
+    let [batch, cin, h, w] = x.dims();
+    let [cout, wcin, kh, kw] = weight.dims();
+    if wcin != cin || bias.is_some_and(|b| b.dims() != [cout]) {
+        return None;
+    }
+    let shape = ConvShape::new([batch, cin, h, w], [cout, kh, kw], options)?;
+    let winograd = winograd::applies(&shape)
+        && match auto_algorithm() {
+            Conv2dAlgorithm::Auto => winograd::pays(&shape),
+            Conv2dAlgorithm::Im2col => false,
+            Conv2dAlgorithm::Winograd => true,
+        };
+    if !winograd {
+        return None;
+    }
+    let host_x = HostF32::new(x.clone())?;
+    let weight = HostF32::new(weight.clone())?;
+    let bias = match bias {
+        Some(b) => Some(HostF32::new(b.clone())?),
+        None => None,
+    };
+    let scale_shift = super::elementwise::group_norm_scale_shift(
+        x,
+        host_x.as_slice(),
+        norm.groups,
+        norm.eps,
+        norm.affine,
+    )?;
+    let prologue = winograd::Prologue {
+        scale_shift: &scale_shift,
+        silu: norm.silu,
+    };
+    let mut out = vec![0f32; batch * cout * shape.oh * shape.ow];
+    winograd::conv3x3(
+        host_x.as_slice(),
+        weight.as_slice(),
+        bias.as_ref().map(HostF32::as_slice),
+        &shape,
+        Some(prologue),
+        &mut out,
+    );
+    Some(host::tensor(out, [batch, cout, shape.oh, shape.ow]))
+}
+
+/// A 1x1 convolution (stride 1, no padding) written over its own input's storage, a band of
+/// pixels at a time (each output pixel reads only the input pixel under it): where `x` is a
+/// contiguous f32 flex tensor that nothing else holds and [`pointwise_in_place_applies`]. The
+/// storage's pages past the output go back to the system (on Linux with glibc). The result
+/// equals [`conv2d`]'s within f32 rounding. `Err(x)`, given back, where it does not apply.
+///
+/// # Shapes
+/// - `x`: `[batch, in, height, width]`, `weight`: `[out, in, 1, 1]` with `out <= in`,
+///   `bias`: `[out]`
+/// - output: `[batch, out, height, width]`
+// the error is the caller's own input handed back (a `Tensor` is 256 bytes), not an error value
+#[allow(clippy::result_large_err)]
+pub fn conv2d_pointwise_owned(
+    x: Tensor<4>,
+    weight: &Tensor<4>,
+    bias: Option<&Tensor<1>>,
+) -> Result<Tensor<4>, Tensor<4>> {
+    use burn_flex::{Flex, Layout};
+    let [batch, cin, h, w] = x.dims();
+    let [cout, wcin, kh, kw] = weight.dims();
+    let applies = x.dtype() == burn::tensor::DType::F32
+        && [wcin, kh, kw] == [cin, 1, 1]
+        && pointwise_in_place_applies([batch, cin, h, w], cout)
+        && bias.is_none_or(|b| b.dims() == [cout]);
+    if !applies {
+        return Err(x);
+    }
+    let Some(weight) = HostF32::new(weight.clone()) else {
+        return Err(x);
+    };
+    let bias = match bias.map(|b| HostF32::new(b.clone())) {
+        Some(None) => return Err(x),
+        Some(Some(b)) => Some(b),
+        None => None,
+    };
+    // a plain flex tensor (checked on a handle that is dropped at once, so that `x` is again
+    // the only one)
+    if x.clone().try_into_primitive::<Flex>().is_err() {
+        return Err(x);
+    }
+    let Ok(mut flex) = x.try_into_primitive::<Flex>() else {
+        unreachable!("checked above");
+    };
+    let (Some((start, end)), true) = (flex.layout().contiguous_offsets(), flex.is_unique()) else {
+        return Err(Tensor::from_primitive::<Flex>(flex));
+    };
+    let Some(storage) = flex.try_storage_mut::<f32>() else {
+        unreachable!("unique and of f32");
+    };
+    let pixels = h * w;
+    pointwise_in_place(
+        &mut storage[start..end],
+        weight.as_slice(),
+        bias.as_ref().map(HostF32::as_slice),
+        [batch, cin, cout, pixels],
+    );
+    let keep = start + batch * cout * pixels;
+    host::release_pages(storage, keep);
+    let shape = burn::tensor::Shape::new([batch, cout, h, w]);
+    let strides = [cout * pixels, pixels, w, 1].map(|s| s as isize).to_vec();
+    let view = Layout::new(shape, strides, start);
+    let flex = flex.with_layout(view);
+    Ok(Tensor::from_primitive::<Flex>(flex))
+}
+
+/// Whether [`conv2d_pointwise_owned`] writes a 1x1 convolution from `in` to `out` channels of
+/// an input of `[batch, in, height, width]` over the input: where it has at most as many output
+/// channels as input ones (a ResNet block's shortcut where the channels shrink) and each image
+/// has at least [`MIN_TASKS`] bands of pixels (the images go one after the other, see
+/// [`pointwise_in_place`], so fewer would leave threads idle: the SD UNet's shortcuts at 512 px,
+/// 64x64 pixels and less, are faster through [`conv2d`], and small enough not to matter for
+/// memory; the VAE decoder's at 256x256 and 512x512 pixels, 64 and 256 MiB, are written in
+/// place).
+pub fn pointwise_in_place_applies([batch, cin, h, w]: [usize; 4], cout: usize) -> bool {
+    let pixels = h * w;
+    cout > 0 && cout <= cin && batch > 0 && pixels >= MIN_TASKS * band_pixels(cout)
+}
+
+/// Output elements (`out x pixels`) of one band of [`pointwise_in_place`] at most (1 MiB, in
+/// L2).
+const BAND_BUDGET: usize = 1 << 18;
+
+/// Pixels of one band of [`pointwise_in_place`] with `cout` output channels (64 at least).
+fn band_pixels(cout: usize) -> usize {
+    (BAND_BUDGET / cout.max(1)).max(64)
+}
+
+thread_local! {
+    /// Each thread's band of a pointwise convolution's output, before it is copied over the
+    /// input.
+    static BAND: std::cell::Cell<Vec<f32>> = const { std::cell::Cell::new(Vec::new()) };
+}
+
+/// `x` (`[batch, in, pixels]`) becomes `[batch, out, pixels]` (its first `batch * out *
+/// pixels` elements), the 1x1 convolution by `weight` (`[out, in]`) plus `bias`: image by image,
+/// each image's pixels in bands on rayon, each band multiplied into its thread's buffer and
+/// then copied over the input at the same pixels. Output image `n` lands on the pixels of
+/// input image `n` (channels shifted down by `n (in - out)`) or of the images before it, which
+/// are done, so a band overwrites only what it has read.
+fn pointwise_in_place(
+    x: &mut [f32],
+    weight: &[f32],
+    bias: Option<&[f32]>,
+    [batch, cin, cout, pixels]: [usize; 4],
+) {
+    assert!(cout <= cin);
+    assert_eq!(x.len(), batch * cin * pixels);
+    assert_eq!(weight.len(), cout * cin);
+    assert!(bias.is_none_or(|b| b.len() == cout));
+    let band = band_pixels(cout).min(pixels);
+    let bands = pixels.div_ceil(band);
+    let x_ptr = host::SharedMut(x.as_mut_ptr());
+    for image in 0..batch {
+        (0..bands).into_par_iter().for_each(|b| {
+            let p0 = b * band;
+            let n = band.min(pixels - p0);
+            host::with_buffer(&BAND, |buf| {
+                let out = grow(buf, cout * n);
+                if let Some(bias) = bias {
+                    for (row, &b) in out.chunks_exact_mut(n).zip(bias) {
+                        row.fill(b);
+                    }
+                }
+                // SAFETY: out is [cout, n] row-major; weight [cout, cin] row-major; the right
+                // operand is pixels p0..p0 + n of image `image`'s cin planes (row stride
+                // `pixels`), inside `x` (checked above), which no task writes before every
+                // band of this image has been read (see below); out aliases neither.
+                unsafe {
+                    host::gemm_rows(
+                        (out.as_mut_ptr(), n),
+                        bias.is_some(),
+                        (weight.as_ptr(), cin),
+                        (x_ptr.get().add(image * cin * pixels + p0), pixels),
+                        [cout, cin, n],
+                    )
+                };
+                for (o, row) in out.chunks_exact(n).enumerate() {
+                    // SAFETY: output channel o's pixels p0..p0 + n: inside `x` (cout <= cin),
+                    // at pixels p0..p0 + n of a plane of this image, which only this task
+                    // reads and it has read them, or of an earlier image, which is done.
+                    let dst = unsafe {
+                        std::slice::from_raw_parts_mut(
+                            x_ptr.get().add((image * cout + o) * pixels + p0),
+                            n,
+                        )
+                    };
+                    dst.copy_from_slice(row);
+                }
+            });
+        });
+    }
+}
+
 /// A bf16 or f16 convolution computed in f32: the input widened once, the weights a task's
 /// block at a time in cache (so that a model's weights are never copied whole at every call),
 /// the result rounded back.
@@ -172,7 +402,7 @@ fn conv2d_f32<W: Float>(
             Conv2dAlgorithm::Winograd => true,
         };
     if winograd {
-        winograd::conv3x3(x, weight, bias, shape, &mut out);
+        winograd::conv3x3(x, weight, bias, shape, None, &mut out);
     } else {
         conv2d_host(x, weight, bias, shape, &mut out);
     }
@@ -196,7 +426,7 @@ pub(super) struct ConvShape {
 
 impl ConvShape {
     /// `None` for an empty output or a zero stride or dilation.
-    fn new(
+    pub(super) fn new(
         [batch, cin, h, w]: [usize; 4],
         [cout, kh, kw]: [usize; 3],
         options: Conv2dOptions,
@@ -337,7 +567,7 @@ fn conv2d_host<W: Float>(
 /// How a convolution is cut into tasks of (image, panel of output rows, block of output
 /// channels). It depends on the shapes only, not on the thread count, so neither does the
 /// result.
-struct Split {
+pub(super) struct Split {
     batch: usize,
     rows: usize,
     panels: usize,
@@ -348,12 +578,12 @@ struct Split {
 }
 
 /// One task of a [`Split`].
-struct Task {
-    image: usize,
-    row0: usize,
-    rows: usize,
-    c0: usize,
-    channels: usize,
+pub(super) struct Task {
+    pub(super) image: usize,
+    pub(super) row0: usize,
+    pub(super) rows: usize,
+    pub(super) c0: usize,
+    pub(super) channels: usize,
 }
 
 impl Split {
@@ -361,7 +591,7 @@ impl Split {
     /// [`MIN_COLS`] columns), or whole images (`None`: a pointwise convolution reads its input
     /// in place); the output channels split too where there are fewer than [`MIN_TASKS`], in
     /// blocks of a multiple of `align` channels.
-    fn new(s: &ConvShape, budget: Option<usize>, align: usize) -> Self {
+    pub(super) fn new(s: &ConvShape, budget: Option<usize>, align: usize) -> Self {
         let rows = match budget {
             None => s.oh,
             Some(budget) => (budget / (s.k() * s.ow))
@@ -393,7 +623,7 @@ impl Split {
     }
 
     /// Runs `f` on every task, in parallel on rayon.
-    fn par_tasks(&self, f: impl Fn(Task) + Send + Sync) {
+    pub(super) fn par_tasks(&self, f: impl Fn(Task) + Send + Sync) {
         (0..self.tasks())
             .into_par_iter()
             .for_each(|task| f(self.task(task)));
@@ -417,7 +647,7 @@ impl Split {
 /// Fills `panel` (`[k, rows * ow]` row-major) with the input patches of output rows
 /// `row0..row0 + rows` of one image `x` (`[cin, h, w]`): element `((c, i, j), (y, x))` is
 /// `x[c, y * sh + i * dh - top, x * sw + j * dw - left]`, or 0 in the padding.
-fn im2col(x: &[f32], s: &ConvShape, row0: usize, rows: usize, panel: &mut [f32]) {
+pub(super) fn im2col(x: &[f32], s: &ConvShape, row0: usize, rows: usize, panel: &mut [f32]) {
     let cols = rows * s.ow;
     panel
         .chunks_exact_mut(cols)
@@ -763,5 +993,138 @@ mod tests {
         let ad = Device::flex().autodiff();
         let xa = Tensor::<4>::zeros([1, 4, 5, 5], &ad).require_grad();
         assert!(conv2d(&xa, &Tensor::zeros([2, 4, 3, 3], &ad), None, options).is_none());
+    }
+    fn values(t: &Tensor<4>) -> Vec<f32> {
+        t.to_data().convert::<f32>().try_into_vec::<f32>().unwrap()
+    }
+
+    /// The GroupNorm folded into Winograd's input transform gives bit for bit the convolution of
+    /// the tensor Kiln's GroupNorm kernel writes, with and without the affine and the SiLU,
+    /// padding 1 and none, odd sizes, a batch of two (statistics per image), shared and
+    /// per-task transformed inputs; the input is left as it was; `None` where Winograd's
+    /// algorithm does not run (a 1x1 kernel, small images, bf16).
+    #[test]
+    fn group_norm_conv2d_is_the_normalised_convolution() {
+        if std::env::var_os("KILN_CONV").is_some() {
+            return; // the diagnostic override changes which convolutions run Winograd
+        }
+        let device = Device::flex();
+        let normal = Distribution::Normal(0.0, 1.0);
+        let o = |p: usize| Conv2dOptions {
+            stride: [1, 1],
+            padding: [[p, p], [p, p]],
+            dilation: [1, 1],
+        };
+        for (x, groups, cout, padding, affine, silu) in [
+            ([2, 64, 16, 16], 32, 48, 1, true, true),
+            ([2, 96, 21, 17], 32, 130, 1, true, true),
+            ([2, 12, 18, 18], 4, 8, 0, false, true),
+            ([2, 16, 20, 24], 8, 16, 1, true, false),
+            // five panels: each task transforms its own panels' input
+            ([1, 256, 160, 64], 32, 64, 1, true, true),
+        ] {
+            let cin = x[1];
+            // an offset, so that the statistics matter
+            let xt = Tensor::<4>::random(x, normal, &device) + 3.0;
+            let before = values(&xt);
+            let wt = Tensor::<4>::random([cout, cin, 3, 3], normal, &device);
+            let bt = Tensor::<1>::random([cout], normal, &device);
+            let gamma = Tensor::<1>::random([cin], normal, &device);
+            let beta = Tensor::<1>::random([cin], normal, &device);
+            let affine = affine.then_some((&gamma, &beta));
+            let norm = InputGroupNorm {
+                groups,
+                eps: 1e-6,
+                affine,
+                silu,
+            };
+            let ours = group_norm_conv2d(&xt, norm, &wt, Some(&bt), o(padding)).unwrap();
+            let normed = super::super::group_norm(&xt, groups, 1e-6, affine, silu).unwrap();
+            let expected = conv2d(&normed, &wt, Some(&bt), o(padding)).unwrap();
+            assert_eq!(ours.dims(), expected.dims(), "{x:?}");
+            assert!(values(&ours) == values(&expected), "{x:?} -> {cout}");
+            assert!(values(&xt) == before, "{x:?}: the input changed");
+        }
+        let norm = InputGroupNorm {
+            groups: 4,
+            eps: 1e-6,
+            affine: None,
+            silu: true,
+        };
+        let x = Tensor::<4>::random([2, 8, 16, 16], normal, &device);
+        let pointwise = Tensor::<4>::random([4, 8, 1, 1], normal, &device);
+        assert!(group_norm_conv2d(&x, norm, &pointwise, None, o(0)).is_none());
+        let w = Tensor::<4>::random([4, 8, 3, 3], normal, &device);
+        let small = Tensor::<4>::random([1, 8, 8, 8], normal, &device);
+        assert!(group_norm_conv2d(&small, norm, &w, None, o(1)).is_none());
+        let half = |t: &Tensor<4>| t.clone().cast(burn::tensor::DType::BF16);
+        assert!(group_norm_conv2d(&half(&x), norm, &half(&w), None, o(1)).is_none());
+        assert!(group_norm_conv2d(&x, norm, &w, None, o(1)).is_some());
+    }
+
+    /// A 1x1 convolution written over its input: Kiln's convolution's result within f32
+    /// rounding and burn's within 1e-5, for fewer and as many output channels, batches of one
+    /// to three (later images land on earlier ones' storage), bands that do not divide the
+    /// image, with and without a bias; the result works as any tensor afterwards; a shared
+    /// input, more output channels, too few pixels, another kernel size and another dtype are
+    /// given back untouched.
+    #[test]
+    fn pointwise_owned_writes_over_its_input() {
+        let device = Device::flex();
+        let normal = Distribution::Normal(0.0, 1.0);
+        let options = Conv2dOptions {
+            stride: [1, 1],
+            padding: [[0, 0], [0, 0]],
+            dilation: [1, 1],
+        };
+        // each image at least eight bands of BAND_BUDGET / out pixels
+        for (x, cout, bias) in [
+            ([1, 1100, 50, 43], 1000, true),
+            ([3, 600, 70, 61], 500, true),
+            ([2, 600, 70, 60], 600, false),
+            // the pages past the output go back to the system
+            ([1, 32, 512, 512], 8, true),
+        ] {
+            assert!(pointwise_in_place_applies(x, cout), "{x:?} -> {cout}");
+            let xt = Tensor::<4>::random(x, normal, &device);
+            let wt = Tensor::<4>::random([cout, x[1], 1, 1], normal, &device);
+            let bt = Tensor::<1>::random([cout], normal, &device);
+            let bias = bias.then_some(&bt);
+            let expected = conv2d(&xt, &wt, bias, options).unwrap();
+            let reference = burn_reference(&xt, &wt, bias, options);
+            // a copy of x's elements that nothing else holds
+            let owned = Tensor::<4>::from_data(xt.to_data(), &device);
+            let ours = conv2d_pointwise_owned(owned, &wt, bias).unwrap();
+            assert_eq!(ours.dims(), [x[0], cout, x[2], x[3]]);
+            let relative = crate::reference::max_relative_error(&ours, &expected);
+            assert!(relative < 1e-6, "{x:?} -> {cout}: {relative:e}");
+            let relative = crate::reference::max_relative_error(&ours, &reference);
+            assert!(relative < 1e-5, "{x:?} -> {cout}: {relative:e}");
+            let doubled = values(&(ours.clone() + ours));
+            let twice: Vec<f32> = values(&expected).iter().map(|v| v * 2.0).collect();
+            let close = doubled
+                .iter()
+                .zip(&twice)
+                .all(|(a, b)| (a - b).abs() <= 1e-5 * (1.0 + b.abs()));
+            assert!(close, "{x:?}: the result as an operand");
+        }
+        let x = Tensor::<4>::random([1, 300, 128, 64], normal, &device);
+        let before = values(&x);
+        let w = Tensor::<4>::random([256, 300, 1, 1], normal, &device);
+        assert!(pointwise_in_place_applies(x.dims(), 256));
+        // too few pixels for eight bands: the convolution allocates
+        assert!(!pointwise_in_place_applies([2, 960, 64, 64], 320));
+        assert!(!pointwise_in_place_applies([1, 8, 1024, 1], 9));
+        let held = x.clone();
+        let back = conv2d_pointwise_owned(x, &w, None).unwrap_err();
+        assert!(values(&back) == before && values(&held) == before);
+        drop(held);
+        let wide = Tensor::<4>::random([301, 300, 1, 1], normal, &device);
+        let back = conv2d_pointwise_owned(back, &wide, None).unwrap_err();
+        let three = Tensor::<4>::random([256, 300, 3, 3], normal, &device);
+        let back = conv2d_pointwise_owned(back, &three, None).unwrap_err();
+        assert!(values(&back) == before);
+        let half = back.cast(burn::tensor::DType::BF16);
+        assert!(conv2d_pointwise_owned(half, &w.cast(burn::tensor::DType::BF16), None).is_err());
     }
 }

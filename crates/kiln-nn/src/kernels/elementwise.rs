@@ -240,6 +240,36 @@ fn group_norm_host<T: Float, const D: usize>(
     Some(host::tensor(out, x.dims()))
 }
 
+/// The `(scale, shift)` of each (image, channel) of the GroupNorm of `x` (f32, whose elements
+/// are `xs`), image-major, computed as [`group_norm`] computes them: `x * scale + shift` is its
+/// output before the SiLU. `None` where [`group_norm`] does not apply.
+pub(super) fn group_norm_scale_shift<const D: usize>(
+    x: &Tensor<D>,
+    xs: &[f32],
+    groups: usize,
+    eps: f64,
+    affine: Option<(&Tensor<1>, &Tensor<1>)>,
+) -> Option<Vec<(f32, f32)>> {
+    let ([spatial, per_group], affine) = group_norm_sizes(x, groups, affine)?;
+    let block = per_group * spatial;
+    if block == 0 || !xs.len().is_multiple_of(block) {
+        return None;
+    }
+    let mut scale_shift = vec![(0f32, 0f32); xs.len() / spatial];
+    scale_shift
+        .par_chunks_mut(per_group)
+        .zip(xs.par_chunks(block))
+        .enumerate()
+        .for_each(|(i, (out, x))| {
+            let stats = group_stats(x, eps);
+            let c0 = (i % groups) * per_group;
+            for (c, out) in out.iter_mut().enumerate() {
+                *out = channel_scale_shift(&affine, c0 + c, stats);
+            }
+        });
+    Some(scale_shift)
+}
+
 /// [`group_norm_owned`] for element type `T`.
 #[allow(clippy::result_large_err)]
 fn group_norm_in_place<T: Float, const D: usize>(
@@ -417,7 +447,7 @@ vectorised! {
 
 vectorised! {
     /// `out = x * scale + shift`, then SiLU when `silu`.
-    fn scale_shift(x: &[f32], scale: f32, shift: f32, silu: bool, out: &mut [f32]) {
+    pub(super) fn scale_shift(x: &[f32], scale: f32, shift: f32, silu: bool, out: &mut [f32]) {
         if silu {
             for (o, &x) in out.iter_mut().zip(x) {
                 *o = silu_one(x * scale + shift, has_fma!());

@@ -216,8 +216,17 @@ reduced_float!(half::f16);
 /// ones, while buffers whose size only wavers between calls stay in place; elsewhere it does
 /// nothing.
 pub(crate) fn release_tail(buf: &mut [f32], keep: usize) {
-    #[cfg(all(target_os = "linux", target_env = "gnu"))]
     if keep <= buf.len() / 8 {
+        release_pages(buf, keep);
+    }
+}
+
+/// Hands the whole pages of `buf` past its first `keep` elements back to the system where there
+/// are at least [`RELEASE_MIN`] bytes of them (on Linux with glibc: they read as zero
+/// afterwards, and fault in again when next written); elsewhere it does nothing.
+pub(crate) fn release_pages(buf: &mut [f32], keep: usize) {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    {
         static PAGE: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
         // SAFETY: `sysconf` only reads a system constant.
         let page = *PAGE.get_or_init(|| match unsafe { libc::sysconf(libc::_SC_PAGESIZE) } {
@@ -238,7 +247,7 @@ pub(crate) fn release_tail(buf: &mut [f32], keep: usize) {
     let _ = (buf, keep);
 }
 
-/// The least [`release_tail`] hands back: 4 MiB.
+/// The least [`release_pages`] hands back: 4 MiB.
 const RELEASE_MIN: usize = 4 << 20;
 
 /// The first `len` elements of the thread buffer `buf`, which is reallocated (zeroed) only when

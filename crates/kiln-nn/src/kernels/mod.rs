@@ -18,6 +18,11 @@
 //!   F(2x2, 3x3) (`winograd`: 16 GEMMs on transformed tiles, 2.25x fewer multiplications);
 //!   the rest as im2col straight from NCHW into cache-sized column panels, one GEMM per panel
 //!   on the weights as stored, written in place into the output. [`conv2d_with`] picks one.
+//!   [`group_norm_conv2d`] reads its input through a GroupNorm and SiLU (in Winograd's input
+//!   transform) so that the input stays as it is for a residual path; [`conv2d_pointwise_owned`]
+//!   writes a 1x1 convolution over its own input; [`upsample_conv2d`] is nearest x2 upsampling
+//!   and a 3x3 convolution as four 2x2 convolutions of the input, without the upsampled image
+//!   (the three keep the VAE decoder's largest tensors from being alive together).
 //! - [`linear`]: the flattened rows by the weight in tasks of rows x output columns, each
 //!   written straight into the output with the bias added in cache.
 //! - [`gelu`], [`geglu`], [`silu`], [`group_norm`] (with an optional SiLU): one vectorised pass
@@ -62,12 +67,17 @@ mod host;
 mod linear;
 #[cfg(target_arch = "x86_64")]
 pub mod peak;
+mod upsample;
 mod winograd;
 
 pub use attention::{MIN_KEYS, attention, attention_tokens};
-pub use conv::{Conv2dAlgorithm, Conv2dOptions, conv2d, conv2d_with};
+pub use conv::{
+    Conv2dAlgorithm, Conv2dOptions, InputGroupNorm, conv2d, conv2d_pointwise_owned, conv2d_with,
+    group_norm_conv2d, pointwise_in_place_applies,
+};
 pub use elementwise::{geglu, gelu, group_norm, group_norm_owned, quick_gelu, silu};
 pub use linear::linear;
+pub use upsample::{UPSAMPLE_MIN_PIXELS, upsample_conv2d};
 
 /// Whether Kiln's kernels keep a packed copy of the weights they multiply (linear layers and
 /// convolutions, as much memory again as those weights) for models of `dtype` on `device`:

@@ -110,9 +110,11 @@ pub(super) fn conv3x3<W: Float>(
     weight: &[W],
     bias: Option<&[f32]>,
     s: &ConvShape,
+    prologue: Option<Prologue<'_>>,
     out: &mut [f32],
 ) {
     debug_assert!(applies(s));
+    assert!(prologue.is_none_or(|p| p.scale_shift.len() == s.batch * s.cin));
     let (cin, cout) = (s.cin, s.cout);
     let pixels = s.oh * s.ow;
     assert_eq!(x.len(), s.batch * cin * s.h * s.w);
@@ -168,6 +170,7 @@ pub(super) fn conv3x3<W: Float>(
                     transform_input(
                         x,
                         s,
+                        prologue,
                         row0,
                         rows,
                         channels,
@@ -208,7 +211,15 @@ pub(super) fn conv3x3<W: Float>(
                             if run_panels > 1 || sc == c0 {
                                 // SAFETY: `v` is this thread's, of the panel's length.
                                 unsafe {
-                                    transform_input(x, s, row0, rows, 0..cin, v.as_mut_ptr())
+                                    transform_input(
+                                        x,
+                                        s,
+                                        prologue,
+                                        row0,
+                                        rows,
+                                        0..cin,
+                                        v.as_mut_ptr(),
+                                    )
                                 };
                             }
                             &*v
@@ -251,6 +262,19 @@ pub(super) fn conv3x3<W: Float>(
         let used = if shared { panels * panel_len } else { 0 };
         host::release_tail(shared_buf, used);
     });
+}
+
+/// What [`conv3x3`] applies to each input element as it reads it: `x * scale + shift` with the
+/// `(scale, shift)` of the element's (image, channel), then SiLU where `silu`. A GroupNorm (and
+/// its activation) folded into the convolution, so that the normalised input is never stored:
+/// the result is bit for bit that of the convolution of the input normalised by
+/// [`super::elementwise`]'s GroupNorm, which computes each element the same way.
+#[derive(Clone, Copy, Debug)]
+pub(super) struct Prologue<'a> {
+    /// `[batch * in]`, image-major.
+    pub(super) scale_shift: &'a [(f32, f32)],
+    /// SiLU after the affine.
+    pub(super) silu: bool,
 }
 
 /// The 16 GEMMs of one panel and round: `m[ξ] = u[ξ] v[ξ]` for each position ξ, `u` being
@@ -361,7 +385,8 @@ vectorised! {
     /// `V = B^T d B` of input channels `channels` for the tiles of tile rows `row0..row0 +
     /// rows` of the batch `x` (`[batch, in, h, w]`; the tile rows of all images one after the
     /// other), into their rows of `v` (`[16, in, rows * tw]`); the patches outside the image
-    /// read zeros (the padding).
+    /// read zeros (the padding), and the `prologue`, if any, applies to the image's elements
+    /// as each row is read (not to the padding).
     ///
     /// `B^T = [[1, 0, -1, 0], [0, 1, 1, 0], [0, -1, 1, 0], [0, 1, 0, -1]]`. Each input row under a
     /// tile row is split into its even and odd columns (of the padded image), so that both
@@ -370,9 +395,12 @@ vectorised! {
     /// # Safety
     /// `v` points to `16 * in * rows * tw` writable f32s, of which no one else reads or writes
     /// the rows of `channels` (`v[ξ][c]` for every ξ and `c` in `channels`) during the call.
-    unsafe fn transform_input(
+    // one argument per thing the transform reads, as the kernel's callers have them
+    #[allow(clippy::too_many_arguments)]
+    unsafe fn transform_input<'p>(
         x: &[f32],
         s: &ConvShape,
+        prologue: Option<Prologue<'p>>,
         row0: usize,
         rows: usize,
         channels: std::ops::Range<usize>,
@@ -387,6 +415,8 @@ vectorised! {
         let n = tw + 1;
         let mut d = vec![0f32; 8 * n];
         let mut e = vec![0f32; 8 * n];
+        // the prologue's output, one input row
+        let mut applied = vec![0f32; if prologue.is_some() { w } else { 0 }];
         // channel by channel, so that each plane's rows are read in order
         for ci in channels {
             for r in 0..rows {
@@ -400,6 +430,20 @@ vectorised! {
                         odd.fill(0.0);
                     } else {
                         let src = &plane[(y - top) * w..(y - top + 1) * w];
+                        let src = match prologue {
+                            Some(p) => {
+                                let (scale, shift) = p.scale_shift[image * cin + ci];
+                                super::elementwise::scale_shift(
+                                    src,
+                                    scale,
+                                    shift,
+                                    p.silu,
+                                    &mut applied,
+                                );
+                                &applied[..]
+                            }
+                            None => src,
+                        };
                         split_columns(src, left, even, odd);
                     }
                 }
