@@ -98,6 +98,25 @@ impl Reference {
     }
 }
 
+/// `max |actual - exact| / max |exact|` against an exact (f64) result in row-major order: how
+/// the kernels' tests compare each algorithm's rounding with the direct computation's.
+pub fn error_to_exact<const D: usize>(actual: &Tensor<D>, exact: &[f64]) -> f64 {
+    let actual: Vec<f32> = actual
+        .to_data()
+        .convert::<f32>()
+        .try_to_vec()
+        .unwrap_or_default();
+    if actual.len() != exact.len() {
+        return f64::INFINITY;
+    }
+    let scale = exact.iter().fold(0f64, |m, e| m.max(e.abs()));
+    let worst = actual
+        .iter()
+        .zip(exact)
+        .fold(0f64, |m, (&a, &e)| m.max((a as f64 - e).abs()));
+    worst / scale
+}
+
 /// `max |actual - expected| / max |expected|`: the error measure of Kiln's parity tests.
 ///
 /// Returns infinity when the shapes differ or a value is not finite, so a test comparing it

@@ -98,12 +98,8 @@ pub fn conv2d_with(
     options: Conv2dOptions,
     algorithm: Conv2dAlgorithm,
 ) -> Option<Tensor<4>> {
-    let [batch, cin, h, w] = x.dims();
-    let [cout, wcin, kh, kw] = weight.dims();
-    if wcin != cin || bias.is_some_and(|b| b.dims() != [cout]) {
-        return None;
-    }
-    let shape = ConvShape::new([batch, cin, h, w], [cout, kh, kw], options)?;
+    let shape = ConvShape::of(x, weight, bias, options)?;
+    let (batch, cout) = (shape.batch, shape.cout);
     if let Some(dtype) = host::reduced_precision(x) {
         if weight.dtype() != dtype || bias.is_some_and(|b| b.dtype() != dtype) {
             return None;
@@ -120,14 +116,38 @@ pub fn conv2d_with(
         };
     }
     let x = HostF32::new(x.clone())?;
+    let (weight, bias) = host_weights(weight, bias)?;
+    let bias = bias.as_ref().map(HostF32::as_slice);
+    let out = conv2d_f32(x.as_slice(), weight.as_slice(), bias, &shape, algorithm);
+    Some(host::tensor(out, [batch, cout, shape.oh, shape.ow]))
+}
+
+/// The f32 host data of a convolution's weights and bias, or `None` where they are not plain
+/// f32 flex tensors.
+pub(super) fn host_weights(
+    weight: &Tensor<4>,
+    bias: Option<&Tensor<1>>,
+) -> Option<(HostF32, Option<HostF32>)> {
     let weight = HostF32::new(weight.clone())?;
     let bias = match bias {
         Some(b) => Some(HostF32::new(b.clone())?),
         None => None,
     };
-    let bias = bias.as_ref().map(HostF32::as_slice);
-    let out = conv2d_f32(x.as_slice(), weight.as_slice(), bias, &shape, algorithm);
-    Some(host::tensor(out, [batch, cout, shape.oh, shape.ow]))
+    Some((weight, bias))
+}
+
+/// Whether a convolution of `shape` runs Winograd's algorithm under `algorithm`.
+fn runs_winograd(shape: &ConvShape, algorithm: Conv2dAlgorithm) -> bool {
+    let algorithm = match algorithm {
+        Conv2dAlgorithm::Auto => auto_algorithm(),
+        chosen => chosen,
+    };
+    winograd::applies(shape)
+        && match algorithm {
+            Conv2dAlgorithm::Auto => winograd::pays(shape),
+            Conv2dAlgorithm::Im2col => false,
+            Conv2dAlgorithm::Winograd => true,
+        }
 }
 
 /// The GroupNorm (and SiLU) that [`group_norm_conv2d`] applies to its input as it reads it.
@@ -163,27 +183,12 @@ pub fn group_norm_conv2d(
     bias: Option<&Tensor<1>>,
     options: Conv2dOptions,
 ) -> Option<Tensor<4>> {
-    let [batch, cin, h, w] = x.dims();
-    let [cout, wcin, kh, kw] = weight.dims();
-    if wcin != cin || bias.is_some_and(|b| b.dims() != [cout]) {
-        return None;
-    }
-    let shape = ConvShape::new([batch, cin, h, w], [cout, kh, kw], options)?;
-    let winograd = winograd::applies(&shape)
-        && match auto_algorithm() {
-            Conv2dAlgorithm::Auto => winograd::pays(&shape),
-            Conv2dAlgorithm::Im2col => false,
-            Conv2dAlgorithm::Winograd => true,
-        };
-    if !winograd {
+    let shape = ConvShape::of(x, weight, bias, options)?;
+    if !runs_winograd(&shape, Conv2dAlgorithm::Auto) {
         return None;
     }
     let host_x = HostF32::new(x.clone())?;
-    let weight = HostF32::new(weight.clone())?;
-    let bias = match bias {
-        Some(b) => Some(HostF32::new(b.clone())?),
-        None => None,
-    };
+    let (weight, bias) = host_weights(weight, bias)?;
     let scale_shift = super::elementwise::group_norm_scale_shift(
         x,
         host_x.as_slice(),
@@ -195,7 +200,7 @@ pub fn group_norm_conv2d(
         scale_shift: &scale_shift,
         silu: norm.silu,
     };
-    let mut out = vec![0f32; batch * cout * shape.oh * shape.ow];
+    let mut out = vec![0f32; shape.batch * shape.cout * shape.oh * shape.ow];
     winograd::conv3x3(
         host_x.as_slice(),
         weight.as_slice(),
@@ -204,7 +209,8 @@ pub fn group_norm_conv2d(
         Some(prologue),
         &mut out,
     );
-    Some(host::tensor(out, [batch, cout, shape.oh, shape.ow]))
+    let dims = [shape.batch, shape.cout, shape.oh, shape.ow];
+    Some(host::tensor(out, dims))
 }
 
 /// A 1x1 convolution (stride 1, no padding) written over its own input's storage, a band of
@@ -391,17 +397,7 @@ fn conv2d_f32<W: Float>(
     algorithm: Conv2dAlgorithm,
 ) -> Vec<f32> {
     let mut out = vec![0f32; shape.batch * shape.cout * shape.oh * shape.ow];
-    let algorithm = match algorithm {
-        Conv2dAlgorithm::Auto => auto_algorithm(),
-        chosen => chosen,
-    };
-    let winograd = winograd::applies(shape)
-        && match algorithm {
-            Conv2dAlgorithm::Auto => winograd::pays(shape),
-            Conv2dAlgorithm::Im2col => false,
-            Conv2dAlgorithm::Winograd => true,
-        };
-    if winograd {
+    if runs_winograd(shape, algorithm) {
         winograd::conv3x3(x, weight, bias, shape, None, &mut out);
     } else {
         conv2d_host(x, weight, bias, shape, &mut out);
@@ -425,6 +421,22 @@ pub(super) struct ConvShape {
 }
 
 impl ConvShape {
+    /// The convolution of `x` by `weight` (and `bias`), or `None` where their channels do not
+    /// match (groups other than 1), or as [`new`](Self::new).
+    pub(super) fn of(
+        x: &Tensor<4>,
+        weight: &Tensor<4>,
+        bias: Option<&Tensor<1>>,
+        options: Conv2dOptions,
+    ) -> Option<Self> {
+        let [batch, cin, h, w] = x.dims();
+        let [cout, wcin, kh, kw] = weight.dims();
+        if wcin != cin || bias.is_some_and(|b| b.dims() != [cout]) {
+            return None;
+        }
+        Self::new([batch, cin, h, w], [cout, kh, kw], options)
+    }
+
     /// `None` for an empty output or a zero stride or dilation.
     pub(super) fn new(
         [batch, cin, h, w]: [usize; 4],

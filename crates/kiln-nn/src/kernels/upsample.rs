@@ -27,7 +27,7 @@ use std::cell::RefCell;
 use rayon::prelude::*;
 
 use super::conv::{
-    Conv2dOptions, ConvShape, MIN_CHANNELS, MIN_COLS, MIN_TASKS, PANEL_BUDGET, im2col,
+    Conv2dOptions, ConvShape, MIN_CHANNELS, MIN_COLS, MIN_TASKS, PANEL_BUDGET, host_weights, im2col,
 };
 use super::host::{self, HostF32, SharedMut, grow};
 
@@ -83,11 +83,7 @@ fn upsample_conv2d_any(
         return None;
     }
     let x = HostF32::new(x.clone())?;
-    let weight = HostF32::new(weight.clone())?;
-    let bias = match bias {
-        Some(b) => Some(HostF32::new(b.clone())?),
-        None => None,
-    };
+    let (weight, bias) = host_weights(weight, bias)?;
     let bias = bias.as_ref().map(HostF32::as_slice);
     let mut out = vec![0f32; batch * cout * 4 * h * w];
     upsample_conv3x3(
@@ -245,6 +241,7 @@ fn sum_taps(filters: &[f32], py: usize, px: usize, taps: &mut [f32]) {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::reference::error_to_exact;
     use burn::tensor::module::{conv2d as burn_conv2d, interpolate};
     use burn::tensor::ops::{ConvOptions, InterpolateMode, InterpolateOptions};
     use burn::tensor::{DType, Device, Distribution};
@@ -295,16 +292,6 @@ mod tests {
         out
     }
 
-    fn error(ours: &Tensor<4>, exact: &[f64]) -> f64 {
-        let ours: Vec<f32> = ours.to_data().try_to_vec().unwrap();
-        let scale = exact.iter().fold(0f64, |m, e| m.max(e.abs()));
-        let worst = ours
-            .iter()
-            .zip(exact)
-            .fold(0f64, |m, (&a, &e)| m.max((a as f64 - e).abs()));
-        worst / scale
-    }
-
     /// Against burn's upsample and convolution within 1e-5 relative, and against the exact
     /// result within a small multiple of that convolution's own error: odd and even sizes, one
     /// row or column, several panels and channel blocks, with and without a bias.
@@ -331,7 +318,10 @@ mod tests {
             let relative = crate::reference::max_relative_error(&ours, &theirs);
             assert!(relative < 1e-5, "{x:?} -> {cout}: {relative:e}");
             let exact = exact(&xt, &wt, bias);
-            let (ours, direct) = (error(&ours, &exact), error(&theirs, &exact));
+            let (ours, direct) = (
+                error_to_exact(&ours, &exact),
+                error_to_exact(&theirs, &exact),
+            );
             assert!(
                 ours < 4.0 * direct.max(f32::EPSILON as f64),
                 "{x:?} -> {cout}: ours {ours:e}, upsample and convolve {direct:e}"

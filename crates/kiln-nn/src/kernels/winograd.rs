@@ -572,6 +572,7 @@ fn tile_output(m: &[&[f32]; 16], t: usize, bias: f32) -> [f32; 4] {
 #[cfg(test)]
 mod tests {
     use super::super::conv::{Conv2dAlgorithm, Conv2dOptions, conv2d_with};
+    use crate::reference::error_to_exact;
     use burn::tensor::module::conv2d as burn_conv2d;
     use burn::tensor::ops::ConvOptions;
     use burn::tensor::{Device, Distribution, Tensor};
@@ -625,17 +626,6 @@ mod tests {
         out
     }
 
-    /// The largest error against `exact`, relative to its largest magnitude.
-    fn error(ours: &Tensor<4>, exact: &[f64]) -> f64 {
-        let ours = values(ours);
-        let scale = exact.iter().fold(0f64, |m, v| m.max(v.abs()));
-        let worst = ours
-            .iter()
-            .zip(exact)
-            .fold(0f64, |m, (&a, &e)| m.max((a as f64 - e).abs()));
-        worst / scale
-    }
-
     /// Against burn's conv2d within 1e-5 relative and against an f64 reference within a small
     /// multiple of the im2col kernel's own error: odd and even sizes (tiles clipped at the
     /// right and bottom), padding 1 (SD's), none, asymmetric and 2, one row or column of output,
@@ -675,7 +665,10 @@ mod tests {
             assert!(relative < 1e-5, "{x:?} {padding:?}: {relative:e}");
             let exact = exact(&xt, &wt, &bias, o);
             let im2col = conv2d_with(&xt, &wt, Some(&bias), o, Conv2dAlgorithm::Im2col).unwrap();
-            let (ours, direct) = (error(&ours, &exact), error(&im2col, &exact));
+            let (ours, direct) = (
+                error_to_exact(&ours, &exact),
+                error_to_exact(&im2col, &exact),
+            );
             assert!(
                 ours < 4.0 * direct.max(f32::EPSILON as f64),
                 "{x:?} {padding:?}: Winograd {ours:e}, im2col {direct:e}"
