@@ -44,11 +44,7 @@ pub fn group_norm_act_conv2d(
     if act == Activation::Silu
         && let Some(options) = kernel_options(conv)
     {
-        let affine = match (&norm.gamma, &norm.beta) {
-            (Some(gamma), Some(beta)) => Some((gamma.val(), beta.val())),
-            (None, None) => None,
-            _ => return None,
-        };
+        let affine = crate::normalization::kernel_affine(norm)?;
         let norm = crate::kernels::InputGroupNorm {
             groups: norm.num_groups,
             eps: norm.epsilon,
@@ -95,15 +91,14 @@ pub fn conv2d_writes_in_place(conv: &Conv2d, x: &Tensor<4>) -> bool {
 /// - output: `[batch, out, out_height, out_width]`
 pub fn conv2d_owned(conv: &Conv2d, x: Tensor<4>) -> Tensor<4> {
     #[cfg(feature = "flex")]
-    let x = match kernel_options(conv) {
-        Some(options) if options.stride == [1, 1] && options.padding == [[0, 0], [0, 0]] => {
-            let bias = conv.bias.as_ref().map(|b| b.val());
-            match crate::kernels::conv2d_pointwise_owned(x, &conv.weight.val(), bias.as_ref()) {
-                Ok(y) => return y,
-                Err(x) => x,
-            }
+    let x = if conv2d_writes_in_place(conv, &x) {
+        let bias = conv.bias.as_ref().map(|b| b.val());
+        match crate::kernels::conv2d_pointwise_owned(x, &conv.weight.val(), bias.as_ref()) {
+            Ok(y) => return y,
+            Err(x) => x,
         }
-        _ => x,
+    } else {
+        x
     };
     conv2d(conv, x)
 }

@@ -74,10 +74,8 @@ fn kernel_group_norm<const D: usize>(
     x: Tensor<D>,
     silu: bool,
 ) -> Result<Tensor<D>, Tensor<D>> {
-    let affine = match (&norm.gamma, &norm.beta) {
-        (Some(gamma), Some(beta)) => Some((gamma.val(), beta.val())),
-        (None, None) => None,
-        _ => return Err(x),
+    let Some(affine) = kernel_affine(norm) else {
+        return Err(x);
     };
     crate::kernels::group_norm_owned(
         x,
@@ -86,6 +84,17 @@ fn kernel_group_norm<const D: usize>(
         affine.as_ref().map(|(g, b)| (g, b)),
         silu,
     )
+}
+
+/// `norm`'s `(gamma, beta)` as Kiln's GroupNorm kernels take them: `Some(None)` without an
+/// affine, `None` for one of the two alone (the kernels do not apply).
+#[cfg(feature = "flex")]
+pub(crate) fn kernel_affine(norm: &GroupNorm) -> Option<Option<(Tensor<1>, Tensor<1>)>> {
+    match (&norm.gamma, &norm.beta) {
+        (Some(gamma), Some(beta)) => Some(Some((gamma.val(), beta.val()))),
+        (None, None) => Some(None),
+        _ => None,
+    }
 }
 
 /// GroupNorm of burn's tensor ops, on every backend and dtype.

@@ -100,13 +100,14 @@ impl Reference {
 
 /// `max |actual - exact| / max |exact|` against an exact (f64) result in row-major order: how
 /// the kernels' tests compare each algorithm's rounding with the direct computation's.
+/// Infinity when the lengths differ or a value is not finite, as [`max_relative_error`].
 pub fn error_to_exact<const D: usize>(actual: &Tensor<D>, exact: &[f64]) -> f64 {
     let actual: Vec<f32> = actual
         .to_data()
         .convert::<f32>()
         .try_to_vec()
         .unwrap_or_default();
-    if actual.len() != exact.len() {
+    if actual.len() != exact.len() || !actual.iter().all(|a| a.is_finite()) {
         return f64::INFINITY;
     }
     let scale = exact.iter().fold(0f64, |m, e| m.max(e.abs()));

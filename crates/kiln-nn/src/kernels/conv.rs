@@ -240,31 +240,17 @@ pub fn conv2d_pointwise_owned(
     if !applies {
         return Err(x);
     }
-    let Some(weight) = HostF32::new(weight.clone()) else {
+    let Some((weight, bias)) = host_weights(weight, bias) else {
         return Err(x);
     };
-    let bias = match bias.map(|b| HostF32::new(b.clone())) {
-        Some(None) => return Err(x),
-        Some(Some(b)) => Some(b),
-        None => None,
-    };
-    // a plain flex tensor (checked on a handle that is dropped at once, so that `x` is again
-    // the only one)
-    if x.clone().try_into_primitive::<Flex>().is_err() {
-        return Err(x);
-    }
-    let Ok(mut flex) = x.try_into_primitive::<Flex>() else {
-        unreachable!("checked above");
-    };
-    let (Some((start, end)), true) = (flex.layout().contiguous_offsets(), flex.is_unique()) else {
-        return Err(Tensor::from_primitive::<Flex>(flex));
-    };
+    let (mut flex, range) = host::unique_flex(x)?;
+    let start = range.start;
     let Some(storage) = flex.try_storage_mut::<f32>() else {
         unreachable!("unique and of f32");
     };
     let pixels = h * w;
     pointwise_in_place(
-        &mut storage[start..end],
+        &mut storage[range],
         weight.as_slice(),
         bias.as_ref().map(HostF32::as_slice),
         [batch, cin, cout, pixels],
@@ -579,7 +565,7 @@ fn conv2d_host<W: Float>(
 /// How a convolution is cut into tasks of (image, panel of output rows, block of output
 /// channels). It depends on the shapes only, not on the thread count, so neither does the
 /// result.
-pub(super) struct Split {
+struct Split {
     batch: usize,
     rows: usize,
     panels: usize,
@@ -590,12 +576,12 @@ pub(super) struct Split {
 }
 
 /// One task of a [`Split`].
-pub(super) struct Task {
-    pub(super) image: usize,
-    pub(super) row0: usize,
-    pub(super) rows: usize,
-    pub(super) c0: usize,
-    pub(super) channels: usize,
+struct Task {
+    image: usize,
+    row0: usize,
+    rows: usize,
+    c0: usize,
+    channels: usize,
 }
 
 impl Split {
@@ -603,7 +589,7 @@ impl Split {
     /// [`MIN_COLS`] columns), or whole images (`None`: a pointwise convolution reads its input
     /// in place); the output channels split too where there are fewer than [`MIN_TASKS`], in
     /// blocks of a multiple of `align` channels.
-    pub(super) fn new(s: &ConvShape, budget: Option<usize>, align: usize) -> Self {
+    fn new(s: &ConvShape, budget: Option<usize>, align: usize) -> Self {
         let rows = match budget {
             None => s.oh,
             Some(budget) => (budget / (s.k() * s.ow))
@@ -635,7 +621,7 @@ impl Split {
     }
 
     /// Runs `f` on every task, in parallel on rayon.
-    pub(super) fn par_tasks(&self, f: impl Fn(Task) + Send + Sync) {
+    fn par_tasks(&self, f: impl Fn(Task) + Send + Sync) {
         (0..self.tasks())
             .into_par_iter()
             .for_each(|task| f(self.task(task)));
@@ -1006,6 +992,7 @@ mod tests {
         let xa = Tensor::<4>::zeros([1, 4, 5, 5], &ad).require_grad();
         assert!(conv2d(&xa, &Tensor::zeros([2, 4, 3, 3], &ad), None, options).is_none());
     }
+
     fn values(t: &Tensor<4>) -> Vec<f32> {
         t.to_data().convert::<f32>().try_into_vec::<f32>().unwrap()
     }

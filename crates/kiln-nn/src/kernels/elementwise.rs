@@ -283,23 +283,15 @@ fn group_norm_in_place<T: Float, const D: usize>(
     let Some(([spatial, per_group], affine_f32)) = group_norm_sizes(&x, groups, affine) else {
         return Err(x);
     };
-    // a plain flex tensor (checked on a handle that is dropped at once, so that `x` is again
-    // the only one)
-    if x.clone().try_into_primitive::<Flex>().is_err() {
-        return Err(x);
-    }
-    let Ok(mut flex) = x.try_into_primitive::<Flex>() else {
-        unreachable!("checked above");
-    };
-    let offsets = flex.layout().contiguous_offsets();
-    let (Some((start, end)), true) = (offsets, flex.is_unique()) else {
-        let x = Tensor::from_primitive::<Flex>(flex);
-        return group_norm_host::<T, D>(&x, groups, eps, affine, silu).ok_or(x);
+    // shared or strided (or not flex, where the host path declines too): a new tensor
+    let (mut flex, range) = match host::unique_flex(x) {
+        Ok(unique) => unique,
+        Err(x) => return group_norm_host::<T, D>(&x, groups, eps, affine, silu).ok_or(x),
     };
     let Some(storage) = flex.try_storage_mut::<T>() else {
         unreachable!("unique and of dtype T");
     };
-    let xs = &mut storage[start..end];
+    let xs = &mut storage[range];
     let block = per_group * spatial;
     if block > 0 {
         xs.par_chunks_mut(block).enumerate().for_each(|(i, x)| {

@@ -42,6 +42,28 @@ impl<E: Element + bytemuck::Pod> Host<E> {
     }
 }
 
+/// `t`'s flex primitive and the range of its elements in its storage, where `t` is a plain (not
+/// autodiff) flex tensor, contiguous, that nothing else holds, so that a kernel may overwrite
+/// its elements in place (`try_storage_mut` then succeeds); `t` back otherwise.
+// the error is the caller's own input handed back (a `Tensor` is 256 bytes), not an error value
+#[allow(clippy::result_large_err)]
+pub(crate) fn unique_flex<const D: usize>(
+    t: Tensor<D>,
+) -> Result<(FlexTensor, std::ops::Range<usize>), Tensor<D>> {
+    // a plain flex tensor (checked on a handle that is dropped at once, so that `t` is again
+    // the only one)
+    if t.clone().try_into_primitive::<Flex>().is_err() {
+        return Err(t);
+    }
+    let Ok(flex) = t.try_into_primitive::<Flex>() else {
+        unreachable!("checked above");
+    };
+    match (flex.layout().contiguous_offsets(), flex.is_unique()) {
+        (Some((start, end)), true) => Ok((flex, start..end)),
+        _ => Err(Tensor::from_primitive::<Flex>(flex)),
+    }
+}
+
 /// A flex tensor of `shape` holding `data` (moved, not copied), of `E`'s dtype.
 pub(crate) fn tensor<E: Element, const D: usize>(data: Vec<E>, shape: [usize; D]) -> Tensor<D> {
     Tensor::from_data(
