@@ -8,7 +8,10 @@
 //! GFLOP/s count the direct convolution's FLOPs, as PyTorch counts them. Prints one line per
 //! shape.
 //!
-//! `cargo run --release -p kiln-nn --example conv_algorithms [-- burn]`
+//! `cargo run --release -p kiln-nn --example conv_algorithms [-- burn] [-- small]`
+//!
+//! `small` times only the two algorithms at the UNet's deepest levels, 1280 channels from 4x4
+//! to 16x16 pixels (where `Auto` switches from im2col to Winograd), and stops there.
 
 use burn::nn::PaddingConfig2d;
 use burn::nn::conv::Conv2dConfig;
@@ -34,6 +37,7 @@ fn time<F: FnMut()>(mut f: F) -> f64 {
 
 fn main() {
     let with_burn = std::env::args().any(|a| a == "burn");
+    let small = std::env::args().any(|a| a == "small");
     let device = Device::flex();
     let d = Distribution::Normal(0.0, 1.0);
     let options = Conv2dOptions {
@@ -41,17 +45,34 @@ fn main() {
         padding: [[1, 1], [1, 1]],
         dilation: [1, 1],
     };
-    for (name, [b, cin, h, w], cout) in [
-        ("unet 320 64px", [2, 320, 64, 64], 320),
-        ("unet 640 32px", [2, 640, 32, 32], 640),
-        ("unet 1280 16px", [2, 1280, 16, 16], 1280),
-        ("unet 1280 8px", [2, 1280, 8, 8], 1280),
-        ("unet 640->320 64px", [2, 640, 64, 64], 320),
-        ("vae 512 64px", [1, 512, 64, 64], 512),
-        ("vae 512 128px", [1, 512, 128, 128], 512),
-        ("vae 256 256px", [1, 256, 256, 256], 256),
-        ("vae 128 512px", [1, 128, 512, 512], 128),
-    ] {
+    let shapes = if small {
+        vec![
+            ("unet 1280 4px", [2, 1280, 4, 4], 1280),
+            ("unet 1280 6px", [2, 1280, 6, 6], 1280),
+            ("unet 1280 8px", [2, 1280, 8, 8], 1280),
+            ("unet 1280 8px batch 1", [1, 1280, 8, 8], 1280),
+            ("unet 2560->1280 8px", [2, 2560, 8, 8], 1280),
+            ("unet 1280 10px", [2, 1280, 10, 10], 1280),
+            ("unet 1280 12px (768 px)", [2, 1280, 12, 12], 1280),
+            ("unet 1280 12px batch 1", [1, 1280, 12, 12], 1280),
+            ("unet 2560->1280 12px", [2, 2560, 12, 12], 1280),
+            ("unet 1280 14px", [2, 1280, 14, 14], 1280),
+            ("unet 1280 16px", [2, 1280, 16, 16], 1280),
+        ]
+    } else {
+        vec![
+            ("unet 320 64px", [2, 320, 64, 64], 320),
+            ("unet 640 32px", [2, 640, 32, 32], 640),
+            ("unet 1280 16px", [2, 1280, 16, 16], 1280),
+            ("unet 1280 8px", [2, 1280, 8, 8], 1280),
+            ("unet 640->320 64px", [2, 640, 64, 64], 320),
+            ("vae 512 64px", [1, 512, 64, 64], 512),
+            ("vae 512 128px", [1, 512, 128, 128], 512),
+            ("vae 256 256px", [1, 256, 256, 256], 256),
+            ("vae 128 512px", [1, 128, 512, 512], 128),
+        ]
+    };
+    for (name, [b, cin, h, w], cout) in shapes {
         let conv = Conv2dConfig::new([cin, cout], [3, 3])
             .with_padding(PaddingConfig2d::Explicit(1, 1, 1, 1))
             .init(&device);
@@ -80,6 +101,9 @@ fn main() {
             gflop / winograd,
             im2col / winograd
         );
+    }
+    if small {
+        return;
     }
     // the upsamplers: input sizes, the convolution at twice them
     for (name, [b, c, h, w]) in [

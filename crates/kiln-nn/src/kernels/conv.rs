@@ -77,7 +77,7 @@ fn auto_algorithm() -> Conv2dAlgorithm {
 /// How [`conv2d_with`] computes a convolution.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub enum Conv2dAlgorithm {
-    /// Winograd's F(2x2, 3x3) for 3x3 kernels with stride 1 and dilation 1 from 16x16 output
+    /// Winograd's F(2x2, 3x3) for 3x3 kernels with stride 1 and dilation 1 from 8x8 output
     /// pixels up (where it was measured faster), im2col panels otherwise: what [`conv2d`] runs.
     /// `KILN_CONV=im2col` or `KILN_CONV=winograd` in the environment forces one of the two.
     #[default]
@@ -169,7 +169,7 @@ pub struct InputGroupNorm<'a> {
 /// (a ResNet block's shortcut) with no second tensor of its size alive. The result is bit for
 /// bit that of [`group_norm`](super::group_norm) followed by [`conv2d`].
 ///
-/// `Some` where the convolution runs Winograd's algorithm (a 3x3 kernel with stride 1 from 16x16
+/// `Some` where the convolution runs Winograd's algorithm (a 3x3 kernel with stride 1 from 8x8
 /// output pixels up, see [`Conv2dAlgorithm::Auto`]) on plain f32 flex tensors; `None`
 /// otherwise, and the caller normalises and convolves.
 ///

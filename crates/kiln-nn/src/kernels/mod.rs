@@ -14,7 +14,7 @@
 //! time). The elementwise kernels widen a chunk at a time in every case.
 //!
 //! - [`attention`]: exact two-pass softmax over query blocks whose score rows fit in cache.
-//! - [`conv2d`]: 3x3 convolutions with stride 1 from 16x16 output pixels up by Winograd's
+//! - [`conv2d`]: 3x3 convolutions with stride 1 from 8x8 output pixels up by Winograd's
 //!   F(2x2, 3x3) (`winograd`: 16 GEMMs on transformed tiles, 2.25x fewer multiplications);
 //!   the rest as im2col straight from NCHW into cache-sized column panels, one GEMM per panel
 //!   on the weights as stored, written in place into the output. [`conv2d_with`] picks one.

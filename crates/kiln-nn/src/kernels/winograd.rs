@@ -23,7 +23,7 @@
 //! ([`SHARED_PANELS`]). Nothing is kept between calls but the buffers: keeping the transformed
 //! filters would hold 16/9 of every layer's weights more.
 //!
-//! [`conv2d`](super::conv2d) takes this path from 16x16 output pixels up ([`pays`]); PyTorch's
+//! [`conv2d`](super::conv2d) takes this path from 8x8 output pixels up ([`pays`]); PyTorch's
 //! CPU convolutions run oneDNN's direct algorithm.
 
 use rayon::prelude::*;
@@ -32,14 +32,16 @@ use std::cell::RefCell;
 use super::conv::{ConvShape, MIN_CHANNELS, MIN_TASKS};
 use super::host::{self, Float, SharedMut, grow};
 
-/// Output tiles per image (16x16 output pixels), and over the batch (two such images), below
-/// which [`pays`] declines. Measured on the 2-core Xeon (`cargo run --release -p kiln-nn
-/// --example conv_algorithms`, the two algorithms alternating, three runs): Winograd 1.3-2.1x
-/// faster than im2col panels at 64x64 pixels and above (the SD UNet's first level, the VAE's),
-/// 1.04-1.5x at 32x32 and 16x16 (640 and 1280 channels, batch 2), 0.5-0.8x at 8x8, where the
-/// rows of tiles are short and the filters large against the image.
-const MIN_IMAGE_TILES: usize = 64;
-const MIN_BATCH_TILES: usize = 128;
+/// Output tiles per image (8x8 output pixels), and over the batch (two such images), below
+/// which [`pays`] declines. Measured on the 2-core Zen 3 (2026-12-07, `cargo run --release -p
+/// kiln-nn --example conv_algorithms -- small`, two runs), Winograd against im2col panels at
+/// 1280 channels, batch 2: 1.23-1.24x faster at 8x8, 1.37-1.38x at 10x10, 1.56-1.60x at 12x12
+/// (the UNet's deepest level at 768 px), 1.66-1.72x at 14x14 and 16x16; 1.00-1.25x at 6x6 and
+/// 0.57-0.58x at 4x4, where the filters cost more to transform than the image's few tiles
+/// save; with batch 1, 1.05-1.07x at 8x8 and 0.99-1.22x at 12x12. On the 2-core Xeon (AVX-512,
+/// 2026-12-06) 8x8 with batch 2 was level once the filter transform became a vector loop.
+const MIN_IMAGE_TILES: usize = 16;
+const MIN_BATCH_TILES: usize = 32;
 
 /// Elements of one transformed-input slice `V[ξ]` (`in x tiles`) per task; the panel's 16
 /// slices take 16 times this (8 MiB). Chosen on the Xeon above among 2^15 to 2^18, at the
@@ -724,21 +726,22 @@ mod tests {
         }
     }
 
-    /// `Auto` takes Winograd's algorithm from 16x16 output pixels (and two such images) up and
+    /// `Auto` takes Winograd's algorithm from 8x8 output pixels (and two such images) up and
     /// im2col below: bit for bit the result of the algorithm it should pick.
     #[test]
-    fn auto_picks_winograd_from_16_pixels_up() {
+    fn auto_picks_winograd_from_8_pixels_up() {
         if std::env::var_os("KILN_CONV").is_some() {
             return; // the diagnostic override changes what Auto means
         }
         let device = Device::flex();
         let normal = Distribution::Normal(0.0, 1.0);
         for (x, winograd) in [
-            ([2, 8, 16, 16], true),
-            ([1, 8, 32, 16], true),
-            ([1, 8, 16, 16], false),
-            ([2, 8, 14, 16], false),
-            ([4, 8, 8, 8], false),
+            ([2, 8, 8, 8], true),
+            ([1, 8, 16, 8], true),
+            ([4, 8, 8, 8], true),
+            ([1, 8, 8, 8], false),
+            ([2, 8, 6, 8], false),
+            ([8, 8, 4, 4], false),
         ] {
             let xt = Tensor::<4>::random(x, normal, &device);
             let wt = Tensor::<4>::random([4, 8, 3, 3], normal, &device);
