@@ -349,18 +349,30 @@ pub fn run(args: GenerateArgs, device: impl FnOnce() -> Result<Device>) -> Resul
             options.with_memory_limit((gib * (1u64 << 30) as f64).min(u64::MAX as f64) as u64);
     }
 
-    // 4. the run, with a progress bar on stderr
-    let bar = ProgressBar::with_draw_target(None, ProgressDrawTarget::stderr());
-    bar.set_style(
-        ProgressStyle::with_template(
-            "{spinner} [{bar:30}] {pos}/{len} steps, {per_sec}, ETA {eta} ({elapsed})",
-        )
-        .context("progress bar template")?
-        .progress_chars("=> "),
-    );
+    // 4. the run, with a progress bar on stderr, drawn from the start and ticking through
+    // long steps (a large image's first step, its decode) so that the elapsed time shows
+    let bar = ProgressBar::with_draw_target(Some(steps as u64), ProgressDrawTarget::stderr());
+    let style = |template: &str| -> Result<ProgressStyle> {
+        Ok(ProgressStyle::with_template(template)
+            .context("progress bar template")?
+            .progress_chars("=> "))
+    };
+    // no rate or ETA until a step has been timed
+    bar.set_style(style("{spinner} [{bar:30}] {pos}/{len} steps ({elapsed})")?);
+    let timed =
+        style("{spinner} [{bar:30}] {pos}/{len} steps, {per_sec}, ETA {eta} ({elapsed}) {msg}")?;
+    bar.enable_steady_tick(std::time::Duration::from_millis(250));
     let mut on_step = |p: &StepProgress<'_>| {
+        if p.step == 0 {
+            bar.set_style(timed.clone());
+        }
         bar.set_length(p.total as u64);
         bar.set_position(p.step as u64 + 1);
+        let last = p.step + 1 == p.total;
+        bar.set_message(match (last, &refiner) {
+            (true, None) => "decoding",
+            _ => "",
+        });
         std::ops::ControlFlow::Continue(())
     };
     let mut noise = SeededNoise::new(seed);
