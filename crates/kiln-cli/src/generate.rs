@@ -409,7 +409,10 @@ pub fn run(args: GenerateArgs, device: impl FnOnce() -> Result<Device>) -> Resul
             bar.finish_and_clear();
             bail!("{e} (--vae-tiling bounds the decode; --max-memory GIB sets the limit)")
         }
-        Err(e) => return Err(e.into()),
+        Err(e) => {
+            bar.finish_and_clear();
+            return Err(e.into());
+        }
     };
     bar.finish_and_clear();
 
