@@ -75,16 +75,29 @@ const TASK_ROWS: usize = 512;
 /// Output columns of one task of [`tiled_linear`].
 const TASK_COLS: usize = 512;
 
+/// Task counts below which an odd count gets one more column of tasks (where that leaves
+/// tasks of at least [`MIN_SPLIT_COLS`] columns): three equal tasks on two cores leave one idle
+/// for a third of the call. SDXL's transformer blocks at 512 px run `[512, 1280] -> 1280`
+/// 372 times a step and `[512, 5120] -> 1280` 60 times, three tasks each.
+const EVEN_BELOW: usize = 8;
+/// Output columns of a task at least, where [`EVEN_BELOW`] splits the columns further.
+const MIN_SPLIT_COLS: usize = 128;
+
 /// The rows and output columns of one task of [`tiled_linear`]: at most [`TASK_ROWS`] x
 /// [`TASK_COLS`], the output cut into equal tasks (to a multiple of 8 rows and 16 columns), so
-/// that a few large tasks do not leave a thread idle. The text encoder's `[154, 768] -> 768`
-/// was one task of 512 columns and one of 256, a thread waiting a third of the time. The shape
-/// depends on the sizes only, not on the thread count.
+/// that a few large tasks do not leave a thread idle, and into an even number of them where
+/// they are few ([`EVEN_BELOW`]). The text encoder's `[154, 768] -> 768` was one task of 512
+/// columns and one of 256, a thread waiting a third of the time. The shape depends on the
+/// sizes only, not on the thread count.
 fn task_shape(rows: usize, d_out: usize) -> [usize; 2] {
-    let task_rows = rows.div_ceil(rows.div_ceil(TASK_ROWS)).next_multiple_of(8);
-    let task_cols = d_out
-        .div_ceil(d_out.div_ceil(TASK_COLS))
-        .next_multiple_of(16);
+    let row_tasks = rows.div_ceil(TASK_ROWS);
+    let mut col_tasks = d_out.div_ceil(TASK_COLS);
+    let tasks = row_tasks * col_tasks;
+    if tasks < EVEN_BELOW && tasks % 2 == 1 && d_out / (col_tasks + 1) >= MIN_SPLIT_COLS {
+        col_tasks += 1;
+    }
+    let task_rows = rows.div_ceil(row_tasks.max(1)).next_multiple_of(8);
+    let task_cols = d_out.div_ceil(col_tasks.max(1)).next_multiple_of(16);
     [task_rows.min(TASK_ROWS), task_cols.min(TASK_COLS)]
 }
 
@@ -308,7 +321,14 @@ mod tests {
     /// is short by less than the rounding (8 rows, 16 columns).
     #[test]
     fn tasks_are_equal_and_bounded() {
-        for (rows, d_out) in [(154, 768), (8192, 320), (8192, 1280), (2048, 5120), (1, 1)] {
+        for (rows, d_out) in [
+            (154, 768),
+            (8192, 320),
+            (8192, 1280),
+            (2048, 5120),
+            (512, 1280),
+            (1, 1),
+        ] {
             let [tr, tc] = task_shape(rows, d_out);
             assert!(
                 tr <= TASK_ROWS && tc <= TASK_COLS,
@@ -324,6 +344,12 @@ mod tests {
         // the text encoder's [154, 768] -> 768: two tasks of 384 columns, not 512 and 256
         assert_eq!(task_shape(154, 768), [160, 384]);
         assert_eq!(task_shape(8192, 1280), [512, 432]);
+        // SDXL's [512, 1280] -> 1280 and [154, 2048] -> 1280: four tasks of 320 columns, not
+        // three of 432; one task becomes two, unless that leaves fewer than 128 columns each
+        assert_eq!(task_shape(512, 1280), [512, 320]);
+        assert_eq!(task_shape(154, 1280), [160, 320]);
+        assert_eq!(task_shape(512, 320), [512, 160]);
+        assert_eq!(task_shape(512, 200), [512, 208]);
     }
 
     /// bf16 (on AMX tiles where the CPU has them, else widened) gives the f32 result of the
