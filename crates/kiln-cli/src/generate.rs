@@ -403,18 +403,15 @@ pub fn run(args: GenerateArgs, device: impl FnOnce() -> Result<Device>) -> Resul
                 )
             }),
     };
+    // cleared before anything else is printed, an error included
+    bar.finish_and_clear();
     let out = match result {
         Ok(out) => out,
         Err(e @ kiln_pipeline::Error::InsufficientMemory { .. }) => {
-            bar.finish_and_clear();
             bail!("{e} (--vae-tiling bounds the decode; --max-memory GIB sets the limit)")
         }
-        Err(e) => {
-            bar.finish_and_clear();
-            return Err(e.into());
-        }
+        Err(e) => return Err(e.into()),
     };
-    bar.finish_and_clear();
 
     // 5. encode every PNG, then write them all
     let images = out.to_rgb8()?;
