@@ -84,6 +84,12 @@ pub struct BenchArgs {
     /// Seed of the inputs (and of the pipeline's random weights).
     #[arg(long, default_value_t = 0)]
     seed: u64,
+    /// Also time each call of the linear layers, convolutions, attention, GroupNorms and
+    /// activations over the timed runs, and print the time by kind of op and by shape (stderr;
+    /// the JSON gets a `profile` object). CPU devices only (flex, ndarray), where an op has
+    /// finished when it returns.
+    #[arg(long)]
+    profile: bool,
 }
 
 /// Where the models come from.
@@ -179,6 +185,13 @@ pub fn run(args: BenchArgs, device: impl FnOnce() -> Result<Device>) -> Result<(
         None => Source::Preset(args.preset.parse()?),
     };
     let device = device()?;
+    if args.profile && !kiln_nn::device::runs_synchronously(&device) {
+        bail!(
+            "--profile times each op until it returns, which is the time of its work only on CPU \
+             devices (flex, ndarray); {} returns an op's tensor before computing it",
+            device_name(&device)
+        );
+    }
     let configs = source
         .configs()
         .context("cannot read the model's configs")?;
@@ -353,14 +366,23 @@ pub fn run(args: BenchArgs, device: impl FnOnce() -> Result<Device>) -> Result<(
             start.elapsed().as_secs_f64()
         );
     }
-    let mut times = Vec::with_capacity(args.runs);
-    for i in 0..args.runs {
-        let start = Instant::now();
-        work()?;
-        let s = start.elapsed().as_secs_f64();
-        eprintln!("run {}/{}: {s:.3} s", i + 1, args.runs);
-        times.push(s);
-    }
+    let mut timed_runs = || -> Result<Vec<f64>> {
+        let mut times = Vec::with_capacity(args.runs);
+        for i in 0..args.runs {
+            let start = Instant::now();
+            work()?;
+            let s = start.elapsed().as_secs_f64();
+            eprintln!("run {}/{}: {s:.3} s", i + 1, args.runs);
+            times.push(s);
+        }
+        Ok(times)
+    };
+    let (times, profile) = if args.profile {
+        let (times, profile) = kiln_nn::profile::profile(timed_runs);
+        (times?, Some(profile))
+    } else {
+        (timed_runs()?, None)
+    };
     let mut sorted = times.clone();
     sorted.sort_by(f64::total_cmp);
     let n = sorted.len();
@@ -369,7 +391,7 @@ pub fn run(args: BenchArgs, device: impl FnOnce() -> Result<Device>) -> Result<(
     } else {
         (sorted[n / 2 - 1] + sorted[n / 2]) / 2.0
     };
-    let report = serde_json::json!({
+    let mut report = serde_json::json!({
         "workload": args.workload.name(),
         "model": source.name(),
         "device": device_name(&device),
@@ -392,8 +414,105 @@ pub fn run(args: BenchArgs, device: impl FnOnce() -> Result<Device>) -> Result<(
         "simd": simd_features(),
         "bf16_products": bf16_products(),
     });
+    if let Some(profile) = profile {
+        let total: f64 = times.iter().sum();
+        print_profile(&profile, total, args.runs);
+        report["profile"] = profile_json(&profile, total);
+    }
     println!("{report}");
     Ok(())
+}
+
+/// Ops the `--profile` table lists one by one (the kinds' totals cover the rest).
+const PROFILE_OPS: usize = 25;
+
+/// The `--profile` table on stderr: time per run by kind of op (with what the recorded calls
+/// leave, "other") and the [`PROFILE_OPS`] longest ops.
+fn print_profile(profile: &kiln_nn::profile::Profile, total: f64, runs: usize) {
+    let runs_f = runs as f64;
+    let rate = |flops: u64, seconds: f64| {
+        if flops == 0 || seconds <= 0.0 {
+            String::new()
+        } else {
+            format!("{:.0}", flops as f64 / seconds / 1e9)
+        }
+    };
+    eprintln!(
+        "\nprofile, per run (mean of {runs}): {:.3} s",
+        total / runs_f
+    );
+    eprintln!(
+        "{:<12} {:>10} {:>6} {:>8} {:>8}",
+        "kind", "time", "share", "calls", "GFLOP/s"
+    );
+    let share = |s: f64| 100.0 * s / total.max(f64::MIN_POSITIVE);
+    for k in profile.kinds() {
+        eprintln!(
+            "{:<12} {:>8.3} s {:>5.1}% {:>8} {:>8}",
+            k.kind.name(),
+            k.seconds / runs_f,
+            share(k.seconds),
+            k.calls / runs as u64,
+            rate(k.flops, k.seconds)
+        );
+    }
+    let other = (total - profile.seconds()).max(0.0);
+    eprintln!(
+        "{:<12} {:>8.3} s {:>5.1}%",
+        "other",
+        other / runs_f,
+        share(other)
+    );
+    eprintln!(
+        "\n{:>10} {:>6} {:>6} {:>8}  op (longest {PROFILE_OPS})",
+        "time", "share", "calls", "GFLOP/s"
+    );
+    for o in profile.ops.iter().take(PROFILE_OPS) {
+        eprintln!(
+            "{:>8.3} s {:>5.1}% {:>6} {:>8}  {} {}",
+            o.seconds / runs_f,
+            share(o.seconds),
+            o.calls / runs as u64,
+            rate(o.flops, o.seconds),
+            o.kind.name(),
+            o.op
+        );
+    }
+}
+
+/// The JSON report's `profile`: the totals over the timed runs by kind (and the rest,
+/// `other_s`) and by op.
+fn profile_json(profile: &kiln_nn::profile::Profile, total: f64) -> serde_json::Value {
+    let kinds: Vec<_> = profile
+        .kinds()
+        .iter()
+        .map(|k| {
+            serde_json::json!({
+                "kind": k.kind.name(),
+                "seconds": k.seconds,
+                "calls": k.calls,
+                "flops": k.flops,
+            })
+        })
+        .collect();
+    let ops: Vec<_> = profile
+        .ops
+        .iter()
+        .map(|o| {
+            serde_json::json!({
+                "kind": o.kind.name(),
+                "op": o.op,
+                "seconds": o.seconds,
+                "calls": o.calls,
+                "flops": o.flops,
+            })
+        })
+        .collect();
+    serde_json::json!({
+        "kinds": kinds,
+        "ops": ops,
+        "other_s": (total - profile.seconds()).max(0.0),
+    })
 }
 
 /// Waits for a tensor's computation (asynchronous backends queue it) by reading one value.

@@ -148,3 +148,77 @@ fn a_model_folder_is_timed_with_its_own_weights() {
         (Some(32), Some(48))
     );
 }
+
+/// `--profile`: the time by kind of op on stderr and in the JSON, whose recorded FLOPs are the
+/// workload's whole count (every counted op is recorded once), and whose times with the rest
+/// (`other_s`) add up to the timed runs.
+#[test]
+fn profile_accounts_for_every_counted_flop_and_the_runs_time() {
+    for (workload, kinds) in [
+        (
+            "unet",
+            &["linear", "conv", "attention", "norm", "activation"][..],
+        ),
+        ("vae-decode", &["conv", "norm"][..]),
+        ("text-encoder", &["linear", "attention", "activation"][..]),
+        (
+            "pipeline",
+            &["linear", "conv", "attention", "norm", "activation"][..],
+        ),
+    ] {
+        let out = kiln(&[
+            "bench",
+            workload,
+            "--preset",
+            "tiny",
+            "--runs",
+            "2",
+            "--warmup",
+            "0",
+            "--steps",
+            "2",
+            "--profile",
+        ]);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(out.status.success(), "{workload}: {stderr}");
+        assert!(stderr.contains("profile, per run"), "{workload}: {stderr}");
+        let json = report(&out);
+        let profile = &json["profile"];
+        let listed: Vec<&str> = profile["kinds"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|k| k["kind"].as_str().unwrap())
+            .collect();
+        assert_eq!(listed, kinds, "{workload}: {profile}");
+        let sum = |field: &str, of: &str| -> f64 {
+            profile[of]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|k| k[field].as_f64().unwrap())
+                .sum()
+        };
+        // over two runs, each op counted twice
+        let flops = json["flops"].as_f64().unwrap();
+        assert_eq!(sum("flops", "kinds"), 2.0 * flops, "{workload}: {profile}");
+        assert_eq!(sum("flops", "ops"), 2.0 * flops, "{workload}: {profile}");
+        let runs: f64 = json["times_s"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|t| t.as_f64().unwrap())
+            .sum();
+        let other = profile["other_s"].as_f64().unwrap();
+        assert!(other >= 0.0, "{workload}: {profile}");
+        assert!(
+            (sum("seconds", "kinds") + other - runs).abs() <= 1e-6 * runs,
+            "{workload}: {profile} against {runs} s"
+        );
+    }
+    // without the flag, no profile
+    let out = kiln(&[
+        "bench", "unet", "--preset", "tiny", "--runs", "1", "--warmup", "0",
+    ]);
+    assert!(report(&out).get("profile").is_none());
+}

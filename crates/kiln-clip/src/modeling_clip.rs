@@ -110,7 +110,14 @@ impl ClipAttention {
             is_causal: true,
             ..Default::default()
         };
-        let out = attention(q, k, v, None, None, options);
+        let describe = || {
+            let d = h / heads;
+            let op = format!("causal {b}x{heads}x{s}x{s}x{d}");
+            (op, kiln_nn::flops::attention(b * heads, s, s, d))
+        };
+        let out = kiln_nn::profile::timed(kiln_nn::profile::OpKind::Attention, describe, || {
+            attention(q, k, v, None, None, options)
+        });
         // [b, heads, s, head_dim] -> [b, s, h]
         layer(&self.out_proj, out.swap_dims(1, 2).reshape([b, s, h]))
     }

@@ -157,7 +157,31 @@ impl Attention {
         let q = linear(&self.to_q, x);
         let k = linear(&self.to_k, kv_source.clone());
         let v = linear(&self.to_v, kv_source);
-        let out = match tokens_attention(&q, &k, &v, self.heads) {
+        let ([b, n, inner], m) = (q.dims(), k.dims()[1]);
+        let describe = || {
+            let (h, d) = (self.heads, inner / self.heads);
+            let op = format!("{b}x{h}x{n}x{m}x{d}");
+            (op, crate::flops::attention(b * h, n, m, d))
+        };
+        let out = crate::profile::timed(crate::profile::OpKind::Attention, describe, || {
+            self.core(q, k, v)
+        });
+        let out = linear(&self.to_out.0, out);
+        let out = match residual {
+            Some(r) => out + r,
+            None => out,
+        };
+        if self.rescale_output_factor == 1.0 {
+            out
+        } else {
+            out / self.rescale_output_factor
+        }
+    }
+
+    /// `softmax(Q K^T / sqrt(d)) V` of the projections (`[batch, tokens, heads * d]`), in the
+    /// same layout.
+    fn core(&self, q: Tensor<3>, k: Tensor<3>, v: Tensor<3>) -> Tensor<3> {
+        match tokens_attention(&q, &k, &v, self.heads) {
             Some(out) => out,
             None => {
                 let (q, k, v) = (
@@ -177,16 +201,6 @@ impl Attention {
                 let [b, h, n, d] = out.dims();
                 out.swap_dims(1, 2).reshape([b, n, h * d])
             }
-        };
-        let out = linear(&self.to_out.0, out);
-        let out = match residual {
-            Some(r) => out + r,
-            None => out,
-        };
-        if self.rescale_output_factor == 1.0 {
-            out
-        } else {
-            out / self.rescale_output_factor
         }
     }
 
@@ -346,6 +360,38 @@ mod tests {
     use super::*;
     use burn::tensor::activation::softmax;
     use burn::tensor::{Distribution, Tolerance};
+
+    /// A profile of one forward: the four projections and the core, named by their shapes,
+    /// whose FLOPs add up to [`Attention::flops`].
+    #[test]
+    fn a_profile_names_the_projections_and_the_core_and_counts_their_flops() {
+        let device = Device::default();
+        let attn = AttentionConfig::new(12, 3, 5)
+            .with_cross_attention_dim(Some(7))
+            .init(&device);
+        let x = Tensor::<3>::random([2, 6, 12], Distribution::Default, &device);
+        let context = Tensor::<3>::random([2, 4, 7], Distribution::Default, &device);
+        let (_, profile) = crate::profile::profile(|| attn.forward(x, Some(&context)));
+        let mut ops: Vec<_> = profile
+            .ops
+            .iter()
+            .map(|o| (o.kind.name(), o.op.as_str(), o.calls))
+            .collect();
+        ops.sort();
+        assert_eq!(
+            ops,
+            [
+                ("attention", "2x3x6x4x5", 1),
+                // to_k and to_v
+                ("linear", "[2, 4, 7] -> 15", 2),
+                // to_q, then to_out
+                ("linear", "[2, 6, 12] -> 15", 1),
+                ("linear", "[2, 6, 15] -> 12", 1),
+            ]
+        );
+        let flops: u64 = profile.ops.iter().map(|o| o.flops).sum();
+        assert_eq!(flops, attn.flops(2, 6, 4));
+    }
 
     /// The fused op against an explicit softmax(QK^T / sqrt(d)) V, with 3 heads of width 5 and a
     /// context of another width and length.

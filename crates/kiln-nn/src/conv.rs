@@ -5,6 +5,26 @@ use burn::nn::conv::Conv2d;
 use burn::tensor::Tensor;
 
 use crate::activation::Activation;
+use crate::profile::OpKind::Conv;
+
+/// How a [`profile`](crate::profile) names a convolution of `conv` on an input of `dims`, after
+/// `prefix` (what runs with it), and its FLOPs: `3x3 [2, 320, 64, 64] -> 320`, `3x3/2 ...` for
+/// a stride of 2.
+pub(crate) fn describe(prefix: &str, conv: &Conv2d, dims: [usize; 4]) -> (String, u64) {
+    let shape = conv.weight.lazy_shape();
+    let [cout, kh, kw] = [shape[0], shape[2], shape[3]];
+    let stride = match conv.stride {
+        [1, 1] => String::new(),
+        [s, t] if s == t => format!("/{s}"),
+        [s, t] => format!("/{s}x{t}"),
+    };
+    let op = format!(
+        "{prefix}{kh}x{kw}{stride} {} -> {cout}",
+        crate::profile::dims(&dims)
+    );
+    let (flops, _) = crate::flops::conv2d(conv, dims[0], [dims[2], dims[3]]);
+    (op, flops)
+}
 
 /// `conv.forward(x)`: on flex in f32 inference Kiln's kernel ([`crate::kernels::conv2d`], the
 /// same result within 1e-5 relative and faster at every size SD uses), burn's op everywhere else
@@ -14,6 +34,12 @@ use crate::activation::Activation;
 /// - `x`: `[batch, in, height, width]`
 /// - output: `[batch, out, out_height, out_width]`
 pub fn conv2d(conv: &Conv2d, x: Tensor<4>) -> Tensor<4> {
+    let dims = x.dims();
+    crate::profile::timed(Conv, || describe("", conv, dims), || forward(conv, x))
+}
+
+/// [`conv2d`] without its timing.
+fn forward(conv: &Conv2d, x: Tensor<4>) -> Tensor<4> {
     #[cfg(feature = "flex")]
     if let Some(options) = kernel_options(conv) {
         let bias = conv.bias.as_ref().map(|b| b.val());
@@ -52,12 +78,19 @@ pub fn group_norm_act_conv2d(
             silu: true,
         };
         let bias = conv.bias.as_ref().map(|b| b.val());
-        return crate::kernels::group_norm_conv2d(
-            x,
-            norm,
-            &conv.weight.val(),
-            bias.as_ref(),
-            options,
+        let dims = x.dims();
+        return crate::profile::timed_some(
+            Conv,
+            || describe("groupnorm+silu+", conv, dims),
+            || {
+                crate::kernels::group_norm_conv2d(
+                    x,
+                    norm,
+                    &conv.weight.val(),
+                    bias.as_ref(),
+                    options,
+                )
+            },
         );
     }
     let _ = (norm, act, conv, x);
@@ -90,6 +123,12 @@ pub fn conv2d_writes_in_place(conv: &Conv2d, x: &Tensor<4>) -> bool {
 /// - `x`: `[batch, in, height, width]`
 /// - output: `[batch, out, out_height, out_width]`
 pub fn conv2d_owned(conv: &Conv2d, x: Tensor<4>) -> Tensor<4> {
+    let dims = x.dims();
+    crate::profile::timed(Conv, || describe("", conv, dims), || owned(conv, x))
+}
+
+/// [`conv2d_owned`] without its timing.
+fn owned(conv: &Conv2d, x: Tensor<4>) -> Tensor<4> {
     #[cfg(feature = "flex")]
     let x = if conv2d_writes_in_place(conv, &x) {
         let bias = conv.bias.as_ref().map(|b| b.val());

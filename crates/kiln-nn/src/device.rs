@@ -95,6 +95,22 @@ pub fn parse_device(spec: &str) -> Result<Device> {
     }
 }
 
+/// Whether `device`'s backend computes an op before returning its tensor (flex, ndarray), so
+/// that the time a call takes is the time of its work; wgpu and CUDA return once the work is
+/// queued.
+pub fn runs_synchronously(device: &Device) -> bool {
+    #[cfg(feature = "flex")]
+    if *device == Device::flex() {
+        return true;
+    }
+    #[cfg(feature = "ndarray")]
+    if *device == Device::ndarray() {
+        return true;
+    }
+    let _ = device;
+    false
+}
+
 #[allow(dead_code)]
 enum WgpuKind {
     Default,
@@ -163,6 +179,16 @@ impl std::str::FromStr for FloatKind {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn cpu_backends_run_synchronously() {
+        #[cfg(feature = "flex")]
+        assert!(runs_synchronously(&parse_device("flex").unwrap()));
+        #[cfg(feature = "ndarray")]
+        assert!(runs_synchronously(&parse_device("ndarray").unwrap()));
+        #[cfg(feature = "wgpu")]
+        assert!(!runs_synchronously(&parse_device("wgpu:cpu").unwrap()));
+    }
 
     #[test]
     fn unknown_backend_lists_the_compiled_ones() {

@@ -9,6 +9,7 @@ use burn::nn::{Linear, LinearConfig};
 use burn::tensor::{Device, Tensor, TensorData};
 
 use crate::activation::Activation;
+use crate::linear::burn_linear;
 
 /// The sinusoidal projection of timesteps (`Timesteps` in diffusers): no parameters.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -132,11 +133,11 @@ impl TimestepEmbedding {
     /// added to the input first, when the embedding has a `cond_proj`.
     pub fn forward_with(&self, x: Tensor<2>, condition: Option<Tensor<2>>) -> Tensor<2> {
         let x = match (&self.cond_proj, condition) {
-            (Some(proj), Some(c)) => x + proj.forward(c),
+            (Some(proj), Some(c)) => x + burn_linear(proj, c),
             _ => x,
         };
-        self.linear_2
-            .forward(self.act.forward(self.linear_1.forward(x)))
+        let h = self.act.forward(burn_linear(&self.linear_1, x));
+        burn_linear(&self.linear_2, h)
     }
 
     /// FLOPs of [`forward`](Self::forward) on `batch` rows ([`crate::flops`]).

@@ -20,6 +20,7 @@ pub mod linear;
 pub mod lora;
 pub mod normalization;
 pub mod precision;
+pub mod profile;
 pub mod reference;
 pub mod resampling;
 pub mod resnet;

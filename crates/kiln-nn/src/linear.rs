@@ -11,6 +11,30 @@ use burn::tensor::Tensor;
 /// - `x`: `[..., in]`
 /// - output: `[..., out]`
 pub fn linear<const D: usize>(layer: &Linear, x: Tensor<D>) -> Tensor<D> {
+    let dims = x.dims();
+    timed(layer, dims, || forward(layer, x))
+}
+
+/// `layer.forward(x)` through burn's op on every backend, timed as a linear layer by a running
+/// [`profile`](crate::profile): the time embeddings' products of a few rows.
+pub fn burn_linear<const D: usize>(layer: &Linear, x: Tensor<D>) -> Tensor<D> {
+    let dims = x.dims();
+    timed(layer, dims, || layer.forward(x))
+}
+
+/// `call`, timed as `layer` on an input of `dims` by a running [`profile`](crate::profile).
+fn timed<T, const D: usize>(layer: &Linear, dims: [usize; D], call: impl FnOnce() -> T) -> T {
+    let describe = || {
+        let rows = dims[..D - 1].iter().product();
+        let out = layer.weight.lazy_shape()[1];
+        let op = format!("{} -> {out}", crate::profile::dims(&dims));
+        (op, crate::flops::linear(layer, rows))
+    };
+    crate::profile::timed(crate::profile::OpKind::Linear, describe, call)
+}
+
+/// [`linear`] without its timing.
+fn forward<const D: usize>(layer: &Linear, x: Tensor<D>) -> Tensor<D> {
     #[cfg(feature = "flex")]
     {
         let bias = layer.bias.as_ref().map(|b| b.val());

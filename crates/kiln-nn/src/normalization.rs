@@ -11,6 +11,7 @@ use burn::nn::{GroupNorm, GroupNormConfig};
 use burn::tensor::{DType, Device, Tensor};
 
 use crate::activation::Activation;
+use crate::profile::OpKind::Norm;
 
 /// Builds an affine [`GroupNorm`] over `channels` in `groups` groups.
 pub fn group_norm(groups: usize, channels: usize, eps: f64, device: &Device) -> GroupNorm {
@@ -27,6 +28,13 @@ pub fn group_norm(groups: usize, channels: usize, eps: f64, device: &Device) -> 
 /// - `x`: `[batch, channels, ...]` (any rank `D >= 3`)
 /// - output: same as `x`
 pub fn group_norm_forward<const D: usize>(norm: &GroupNorm, x: Tensor<D>) -> Tensor<D> {
+    let dims = x.dims();
+    let describe = || (format!("groupnorm {}", crate::profile::dims(&dims)), 0);
+    crate::profile::timed(Norm, describe, || norm_forward(norm, x))
+}
+
+/// [`group_norm_forward`] without its timing.
+fn norm_forward<const D: usize>(norm: &GroupNorm, x: Tensor<D>) -> Tensor<D> {
     #[cfg(feature = "flex")]
     let x = match kernel_group_norm(norm, x, false) {
         Ok(y) => return y,
@@ -45,6 +53,16 @@ pub fn group_norm_act<const D: usize>(
     act: Activation,
     x: Tensor<D>,
 ) -> Tensor<D> {
+    let dims = x.dims();
+    let describe = || {
+        let op = format!("groupnorm+{} {}", act.name(), crate::profile::dims(&dims));
+        (op, 0)
+    };
+    crate::profile::timed(Norm, describe, || norm_act(norm, act, x))
+}
+
+/// [`group_norm_act`] without its timing.
+fn norm_act<const D: usize>(norm: &GroupNorm, act: Activation, x: Tensor<D>) -> Tensor<D> {
     #[cfg(feature = "flex")]
     let x = match act {
         Activation::Silu => match kernel_group_norm(norm, x, true) {

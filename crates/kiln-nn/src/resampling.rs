@@ -91,7 +91,15 @@ impl Upsample2D {
         let [oh, ow] = size.unwrap_or([2 * h, 2 * w]);
         #[cfg(feature = "flex")]
         if (oh, ow) == (2 * h, 2 * w)
-            && let Some(y) = self.fused(&x)
+            && let Some(y) = crate::profile::timed_some(
+                crate::profile::OpKind::Conv,
+                // named by the convolution's input, the upsampled map
+                || {
+                    let [b, c, _, _] = x.dims();
+                    crate::conv::describe("upsample+", &self.conv, [b, c, oh, ow])
+                },
+                || self.fused(&x),
+            )
         {
             return y;
         }

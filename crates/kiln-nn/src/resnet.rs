@@ -12,6 +12,7 @@ use burn::tensor::{Device, Tensor};
 
 use crate::activation::Activation;
 use crate::conv::{conv2d, conv2d_owned, conv2d_writes_in_place, group_norm_act_conv2d};
+use crate::linear::burn_linear;
 use crate::normalization::{group_norm, group_norm_act};
 
 /// Shape of a [`ResnetBlock2D`].
@@ -187,7 +188,7 @@ impl ResnetBlock2D {
         // 2. + time_emb_proj(act(temb))[:, :, None, None]
         let h = match (&self.time_emb_proj, temb) {
             (Some(proj), Some(temb)) => {
-                let t = proj.forward(self.act.forward(temb.clone()));
+                let t = burn_linear(proj, self.act.forward(temb.clone()));
                 let [b, c] = t.dims();
                 h + t.reshape([b, c, 1, 1])
             }
@@ -245,7 +246,7 @@ mod tests {
                 let h = block.conv1.forward(silu(norm(&block.norm1, xt.clone())));
                 let h = match (&block.time_emb_proj, &tt) {
                     (Some(proj), Some(t)) => {
-                        h + proj.forward(silu(t.clone())).reshape([x[0], cout, 1, 1])
+                        h + burn_linear(proj, silu(t.clone())).reshape([x[0], cout, 1, 1])
                     }
                     _ => h,
                 };
