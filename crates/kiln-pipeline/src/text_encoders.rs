@@ -4,7 +4,7 @@
 //!
 //! [`TextEncoders::from_dir`] loads only these from a diffusers folder (not the UNet or the VAE),
 //! for tools that need embeddings alone (`kiln encode`); [`StableDiffusionPipeline`] encodes its
-//! prompts through the same [`encode_prompts`].
+//! prompts through the same `encode_prompts`.
 //!
 //! [`StableDiffusionPipeline`]: crate::StableDiffusionPipeline
 

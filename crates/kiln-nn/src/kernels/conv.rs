@@ -267,8 +267,8 @@ pub fn conv2d_pointwise_owned(
 /// Whether [`conv2d_pointwise_owned`] writes a 1x1 convolution from `in` to `out` channels of
 /// an input of `[batch, in, height, width]` over the input: where it has at most as many output
 /// channels as input ones (a ResNet block's shortcut where the channels shrink) and each image
-/// has at least [`MIN_TASKS`] bands of pixels (the images go one after the other, see
-/// [`pointwise_in_place`], so fewer would leave threads idle: the SD UNet's shortcuts at 512 px,
+/// has at least `MIN_TASKS` (8) bands of pixels (the images go one after the other, so fewer
+/// would leave threads idle: the SD UNet's shortcuts at 512 px,
 /// 64x64 pixels and less, are faster through [`conv2d`], and small enough not to matter for
 /// memory; the VAE decoder's at 256x256 and 512x512 pixels, 64 and 256 MiB, are written in
 /// place).
