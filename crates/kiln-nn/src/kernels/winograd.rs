@@ -18,9 +18,9 @@
 //! channels, run of panels). For each round of its channels a task transforms their filters
 //! into its thread's `U` buffer, then for each of its panels runs the 16 GEMMs single-threaded
 //! into `M` against the transformed input `V` and transforms `M` into the output, adding the
-//! bias. `V` is made once for all the tasks where the panels are few (the deep levels, whose
-//! filters cost more to transform than their images), else by each task for its own panels
-//! ([`SHARED_PANELS`]). Nothing is kept between calls but the buffers: keeping the transformed
+//! bias. `V` is made once for all the tasks where the filters are large against the input
+//! (the deep levels, whose filters cost more to transform than their images), else by each
+//! task for its own panels ([`shares_input`]). Nothing is kept between calls but the buffers: keeping the transformed
 //! filters would hold 16/9 of every layer's weights more.
 //!
 //! [`conv2d`](super::conv2d) takes this path from 8x8 output pixels up ([`pays`]); PyTorch's
@@ -73,14 +73,33 @@ pub(super) fn pays(s: &ConvShape) -> bool {
     tiles >= MIN_IMAGE_TILES && s.batch * tiles >= MIN_BATCH_TILES
 }
 
-/// Panels at most whose transformed input is made once, before the tasks, and shared by them.
-/// With more (large images against their channels), each task transforms its own panels' input
-/// into its thread's buffer, where its GEMMs find it in cache. Measured on the 2-core Xeon
-/// (`cargo run --release -p kiln-nn --example conv_algorithms`): shared, the UNet's 3x3
-/// convolutions at 32x32, 16x16 and 8x8 pixels took 32, 32 and 14 ms against 38, 42 and 18 ms
-/// (each filter transformed once instead of two or three times), at 64x64 pixels (six panels)
-/// 39 ms against 35, and the VAE's at 128 to 512 pixels 4-18% longer.
-const SHARED_PANELS: usize = 4;
+/// Whether the transformed input of a convolution `s` cut into `panels` panels is made once,
+/// before the tasks, and shared by them: where the filters (`out x in x 9`) are at least 0.6
+/// of the input (`batch x in x height x width`), so that transforming each filter once
+/// (channels split before panels) saves more than each task's GEMMs finding their own panels'
+/// input in cache, and there are at most [`MAX_SHARED_PANELS`]. Otherwise (large images
+/// against their channels) each task transforms its own panels' input into its thread's
+/// buffer.
+///
+/// Measured on the 2-core Zen 3 (2026-12-07, Winograd alone, best of 4, the two rules
+/// alternating twice in one build): shared against per-task, SDXL's `[2, 1280, 32, 32] ->
+/// 1280` (filters 5.6 times the input, six panels) 215-253 ms against 266-277, `[2, 2560, 32,
+/// 32] -> 1280` (eight panels) 401-402 against 459-488, `[2, 1920, 32, 32] -> 1280` 300-327
+/// against 358-366, `[2, 640, 64, 64] -> 640` (0.7, 11 panels) 209-215 against 231-242,
+/// `[2, 640, 40, 40] -> 640` (1.8, four panels) 83 against 84-87, `[2, 1280, 28, 28] -> 1280`
+/// (7.3) 154-160 against 185-186; per-task better at `[2, 320, 56, 56] -> 320` (0.46, four
+/// panels) 42-43 ms against 42-46 and `[1, 320, 80, 80] -> 320` (0.45) 44-46 against 47-49,
+/// level at the VAE's `[1, 512, 64, 64] -> 512` (1.1). This was a count of four panels at
+/// most, chosen on the 2-core Xeon for the UNet's deep levels (at 32x32, 16x16 and 8x8 pixels
+/// 32, 32 and 14 ms shared against 38, 42 and 18, and 39 ms against 35 at 64x64 pixels, six
+/// panels of 320 channels).
+fn shares_input(s: &ConvShape, panels: usize) -> bool {
+    panels <= MAX_SHARED_PANELS && 15 * s.cout >= s.batch * s.oh * s.ow
+}
+
+/// Panels whose transformed input may be shared at most: the buffer holds 16 x `in` x tiles
+/// of each panel, [`SLICE_BUDGET`] x 16 or less (8 MiB), so at most 128 MiB.
+const MAX_SHARED_PANELS: usize = 16;
 
 thread_local! {
     /// Each thread's transformed input `V` (`[16, in, tiles]`, when not shared), transformed
@@ -101,8 +120,8 @@ thread_local! {
 /// deep levels, a few tile rows per image, one panel serves the whole batch). A task takes a
 /// block of output channels and a run of consecutive panels; for each round of its channels it
 /// transforms their filters once, then runs each of its panels: the 16 GEMMs and the output
-/// transform. At most [`SHARED_PANELS`] panels (the deep levels, whose weights are large
-/// against their images), the input is transformed once for all the tasks, and the channels
+/// transform. Where the filters are large against the input ([`shares_input`]: the deep
+/// levels), the input is transformed once for all the tasks, and the channels
 /// are split before the panels, so that each filter is transformed once per call (reading the
 /// weights and writing their transform is most of what the algorithm adds to the GEMMs there);
 /// with more, each task transforms its panels' input (again in each round, unless it has one
@@ -132,7 +151,7 @@ pub(super) fn conv3x3<W: Float>(
     // the same number of panels, as even as possible
     let tile_rows = all_rows.div_ceil(panels);
     let panel_len = 16 * cin * tile_rows * tw;
-    let shared = panels <= SHARED_PANELS;
+    let shared = shares_input(s, panels);
     let most_blocks = if shared {
         MIN_TASKS
     } else {
@@ -690,6 +709,9 @@ mod tests {
             ([2, 1280, 48, 48], 210),
             // two panels, shared input: eight blocks of 129 channels, two rounds each
             ([2, 2048, 16, 16], 1032),
+            // eight panels, shared input (the filters 1.1 times the input): two blocks of 80
+            // channels, each in runs of two panels
+            ([8, 2048, 16, 16], 160),
         ] {
             let xt = Tensor::<4>::random(x, normal, &device);
             let wt = Tensor::<4>::random([cout, x[1], 3, 3], normal, &device);
