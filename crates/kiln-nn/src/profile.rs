@@ -171,18 +171,19 @@ pub fn profile<T>(f: impl FnOnce() -> T) -> (T, Profile) {
     // restores the outer recorder and returns this one's calls, also if `f` unwinds
     struct Restore(Option<Option<Recorder>>);
     impl Restore {
+        /// This profile's calls, the outer recorder back in place (the first time only).
         fn finish(&mut self) -> Recorder {
-            let outer = self.0.take().expect("finished once");
-            RECORDER
-                .with_borrow_mut(|r| std::mem::replace(r, outer))
-                .unwrap_or_default()
+            match self.0.take() {
+                Some(outer) => RECORDER
+                    .with_borrow_mut(|r| std::mem::replace(r, outer))
+                    .unwrap_or_default(),
+                None => Recorder::default(),
+            }
         }
     }
     impl Drop for Restore {
         fn drop(&mut self) {
-            if self.0.is_some() {
-                self.finish();
-            }
+            self.finish();
         }
     }
     let mut restore = Restore(Some(outer));
