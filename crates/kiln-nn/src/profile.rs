@@ -129,29 +129,17 @@ impl Profile {
     }
 }
 
-/// The calls recorded so far by the innermost running [`profile`] of a thread.
+/// The calls recorded so far by the innermost running [`profile`] of a thread: calls, seconds
+/// and FLOPs by (kind, op).
 #[derive(Default)]
-struct Recorder {
-    ops: Vec<OpTiming>,
-    index: HashMap<(OpKind, String), usize>,
-}
+struct Recorder(HashMap<(OpKind, String), (u64, f64, u64)>);
 
 impl Recorder {
-    fn add(&mut self, kind: OpKind, op: String, calls: u64, seconds: f64, flops: u64) {
-        let at = *self.index.entry((kind, op.clone())).or_insert_with(|| {
-            self.ops.push(OpTiming {
-                kind,
-                op,
-                calls: 0,
-                seconds: 0.0,
-                flops: 0,
-            });
-            self.ops.len() - 1
-        });
-        let entry = &mut self.ops[at];
-        entry.calls += calls;
-        entry.seconds += seconds;
-        entry.flops += flops;
+    fn add(&mut self, kind: OpKind, op: String, (calls, seconds, flops): (u64, f64, u64)) {
+        let totals = self.0.entry((kind, op)).or_default();
+        totals.0 += calls;
+        totals.1 += seconds;
+        totals.2 += flops;
     }
 }
 
@@ -191,13 +179,28 @@ pub fn profile<T>(f: impl FnOnce() -> T) -> (T, Profile) {
     let mine = restore.finish();
     RECORDER.with_borrow_mut(|r| {
         if let Some(outer) = r {
-            for o in &mine.ops {
-                outer.add(o.kind, o.op.clone(), o.calls, o.seconds, o.flops);
+            for ((kind, op), totals) in &mine.0 {
+                outer.add(*kind, op.clone(), *totals);
             }
         }
     });
-    let mut ops = mine.ops;
-    ops.sort_by(|a, b| b.seconds.total_cmp(&a.seconds));
+    let mut ops: Vec<OpTiming> = mine
+        .0
+        .into_iter()
+        .map(|((kind, op), (calls, seconds, flops))| OpTiming {
+            kind,
+            op,
+            calls,
+            seconds,
+            flops,
+        })
+        .collect();
+    // the longest first; ties (in name order) so that the order does not depend on the map's
+    ops.sort_by(|a, b| {
+        b.seconds
+            .total_cmp(&a.seconds)
+            .then_with(|| (a.kind, &a.op).cmp(&(b.kind, &b.op)))
+    });
     (out, Profile { ops })
 }
 
@@ -250,7 +253,7 @@ fn timed_if<T>(
     if keep(&out) {
         RECORDER.with_borrow_mut(|r| {
             if let Some(r) = r {
-                r.add(kind, op, 1, seconds, flops);
+                r.add(kind, op, (1, seconds, flops));
             }
         });
     }

@@ -246,7 +246,7 @@ mod tests {
                 let h = block.conv1.forward(silu(norm(&block.norm1, xt.clone())));
                 let h = match (&block.time_emb_proj, &tt) {
                     (Some(proj), Some(t)) => {
-                        h + burn_linear(proj, silu(t.clone())).reshape([x[0], cout, 1, 1])
+                        h + proj.forward(silu(t.clone())).reshape([x[0], cout, 1, 1])
                     }
                     _ => h,
                 };

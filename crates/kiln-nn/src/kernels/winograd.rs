@@ -20,8 +20,8 @@
 //! into `M` against the transformed input `V` and transforms `M` into the output, adding the
 //! bias. `V` is made once for all the tasks where the filters are large against the input
 //! (the deep levels, whose filters cost more to transform than their images), else by each
-//! task for its own panels ([`shares_input`]). Nothing is kept between calls but the buffers: keeping the transformed
-//! filters would hold 16/9 of every layer's weights more.
+//! task for its own panels ([`shares_input`]). Nothing is kept between calls but the buffers:
+//! keeping the transformed filters would hold 16/9 of every layer's weights more.
 //!
 //! [`conv2d`](super::conv2d) takes this path from 8x8 output pixels up ([`pays`]); PyTorch's
 //! CPU convolutions run oneDNN's direct algorithm.
@@ -121,10 +121,10 @@ thread_local! {
 /// block of output channels and a run of consecutive panels; for each round of its channels it
 /// transforms their filters once, then runs each of its panels: the 16 GEMMs and the output
 /// transform. Where the filters are large against the input ([`shares_input`]: the deep
-/// levels), the input is transformed once for all the tasks, and the channels
-/// are split before the panels, so that each filter is transformed once per call (reading the
-/// weights and writing their transform is most of what the algorithm adds to the GEMMs there);
-/// with more, each task transforms its panels' input (again in each round, unless it has one
+/// levels), the input is transformed once for all the tasks, and the channels are split
+/// before the panels, so that each filter is transformed once per call (reading the weights
+/// and writing their transform is most of what the algorithm adds to the GEMMs there);
+/// elsewhere each task transforms its panels' input (again in each round, unless it has one
 /// panel), and the panels are split before the channels.
 pub(super) fn conv3x3<W: Float>(
     x: &[f32],
