@@ -19,7 +19,8 @@
 //!
 //! On a CPU with AVX512-BF16 but no AMX (Zen 4, Cooper Lake, Xeons whose hypervisor hides the
 //! tiles), the same packed operands go through `vdpbf16ps` instead ([`Engine::DotProduct`],
-//! [`dot_block`]), where it outruns f32 FMAs ([`engine`] measures that once).
+//! [`dot_block`]), where it outruns f32 FMAs ([`engine`] measures that once). `KILN_BF16=emulate`
+//! runs them in scalar code on any x86-64 CPU ([`Engine::Emulated`]), for tests.
 
 use half::bf16;
 use std::arch::asm;
@@ -126,6 +127,11 @@ pub(super) enum Engine {
     /// AVX512-BF16's `vdpbf16ps` on the same packed operands ([`dot_block`]): 16 f32 lanes,
     /// each adding two exact bf16 products.
     DotProduct,
+    /// Scalar code that reads the packed operands as the tiles do and adds the products in
+    /// `vdpbf16ps`'s order ([`emulated_block`]): never chosen by itself, only with
+    /// `KILN_BF16=emulate`, so that the native bf16 paths (packing, blocking, epilogues,
+    /// attention's packed exponentials) are tested on every x86-64 CPU. Slow.
+    Emulated,
 }
 
 /// The engine bf16 products run on here, chosen once: the tiles where [`available`]; else
@@ -133,13 +139,14 @@ pub(super) enum Engine {
 /// [`dot_product_pays`]: twice their rate on Zen 4, less than half on an Emerald Rapids Xeon
 /// without AMX); else `None`, and bf16 runs the f32 kernels on operands widened a block at a
 /// time. `KILN_BF16=tiles|dot|f32` forces one where the CPU can run it (to compare them, and
-/// to test each on a CPU that has it).
+/// to test each on a CPU that has it); `KILN_BF16=emulate` runs [`Engine::Emulated`] (tests).
 pub(super) fn engine() -> Option<Engine> {
     static ENGINE: std::sync::OnceLock<Option<Engine>> = std::sync::OnceLock::new();
     *ENGINE.get_or_init(|| {
         let dot = dot_product_available();
         match std::env::var("KILN_BF16").as_deref() {
             Ok("f32") => None,
+            Ok("emulate") => Some(Engine::Emulated),
             Ok("dot") if dot => Some(Engine::DotProduct),
             Ok("tiles") if available() => Some(Engine::Tiles),
             _ if available() => Some(Engine::Tiles),
@@ -725,6 +732,44 @@ unsafe fn dot_block<const TILES: usize>(a: &Lhs<'_>, mb: usize, b: *const u16, c
     }
 }
 
+/// [`dot_block`] in scalar code ([`Engine::Emulated`]): the same reads of the packed operands,
+/// each lane's pair of exact products added to its f32 accumulator in `vdpbf16ps`'s order (the
+/// odd element's product first).
+///
+/// # Safety
+/// As [`block`] (no tiles or CPU features needed).
+unsafe fn emulated_block<const TILES: usize>(
+    a: &Lhs<'_>,
+    mb: usize,
+    b: *const u16,
+    c: &mut CBlock,
+) {
+    let widen = |bits: u16| f32::from_bits(u32::from(bits) << 16);
+    // SAFETY: the reads are those of `dot_block`, inside block row `mb` of `a` and the
+    // `k_blocks * BLOCK` elements of `b` (the caller's guarantee).
+    unsafe {
+        let a_block = a.ptr.add(mb * a.block);
+        for r in 0..MR {
+            let row = a_block.add((r / 16) * a.half + (r % 16) * (a.stride / 2));
+            let mut acc = [0f32; 32];
+            for kb in 0..a.k_blocks {
+                let bk = b.add(kb * BLOCK);
+                for p in 0..TK / 2 {
+                    let (a0, a1) = (
+                        widen(*row.add(kb * a.step + 2 * p)),
+                        widen(*row.add(kb * a.step + 2 * p + 1)),
+                    );
+                    for (j, acc) in acc[..16 * TILES].iter_mut().enumerate() {
+                        let pair = bk.add((j / 16) * 512 + p * 32 + 2 * (j % 16));
+                        *acc = (*acc + a1 * widen(*pair.add(1))) + a0 * widen(*pair);
+                    }
+                }
+            }
+            c.0[r * NR..r * NR + 16 * TILES].copy_from_slice(&acc[..16 * TILES]);
+        }
+    }
+}
+
 /// One 32x32 block of f32 results, aligned to cache lines for the tile stores.
 #[repr(C, align(64))]
 pub(super) struct CBlock([f32; MR * NR]);
@@ -831,6 +876,8 @@ unsafe fn multiply_on<O: FromF32>(
                     (Engine::Tiles, false) => block(a, mb, b, &mut c),
                     (Engine::DotProduct, true) => dot_block::<1>(a, mb, b, &mut c),
                     (Engine::DotProduct, false) => dot_block::<2>(a, mb, b, &mut c),
+                    (Engine::Emulated, true) => emulated_block::<1>(a, mb, b, &mut c),
+                    (Engine::Emulated, false) => emulated_block::<2>(a, mb, b, &mut c),
                 }
                 epilogue.write(&c, mb * MR, nb * NR);
             }
@@ -923,21 +970,19 @@ mod tests {
         }
     }
 
-    /// The product of each engine this CPU runs (the tiles, `vdpbf16ps`) against an f64 one of
-    /// the same bf16 operands, at sizes that are not multiples of the blocks, for each way an
-    /// output block starts.
+    /// The product of each engine this CPU runs (the tiles, `vdpbf16ps`, the emulation) against
+    /// an f64 one of the same bf16 operands, at sizes that are not multiples of the blocks, for
+    /// each way an output block starts.
     #[test]
     fn matches_an_f64_product_of_the_bf16_operands() {
         let engines: Vec<Engine> = [
             available().then_some(Engine::Tiles),
             dot_product_available().then_some(Engine::DotProduct),
+            Some(Engine::Emulated),
         ]
         .into_iter()
         .flatten()
         .collect();
-        if engines.is_empty() {
-            eprintln!("neither AMX nor AVX512-BF16 on this CPU: nothing to test");
-        }
         for engine in engines {
             products_match_f64(engine);
         }

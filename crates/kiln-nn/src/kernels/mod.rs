@@ -90,7 +90,8 @@ pub fn packs_weights(device: &burn::tensor::Device, dtype: burn::tensor::DType) 
 /// ([`amx_available`]), or with AVX512-BF16's `vdpbf16ps` where it outruns f32 FMAs (measured
 /// once, at first use: Zen 4 has it at twice their rate). Elsewhere bf16 runs the f32 kernels
 /// on operands widened a block at a time. `KILN_BF16=tiles|dot|f32` forces one of the three
-/// where the CPU can run it.
+/// where the CPU can run it; `KILN_BF16=emulate` runs the native paths on scalar code that reads
+/// the packed operands as the tiles do, on any x86-64 CPU (for tests: slow).
 pub fn native_bf16() -> bool {
     #[cfg(all(target_arch = "x86_64", target_os = "linux", target_env = "gnu"))]
     return amx::engine().is_some();
@@ -99,13 +100,15 @@ pub fn native_bf16() -> bool {
 }
 
 /// What bf16 products run on here, for reports: `"amx"` (the tiles), `"avx512bf16"`
-/// (`vdpbf16ps`) or `"f32"` (the f32 kernels on operands widened a block at a time); see
+/// (`vdpbf16ps`), `"emulated"` (`KILN_BF16=emulate`) or `"f32"` (the f32 kernels on operands
+/// widened a block at a time); see
 /// [`native_bf16`].
 pub fn bf16_products() -> &'static str {
     #[cfg(all(target_arch = "x86_64", target_os = "linux", target_env = "gnu"))]
     return match amx::engine() {
         Some(amx::Engine::Tiles) => "amx",
         Some(amx::Engine::DotProduct) => "avx512bf16",
+        Some(amx::Engine::Emulated) => "emulated",
         None => "f32",
     };
     #[cfg(not(all(target_arch = "x86_64", target_os = "linux", target_env = "gnu")))]
