@@ -53,6 +53,17 @@ impl SampleSize {
     }
 }
 
+/// The attention layers' names in VAE files that diffusers wrote before its attention refactor
+/// of 2023 (`AttentionBlock`), and today's: diffusers converts them as it loads
+/// (`_convert_deprecated_attention_blocks`), and so does [`AutoencoderKL::load_weights`]. The
+/// hub's SD 1.x and 2.x `vae/diffusion_pytorch_model.safetensors` files still use them.
+pub const DEPRECATED_ATTENTION_NAMES: [(&str, &str); 4] = [
+    ("query", "to_q"),
+    ("key", "to_k"),
+    ("value", "to_v"),
+    ("proj_attn", "to_out.0"),
+];
+
 /// `vae/config.json` of a diffusers pipeline (unknown keys are ignored).
 #[derive(Debug, Clone, PartialEq, Deserialize)]
 pub struct AutoencoderKLConfig {
@@ -275,8 +286,17 @@ impl AutoencoderKL {
     }
 
     /// Loads a safetensors file with diffusers' key names, strictly, converting to `dtype`.
+    /// The mid blocks' attention may carry the names diffusers wrote before its attention
+    /// refactor of 2023 ([`DEPRECATED_ATTENTION_NAMES`]), as the hub's SD 1.x / 2.x VAE files
+    /// do.
     pub fn load_weights(self, path: &Path, dtype: DType) -> Result<Self> {
-        let options = LoadOptions::default().with_dtype(dtype);
+        let mut options = LoadOptions::default().with_dtype(dtype);
+        for (old, new) in DEPRECATED_ATTENTION_NAMES {
+            options = options.with_remap(
+                format!(r"^(.*\.attentions\.\d+)\.{old}\."),
+                format!("${{1}}.{new}."),
+            );
+        }
         Ok(load_safetensors(self, path, &options)?)
     }
 

@@ -109,6 +109,15 @@ fn edited_copy(
     edit: impl Fn(&str, Vec<f32>, Vec<usize>) -> Option<(safetensors::Dtype, Vec<u8>, Vec<usize>)>,
     file_name: &str,
 ) -> tempfile::TempDir {
+    renamed_copy(|name| name.to_string(), edit, file_name)
+}
+
+/// [`edited_copy`], each tensor stored under `rename(name)`.
+fn renamed_copy(
+    rename: impl Fn(&str) -> String,
+    edit: impl Fn(&str, Vec<f32>, Vec<usize>) -> Option<(safetensors::Dtype, Vec<u8>, Vec<usize>)>,
+    file_name: &str,
+) -> tempfile::TempDir {
     let src = fixture_dir().join("vae");
     let tmp = tempfile::tempdir().unwrap();
     std::fs::copy(src.join("config.json"), tmp.path().join("config.json")).unwrap();
@@ -117,7 +126,7 @@ fn edited_copy(
     for (name, data) in tensors {
         let shape = data.shape().to_vec();
         if let Some(entry) = edit(&name, data.try_to_vec::<f32>().unwrap(), shape) {
-            out.push((name, entry));
+            out.push((rename(&name), entry));
         }
     }
     let views: Vec<(String, safetensors::tensor::TensorView<'_>)> = out
@@ -160,6 +169,38 @@ fn fp16_variant_loads_into_f32() {
     assert!(
         err < 1e-2 && err > 0.0,
         "fp16 variant: relative error {err}"
+    );
+}
+
+/// A file with the attention names diffusers wrote before 2023 (`query`, `key`, `value`,
+/// `proj_attn`, as the hub's SD 1.x / 2.x VAE files have them) loads to the same model.
+#[test]
+fn deprecated_attention_names_load() {
+    let old_names = |name: &str| {
+        let mut name = name.to_string();
+        for (old, new) in kiln_vae::autoencoder_kl::DEPRECATED_ATTENTION_NAMES {
+            name = name.replace(
+                &format!(".attentions.0.{new}."),
+                &format!(".attentions.0.{old}."),
+            );
+        }
+        name
+    };
+    let names = kiln_nn::reference::read_tensors(&fixture_dir().join("vae").join(WEIGHTS)).unwrap();
+    let renamed = names.iter().filter(|(name, _)| old_names(name) != **name);
+    assert_eq!(renamed.count(), 16);
+    let tmp = renamed_copy(
+        old_names,
+        |_, values, shape| Some((safetensors::Dtype::F32, f32_bytes(&values), shape)),
+        WEIGHTS,
+    );
+    let s = setup();
+    let old = AutoencoderKL::from_pretrained(tmp.path(), DType::F32, &s.device).unwrap();
+    let decoded = old.decode(s.t("latent"), None).unwrap();
+    let expected = s.vae.decode(s.t("latent"), None).unwrap();
+    assert_eq!(
+        decoded.into_data().try_to_vec::<f32>().unwrap(),
+        expected.into_data().try_to_vec::<f32>().unwrap()
     );
 }
 
