@@ -128,6 +128,12 @@ pub struct GenerateArgs {
     /// Where the refiner takes over, as a fraction of the schedule (0 to 1, default 0.8).
     #[arg(long, value_name = "FRACTION", requires = "refiner")]
     refiner_switch: Option<f64>,
+    /// Another VAE in place of the model's (A1111's "SD VAE"): a diffusers VAE folder, a model
+    /// folder, a `.safetensors` file (the original LDM layout, as A1111's VAE files, or
+    /// diffusers'), or a Hugging Face repo id in the local cache. A file keeps the model's
+    /// scaling factor; a folder brings its own.
+    #[arg(long, value_name = "PATH")]
+    vae: Option<String>,
     /// Output PNG file.
     #[arg(long)]
     output: PathBuf,
@@ -179,6 +185,7 @@ pub fn run(args: GenerateArgs, device: impl FnOnce() -> Result<Device>) -> Resul
         .as_deref()
         .map(|r| resolve_model(Some(r)))
         .transpose()?;
+    let vae_path = args.vae.as_deref().map(resolve_vae).transpose()?;
     let single_file = model_dir.is_file();
     if args.config.is_some() && !single_file {
         bail!(
@@ -246,14 +253,21 @@ pub fn run(args: GenerateArgs, device: impl FnOnce() -> Result<Device>) -> Resul
                     model_dir.display()
                 );
             }
-            let refiner = load_pipeline(dir, &load, &device)?;
+            let mut refiner = load_pipeline(dir, &load, &device)?;
             if !refiner.is_sdxl() {
                 bail!("the refiner `{}` is not an SDXL model", dir.display());
+            }
+            // the refiner decodes the ensemble's image: it takes the VAE too
+            if let Some(vae) = &vae_path {
+                load_vae(&mut refiner, vae)?;
             }
             Some(refiner)
         }
         None => None,
     };
+    if let Some(vae) = &vae_path {
+        load_vae(&mut pipe, vae)?;
+    }
     let embeddings = crate::loras::load_embeddings(&mut pipe, &args.embedding)?;
     crate::loras::apply(&mut pipe, &loras, args.lora_allow_unknown_keys)?;
     let options_sampler = SamplerOptions {
@@ -423,6 +437,10 @@ pub fn run(args: GenerateArgs, device: impl FnOnce() -> Result<Device>) -> Resul
     }
     let lora_hashes = crate::loras::hashes(&loras)?;
     let ti_hashes = crate::loras::embedding_hashes(&embeddings)?;
+    let vae = match (&args.vae, &vae_path) {
+        (Some(spec), Some(path)) => Some(vae_label(spec, path)?),
+        _ => None,
+    };
     let mut encoded = Vec::new();
     for (i, image) in images.iter().enumerate() {
         let params = Parameters {
@@ -430,6 +448,7 @@ pub fn run(args: GenerateArgs, device: impl FnOnce() -> Result<Device>) -> Resul
             negative_prompt: &args.negative_prompt,
             lora_hashes: &lora_hashes,
             ti_hashes: &ti_hashes,
+            vae: vae.as_ref(),
             steps,
             sampler: &sampler_label,
             guidance,
@@ -498,6 +517,29 @@ pub fn resolve_model(spec: Option<&str>) -> Result<PathBuf> {
         // the default model compiled into Kiln, written out once as a folder
         return kiln_pipeline::embedded::folder().context("cannot write out the embedded model");
     };
+    resolve(
+        spec,
+        "model",
+        "a diffusers folder, a .safetensors checkpoint or a Hugging Face repo id",
+        &["model_index.json"],
+    )
+}
+
+/// `--vae`: a folder or file, or a repo id (a VAE's own, or a whole model's) in the local
+/// Hugging Face cache.
+fn resolve_vae(spec: &str) -> Result<PathBuf> {
+    resolve(
+        spec,
+        "VAE",
+        "a diffusers VAE folder, a model folder, a .safetensors file or a Hugging Face repo id",
+        &["config.json", "model_index.json"],
+    )
+}
+
+/// `spec` as a path that exists, else as a repo id whose snapshot in the local Hugging Face
+/// cache holds the first of `markers` (its folder is returned); `what` and `expected` word the
+/// errors.
+fn resolve(spec: &str, what: &str, expected: &str, markers: &[&str]) -> Result<PathBuf> {
     let path = Path::new(spec);
     if path.exists() {
         return Ok(path.to_path_buf());
@@ -508,22 +550,51 @@ pub fn resolve_model(spec: Option<&str>) -> Result<PathBuf> {
             .iter()
             .all(|p| !p.is_empty() && !p.starts_with('.') && !p.contains('\\'));
     if !looks_like_repo {
-        bail!(
-            "model `{spec}` does not exist (expected a diffusers folder, a .safetensors checkpoint or a Hugging Face repo id)"
-        );
+        bail!("{what} `{spec}` does not exist (expected {expected})");
     }
     let cache = hf_hub::Cache::from_env();
     let repo = cache.model(spec.to_string());
-    match repo.get("model_index.json") {
-        Some(index) => index
+    match markers.iter().find_map(|m| repo.get(m)) {
+        Some(marker) => marker
             .parent()
             .map(Path::to_path_buf)
             .context("the hub cache returned a file without a folder"),
         None => bail!(
-            "`{spec}` is neither a folder nor a model in the Hugging Face cache at `{}` (Kiln reads the cache offline; download it first, e.g. `huggingface-cli download {spec}`)",
+            "`{spec}` is neither a path nor a {what} in the Hugging Face cache at `{}` (Kiln reads the cache offline; download it first, e.g. `huggingface-cli download {spec}`)",
             cache.path().display()
         ),
     }
+}
+
+/// Swaps `pipe`'s VAE for the one at `path`, saying which on stderr.
+fn load_vae(pipe: &mut StableDiffusionPipeline, path: &Path) -> Result<()> {
+    pipe.load_vae(path)
+        .with_context(|| format!("cannot load the VAE `{}`", path.display()))?;
+    eprintln!("VAE `{}`", path.display());
+    Ok(())
+}
+
+/// The `VAE` entry of the PNG parameters and, for a file, its `VAE hash` (as A1111 writes them:
+/// the file's name, and the first 10 hex digits of the SHA-256 of the whole file).
+fn vae_label(spec: &str, path: &Path) -> Result<(String, Option<String>)> {
+    if !path.is_file() {
+        return Ok((model_label(Some(spec), path), None));
+    }
+    use sha2::{Digest, Sha256};
+    let mut file =
+        std::fs::File::open(path).with_context(|| format!("cannot read `{}`", path.display()))?;
+    let mut hasher = Sha256::new();
+    std::io::copy(&mut file, &mut hasher)
+        .with_context(|| format!("cannot read `{}`", path.display()))?;
+    let hash: String = hasher.finalize()[..5]
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect();
+    let name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_else(|| spec.to_string());
+    Ok((name, Some(hash)))
 }
 
 /// `epsilon`, `v_prediction` or `sample`, as diffusers' configs write them.
@@ -654,6 +725,8 @@ struct Parameters<'a> {
     lora_hashes: &'a str,
     /// `token: hash, ...` of the textual-inversion embeddings loaded (empty: none).
     ti_hashes: &'a str,
+    /// The `--vae` and, for a file, its hash.
+    vae: Option<&'a (String, Option<String>)>,
     /// The SDXL refiner's name and switch point.
     refiner: Option<(String, f64)>,
 }
@@ -669,6 +742,12 @@ impl std::fmt::Display for Parameters<'_> {
             "Steps: {}, Sampler: {}, CFG scale: {}, Seed: {}, Size: {}x{}, Model: {}",
             self.steps, self.sampler, self.guidance, self.seed, self.width, self.height, self.model
         )?;
+        if let Some((name, hash)) = self.vae {
+            if let Some(hash) = hash {
+                write!(f, ", VAE hash: {hash}")?;
+            }
+            write!(f, ", VAE: {name}")?;
+        }
         if let Some(s) = self.strength {
             write!(f, ", Denoising strength: {s}")?;
         }

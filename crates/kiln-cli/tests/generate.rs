@@ -902,3 +902,80 @@ fn sdxl_base_and_refiner_from_folders() {
     // the tiny VAE halves: an odd width is not a multiple of its scale factor
     refuses(&base, &["--prompt", "x", "--width", "45"], "multiple");
 }
+
+/// `--vae`: a folder, a single file (hashed into the parameters as A1111 does) and a repo id in
+/// the local cache replace the model's VAE; the sd1 model's own VAE, taken from its single-file
+/// checkpoint, gives the model's image again; a file with no VAE is one clear line.
+#[test]
+fn vae_swaps_take_folders_files_and_repo_ids() {
+    use sha2::{Digest, Sha256};
+    let model = model("sd1");
+    let dir = tempfile::tempdir().unwrap();
+    let home = tempfile::tempdir().unwrap();
+    let other = root().join("fixtures/vae/vae");
+    let repo = home.path().join("hub/models--kiln--tiny-vae");
+    let commit = "0123456789abcdef0123456789abcdef01234567";
+    std::fs::create_dir_all(repo.join("refs")).unwrap();
+    std::fs::write(repo.join("refs/main"), commit).unwrap();
+    copy_dir(&other, &repo.join("snapshots").join(commit));
+    let checkpoint = root().join("fixtures/single-file/sd1.safetensors");
+    let run = |name: &str, vae: Option<&str>| {
+        let output = dir.path().join(name);
+        let mut args = vec![
+            "generate",
+            "--model",
+            model.path().to_str().unwrap(),
+            "--prompt",
+            "a cat",
+            "--steps",
+            "2",
+            "--seed",
+            "3",
+            "--width",
+            "32",
+            "--height",
+            "32",
+            "--output",
+            output.to_str().unwrap(),
+        ];
+        if let Some(vae) = vae {
+            args.extend_from_slice(&["--vae", vae]);
+        }
+        let out = kiln(&args, &[("HF_HOME", home.path())]);
+        assert!(out.status.success(), "{vae:?}: {}", stderr(&out));
+        read_png(&output)
+    };
+    let (_, _, own, text) = run("own.png", None);
+    assert!(!text.contains("VAE"), "{text}");
+    let (_, _, folder, text) = run("folder.png", Some(other.to_str().unwrap()));
+    assert_ne!(folder, own);
+    assert!(
+        text.contains(", VAE: vae,") && !text.contains("VAE hash"),
+        "{text}"
+    );
+    let (_, _, cached, text) = run("cached.png", Some("kiln/tiny-vae"));
+    assert_eq!(cached, folder);
+    assert!(text.contains(", VAE: kiln/tiny-vae,"), "{text}");
+    let (_, _, file, text) = run("file.png", Some(checkpoint.to_str().unwrap()));
+    assert_eq!(file, own, "the model's own VAE from its checkpoint");
+    let digest = Sha256::digest(std::fs::read(&checkpoint).unwrap());
+    let hash: String = digest[..5].iter().map(|b| format!("{b:02x}")).collect();
+    assert!(
+        text.contains(&format!(", VAE hash: {hash}, VAE: sd1.safetensors,")),
+        "{text}"
+    );
+
+    let unet = model
+        .path()
+        .join("unet/diffusion_pytorch_model.fp16.safetensors");
+    refuses(
+        model.path(),
+        &["--prompt", "x", "--vae", unet.to_str().unwrap()],
+        "holds no autoencoder",
+    );
+    refuses(
+        model.path(),
+        &["--prompt", "x", "--vae", "no/such-vae"],
+        "Hugging Face cache",
+    );
+}

@@ -927,6 +927,69 @@ impl StableDiffusionPipeline {
         all
     }
 
+    /// Replaces the autoencoder with another one, as A1111's "SD VAE" setting and diffusers'
+    /// `vae=` argument do (a fine-tuned VAE such as `sd-vae-ft-mse`, or SDXL's fp16 fix):
+    ///
+    /// - a diffusers VAE folder (`config.json` and its weights), or a model folder's `vae/`:
+    ///   its own config, scaling factor and `force_upcast` included;
+    /// - one `.safetensors` file, in the original LDM layout (A1111's VAE files; the VAE of a
+    ///   whole checkpoint) or in diffusers': its shapes give the layout, and the model's own VAE
+    ///   the scaling factor and the rest ([`single_file::load_vae_file`]).
+    ///
+    /// The new VAE must make latents of the UNet's channels; its dtype is the pipeline's (f32
+    /// for an SDXL VAE with `force_upcast` in an f16 run). On error the pipeline is unchanged.
+    pub fn load_vae(&mut self, path: &Path) -> Result<()> {
+        let _span = tracing::info_span!("load_vae", path = %path.display()).entered();
+        let vae = if path.is_dir() {
+            let dir = if path.join("config.json").is_file() {
+                path.to_path_buf()
+            } else {
+                path.join("vae")
+            };
+            if !dir.join("config.json").is_file() {
+                return Err(Error::InvalidInput(format!(
+                    "`{}` is neither a diffusers VAE folder (config.json and weights) nor a model \
+                     folder with a vae/ folder",
+                    path.display()
+                )));
+            }
+            let config = AutoencoderKLConfig::from_file(&dir.join("config.json"))?;
+            self.check_vae(&config, path)?;
+            let dtype = vae_dtype(self.is_sdxl(), &config, self.dtype);
+            AutoencoderKL::from_pretrained(&dir, dtype, &self.device)?
+        } else {
+            if !path.is_file() {
+                return Err(kiln_nn::Error::NotFound {
+                    what: "VAE".into(),
+                    path: path.to_path_buf(),
+                    hint: Some(
+                        "give a diffusers VAE folder, a model folder or a .safetensors file".into(),
+                    ),
+                }
+                .into());
+            }
+            single_file::load_vae_file(path, &self.vae.config, self.vae_dtype, &self.device)?
+        };
+        self.check_vae(&vae.config, path)?;
+        self.vae_dtype = vae_dtype(self.is_sdxl(), &vae.config, self.dtype);
+        self.vae = vae;
+        Ok(())
+    }
+
+    /// Whether a VAE of `config` can replace this pipeline's: latents of the UNet's channels.
+    fn check_vae(&self, config: &AutoencoderKLConfig, path: &Path) -> Result<()> {
+        let latent = self.vae.config.latent_channels;
+        if config.latent_channels != latent {
+            return Err(Error::Mismatch(format!(
+                "the VAE at `{}` makes latents of {} channels; this model's UNet works on {latent} \
+                 (is it a VAE for another model family?)",
+                path.display(),
+                config.latent_channels
+            )));
+        }
+        Ok(())
+    }
+
     /// Whether the UNet is an inpainting UNet (latents, mask and masked-image latents as input).
     pub fn is_inpainting_unet(&self) -> bool {
         self.unet.config.in_channels == 2 * self.vae.config.latent_channels + 1

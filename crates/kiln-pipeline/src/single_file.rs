@@ -430,26 +430,21 @@ pub fn infer_config(
     }
 
     // VAE
-    let vae_at = vae_prefix(shapes)?;
-    let v = |key: &str| dims::<4>(shapes, &format!("{vae_at}{key}"));
-    let vae_blocks = indices(shapes, &format!("{vae_at}encoder.down.")).len();
-    let vae_channels = (0..vae_blocks)
-        .map(|i| v(&format!("encoder.down.{i}.block.0.conv1.weight")).map(|s| s[0]))
-        .collect::<Result<Vec<_>>>()?;
+    let layout = VaeLayout::read(shapes, &VaeNames::Ldm(vae_prefix(shapes)?))?;
     let vae = json!({
-        "in_channels": v("encoder.conv_in.weight")?[1],
-        "out_channels": v("decoder.conv_out.weight")?[0],
-        "down_block_types": vec!["DownEncoderBlock2D"; vae_blocks],
-        "up_block_types": vec!["UpDecoderBlock2D"; vae_blocks],
-        "block_out_channels": vae_channels,
-        "layers_per_block": indices(shapes, &format!("{vae_at}encoder.down.0.block.")).len(),
-        "latent_channels": v("decoder.conv_in.weight")?[1],
+        "in_channels": layout.in_channels,
+        "out_channels": layout.out_channels,
+        "down_block_types": vec!["DownEncoderBlock2D"; layout.block_out_channels.len()],
+        "up_block_types": vec!["UpDecoderBlock2D"; layout.block_out_channels.len()],
+        "block_out_channels": layout.block_out_channels,
+        "layers_per_block": layout.layers_per_block,
+        "latent_channels": layout.latent_channels,
         "norm_num_groups": 32,
         "sample_size": latent_size * 8,
         "scaling_factor": if family.is_xl() { 0.13025 } else { 0.18215 },
-        "use_quant_conv": shapes.contains_key(format!("{vae_at}quant_conv.weight").as_str()),
-        "use_post_quant_conv": shapes.contains_key(format!("{vae_at}post_quant_conv.weight").as_str()),
-        "mid_block_add_attention": shapes.contains_key(format!("{vae_at}encoder.mid.attn_1.q.weight").as_str()),
+        "use_quant_conv": layout.use_quant_conv,
+        "use_post_quant_conv": layout.use_post_quant_conv,
+        "mid_block_add_attention": layout.mid_block_add_attention,
     });
 
     let scheduler = if family.is_xl() {
@@ -949,8 +944,16 @@ pub(crate) fn vae_tensors(
     file: &SafetensorsFile,
     blocks: usize,
 ) -> Result<Vec<(String, LazyTensor)>> {
-    let shapes = shapes_of(file);
-    let prefix = vae_prefix(&shapes)?;
+    let prefix = vae_prefix(&shapes_of(file))?;
+    vae_tensors_at(file, prefix, blocks)
+}
+
+/// [`vae_tensors`] under `prefix` (empty for a VAE file of its own).
+fn vae_tensors_at(
+    file: &SafetensorsFile,
+    prefix: &str,
+    blocks: usize,
+) -> Result<Vec<(String, LazyTensor)>> {
     let mut out = Vec::new();
     for (name, _) in file.tensors() {
         let Some(key) = name.strip_prefix(prefix) else {
@@ -971,6 +974,155 @@ pub(crate) fn vae_tensors(
         out.push((target, tensor));
     }
     Ok(out)
+}
+
+/// How a file names an autoencoder's tensors.
+enum VaeNames {
+    /// The original LDM names (`encoder.down.0.block.0.conv1.weight`) under a prefix:
+    /// `first_stage_model.` in a whole checkpoint, none in a VAE file of its own (A1111's
+    /// `vae-ft-mse-840000-ema-pruned.safetensors`, `sdxl_vae.safetensors`).
+    Ldm(&'static str),
+    /// diffusers' names (`encoder.down_blocks.0.resnets.0.conv1.weight`), as in a `vae/`
+    /// folder's weights.
+    Diffusers,
+}
+
+impl VaeNames {
+    /// The naming of the file's autoencoder, if it holds one.
+    fn of(shapes: &Shapes<'_>) -> Option<Self> {
+        let has = |key: &str| shapes.contains_key(key);
+        let ldm = |p: &&str| {
+            has(&format!("{p}encoder.conv_in.weight"))
+                && has(&format!("{p}encoder.down.0.block.0.conv1.weight"))
+        };
+        if let Some(prefix) = VAE.into_iter().chain([""]).find(ldm) {
+            return Some(Self::Ldm(prefix));
+        }
+        (has("encoder.conv_in.weight") && has("encoder.down_blocks.0.resnets.0.conv1.weight"))
+            .then_some(Self::Diffusers)
+    }
+
+    /// The key of the first convolution of level `i`'s first encoder ResNet, and the prefix
+    /// under which that level's ResNets are numbered.
+    fn level(&self, i: usize) -> (String, String) {
+        match self {
+            Self::Ldm(p) => (
+                format!("{p}encoder.down.{i}.block.0.conv1.weight"),
+                format!("{p}encoder.down.{i}.block."),
+            ),
+            Self::Diffusers => (
+                format!("encoder.down_blocks.{i}.resnets.0.conv1.weight"),
+                format!("encoder.down_blocks.{i}.resnets."),
+            ),
+        }
+    }
+}
+
+/// What an autoencoder's tensor shapes say of its config.
+struct VaeLayout {
+    in_channels: usize,
+    out_channels: usize,
+    block_out_channels: Vec<usize>,
+    layers_per_block: usize,
+    latent_channels: usize,
+    use_quant_conv: bool,
+    use_post_quant_conv: bool,
+    mid_block_add_attention: bool,
+}
+
+impl VaeLayout {
+    fn read(shapes: &Shapes<'_>, names: &VaeNames) -> Result<Self> {
+        let p = match names {
+            VaeNames::Ldm(p) => *p,
+            VaeNames::Diffusers => "",
+        };
+        let v = |key: &str| dims::<4>(shapes, &format!("{p}{key}"));
+        let has = |key: &str| shapes.contains_key(format!("{p}{key}").as_str());
+        let levels = match names {
+            VaeNames::Ldm(p) => indices(shapes, &format!("{p}encoder.down.")),
+            VaeNames::Diffusers => indices(shapes, "encoder.down_blocks."),
+        };
+        let block_out_channels = (0..levels.len())
+            .map(|i| dims::<4>(shapes, &names.level(i).0).map(|s| s[0]))
+            .collect::<Result<Vec<_>>>()?;
+        let mid_attention = match names {
+            VaeNames::Ldm(_) => has("encoder.mid.attn_1.q.weight"),
+            VaeNames::Diffusers => {
+                has("encoder.mid_block.attentions.0.to_q.weight")
+                    || has("encoder.mid_block.attentions.0.query.weight")
+            }
+        };
+        Ok(Self {
+            in_channels: v("encoder.conv_in.weight")?[1],
+            out_channels: v("decoder.conv_out.weight")?[0],
+            block_out_channels,
+            layers_per_block: indices(shapes, &names.level(0).1).len(),
+            latent_channels: v("decoder.conv_in.weight")?[1],
+            use_quant_conv: has("quant_conv.weight"),
+            use_post_quant_conv: has("post_quant_conv.weight"),
+            mid_block_add_attention: mid_attention,
+        })
+    }
+
+    /// `base` with this layout: what the file says, the rest (scaling factor, groups, tile
+    /// size, upcasting) as `base` has it.
+    fn apply(self, base: &AutoencoderKLConfig) -> AutoencoderKLConfig {
+        let levels = self.block_out_channels.len();
+        AutoencoderKLConfig {
+            in_channels: self.in_channels,
+            out_channels: self.out_channels,
+            down_block_types: vec![
+                kiln_vae::autoencoder_kl::DownBlockType::DownEncoderBlock2D;
+                levels
+            ],
+            up_block_types: vec![kiln_vae::autoencoder_kl::UpBlockType::UpDecoderBlock2D; levels],
+            block_out_channels: self.block_out_channels,
+            layers_per_block: self.layers_per_block,
+            latent_channels: self.latent_channels,
+            use_quant_conv: self.use_quant_conv,
+            use_post_quant_conv: self.use_post_quant_conv,
+            mid_block_add_attention: self.mid_block_add_attention,
+            ..base.clone()
+        }
+    }
+}
+
+/// The autoencoder in one `.safetensors` file: a VAE file of its own in the original LDM layout
+/// (A1111's VAE files) or diffusers' (a `vae/` folder's weights without their config), or the
+/// VAE of a whole single-file checkpoint. A file carries no config: its tensor shapes give the
+/// layout (channels, levels, layers, latent channels, which convolutions and attention exist),
+/// and `base` (the model's own VAE config) the rest, its scaling factor included, as A1111
+/// keeps the model's when it swaps VAEs. Loaded strictly, converted to `dtype`.
+pub fn load_vae_file(
+    path: &Path,
+    base: &AutoencoderKLConfig,
+    dtype: burn::tensor::DType,
+    device: &burn::tensor::Device,
+) -> Result<kiln_vae::AutoencoderKL> {
+    check_extension(path)?;
+    let file = SafetensorsFile::open(path)?;
+    let shapes = shapes_of(&file);
+    let names = VaeNames::of(&shapes).ok_or_else(|| {
+        invalid(format!(
+            "`{}` holds no autoencoder: expected the original LDM names \
+             (`encoder.down.0.block.0.conv1.weight`, also under `first_stage_model.`) or \
+             diffusers' (`encoder.down_blocks.0.resnets.0.conv1.weight`)",
+            path.display()
+        ))
+    })?;
+    let config = VaeLayout::read(&shapes, &names)?.apply(base);
+    config.validate()?;
+    let vae = kiln_vae::AutoencoderKL::new(&config, device)?;
+    match names {
+        VaeNames::Ldm(prefix) => kiln_nn::weights::load_tensors(
+            vae,
+            vae_tensors_at(&file, prefix, config.block_out_channels.len())?,
+            dtype,
+            path,
+        )
+        .map_err(|e| component_error(e, "VAE")),
+        VaeNames::Diffusers => Ok(vae.load_weights(path, dtype)?),
+    }
 }
 
 /// diffusers' name for one LDM VAE key (without the prefix).
