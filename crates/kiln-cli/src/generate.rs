@@ -25,8 +25,8 @@ use crate::write_atomic;
 /// Arguments of `kiln generate`.
 #[derive(clap::Args, Debug)]
 pub struct GenerateArgs {
-    /// A diffusers model folder, a single-file SD 1.x/2.x checkpoint (`.safetensors` with the
-    /// original CompVis key names), or a Hugging Face repo id (`owner/name`) already in the local
+    /// A diffusers model folder, a single-file SD 1.x/2.x or SDXL checkpoint (`.safetensors` or
+    /// `.ckpt` with the original CompVis key names), or a Hugging Face repo id (`owner/name`) already in the local
     /// hub cache (`$HF_HOME/hub`, default `~/.cache/huggingface/hub`; read offline).
     #[arg(long)]
     model: Option<String>,

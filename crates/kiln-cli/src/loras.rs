@@ -154,14 +154,20 @@ pub fn apply(
 }
 
 /// The web UI's short hash of a LoRA: the first 12 hex digits of the SHA-256 of a safetensors
-/// file's data after its header (the "addnet" hash, which `Lora hashes` lists).
+/// file's data after its header (the "addnet" hash, which `Lora hashes` lists), or of a pickle
+/// file's whole bytes (as the web UI hashes those).
 pub fn short_hash(path: &Path) -> Result<String> {
     let mut file =
         std::fs::File::open(path).with_context(|| format!("cannot read `{}`", path.display()))?;
-    let mut len = [0u8; 8];
-    file.read_exact(&mut len)
-        .with_context(|| format!("cannot read `{}`", path.display()))?;
-    file.seek(SeekFrom::Start(8 + u64::from_le_bytes(len)))?;
+    let safetensors = path
+        .extension()
+        .is_some_and(|e| e.eq_ignore_ascii_case("safetensors"));
+    if safetensors {
+        let mut len = [0u8; 8];
+        file.read_exact(&mut len)
+            .with_context(|| format!("cannot read `{}`", path.display()))?;
+        file.seek(SeekFrom::Start(8 + u64::from_le_bytes(len)))?;
+    }
     let mut hasher = Sha256::new();
     std::io::copy(&mut file, &mut hasher)?;
     let digest = hasher.finalize();

@@ -76,7 +76,7 @@ enum Command {
     /// Convert a single-file SD 1.x/2.x checkpoint (CompVis keys) to a diffusers folder, the
     /// values copied as they are.
     Convert {
-        /// The `.safetensors` checkpoint.
+        /// The checkpoint (`.safetensors`, or a pickle `.ckpt`).
         #[arg(long)]
         model: PathBuf,
         /// The diffusers folder to write (must not exist).

@@ -506,6 +506,39 @@ fn single_file_checkpoints_generate_with_configs_from_a_folder() {
     );
     assert!(text.contains("Model: sd1"), "{text}");
 
+    // the same checkpoint as the original `.ckpt` files hold it (fixtures/pickle/sd1.ckpt): the
+    // same image, to the bit
+    let ckpt = root().join("fixtures/pickle/sd1.ckpt");
+    let from_pickle = dir.path().join("pickle.png");
+    let out = kiln(
+        &[
+            "generate",
+            "--model",
+            ckpt.to_str().unwrap(),
+            "--config",
+            config.path().to_str().unwrap(),
+            "--prompt",
+            "a photo of an astronaut riding a horse",
+            "--negative-prompt",
+            "blurry",
+            "--steps",
+            "6",
+            "--width",
+            "48",
+            "--height",
+            "32",
+            "--latents",
+            latents.to_str().unwrap(),
+            "--output",
+            from_pickle.to_str().unwrap(),
+        ],
+        &[],
+    );
+    assert!(out.status.success(), "{}", stderr(&out));
+    let (_, _, pickle_pixels, pickle_text) = read_png(&from_pickle);
+    assert!(pickle_pixels == pixels, "the .ckpt gives another image");
+    assert!(pickle_text.contains("Model: sd1"), "{pickle_text}");
+
     // the same checkpoint converted to a diffusers folder
     let converted = dir.path().join("converted");
     let out = kiln(
@@ -554,7 +587,7 @@ fn single_file_checkpoints_generate_with_configs_from_a_folder() {
     );
     let pickle = dir.path().join("model.ckpt");
     std::fs::write(&pickle, b"not loaded").unwrap();
-    fails_cleanly(&pickle, &[], "pickle");
+    fails_cleanly(&pickle, &[], "not a PyTorch checkpoint");
 }
 
 #[test]

@@ -24,11 +24,14 @@ use crate::prompt::PromptWindows;
 use crate::{Error, Result};
 use kiln_nn::linear::linear as layer;
 
-/// Weight files tried in a text-encoder folder, in order, for a run in full precision.
-pub const WEIGHT_FILES: [&str; 3] = [
+/// Weight files tried in a text-encoder folder, in order, for a run in full precision
+/// (safetensors before the pickle files of older repos).
+pub const WEIGHT_FILES: [&str; 5] = [
     "model.safetensors",
     "model.fp16.safetensors",
     "model.bf16.safetensors",
+    "pytorch_model.bin",
+    "pytorch_model.fp16.bin",
 ];
 
 fn linear(d_in: usize, d_out: usize, device: &Device) -> Linear {
@@ -342,8 +345,8 @@ impl ClipTextModel {
         Self::new(&config, device).load(&weights)
     }
 
-    /// Loads weights from a safetensors file with transformers' key names, with or without the
-    /// `text_model.` prefix; f16 and bf16 files are converted to f32.
+    /// Loads weights from a safetensors (or pickle `.bin`) file with transformers' key names,
+    /// with or without the `text_model.` prefix; f16 and bf16 files are converted to f32.
     pub fn load(self, path: &Path) -> Result<Self> {
         Ok(load_safetensors(self, path, &load_options())?)
     }

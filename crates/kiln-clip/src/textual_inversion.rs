@@ -1,10 +1,11 @@
 //! Textual-inversion embeddings: learned token vectors that a prompt names by a word.
 //!
-//! Two file layouts load, both `.safetensors` holding one tensor of `[width]` or
-//! `[vectors, width]`: the A1111 web UI's (`emb_params`, or `string_to_param.*`) and diffusers'
-//! `learned_embeds.safetensors` (the tensor named after its token, such as `<cat-toy>`); and
-//! SDXL's, with `clip_l` and `clip_g` for its two text encoders. Pickle files (`.pt`, `.bin`)
-//! are refused.
+//! Two file layouts load, each holding one tensor of `[width]` or `[vectors, width]`: the A1111
+//! web UI's (`emb_params` in `.safetensors`; `string_to_param.*` in its `.pt` files, whose
+//! `string_to_token` is left aside) and diffusers' `learned_embeds.safetensors` or `.bin` (the
+//! tensor named after its token, such as `<cat-toy>`); and SDXL's, with `clip_l` and `clip_g`
+//! for its two text encoders. Pickle files are read without running Python code
+//! ([`kiln_nn::weights::WeightsFile`]).
 //!
 //! [`TextualInversion::load_into`] adds the token to the tokenizer and the vectors to the text
 //! encoder's token embedding table. An embedding of `n` vectors takes `n` ids: the word gives
@@ -15,7 +16,7 @@
 use std::path::{Path, PathBuf};
 
 use burn::tensor::TensorData;
-use kiln_nn::weights::SafetensorsFile;
+use kiln_nn::weights::WeightsFile;
 
 use crate::{ClipTextModel, ClipTokenizer, Error, Result};
 
@@ -37,13 +38,17 @@ impl TextualInversion {
     /// Reads an embedding file. `token` names it in prompts; `None`: diffusers' key if the file
     /// has one (`<cat-toy>`), else the file name without extension (the web UI's rule).
     pub fn open(path: &Path, token: Option<&str>) -> Result<Self> {
-        kiln_nn::weights::refuse_pickle(path)?;
-        let file = SafetensorsFile::open(path)?;
+        let file = WeightsFile::open(path)?;
         let bad = |message: String| Error::Embedding {
             path: path.to_path_buf(),
             message,
         };
-        let mut names: Vec<String> = file.tensors().map(|(n, _)| n.to_string()).collect();
+        // the web UI's `.pt` files may keep the placeholder's token id as a tensor
+        let mut names: Vec<String> = file
+            .tensors()
+            .map(|(n, _)| n.to_string())
+            .filter(|n| !n.starts_with("string_to_token."))
+            .collect();
         names.sort();
         let (name, vectors, vectors_2) = match names.as_slice() {
             [name] => (name.clone(), read_vectors(&file, name, &bad)?, None),
@@ -170,7 +175,7 @@ impl TextualInversion {
 
 /// Reads one embedding tensor, `[width]` or `[vectors, width]`, as f32 `[vectors, width]`.
 fn read_vectors(
-    file: &SafetensorsFile,
+    file: &WeightsFile,
     name: &str,
     bad: &dyn Fn(String) -> Error,
 ) -> Result<TensorData> {

@@ -49,6 +49,15 @@ pub enum Error {
         /// What the reader found wrong.
         reason: String,
     },
+    /// A PyTorch pickle checkpoint (`.ckpt`, `.pt`, `.bin`) that cannot be read (truncated, not
+    /// a checkpoint, or holding what a state dict does not: sparse or quantized tensors).
+    #[error("`{path}` is not a PyTorch checkpoint Kiln can read: {reason}")]
+    NotPytorch {
+        /// The file.
+        path: PathBuf,
+        /// What the reader found wrong.
+        reason: String,
+    },
     /// The weights file lacks a tensor the model needs.
     #[error(
         "`{path}` has no tensor `{name}` (the model needs it); is this the right file for this config?"

@@ -29,7 +29,7 @@ use burn::store::burn_pack::Tensor as PackTensor;
 use burn::store::{BurnToPyTorchAdapter, ModuleSnapshot, PathFilter, PyTorchToBurnAdapter, bridge};
 use burn::tensor::{Device, Tensor, TensorData};
 
-use crate::weights::{LazyTensor, SafetensorsFile};
+use crate::weights::{LazyTensor, WeightsFile};
 use crate::{Error, Result};
 
 /// The model a LoRA layer belongs to.
@@ -111,12 +111,12 @@ const SUFFIXES: &[(&str, Part)] = &[
 ];
 
 impl LoraFile {
-    /// Opens a LoRA `.safetensors` file and groups its keys into layers. A key that is not part
+    /// Opens a LoRA file (`.safetensors`, or a pickle `.pt` / `.bin`) and groups its keys into
+    /// layers. A key that is not part
     /// of a LoRA layer of the UNet or the text encoder is an error naming it, unless
     /// `allow_unknown` is set: then it is left out and listed by [`skipped`](Self::skipped).
     pub fn open(path: &Path, allow_unknown: bool) -> Result<Self> {
-        crate::weights::refuse_pickle(path)?;
-        let file = SafetensorsFile::open(path)?;
+        let file = WeightsFile::open(path)?;
         let bad = |key: &str, message: String| Error::Lora {
             path: path.to_path_buf(),
             key: key.to_string(),
@@ -264,7 +264,7 @@ struct PeftConfig {
 }
 
 impl PeftConfigs {
-    fn read(file: &SafetensorsFile) -> std::result::Result<Self, String> {
+    fn read(file: &WeightsFile) -> std::result::Result<Self, String> {
         let Some(text) = file.metadata().get("lora_adapter_metadata") else {
             return Ok(Self::default());
         };
@@ -374,7 +374,7 @@ fn split_stem(stem: &str) -> Option<(LoraComponent, String, bool)> {
 }
 
 /// Reads a scalar `alpha`.
-fn read_alpha(file: &SafetensorsFile, key: &str) -> std::result::Result<f32, String> {
+fn read_alpha(file: &WeightsFile, key: &str) -> std::result::Result<f32, String> {
     let tensor = file.tensor(key).map_err(|e| e.to_string())?;
     if tensor.shape().iter().product::<usize>() != 1 {
         return Err(format!(

@@ -1,10 +1,18 @@
-//! Strict loading of safetensors weights into burn modules, over burn-store.
+//! Strict loading of weights files into burn modules, over burn-store: safetensors, and
+//! PyTorch's pickle checkpoints (`.ckpt`, `.pt`, `.pth`, `.bin`).
 //!
 //! Field names of Kiln's modules are the key segments of diffusers' and transformers' checkpoints,
 //! so a file loads with at most a few prefix remappings. Loading is strict: a tensor the model
 //! needs but the file lacks, a tensor the file holds but the model does not use, or a tensor of
 //! the wrong shape is a typed [`Error`] naming the tensor. F16 and BF16 files are converted to the
 //! requested float dtype as they load.
+//!
+//! Pickle files are read by burn's `pytorch-reader`, which interprets the pickle's opcodes into
+//! dictionaries, lists and tensors itself: it never imports or calls Python code, so a hostile
+//! `.ckpt` cannot run anything (the reason other tools refuse pickles, or need PyTorch's
+//! `weights_only` unpickler). Nested dictionaries name their tensors by dotted paths, and a
+//! checkpoint that keeps its weights under `state_dict` (PyTorch Lightning's, and so the original
+//! Stable Diffusion `.ckpt` files) is read as that dictionary, as A1111 reads it.
 
 use std::collections::BTreeMap;
 use std::io::{Read, Seek, SeekFrom};
@@ -50,7 +58,6 @@ struct RawEntry {
     data_offsets: [u64; 2],
 }
 
-/// Opens `path` and parses its header: the open file, where the data starts, and every entry.
 /// The parsed header: the open file, where the data starts, every entry, and `__metadata__`.
 type Header = (
     std::fs::File,
@@ -59,27 +66,54 @@ type Header = (
     BTreeMap<String, String>,
 );
 
+/// Opens `path` for reading; a missing file is [`Error::NotFound`].
+fn open_file(path: &Path) -> Result<std::fs::File> {
+    std::fs::File::open(path).map_err(|source| {
+        if source.kind() == std::io::ErrorKind::NotFound {
+            Error::NotFound {
+                what: "weights file".into(),
+                path: path.to_path_buf(),
+                hint: None,
+            }
+        } else {
+            Error::Io {
+                path: path.to_path_buf(),
+                source,
+            }
+        }
+    })
+}
+
+/// Whether `path` is a PyTorch pickle checkpoint rather than a safetensors file: by its
+/// extension (`.safetensors` is never one; `.ckpt`, `.pt`, `.pth` and `.bin` always are), else by
+/// its first bytes (a ZIP archive, as `torch.save` writes since PyTorch 1.6, or a pickle stream).
+fn is_pickle(path: &Path) -> Result<bool> {
+    let ext = path
+        .extension()
+        .and_then(|e| e.to_str())
+        .map(str::to_ascii_lowercase);
+    match ext.as_deref() {
+        Some("safetensors") => return Ok(false),
+        Some("ckpt" | "pt" | "pth" | "bin") => return Ok(true),
+        _ => {}
+    }
+    let mut magic = [0u8; 4];
+    let mut file = open_file(path)?;
+    let n = file.read(&mut magic).map_err(|source| Error::Io {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    let zip = n == 4 && magic == *b"PK\x03\x04";
+    let pickle = n >= 2 && magic[0] == 0x80 && (2..=5).contains(&magic[1]);
+    Ok(zip || pickle)
+}
+
 fn parse_header(path: &Path) -> Result<Header> {
     let not_st = |reason: String| Error::NotSafetensors {
         path: path.to_path_buf(),
         reason,
     };
-    let mut file = match std::fs::File::open(path) {
-        Ok(f) => f,
-        Err(source) if source.kind() == std::io::ErrorKind::NotFound => {
-            return Err(Error::NotFound {
-                what: "weights file".into(),
-                path: path.to_path_buf(),
-                hint: None,
-            });
-        }
-        Err(source) => {
-            return Err(Error::Io {
-                path: path.to_path_buf(),
-                source,
-            });
-        }
-    };
+    let mut file = open_file(path)?;
     let file_len = file
         .metadata()
         .map_err(|source| Error::Io {
@@ -156,44 +190,137 @@ fn dtype_of(name: &str) -> Option<DType> {
     })
 }
 
-/// Reads only the header of a safetensors file: every tensor's name, dtype and shape.
-///
-/// Fails with [`Error::NotSafetensors`] when the file is too short, the header length is absurd or
-/// the header is not the JSON the format prescribes.
-pub fn read_header(path: &Path) -> Result<BTreeMap<String, TensorInfo>> {
-    let (_, _, entries, _) = parse_header(path)?;
-    Ok(entries.into_iter().map(|(k, e)| (k, e.info)).collect())
+/// The dtype name a safetensors header gives a PyTorch tensor's dtype.
+fn pickle_dtype_name(dtype: pytorch_reader::DType) -> &'static str {
+    use pytorch_reader::DType as P;
+    match dtype {
+        P::F64 => "F64",
+        P::F32 => "F32",
+        P::F16 => "F16",
+        P::BF16 => "BF16",
+        P::I64 => "I64",
+        P::I32 => "I32",
+        P::I16 => "I16",
+        P::I8 => "I8",
+        P::U64 => "U64",
+        P::U32 => "U32",
+        P::U16 => "U16",
+        P::U8 => "U8",
+        P::Bool => "BOOL",
+    }
 }
 
-/// A safetensors file opened for lazy reads: the header is parsed once, and each tensor's bytes
-/// are read only when a module takes it. Cloning shares the open file.
+/// Reads only the names, dtypes and shapes of a weights file's tensors (a safetensors header, or
+/// a pickle's tensor records).
+///
+/// Fails with [`Error::NotSafetensors`] when a safetensors file is too short, the header length
+/// is absurd or the header is not the JSON the format prescribes, and with
+/// [`Error::NotPytorch`] when a pickle checkpoint cannot be read.
+pub fn read_header(path: &Path) -> Result<BTreeMap<String, TensorInfo>> {
+    let file = WeightsFile::open(path)?;
+    Ok(file
+        .tensors()
+        .map(|(name, info)| (name.to_string(), info.clone()))
+        .collect())
+}
+
+/// A weights file opened for lazy reads (safetensors, or a PyTorch pickle checkpoint): its
+/// tensors' names, dtypes and shapes are read once, and each tensor's bytes only when a module
+/// takes it. Cloning shares the open file.
 #[derive(Debug, Clone)]
-pub struct SafetensorsFile {
+pub struct WeightsFile {
     inner: Arc<FileInner>,
 }
 
 #[derive(Debug)]
 struct FileInner {
     path: PathBuf,
-    file: Mutex<std::fs::File>,
-    data_start: u64,
+    source: Source,
     entries: BTreeMap<String, Entry>,
     metadata: BTreeMap<String, String>,
 }
 
-impl SafetensorsFile {
-    /// Opens `path` and reads its header.
+/// Where a [`WeightsFile`]'s bytes come from.
+#[derive(Debug)]
+enum Source {
+    /// A safetensors file: each tensor's bytes at `data_start` plus its offsets.
+    Safetensors {
+        file: Mutex<std::fs::File>,
+        data_start: u64,
+    },
+    /// A pickle checkpoint: `pytorch-reader`'s tensors, each read whole from the archive.
+    Pickle {
+        tensors: std::collections::HashMap<String, pytorch_reader::Tensor>,
+    },
+}
+
+/// The key under which PyTorch Lightning (and so the original Stable Diffusion checkpoints) keep
+/// a model's weights.
+const STATE_DICT: &str = "state_dict.";
+
+impl WeightsFile {
+    /// Opens `path` (safetensors, or a PyTorch pickle checkpoint: `.ckpt`, `.pt`, `.pth`, `.bin`)
+    /// and reads its tensors' names, dtypes and shapes.
     pub fn open(path: &Path) -> Result<Self> {
+        if is_pickle(path)? {
+            return Self::open_pickle(path);
+        }
         let (file, data_start, entries, metadata) = parse_header(path)?;
         Ok(Self {
             inner: Arc::new(FileInner {
                 path: path.to_path_buf(),
-                file: Mutex::new(file),
-                data_start,
+                source: Source::Safetensors {
+                    file: Mutex::new(file),
+                    data_start,
+                },
                 entries,
                 metadata,
             }),
         })
+    }
+
+    fn open_pickle(path: &Path) -> Result<Self> {
+        // a missing file is NotFound, as for safetensors
+        drop(open_file(path)?);
+        let reader = pytorch_reader::PytorchReader::new(path).map_err(|e| Error::NotPytorch {
+            path: path.to_path_buf(),
+            reason: e.to_string(),
+        })?;
+        let mut tensors = reader.into_tensors();
+        // `{"state_dict": {...}, "global_step": ..., "optimizer_states": [...]}`: the weights
+        if tensors.keys().any(|k| k.starts_with(STATE_DICT)) {
+            tensors = tensors
+                .into_iter()
+                .filter_map(|(k, t)| Some((k.strip_prefix(STATE_DICT)?.to_string(), t)))
+                .collect();
+        }
+        let entries = tensors
+            .iter()
+            .map(|(name, t)| {
+                let entry = Entry {
+                    info: TensorInfo {
+                        dtype: pickle_dtype_name(t.dtype()).to_string(),
+                        shape: t.shape().to_vec(),
+                    },
+                    begin: 0,
+                    end: t.byte_len() as u64,
+                };
+                (name.clone(), entry)
+            })
+            .collect();
+        Ok(Self {
+            inner: Arc::new(FileInner {
+                path: path.to_path_buf(),
+                source: Source::Pickle { tensors },
+                entries,
+                metadata: BTreeMap::new(),
+            }),
+        })
+    }
+
+    /// Whether the file is a PyTorch pickle checkpoint (else safetensors).
+    pub fn is_pickle(&self) -> bool {
+        matches!(self.inner.source, Source::Pickle { .. })
     }
 
     /// The file's path.
@@ -209,7 +336,7 @@ impl SafetensorsFile {
             .map(|(name, entry)| (name.as_str(), &entry.info))
     }
 
-    /// The header's `__metadata__` (string values).
+    /// The header's `__metadata__` (string values; none in a pickle checkpoint).
     pub fn metadata(&self) -> &BTreeMap<String, String> {
         &self.inner.metadata
     }
@@ -244,31 +371,55 @@ impl SafetensorsFile {
             name: name.to_string(),
             dtype,
             shape: entry.info.shape.clone(),
-            begin: entry.begin,
-            end: entry.end,
+            begin: 0,
+            end: entry.end - entry.begin,
             transposed: false,
         })
     }
 
-    fn read_bytes(&self, begin: u64, end: u64) -> std::io::Result<Vec<u8>> {
-        let mut bytes = vec![0u8; (end - begin) as usize];
-        // A poisoned lock only means another read panicked; the file handle itself is intact.
-        let mut file = self
-            .inner
-            .file
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
-        file.seek(SeekFrom::Start(self.inner.data_start + begin))?;
-        file.read_exact(&mut bytes)?;
-        Ok(bytes)
+    /// Bytes `begin..end` of tensor `name`'s data.
+    fn read_bytes(&self, name: &str, begin: u64, end: u64) -> std::io::Result<Vec<u8>> {
+        let entry = self.inner.entries.get(name).ok_or_else(|| {
+            std::io::Error::new(std::io::ErrorKind::NotFound, format!("no tensor `{name}`"))
+        })?;
+        match &self.inner.source {
+            Source::Safetensors { file, data_start } => {
+                let mut bytes = vec![0u8; (end - begin) as usize];
+                // A poisoned lock only means another read panicked; the file handle itself is
+                // intact.
+                let mut file = file
+                    .lock()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner);
+                file.seek(SeekFrom::Start(data_start + entry.begin + begin))?;
+                file.read_exact(&mut bytes)?;
+                Ok(bytes)
+            }
+            Source::Pickle { tensors } => {
+                let mut bytes = tensors[name].read()?;
+                if bytes.len() as u64 != entry.end {
+                    return Err(std::io::Error::new(
+                        std::io::ErrorKind::InvalidData,
+                        format!(
+                            "tensor `{name}` holds {} bytes, not {}",
+                            bytes.len(),
+                            entry.end
+                        ),
+                    ));
+                }
+                if (begin, end) != (0, entry.end) {
+                    bytes = bytes[begin as usize..end as usize].to_vec();
+                }
+                Ok(bytes)
+            }
+        }
     }
 }
 
-/// A tensor of a [`SafetensorsFile`], not read yet, possibly narrowed to a range of rows or
+/// A tensor of a [`WeightsFile`], not read yet, possibly narrowed to a range of rows or
 /// reshaped: how single-file checkpoints' fused or differently shaped tensors become a model's.
 #[derive(Debug, Clone)]
 pub struct LazyTensor {
-    file: SafetensorsFile,
+    file: WeightsFile,
     name: String,
     dtype: DType,
     shape: Vec<usize>,
@@ -343,7 +494,7 @@ impl LazyTensor {
     pub fn read(&self) -> Result<TensorData> {
         let mut bytes = self
             .file
-            .read_bytes(self.begin, self.end)
+            .read_bytes(&self.name, self.begin, self.end)
             .map_err(|source| Error::Io {
                 path: self.file.path().to_path_buf(),
                 source,
@@ -494,24 +645,6 @@ fn checkpoint_name(path: &str) -> String {
     }
 }
 
-/// Refuses pickle files (`.ckpt`, `.pt`, `.pth`, `.bin`: checkpoints, LoRAs, embeddings) with
-/// the reason and the fix.
-pub fn refuse_pickle(path: &Path) -> Result<()> {
-    let ext = path
-        .extension()
-        .and_then(|e| e.to_str())
-        .map(str::to_ascii_lowercase);
-    if matches!(ext.as_deref(), Some("ckpt" | "pt" | "pth" | "bin")) {
-        return Err(Error::InvalidInput(format!(
-            "`{}` is a pickle file, which Kiln does not load: unpickling can run arbitrary code. \
-             Convert it to .safetensors (e.g. with diffusers or the safetensors convert tool) and \
-             load that",
-            path.display()
-        )));
-    }
-    Ok(())
-}
-
 /// Loads the safetensors file at `path` into `module`, strictly.
 ///
 /// Keys are first rewritten with `options.remap`; keys matching `options.ignore_unused` are
@@ -554,13 +687,13 @@ const INDEX_SUFFIX: &str = ".index.json";
 /// The files of a checkpoint: the safetensors file at `path`, or the shards a
 /// `*.safetensors.index.json` lists in its `weight_map` (each once, every one present, and
 /// every tensor in the shard the index names).
-fn open_shards(path: &Path) -> Result<Vec<SafetensorsFile>> {
+fn open_shards(path: &Path) -> Result<Vec<WeightsFile>> {
     let is_index = path
         .file_name()
         .and_then(|n| n.to_str())
         .is_some_and(|n| n.ends_with(INDEX_SUFFIX));
     if !is_index {
-        return Ok(vec![SafetensorsFile::open(path)?]);
+        return Ok(vec![WeightsFile::open(path)?]);
     }
     #[derive(serde::Deserialize)]
     struct Index {
@@ -583,7 +716,7 @@ fn open_shards(path: &Path) -> Result<Vec<SafetensorsFile>> {
                 path.display()
             )));
         }
-        let file = SafetensorsFile::open(&dir.join(shard))?;
+        let file = WeightsFile::open(&dir.join(shard))?;
         files.push((shard.as_str(), file));
     }
     for (tensor, shard) in &index.weight_map {

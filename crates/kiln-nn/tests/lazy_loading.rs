@@ -1,11 +1,11 @@
-//! `SafetensorsFile`, `LazyTensor` and `load_tensors`: rows of a fused tensor and reshaped
+//! `WeightsFile`, `LazyTensor` and `load_tensors`: rows of a fused tensor and reshaped
 //! tensors land in the right parameters, in burn's layout, and misuse is a typed error.
 
 use burn::module::{Module, Param};
 use burn::nn::{Linear, LinearConfig};
 use burn::tensor::{DType, Device, Tensor, TensorData};
 use kiln_nn::Error;
-use kiln_nn::weights::{SafetensorsFile, load_tensors};
+use kiln_nn::weights::{WeightsFile, load_tensors};
 use safetensors::Dtype;
 use safetensors::tensor::TensorView;
 
@@ -25,7 +25,7 @@ fn pair(device: &Device) -> Pair {
 
 /// `fused` [4, 2] f16 = 0..8 (PyTorch [out, in]: q rows 0-1, k rows 2-3), `conv` [2, 2, 1, 1]
 /// f32 = 10..14, `ids` [3] i64.
-fn file() -> (tempfile::NamedTempFile, SafetensorsFile) {
+fn file() -> (tempfile::NamedTempFile, WeightsFile) {
     let fused: Vec<u8> = (0..8)
         .flat_map(|v| half::f16::from_f32(v as f32).to_le_bytes())
         .collect();
@@ -47,7 +47,7 @@ fn file() -> (tempfile::NamedTempFile, SafetensorsFile) {
         .tempfile()
         .unwrap();
     safetensors::serialize_to_file(tensors, None, tmp.path()).unwrap();
-    let file = SafetensorsFile::open(tmp.path()).unwrap();
+    let file = WeightsFile::open(tmp.path()).unwrap();
     (tmp, file)
 }
 
@@ -214,4 +214,69 @@ fn sharded_checkpoints_load_as_one_file() {
     std::fs::write(&path, index("m-00001-of-00002.safetensors")).unwrap();
     let err = load_safetensors(pair(&device), &path, &LoadOptions::default()).unwrap_err();
     assert!(err.to_string().contains("does not hold"), "{err}");
+}
+
+/// A PyTorch pickle checkpoint (`fixtures/pickle/sd1.ckpt`: `sd1.safetensors` under Lightning's
+/// `state_dict`, with optimizer state beside it) lists the same tensors as its safetensors twin,
+/// with the same dtypes, shapes and bytes, whole or narrowed to rows; what lies outside
+/// `state_dict` is left out.
+#[test]
+fn pickle_checkpoints_read_as_their_safetensors_twins() {
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
+    let pickle = WeightsFile::open(&root.join("fixtures/pickle/sd1.ckpt")).unwrap();
+    let twin = WeightsFile::open(&root.join("fixtures/single-file/sd1.safetensors")).unwrap();
+    assert!(pickle.is_pickle() && !twin.is_pickle());
+    let names = |f: &WeightsFile| {
+        f.tensors()
+            .map(|(n, i)| (n.to_string(), i.clone()))
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(names(&pickle), names(&twin));
+    assert!(pickle.tensors().count() > 300);
+    for (name, info) in twin.tensors() {
+        assert_eq!(
+            kiln_nn::weights::read_header(pickle.path()).unwrap()[name],
+            *info
+        );
+        let (ours, theirs) = (pickle.tensor(name), twin.tensor(name));
+        let (Ok(ours), Ok(theirs)) = (ours, theirs) else {
+            // dtypes Kiln does not read (the I32 EMA counter) fail alike
+            assert!(
+                pickle.tensor(name).is_err() && twin.tensor(name).is_err(),
+                "{name}"
+            );
+            continue;
+        };
+        assert_eq!(ours.read().unwrap(), theirs.read().unwrap(), "{name}");
+        let rows = ours.shape().first().copied().unwrap_or(0);
+        if rows >= 3 {
+            let (a, b) = (ours.narrow(1, 2).unwrap(), theirs.narrow(1, 2).unwrap());
+            assert_eq!(a.read().unwrap(), b.read().unwrap(), "{name} rows 1..3");
+        }
+    }
+}
+
+/// A file that is not a checkpoint is one typed error naming it, whatever its extension; one
+/// with no extension is told apart by its first bytes.
+#[test]
+fn unreadable_pickles_are_typed_errors() {
+    let dir = tempfile::tempdir().unwrap();
+    for name in ["model.ckpt", "emb.pt", "pytorch_model.bin"] {
+        let path = dir.path().join(name);
+        std::fs::write(&path, b"\x80\x02not a pickle at all").unwrap();
+        match WeightsFile::open(&path) {
+            Err(Error::NotPytorch { path: p, .. }) => assert_eq!(p, path),
+            other => panic!("{name}: {other:?}"),
+        }
+    }
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
+    let bare = dir.path().join("weights");
+    std::fs::copy(root.join("fixtures/pickle/learned_embeds.bin"), &bare).unwrap();
+    assert!(WeightsFile::open(&bare).unwrap().is_pickle());
+    std::fs::copy(
+        root.join("fixtures/textual-inversion/learned_embeds.safetensors"),
+        &bare,
+    )
+    .unwrap();
+    assert!(!WeightsFile::open(&bare).unwrap().is_pickle());
 }

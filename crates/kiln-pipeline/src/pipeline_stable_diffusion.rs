@@ -18,7 +18,7 @@ use std::path::{Path, PathBuf};
 
 use burn::tensor::{DType, Device, Tensor, TensorData};
 use kiln_clip::{ClipTextConfig, ClipTextModel, ClipTokenizer, PromptSyntax};
-use kiln_nn::weights::{SafetensorsFile, load_tensors};
+use kiln_nn::weights::{WeightsFile, load_tensors};
 use kiln_scheduler::{
     AnyScheduler, NoiseSource, SamplerName, SamplerOptions, Scheduler, SchedulerConfig,
 };
@@ -753,17 +753,15 @@ impl StableDiffusionPipeline {
         }
     }
 
-    /// Loads a single-file SD 1.x / 2.x or SDXL (base or refiner) checkpoint (`.safetensors`
-    /// with the original CompVis / Stability key names), its configs inferred from the tensor
-    /// shapes or read from `options.config`; see [`crate::single_file`]. Pickle `.ckpt` files
-    /// are refused.
+    /// Loads a single-file SD 1.x / 2.x or SDXL (base or refiner) checkpoint (`.safetensors`, or
+    /// a pickle `.ckpt`, with the original CompVis / Stability key names), its configs inferred
+    /// from the tensor shapes or read from `options.config`; see [`crate::single_file`].
     pub fn from_single_file(
         path: &Path,
         options: &SingleFileOptions,
         device: &Device,
     ) -> Result<Self> {
-        single_file::check_extension(path)?;
-        let file = SafetensorsFile::open(path)?;
+        let file = WeightsFile::open(path)?;
         let shapes = single_file::shapes_of(&file);
         let family = single_file::family(&shapes)?;
         let folders = family.text_folders();

@@ -25,14 +25,15 @@
 //! names: SD 1.x (transformers CLIP) has 8 attention heads per UNet block, SD 2.x (OpenCLIP) heads
 //! of 64 channels and takes the text encoder's penultimate layer; SDXL heads of 64 channels, six
 //! time ids for the base and five (aesthetic score) for the refiner, SDXL's VAE scaling factor
-//! and Euler scheduler; text encoders have heads of 64 channels. Pickle `.ckpt` files are
-//! refused: unpickling can execute code.
+//! and Euler scheduler; text encoders have heads of 64 channels. Pickle `.ckpt` files read the
+//! same, through [`kiln_nn::weights::WeightsFile`] (no Python code is run; their `state_dict`
+//! is the checkpoint).
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 
 use kiln_clip::ClipTextConfig;
-use kiln_nn::weights::{LazyTensor, SafetensorsFile};
+use kiln_nn::weights::{LazyTensor, WeightsFile};
 use kiln_scheduler::{PredictionType, SchedulerConfig};
 use kiln_unet::UNet2DConditionModelConfig;
 use kiln_unet::unet_2d_condition::PerBlock;
@@ -541,8 +542,7 @@ fn text_config_json(shapes: &Shapes<'_>, source: &TextSource) -> Result<Value> {
 /// folder loads to exactly the weights the checkpoint holds. The folder is assembled under a
 /// temporary name beside `out` and renamed into place.
 pub fn convert_to_diffusers(path: &Path, options: &SingleFileOptions, out: &Path) -> Result<()> {
-    check_extension(path)?;
-    let file = SafetensorsFile::open(path)?;
+    let file = WeightsFile::open(path)?;
     let shapes = shapes_of(&file);
     let family = family(&shapes)?;
     let folders = family.text_folders();
@@ -800,10 +800,7 @@ fn from_value<T: serde::de::DeserializeOwned>(value: Value, what: &str) -> Resul
 }
 
 /// The UNet's tensors under their diffusers names. `layers` is the (uniform) layers per block.
-pub(crate) fn unet_tensors(
-    file: &SafetensorsFile,
-    layers: usize,
-) -> Result<Vec<(String, LazyTensor)>> {
+pub(crate) fn unet_tensors(file: &WeightsFile, layers: usize) -> Result<Vec<(String, LazyTensor)>> {
     let mut out = Vec::new();
     for (name, _) in file.tensors() {
         let Some(key) = name.strip_prefix(UNET) else {
@@ -940,17 +937,14 @@ fn resnet_key(rest: &str) -> Option<String> {
 }
 
 /// The VAE's tensors under their diffusers names; `blocks` is the number of resolution levels.
-pub(crate) fn vae_tensors(
-    file: &SafetensorsFile,
-    blocks: usize,
-) -> Result<Vec<(String, LazyTensor)>> {
+pub(crate) fn vae_tensors(file: &WeightsFile, blocks: usize) -> Result<Vec<(String, LazyTensor)>> {
     let prefix = vae_prefix(&shapes_of(file))?;
     vae_tensors_at(file, prefix, blocks)
 }
 
 /// [`vae_tensors`] under `prefix` (empty for a VAE file of its own).
 fn vae_tensors_at(
-    file: &SafetensorsFile,
+    file: &WeightsFile,
     prefix: &str,
     blocks: usize,
 ) -> Result<Vec<(String, LazyTensor)>> {
@@ -1099,8 +1093,7 @@ pub fn load_vae_file(
     dtype: burn::tensor::DType,
     device: &burn::tensor::Device,
 ) -> Result<kiln_vae::AutoencoderKL> {
-    check_extension(path)?;
-    let file = SafetensorsFile::open(path)?;
+    let file = WeightsFile::open(path)?;
     let shapes = shapes_of(&file);
     let names = VaeNames::of(&shapes).ok_or_else(|| {
         invalid(format!(
@@ -1251,7 +1244,7 @@ fn text_key(key: &str, source: &TextSource, layers: usize) -> Option<TextTarget>
 /// One text encoder's tensors under kiln-clip's names (transformers' without `text_model.`).
 /// An OpenCLIP tower keeps its first `layers` blocks (SD 2.x's penultimate layer).
 pub(crate) fn text_tensors(
-    file: &SafetensorsFile,
+    file: &WeightsFile,
     source: &TextSource,
     layers: usize,
     hidden: usize,
@@ -1285,7 +1278,7 @@ pub(crate) fn text_tensors(
 }
 
 /// Names and shapes of every tensor of `file`.
-pub(crate) fn shapes_of(file: &SafetensorsFile) -> Shapes<'_> {
+pub(crate) fn shapes_of(file: &WeightsFile) -> Shapes<'_> {
     file.tensors()
         .map(|(name, info)| (name, info.shape.as_slice()))
         .collect()
@@ -1312,11 +1305,6 @@ pub(crate) fn component_error(error: kiln_nn::Error, component: &str) -> Error {
         )),
         other => other.into(),
     }
-}
-
-/// Refuses pickle checkpoints with the reason and the fix.
-pub(crate) fn check_extension(path: &Path) -> Result<()> {
-    Ok(kiln_nn::weights::refuse_pickle(path)?)
 }
 
 #[cfg(test)]

@@ -303,12 +303,29 @@ fn bad_loras_name_the_file_and_the_key() {
         "a failed fuse leaves the weights alone"
     );
 
-    // pickle files are refused
+    // a pickle file that is not a checkpoint
     let pickle = tmp.path().join("lora.pt");
     std::fs::write(&pickle, b"not really").unwrap();
     let err = pipe
         .load_lora(&pickle, 1.0, LoraOptions::default())
         .unwrap_err()
         .to_string();
-    assert!(err.contains("pickle"), "{err}");
+    assert!(
+        err.contains("lora.pt") && err.contains("not a PyTorch checkpoint"),
+        "{err}"
+    );
+}
+
+/// diffusers' `pytorch_lora_weights.bin` layout (`fixtures/pickle/sd1-peft.bin`, the PEFT
+/// fixture pickled) fuses to the same weights as the safetensors file.
+#[test]
+fn pickle_loras_fuse_as_their_safetensors_twins() {
+    let fused = |path: &Path| {
+        let (_model, mut pipe) = load("sd1");
+        pipe.load_lora(path, 0.8, LoraOptions::default()).unwrap();
+        pipe.fuse_loras().unwrap();
+        (bits(&pipe.unet), bits(&pipe.text_encoder))
+    };
+    let pickle = common::root().join("fixtures/pickle/sd1-peft.bin");
+    assert_eq!(fused(&pickle), fused(&dir().join("sd1-peft.safetensors")));
 }

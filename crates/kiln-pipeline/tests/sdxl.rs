@@ -422,7 +422,7 @@ fn refiners_and_incomplete_files_are_refused() {
     assert!(err.to_string().contains("refiner"), "{err}");
 
     // the base file without its OpenCLIP encoder
-    let file = kiln_nn::weights::SafetensorsFile::open(&single_file()).unwrap();
+    let file = kiln_nn::weights::WeightsFile::open(&single_file()).unwrap();
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("partial.safetensors");
     let kept: Vec<(String, Vec<u8>, Vec<usize>)> = file

@@ -82,20 +82,72 @@ fn tiny_checkpoints_without_configs_ask_for_them() {
     assert!(message.contains("give the configs"), "{message}");
 }
 
+/// `fixtures/pickle/sd1.ckpt` (`xtask/fixtures/pickle_files.py`) is `sd1.safetensors` as the
+/// original `.ckpt` files hold a model (Lightning's `state_dict`, optimizer state beside it): it
+/// loads to the same weights, so to the same images, bit for bit.
 #[test]
-fn pickle_checkpoints_are_refused_before_reading() {
+fn pickle_checkpoints_load_as_their_safetensors_twins() {
+    let device = common::device();
+    let config = configs_only("sd1");
+    let ckpt = common::root().join("fixtures/pickle/sd1.ckpt");
+    let from_pickle =
+        StableDiffusionPipeline::from_single_file(&ckpt, &options(config.path()), &device).unwrap();
+    let from_safetensors = StableDiffusionPipeline::from_single_file(
+        &checkpoint("sd1"),
+        &options(config.path()),
+        &device,
+    )
+    .unwrap();
+    for (what, ours, theirs) in [
+        (
+            "UNet",
+            common::module_bits(&from_pickle.unet),
+            common::module_bits(&from_safetensors.unet),
+        ),
+        (
+            "VAE",
+            common::module_bits(&from_pickle.vae),
+            common::module_bits(&from_safetensors.vae),
+        ),
+        (
+            "text encoder",
+            common::module_bits(&from_pickle.text_encoder),
+            common::module_bits(&from_safetensors.text_encoder),
+        ),
+    ] {
+        assert!(!ours.is_empty());
+        assert!(ours == theirs, "{what}: the pickle's weights differ");
+    }
+    let reference = Reference::open(&common::fixtures().join("expected.safetensors")).unwrap();
+    let cases = cases();
+    let case = cases.iter().find(|c| c.model == "sd1").unwrap();
+    let (float_diff, byte_diff) = run_case(case, &from_pickle, &reference);
+    assert!(
+        float_diff <= tolerance::IMAGE && byte_diff <= tolerance::levels(tolerance::IMAGE),
+        "{}: {float_diff:e} / {byte_diff}",
+        case.name
+    );
+
+    // not a checkpoint, or missing: clear errors, whatever the extension says
+    let tmp = tempfile::tempdir().unwrap();
     for name in ["v1-5-pruned-emaonly.ckpt", "model.PT"] {
-        let err = StableDiffusionPipeline::from_single_file(
-            Path::new(name),
-            &SingleFileOptions::default(),
-            &common::device(),
-        )
-        .unwrap_err()
-        .to_string();
+        let path = tmp.path().join(name);
+        let err =
+            StableDiffusionPipeline::from_single_file(&path, &options(config.path()), &device)
+                .unwrap_err();
         assert!(
-            err.contains("pickle") && err.contains(".safetensors"),
+            matches!(err, Error::Nn(kiln_nn::Error::NotFound { .. })),
             "{err}"
         );
+        std::fs::write(&path, b"not a checkpoint").unwrap();
+        let err =
+            StableDiffusionPipeline::from_single_file(&path, &options(config.path()), &device)
+                .unwrap_err();
+        assert!(
+            matches!(err, Error::Nn(kiln_nn::Error::NotPytorch { .. })),
+            "{err}"
+        );
+        assert!(err.to_string().contains(name), "{err}");
     }
 }
 

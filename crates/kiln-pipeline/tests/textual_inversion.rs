@@ -146,5 +146,27 @@ fn embeddings_match_diffusers() {
         .load_textual_inversion(&pickle, None)
         .unwrap_err()
         .to_string();
-    assert!(err.contains("pickle"), "{err}");
+    assert!(
+        err.contains("emb.pt") && err.contains("not a PyTorch checkpoint"),
+        "{err}"
+    );
+}
+
+/// The A1111 web UI's `.pt` embedding (legacy PyTorch format, with `string_to_token` beside
+/// `string_to_param`) and diffusers' `learned_embeds.bin` (`xtask/fixtures/pickle_files.py`) read
+/// as their safetensors twins: the same token and vectors.
+#[test]
+fn pickle_embeddings_read_as_their_safetensors_twins() {
+    use kiln_clip::TextualInversion;
+    let pickles = common::root().join("fixtures/pickle");
+    for (pickle, twin) in [
+        ("style2.pt", "style2.safetensors"),
+        ("learned_embeds.bin", "learned_embeds.safetensors"),
+    ] {
+        let ours = TextualInversion::open(&pickles.join(pickle), None).unwrap();
+        let theirs = TextualInversion::open(&dir().join(twin), None).unwrap();
+        assert_eq!(ours.token, theirs.token, "{pickle}");
+        assert_eq!(ours.vectors, theirs.vectors, "{pickle}");
+        assert!(ours.vectors_2.is_none());
+    }
 }

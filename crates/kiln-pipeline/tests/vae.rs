@@ -85,11 +85,20 @@ fn vaes_load_from_folders_and_files() {
     let diffusers_file = model
         .path()
         .join("vae/diffusion_pytorch_model.fp16.safetensors");
+    // `fixtures/pickle/`: the same VAE in a 2022 diffusers folder (`diffusion_pytorch_model.bin`
+    // with the pre-2023 attention names), and the whole checkpoint as a `.ckpt`
+    let pickles = common::root().join("fixtures/pickle");
+    let old_folder = pickles.join("vae");
+    let old_file = old_folder.join("diffusion_pytorch_model.bin");
+    let ckpt = pickles.join("sd1.ckpt");
     for (what, source) in [
         ("a whole single-file checkpoint", checkpoint.as_path()),
         ("an LDM VAE file", &ldm),
         ("a diffusers-named VAE file", &diffusers_file),
         ("the model folder's vae/", model.path()),
+        ("a 2022 diffusers folder", &old_folder),
+        ("its .bin file", &old_file),
+        ("a .ckpt checkpoint", &ckpt),
     ] {
         pipe.load_vae(&other_vae()).unwrap();
         assert_eq!(decode(&pipe, &latents), other, "{what}");
@@ -168,11 +177,11 @@ fn bad_vaes_are_refused_and_leave_the_pipeline_as_it_was() {
         "{err}"
     );
 
-    // pickle files
+    // a pickle file that is not a checkpoint
     let ckpt = tmp.path().join("vae.ckpt");
     std::fs::write(&ckpt, b"not read").unwrap();
     let err = pipe.load_vae(&ckpt).unwrap_err().to_string();
-    assert!(err.contains("pickle"), "{err}");
+    assert!(err.contains("not a PyTorch checkpoint"), "{err}");
 
     assert_eq!(decode(&pipe, &latents), own);
 }

@@ -293,7 +293,7 @@ fn bf16_autocast_follows_the_f32_run_and_saves_f32_weights() {
     );
     let out = tempfile::tempdir().unwrap();
     mixed.save(&out.path().join("m")).unwrap();
-    let file = kiln_nn::weights::SafetensorsFile::open(
+    let file = kiln_nn::weights::WeightsFile::open(
         &out.path()
             .join("m/unet/diffusion_pytorch_model.safetensors"),
     )

@@ -500,11 +500,14 @@ pub struct UNet2DConditionModel {
     pub config: UNet2DConditionModelConfig,
 }
 
-/// Weight file names tried in a diffusers `unet/` folder, full precision first.
-pub const WEIGHT_FILES: [&str; 3] = [
+/// Weight file names tried in a diffusers `unet/` folder, full precision first, safetensors
+/// before the pickle files of older repos.
+pub const WEIGHT_FILES: [&str; 5] = [
     "diffusion_pytorch_model.safetensors",
     "diffusion_pytorch_model.fp16.safetensors",
     "diffusion_pytorch_model.bf16.safetensors",
+    "diffusion_pytorch_model.bin",
+    "diffusion_pytorch_model.fp16.bin",
 ];
 
 fn conv(cin: usize, cout: usize, kernel: usize, device: &Device) -> Conv2d {
@@ -651,7 +654,8 @@ impl UNet2DConditionModel {
         Self::new(&config, device)?.load_weights(&weights, dtype)
     }
 
-    /// Loads a safetensors file with diffusers' key names, strictly, converting to `dtype`.
+    /// Loads a weights file (safetensors, or a pickle `.bin`) with diffusers' key names,
+    /// strictly, converting to `dtype`.
     pub fn load_weights(self, path: &Path, dtype: DType) -> Result<Self> {
         let options = LoadOptions::default().with_dtype(dtype);
         Ok(load_safetensors(self, path, &options)?)

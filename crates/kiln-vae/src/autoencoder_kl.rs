@@ -235,11 +235,14 @@ pub struct AutoencoderKL {
     pub config: AutoencoderKLConfig,
 }
 
-/// Weight file names tried in a diffusers `vae/` folder, full precision first.
-pub const WEIGHT_FILES: [&str; 3] = [
+/// Weight file names tried in a diffusers `vae/` folder, full precision first, safetensors
+/// before the pickle files of older repos.
+pub const WEIGHT_FILES: [&str; 5] = [
     "diffusion_pytorch_model.safetensors",
     "diffusion_pytorch_model.fp16.safetensors",
     "diffusion_pytorch_model.bf16.safetensors",
+    "diffusion_pytorch_model.bin",
+    "diffusion_pytorch_model.fp16.bin",
 ];
 
 impl AutoencoderKL {
@@ -285,7 +288,8 @@ impl AutoencoderKL {
         Self::new(&config, device)?.load_weights(&weights, dtype)
     }
 
-    /// Loads a safetensors file with diffusers' key names, strictly, converting to `dtype`.
+    /// Loads a weights file (safetensors, or a pickle `.bin`) with diffusers' key names,
+    /// strictly, converting to `dtype`.
     /// The mid blocks' attention may carry the names diffusers wrote before its attention
     /// refactor of 2023 ([`DEPRECATED_ATTENTION_NAMES`]), as the hub's SD 1.x / 2.x VAE files
     /// do.

@@ -59,6 +59,19 @@ pub fn model(kind: &str) -> tempfile::TempDir {
     dir
 }
 
+/// Every parameter of `module` by name, as its bytes: equal maps are the same weights to the bit.
+pub fn module_bits<M: burn::module::Module>(
+    module: &M,
+) -> std::collections::BTreeMap<String, Vec<u8>> {
+    burn::store::ModuleSnapshot::collect(module, None, None, true)
+        .into_iter()
+        .map(|t| {
+            let data = burn::store::bridge::to_data(&t).unwrap();
+            (t.name.clone(), data.into_bytes().to_vec())
+        })
+        .collect()
+}
+
 /// The flex device the numeric tests run on.
 pub fn device() -> burn::tensor::Device {
     kiln_nn::parse_device("flex").expect("flex is the default feature")
