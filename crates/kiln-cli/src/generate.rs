@@ -12,8 +12,8 @@ use burn::tensor::{Device, Tensor, TensorData};
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use kiln_nn::FloatKind;
 use kiln_pipeline::{
-    GenerateOptions, LoadOptions, Mode, RgbImage, SingleFileOptions, StableDiffusionPipeline,
-    StepProgress,
+    GenerateOptions, HiresFix, LatentUpscaler, LoadOptions, Mode, RgbImage, SingleFileOptions,
+    StableDiffusionPipeline, StepProgress,
 };
 use kiln_scheduler::{
     PredictionType, SamplerName, SamplerOptions, Scheduler, SchedulerKind, SeededNoise,
@@ -128,6 +128,21 @@ pub struct GenerateArgs {
     /// Where the refiner takes over, as a fraction of the schedule (0 to 1, default 0.8).
     #[arg(long, value_name = "FRACTION", requires = "refiner")]
     refiner_switch: Option<f64>,
+    /// The hires fix (A1111's "Hires. fix"): draw at --width x --height, enlarge the latents by
+    /// this factor (at least 1) and redraw the detail with an img2img pass at the larger size.
+    #[arg(long, value_name = "FACTOR")]
+    hires_scale: Option<f64>,
+    /// The hires pass's schedule in steps (default: --steps), of which the last
+    /// --hires-denoise fraction runs.
+    #[arg(long, value_name = "N", requires = "hires_scale")]
+    hires_steps: Option<usize>,
+    /// How much the hires pass redraws, in (0, 1] (its img2img strength; default 0.7).
+    #[arg(long, value_name = "STRENGTH", requires = "hires_scale")]
+    hires_denoise: Option<f64>,
+    /// How the hires fix enlarges the latents: latent (bilinear), latent-nearest or
+    /// latent-bicubic (default latent).
+    #[arg(long, value_name = "NAME", requires = "hires_scale")]
+    hires_upscaler: Option<String>,
     /// Another VAE in place of the model's (A1111's "SD VAE"): a diffusers VAE folder, a model
     /// folder, a `.safetensors` file (the original LDM layout, as A1111's VAE files, or
     /// diffusers'), or a Hugging Face repo id in the local cache. A file keeps the model's
@@ -179,6 +194,20 @@ pub fn run(args: GenerateArgs, device: impl FnOnce() -> Result<Device>) -> Resul
     if args.refiner.is_some() && args.mask.is_some() {
         bail!("--refiner is for txt2img and img2img; inpaint with the base alone");
     }
+    if args.hires_scale.is_some() && args.image.is_some() {
+        bail!(
+            "--hires-scale is for txt2img; to enlarge an image, run img2img at the larger --width and --height"
+        );
+    }
+    if args.hires_scale.is_some() && args.refiner.is_some() {
+        bail!("--hires-scale and --refiner cannot be combined; use one of them");
+    }
+    let hires_upscaler = args
+        .hires_upscaler
+        .as_deref()
+        .map(str::parse::<LatentUpscaler>)
+        .transpose()?
+        .unwrap_or_default();
     let model_dir = resolve_model(args.model.as_deref())?;
     let refiner_dir = args
         .refiner
@@ -363,6 +392,19 @@ pub fn run(args: GenerateArgs, device: impl FnOnce() -> Result<Device>) -> Resul
             options.with_memory_limit((gib * (1u64 << 30) as f64).min(u64::MAX as f64) as u64);
     }
 
+    let hires = match args.hires_scale {
+        Some(scale) => {
+            let mut hires = HiresFix::scaled(width, height, scale, multiple)?;
+            hires.upscaler = hires_upscaler;
+            hires.steps = args.hires_steps;
+            if let Some(denoise) = args.hires_denoise {
+                hires.denoise = denoise;
+            }
+            Some(hires)
+        }
+        None => None,
+    };
+
     // 4. the run, with a progress bar on stderr, drawn from the start and ticking through
     // long steps (a large image's first step, its decode) so that the elapsed time shows
     let bar = ProgressBar::with_draw_target(Some(steps as u64), ProgressDrawTarget::stderr());
@@ -376,24 +418,40 @@ pub fn run(args: GenerateArgs, device: impl FnOnce() -> Result<Device>) -> Resul
     let timed =
         style("{spinner} [{bar:30}] {pos}/{len} steps, {per_sec}, ETA {eta} ({elapsed}) {msg}")?;
     bar.enable_steady_tick(std::time::Duration::from_millis(250));
+    // passes of the run (a hires fix or a refiner adds one), each starting at step 0
+    let passes = if hires.is_some() || refiner.is_some() {
+        2
+    } else {
+        1
+    };
+    let mut pass = 0;
     let mut on_step = |p: &StepProgress<'_>| {
         if p.step == 0 {
             bar.set_style(timed.clone());
+            pass += 1;
         }
         bar.set_length(p.total as u64);
         bar.set_position(p.step as u64 + 1);
-        let last = p.step + 1 == p.total;
-        bar.set_message(match (last, &refiner) {
-            (true, None) => "decoding",
-            _ => "",
+        let last = p.step + 1 == p.total && pass == passes;
+        bar.set_message(match (last, passes) {
+            (true, _) => "decoding".to_string(),
+            (false, 1) => String::new(),
+            (false, _) => format!("pass {pass} of {passes}"),
         });
         std::ops::ControlFlow::Continue(())
     };
     let mut noise = SeededNoise::new(seed);
-    let result = match &refiner {
-        None => pipe.generate(&mut scheduler, &options, &mut noise, Some(&mut on_step)),
+    let result = match (&refiner, &hires) {
+        (None, Some(hires)) => pipe.generate_hires(
+            &mut scheduler,
+            &options,
+            hires,
+            &mut noise,
+            Some(&mut on_step),
+        ),
+        (None, None) => pipe.generate(&mut scheduler, &options, &mut noise, Some(&mut on_step)),
         // the ensemble: the base to the switch point, the refiner from there on its latents
-        Some(refiner) => pipe
+        (Some(refiner), _) => pipe
             .generate_latents(
                 &mut scheduler,
                 &options.clone().with_denoising_range(Some(switch), None),
@@ -456,7 +514,8 @@ pub fn run(args: GenerateArgs, device: impl FnOnce() -> Result<Device>) -> Resul
             width,
             height,
             model: &model_name,
-            strength,
+            strength: strength.or(hires.as_ref().map(|h| h.denoise)),
+            hires: hires.as_ref().zip(args.hires_scale),
             clip_skip: args.clip_skip,
             batch: (batch, i),
             refiner: refiner_dir
@@ -725,6 +784,8 @@ struct Parameters<'a> {
     lora_hashes: &'a str,
     /// `token: hash, ...` of the textual-inversion embeddings loaded (empty: none).
     ti_hashes: &'a str,
+    /// The hires fix and its scale.
+    hires: Option<(&'a HiresFix, f64)>,
     /// The `--vae` and, for a file, its hash.
     vae: Option<&'a (String, Option<String>)>,
     /// The SDXL refiner's name and switch point.
@@ -753,6 +814,13 @@ impl std::fmt::Display for Parameters<'_> {
         }
         if self.clip_skip > 0 {
             write!(f, ", Clip skip: {}", self.clip_skip + 1)?;
+        }
+        if let Some((hires, scale)) = self.hires {
+            write!(f, ", Hires upscale: {scale}")?;
+            if let Some(steps) = hires.steps {
+                write!(f, ", Hires steps: {steps}")?;
+            }
+            write!(f, ", Hires upscaler: {}", hires.upscaler.web_ui_name())?;
         }
         if !self.lora_hashes.is_empty() {
             write!(f, ", Lora hashes: \"{}\"", self.lora_hashes)?;

@@ -1012,3 +1012,81 @@ fn vae_swaps_take_folders_files_and_repo_ids() {
         "Hugging Face cache",
     );
 }
+
+/// `--hires-scale`: the image at the larger size, the web UI's parameters written (the first
+/// pass's size, the scale, steps, upscaler and denoising strength), the same seed giving the same
+/// image; misuse is one clear line.
+#[test]
+fn hires_fix_draws_larger_and_writes_its_parameters() {
+    let model = model("sd1");
+    let dir = tempfile::tempdir().unwrap();
+    let run = |name: &str, extra: &[&str]| {
+        let output = dir.path().join(name);
+        let mut args = vec![
+            "generate",
+            "--model",
+            model.path().to_str().unwrap(),
+            "--prompt",
+            "a cat",
+            "--steps",
+            "3",
+            "--seed",
+            "5",
+            "--width",
+            "24",
+            "--height",
+            "16",
+            "--output",
+            output.to_str().unwrap(),
+        ];
+        args.extend_from_slice(extra);
+        let out = kiln(&args, &[]);
+        assert!(out.status.success(), "{extra:?}: {}", stderr(&out));
+        read_png(&output)
+    };
+    let hires = [
+        "--hires-scale",
+        "2",
+        "--hires-steps",
+        "4",
+        "--hires-denoise",
+        "0.5",
+        "--hires-upscaler",
+        "latent-bicubic",
+    ];
+    let (w, h, pixels, text) = run("hires.png", &hires);
+    assert_eq!((w, h), (48, 32));
+    assert!(
+        text.contains("Size: 24x16")
+            && text.contains("Denoising strength: 0.5")
+            && text.contains("Hires upscale: 2, Hires steps: 4, Hires upscaler: Latent (bicubic)"),
+        "{text}"
+    );
+    let (_, _, again, _) = run("again.png", &hires);
+    assert!(again == pixels, "the same seed gives the same image");
+    let (w, h, _, text) = run("default.png", &["--hires-scale", "1.5"]);
+    assert_eq!((w, h), (36, 24));
+    assert!(
+        text.contains("Denoising strength: 0.7, Hires upscale: 1.5, Hires upscaler: Latent,"),
+        "{text}"
+    );
+
+    let image = dir.path().join("in.png");
+    write_png(&image, 24, 16, png::ColorType::Rgb, &[128; 24 * 16 * 3]);
+    for (extra, needle) in [
+        (vec!["--hires-scale", "0.5"], "at least 1"),
+        (vec!["--hires-scale", "2", "--hires-denoise", "0"], "(0, 1]"),
+        (
+            vec!["--hires-scale", "2", "--hires-upscaler", "lanczos"],
+            "latent-bicubic",
+        ),
+        (
+            vec!["--hires-scale", "2", "--image", image.to_str().unwrap()],
+            "for txt2img",
+        ),
+    ] {
+        let mut args = vec!["--prompt", "x", "--width", "24", "--height", "16"];
+        args.extend_from_slice(&extra);
+        refuses(model.path(), &args, needle);
+    }
+}

@@ -67,6 +67,7 @@
 #[cfg(feature = "embedded-model")]
 pub mod embedded;
 mod error;
+pub mod hires;
 pub mod lora;
 pub mod memory;
 pub mod pipeline_stable_diffusion;
@@ -76,6 +77,7 @@ pub mod text_encoders;
 pub mod training;
 
 pub use error::{Error, Result};
+pub use hires::{HiresFix, LatentUpscaler};
 pub use kiln_clip::PromptSyntax;
 pub use kiln_unet::{AddedConditioning, ExtraConditioning};
 pub use lora::{LoadedLora, LoraOptions};

@@ -1218,7 +1218,7 @@ impl StableDiffusionPipeline {
 
     /// Checks a request and sizes its run: the image size, whether guidance runs, the latents'
     /// shape; refuses one whose memory estimate is above the limit before anything is allocated.
-    fn plan(&self, options: &GenerateOptions) -> Result<RunPlan> {
+    pub(crate) fn plan(&self, options: &GenerateOptions) -> Result<RunPlan> {
         let (width, height) = self.resolve_size(options)?;
         let n = options.num_images;
         if n == 0 || options.steps == 0 {
@@ -1499,7 +1499,7 @@ impl StableDiffusionPipeline {
         c != 3 && image.dims()[1] == c
     }
 
-    fn resolve_size(&self, options: &GenerateOptions) -> Result<(usize, usize)> {
+    pub(crate) fn resolve_size(&self, options: &GenerateOptions) -> Result<(usize, usize)> {
         let (dw, dh) = match &options.mode {
             Mode::Img2Img { image, .. } if self.is_latent_image(image) => {
                 let (d, f) = (image.dims(), self.vae_scale_factor());
@@ -1818,7 +1818,7 @@ impl InpaintState {
 }
 
 /// A run's sizes, checked by [`StableDiffusionPipeline::plan`].
-struct RunPlan {
+pub(crate) struct RunPlan {
     width: usize,
     height: usize,
     /// Classifier-free guidance (the UNet runs on `[uncond, cond]`).
