@@ -462,33 +462,37 @@ fn single_file_checkpoints_generate_with_configs_from_a_folder() {
     let (shape, values) = fixture_tensor("sd1_pndm.latents");
     let latents = dir.path().join("latents.safetensors");
     write_latents(&latents, &shape, &values);
-    let output = dir.path().join("astronaut.png");
-    let out = kiln(
-        &[
-            "generate",
-            "--model",
-            checkpoint.to_str().unwrap(),
-            "--config",
-            config.path().to_str().unwrap(),
-            "--prompt",
-            "a photo of an astronaut riding a horse",
-            "--negative-prompt",
-            "blurry",
-            "--steps",
-            "6",
-            "--width",
-            "48",
-            "--height",
-            "32",
-            "--latents",
-            latents.to_str().unwrap(),
-            "--output",
-            output.to_str().unwrap(),
-        ],
-        &[],
-    );
-    assert!(out.status.success(), "{}", stderr(&out));
-    let (w, h, pixels, text) = read_png(&output);
+    // the recorded run from a checkpoint file, read back from the PNG
+    let generate = |model: &Path, name: &str| {
+        let output = dir.path().join(name);
+        let out = kiln(
+            &[
+                "generate",
+                "--model",
+                model.to_str().unwrap(),
+                "--config",
+                config.path().to_str().unwrap(),
+                "--prompt",
+                "a photo of an astronaut riding a horse",
+                "--negative-prompt",
+                "blurry",
+                "--steps",
+                "6",
+                "--width",
+                "48",
+                "--height",
+                "32",
+                "--latents",
+                latents.to_str().unwrap(),
+                "--output",
+                output.to_str().unwrap(),
+            ],
+            &[],
+        );
+        assert!(out.status.success(), "{}", stderr(&out));
+        read_png(&output)
+    };
+    let (w, h, pixels, text) = generate(&checkpoint, "astronaut.png");
     assert_eq!((w, h), (48, 32));
     let (_, expected) = fixture_tensor("sd1_pndm.image");
     let plane = 32 * 48;
@@ -509,33 +513,7 @@ fn single_file_checkpoints_generate_with_configs_from_a_folder() {
     // the same checkpoint as the original `.ckpt` files hold it (fixtures/pickle/sd1.ckpt): the
     // same image, to the bit
     let ckpt = root().join("fixtures/pickle/sd1.ckpt");
-    let from_pickle = dir.path().join("pickle.png");
-    let out = kiln(
-        &[
-            "generate",
-            "--model",
-            ckpt.to_str().unwrap(),
-            "--config",
-            config.path().to_str().unwrap(),
-            "--prompt",
-            "a photo of an astronaut riding a horse",
-            "--negative-prompt",
-            "blurry",
-            "--steps",
-            "6",
-            "--width",
-            "48",
-            "--height",
-            "32",
-            "--latents",
-            latents.to_str().unwrap(),
-            "--output",
-            from_pickle.to_str().unwrap(),
-        ],
-        &[],
-    );
-    assert!(out.status.success(), "{}", stderr(&out));
-    let (_, _, pickle_pixels, pickle_text) = read_png(&from_pickle);
+    let (_, _, pickle_pixels, pickle_text) = generate(&ckpt, "pickle.png");
     assert!(pickle_pixels == pixels, "the .ckpt gives another image");
     assert!(pickle_text.contains("Model: sd1"), "{pickle_text}");
 
