@@ -10,7 +10,7 @@ use burn::tensor::Tensor;
 use kiln_nn::reference::{Reference, max_relative_error};
 use kiln_pipeline::hires::upscale_latents;
 use kiln_pipeline::{
-    Error, GenerateOptions, HiresFix, LatentUpscaler, LoadOptions, Mode, StableDiffusionPipeline,
+    Error, GenerateOptions, HiresFix, LatentUpscaler, Mode, StableDiffusionPipeline,
 };
 use kiln_scheduler::{SamplerName, SamplerOptions, SeededNoise};
 
@@ -40,18 +40,6 @@ fn latent_upscalers_match_pytorch() {
     assert!(upscale_latents(input, 0, 4, LatentUpscaler::Bilinear).is_err());
 }
 
-/// The tiny SD 1.x pipeline (and the folder it lives in).
-fn load() -> (tempfile::TempDir, StableDiffusionPipeline) {
-    let model = common::model("sd1");
-    let pipe = StableDiffusionPipeline::from_pretrained(
-        model.path(),
-        LoadOptions::default(),
-        &common::device(),
-    )
-    .unwrap();
-    (model, pipe)
-}
-
 fn sampler(pipe: &StableDiffusionPipeline) -> kiln_scheduler::AnyScheduler {
     pipe.scheduler(Some(SamplerName::EulerA), SamplerOptions::default())
         .unwrap()
@@ -61,7 +49,7 @@ fn sampler(pipe: &StableDiffusionPipeline) -> kiln_scheduler::AnyScheduler {
 /// larger size, all from one noise stream (an ancestral sampler, so the second pass draws too).
 #[test]
 fn the_hires_fix_is_its_two_passes() {
-    let (_model, pipe) = load();
+    let (_model, pipe) = common::load("sd1");
     let options = GenerateOptions::new("a photo of an astronaut riding a horse")
         .with_negative_prompt("blurry")
         .with_size(24, 16)
@@ -130,7 +118,7 @@ fn the_hires_fix_is_its_two_passes() {
 
 #[test]
 fn hires_mistakes_are_refused_before_any_work() {
-    let (_model, pipe) = load();
+    let (_model, pipe) = common::load("sd1");
     let options = GenerateOptions::new("a cat")
         .with_size(24, 16)
         .with_steps(2);

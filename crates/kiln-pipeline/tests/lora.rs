@@ -11,9 +11,7 @@ use burn::module::Module;
 use burn::store::ModuleSnapshot;
 use burn::tensor::Tensor;
 use kiln_nn::reference::{Reference, tolerance};
-use kiln_pipeline::{
-    GenerateOptions, LoadOptions, LoraOptions, StableDiffusionPipeline, images_to_rgb8,
-};
+use kiln_pipeline::{GenerateOptions, LoraOptions, StableDiffusionPipeline, images_to_rgb8};
 use serde::Deserialize;
 
 #[derive(Deserialize)]
@@ -29,17 +27,6 @@ fn dir() -> PathBuf {
 
 fn cases() -> Vec<Case> {
     serde_json::from_str(&std::fs::read_to_string(dir().join("cases.json")).unwrap()).unwrap()
-}
-
-fn load(kind: &str) -> (tempfile::TempDir, StableDiffusionPipeline) {
-    let model = common::model(kind);
-    let pipe = StableDiffusionPipeline::from_pretrained(
-        model.path(),
-        LoadOptions::default(),
-        &common::device(),
-    )
-    .unwrap();
-    (model, pipe)
 }
 
 fn generate(pipe: &StableDiffusionPipeline, latents: Tensor<4>) -> Tensor<4> {
@@ -82,7 +69,7 @@ fn loras_match_diffusers_in_both_layouts() {
     let reference = Reference::open(&dir().join("expected.safetensors")).unwrap();
     let mut failures = Vec::new();
     for case in cases() {
-        let (_model, mut pipe) = load(&case.model);
+        let (_model, mut pipe) = common::load(&case.model);
         for (name, scale) in &case.loras {
             let loaded = pipe
                 .load_lora(
@@ -120,7 +107,7 @@ fn loras_match_diffusers_in_both_layouts() {
 
 #[test]
 fn unfuse_restores_the_weights_bit_for_bit_and_scales_refuse() {
-    let (_model, mut pipe) = load("sd1");
+    let (_model, mut pipe) = common::load("sd1");
     let (unet, text) = (bits(&pipe.unet), bits(&pipe.text_encoder));
     for name in ["sd1-peft", "sd1-kohya"] {
         pipe.load_lora(
@@ -175,7 +162,7 @@ fn older_diffusers_layouts_load_as_peft() {
         .collect();
     write(&old, &renamed);
     let fused = |path: &Path| {
-        let (_model, mut pipe) = load("sd1");
+        let (_model, mut pipe) = common::load("sd1");
         pipe.load_lora(path, 1.0, LoraOptions::default()).unwrap();
         pipe.fuse_loras().unwrap();
         (bits(&pipe.unet), bits(&pipe.text_encoder))
@@ -203,7 +190,7 @@ fn write(path: &Path, tensors: &[(String, burn::tensor::TensorData)]) {
 
 #[test]
 fn bad_loras_name_the_file_and_the_key() {
-    let (_model, mut pipe) = load("sd1");
+    let (_model, mut pipe) = common::load("sd1");
     let unet = bits(&pipe.unet);
     let tensors = kiln_nn::reference::read_tensors(&dir().join("sd1-kohya.safetensors")).unwrap();
     let tmp = tempfile::tempdir().unwrap();
@@ -321,7 +308,7 @@ fn bad_loras_name_the_file_and_the_key() {
 #[test]
 fn pickle_loras_fuse_as_their_safetensors_twins() {
     let fused = |path: &Path| {
-        let (_model, mut pipe) = load("sd1");
+        let (_model, mut pipe) = common::load("sd1");
         pipe.load_lora(path, 0.8, LoraOptions::default()).unwrap();
         pipe.fuse_loras().unwrap();
         (bits(&pipe.unet), bits(&pipe.text_encoder))

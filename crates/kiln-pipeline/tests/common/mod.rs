@@ -72,6 +72,18 @@ pub fn module_bits<M: burn::module::Module>(
         .collect()
 }
 
+/// [`model`]`(kind)` loaded in f32 on [`device`], with the folder it lives in.
+pub fn load(kind: &str) -> (tempfile::TempDir, StableDiffusionPipeline) {
+    let model = model(kind);
+    let pipe = StableDiffusionPipeline::from_pretrained(
+        model.path(),
+        kiln_pipeline::LoadOptions::default(),
+        &device(),
+    )
+    .unwrap();
+    (model, pipe)
+}
+
 /// The flex device the numeric tests run on.
 pub fn device() -> burn::tensor::Device {
     kiln_nn::parse_device("flex").expect("flex is the default feature")
