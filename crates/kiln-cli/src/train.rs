@@ -1,5 +1,6 @@
 //! `kiln train`: trains a Stable Diffusion from scratch from a TOML recipe (`--config`, resumable
-//! with `--resume DIR`; [`kiln_train::run`]), or fine-tunes a diffusers folder's UNet on a folder
+//! with `--resume DIR`; [`kiln_train::run`]), or fine-tunes a diffusers folder's (or a single-file
+//! checkpoint's) UNet on a folder
 //! of captioned images (`--model --data`), with a progress bar showing the loss, checkpoints
 //! every `--save-every` steps and at the end (each written complete under a temporary name, then
 //! renamed).
@@ -7,7 +8,7 @@
 use std::path::PathBuf;
 use std::time::Duration;
 
-use anyhow::{Result, bail};
+use anyhow::{Context, Result, bail};
 use burn::tensor::Device;
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use kiln_train::run::{ProgressBars, resume, start};
@@ -29,9 +30,15 @@ pub struct TrainArgs {
     /// With --config: denoiser steps instead of the recipe's.
     #[arg(long, requires = "config")]
     denoiser_steps: Option<usize>,
-    /// The diffusers model folder to fine-tune.
+    /// The model to fine-tune: a diffusers folder, or a single-file SD 1.x / 2.x checkpoint
+    /// (`.safetensors` or `.ckpt`, converted into a temporary diffusers folder beside --output
+    /// first, as `kiln convert` does).
     #[arg(long, requires = "data")]
     model: Option<PathBuf>,
+    /// For a single-file --model: a diffusers folder whose configs (and tokenizer) describe it
+    /// (default: inferred from the tensor shapes).
+    #[arg(long, value_name = "DIR", requires = "model")]
+    model_config: Option<PathBuf>,
     /// A folder of images (.png, .jpg) with same-named .txt captions, or with a metadata.jsonl
     /// of {"file_name", "text"} lines.
     #[arg(long, requires = "model")]
@@ -160,6 +167,42 @@ pub fn run(args: TrainArgs, device: impl FnOnce() -> Result<Device>) -> Result<(
     }
     let lr_schedule: LrSchedule = args.lr_scheduler.parse()?;
     let dataset = ImageCaptionDataset::from_dir(&data)?;
+    // a single-file checkpoint: a diffusers folder of it for the run (removed at the end), on
+    // the output's disk
+    let _converted;
+    let source = model.clone();
+    let model = if model.is_file() {
+        let parent = match output.parent() {
+            Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
+            _ => PathBuf::from("."),
+        };
+        std::fs::create_dir_all(&parent)
+            .with_context(|| format!("cannot create `{}`", parent.display()))?;
+        let tmp = tempfile::Builder::new()
+            .prefix(".kiln-base-")
+            .tempdir_in(&parent)
+            .with_context(|| {
+                format!("cannot create a temporary folder in `{}`", parent.display())
+            })?;
+        let folder = tmp.path().join("model");
+        eprintln!("converting {} to a diffusers folder", model.display());
+        let options = kiln_pipeline::SingleFileOptions {
+            config: args.model_config.clone(),
+            ..Default::default()
+        };
+        kiln_pipeline::convert_to_diffusers(&model, &options, &folder)
+            .with_context(|| format!("cannot convert `{}`", model.display()))?;
+        _converted = tmp;
+        folder
+    } else {
+        if args.model_config.is_some() {
+            bail!(
+                "--model-config is for single-file checkpoints; `{}` is a folder with its own configs",
+                model.display()
+            );
+        }
+        model
+    };
     let device = device()?;
     let config = TrainConfig {
         resolution: args.resolution,
@@ -186,7 +229,7 @@ pub fn run(args: TrainArgs, device: impl FnOnce() -> Result<Device>) -> Result<(
     let mut trainer = Trainer::new(&model, dataset, config, &device)?;
     eprintln!(
         "training {} on {examples} example(s) at {}x{} for {} steps",
-        model.display(),
+        source.display(),
         trainer.resolution(),
         trainer.resolution(),
         args.steps

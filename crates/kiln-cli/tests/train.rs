@@ -123,6 +123,94 @@ fn train_writes_a_checkpoint_that_generate_loads() {
     assert!(!other.exists());
 }
 
+/// Fine-tuning from a single-file checkpoint (`fixtures/single-file/sd1.safetensors` and its
+/// `.ckpt` twin, the sd1 folder's weights in LDM layout, configs from a folder without weights)
+/// trains the same model, to the byte, as fine-tuning the folder; the temporary conversion is
+/// gone afterwards.
+#[test]
+fn single_file_checkpoints_fine_tune_as_their_folder() {
+    let data = tempfile::tempdir().unwrap();
+    let pixels: Vec<u8> = (0..16 * 16 * 3).map(|k| (k % 253) as u8).collect();
+    write_png(&data.path().join("0.png"), 16, 16, &pixels);
+    std::fs::write(data.path().join("0.txt"), "a red square").unwrap();
+    let folder = root().join("fixtures/pipeline/sd1");
+    let configs = tempfile::tempdir().unwrap();
+    kiln_nn::config::copy_dir(&folder, configs.path()).unwrap();
+    for component in ["unet", "vae", "text_encoder"] {
+        for entry in std::fs::read_dir(configs.path().join(component)).unwrap() {
+            let path = entry.unwrap().path();
+            if path.extension().is_some_and(|e| e == "safetensors") {
+                std::fs::remove_file(path).unwrap();
+            }
+        }
+    }
+    let out = tempfile::tempdir().unwrap();
+    let train = |model: &Path, name: &str, extra: &[&str]| {
+        let output = out.path().join(name);
+        let mut args = vec![
+            "train",
+            "--model",
+            model.to_str().unwrap(),
+            "--data",
+            data.path().to_str().unwrap(),
+            "--output",
+            output.to_str().unwrap(),
+            "--steps",
+            "2",
+            "--resolution",
+            "16",
+            "--seed",
+            "4",
+        ];
+        args.extend_from_slice(extra);
+        let run = kiln(&args);
+        (run, output)
+    };
+    let weights = |dir: &Path| -> Vec<Vec<u8>> {
+        [
+            "unet/diffusion_pytorch_model.safetensors",
+            "vae/diffusion_pytorch_model.safetensors",
+            "text_encoder/model.safetensors",
+        ]
+        .iter()
+        .map(|f| std::fs::read(dir.join(f)).unwrap())
+        .collect()
+    };
+    let (run, from_folder) = train(&folder, "folder", &[]);
+    assert!(
+        run.status.success(),
+        "{}",
+        String::from_utf8_lossy(&run.stderr)
+    );
+    let config_arg = ["--model-config", configs.path().to_str().unwrap()];
+    for file in [
+        root().join("fixtures/single-file/sd1.safetensors"),
+        root().join("fixtures/pickle/sd1.ckpt"),
+    ] {
+        let name = file.file_name().unwrap().to_str().unwrap().to_string();
+        let (run, from_file) = train(&file, &name, &config_arg);
+        assert!(
+            run.status.success(),
+            "{}",
+            String::from_utf8_lossy(&run.stderr)
+        );
+        assert!(weights(&from_file) == weights(&from_folder), "{name}");
+    }
+    let left: Vec<_> = std::fs::read_dir(out.path())
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|n| n.starts_with(".kiln-base-"))
+        .collect();
+    assert!(left.is_empty(), "temporary folders left: {left:?}");
+    // --model-config belongs to single files
+    let (run, _) = train(&folder, "other", &config_arg);
+    let err = String::from_utf8_lossy(&run.stderr);
+    assert!(
+        !run.status.success() && err.contains("--model-config is for"),
+        "{err}"
+    );
+}
+
 /// A run folder with the shapes data and the tiny test recipe beside it.
 fn scratch_run() -> tempfile::TempDir {
     let dir = tempfile::tempdir().unwrap();
