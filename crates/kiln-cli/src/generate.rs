@@ -26,8 +26,9 @@ use crate::write_atomic;
 #[derive(clap::Args, Debug)]
 pub struct GenerateArgs {
     /// A diffusers model folder, a single-file SD 1.x/2.x or SDXL checkpoint (`.safetensors` or
-    /// `.ckpt` with the original CompVis key names), or a Hugging Face repo id (`owner/name`) already in the local
-    /// hub cache (`$HF_HOME/hub`, default `~/.cache/huggingface/hub`; read offline).
+    /// `.ckpt` with the original CompVis key names), or a Hugging Face repo id (`owner/name`)
+    /// already in the local hub cache (`$HF_HOME/hub`, default `~/.cache/huggingface/hub`; read
+    /// offline).
     #[arg(long)]
     model: Option<String>,
     /// For a single-file checkpoint: a diffusers folder whose `unet/`, `vae/`, `text_encoder/`
@@ -144,8 +145,8 @@ pub struct GenerateArgs {
     #[arg(long, value_name = "NAME", requires = "hires_scale")]
     hires_upscaler: Option<String>,
     /// Another VAE in place of the model's (A1111's "SD VAE"): a diffusers VAE folder, a model
-    /// folder, a `.safetensors` file (the original LDM layout, as A1111's VAE files, or
-    /// diffusers'), or a Hugging Face repo id in the local cache. A file keeps the model's
+    /// folder, a weights file (`.safetensors` or `.ckpt`; the original LDM layout, as A1111's VAE
+    /// files, or diffusers'), or a Hugging Face repo id in the local cache. A file keeps the model's
     /// scaling factor; a folder brings its own.
     #[arg(long, value_name = "PATH")]
     vae: Option<String>,
@@ -590,7 +591,7 @@ fn resolve_vae(spec: &str) -> Result<PathBuf> {
     resolve(
         spec,
         "VAE",
-        "a diffusers VAE folder, a model folder, a .safetensors file or a Hugging Face repo id",
+        "a diffusers VAE folder, a model folder, a weights file or a Hugging Face repo id",
         &["config.json", "model_index.json"],
     )
 }
@@ -639,16 +640,7 @@ fn vae_label(spec: &str, path: &Path) -> Result<(String, Option<String>)> {
     if !path.is_file() {
         return Ok((model_label(Some(spec), path), None));
     }
-    use sha2::{Digest, Sha256};
-    let mut file =
-        std::fs::File::open(path).with_context(|| format!("cannot read `{}`", path.display()))?;
-    let mut hasher = Sha256::new();
-    std::io::copy(&mut file, &mut hasher)
-        .with_context(|| format!("cannot read `{}`", path.display()))?;
-    let hash: String = hasher.finalize()[..5]
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect();
+    let hash = crate::loras::sha256_hex(path, false, 10)?;
     let name = path
         .file_name()
         .map(|n| n.to_string_lossy().into_owned())

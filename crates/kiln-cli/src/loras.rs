@@ -157,21 +157,32 @@ pub fn apply(
 /// file's data after its header (the "addnet" hash, which `Lora hashes` lists), or of a pickle
 /// file's whole bytes (as the web UI hashes those).
 pub fn short_hash(path: &Path) -> Result<String> {
-    let mut file =
-        std::fs::File::open(path).with_context(|| format!("cannot read `{}`", path.display()))?;
     let safetensors = path
         .extension()
         .is_some_and(|e| e.eq_ignore_ascii_case("safetensors"));
-    if safetensors {
+    sha256_hex(path, safetensors, 12)
+}
+
+/// The first `digits` hex digits of the SHA-256 of the file at `path`: of its bytes after the
+/// safetensors header where `skip_header`, else of all of them (the web UI's hashes of LoRAs,
+/// embeddings and VAEs).
+pub fn sha256_hex(path: &Path, skip_header: bool, digits: usize) -> Result<String> {
+    let read = || format!("cannot read `{}`", path.display());
+    let mut file = std::fs::File::open(path).with_context(read)?;
+    if skip_header {
         let mut len = [0u8; 8];
-        file.read_exact(&mut len)
-            .with_context(|| format!("cannot read `{}`", path.display()))?;
-        file.seek(SeekFrom::Start(8 + u64::from_le_bytes(len)))?;
+        file.read_exact(&mut len).with_context(read)?;
+        file.seek(SeekFrom::Start(8 + u64::from_le_bytes(len)))
+            .with_context(read)?;
     }
     let mut hasher = Sha256::new();
-    std::io::copy(&mut file, &mut hasher)?;
-    let digest = hasher.finalize();
-    Ok(digest[..6].iter().map(|b| format!("{b:02x}")).collect())
+    std::io::copy(&mut file, &mut hasher).with_context(read)?;
+    let hex: String = hasher
+        .finalize()
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect();
+    Ok(hex[..digits.min(hex.len())].to_string())
 }
 
 /// `Lora hashes` for the PNG parameters: `name: hash, ...` in loading order, each LoRA once.
@@ -213,12 +224,7 @@ pub fn load_embeddings(
 pub fn embedding_hashes(embeddings: &[(String, PathBuf)]) -> Result<String> {
     let mut out = Vec::new();
     for (token, path) in embeddings {
-        let mut file = std::fs::File::open(path)
-            .with_context(|| format!("cannot read `{}`", path.display()))?;
-        let mut hasher = Sha256::new();
-        std::io::copy(&mut file, &mut hasher)?;
-        let digest = hasher.finalize();
-        let hash: String = digest[..6].iter().map(|b| format!("{b:02x}")).collect();
+        let hash = sha256_hex(path, false, 12)?;
         out.push(format!("{}: {hash}", token.replace([':', ','], "")));
     }
     Ok(out.join(", "))

@@ -1,9 +1,8 @@
 //! `kiln train`: trains a Stable Diffusion from scratch from a TOML recipe (`--config`, resumable
-//! with `--resume DIR`; [`kiln_train::run`]), or fine-tunes a diffusers folder's (or a single-file
-//! checkpoint's) UNet on a folder
-//! of captioned images (`--model --data`), with a progress bar showing the loss, checkpoints
-//! every `--save-every` steps and at the end (each written complete under a temporary name, then
-//! renamed).
+//! with `--resume DIR`; [`kiln_train::run`]), or fine-tunes a diffusers folder's (or a
+//! single-file checkpoint's) UNet on a folder of captioned images (`--model --data`), with a
+//! progress bar showing the loss, checkpoints every `--save-every` steps and at the end (each
+//! written complete under a temporary name, then renamed).
 
 use std::path::PathBuf;
 use std::time::Duration;

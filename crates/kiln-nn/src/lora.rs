@@ -112,9 +112,9 @@ const SUFFIXES: &[(&str, Part)] = &[
 
 impl LoraFile {
     /// Opens a LoRA file (`.safetensors`, or a pickle `.pt` / `.bin`) and groups its keys into
-    /// layers. A key that is not part
-    /// of a LoRA layer of the UNet or the text encoder is an error naming it, unless
-    /// `allow_unknown` is set: then it is left out and listed by [`skipped`](Self::skipped).
+    /// layers. A key that is not part of a LoRA layer of the UNet or the text encoder is an
+    /// error naming it, unless `allow_unknown` is set: then it is left out and listed by
+    /// [`skipped`](Self::skipped).
     pub fn open(path: &Path, allow_unknown: bool) -> Result<Self> {
         let file = WeightsFile::open(path)?;
         let bad = |key: &str, message: String| Error::Lora {

@@ -645,7 +645,8 @@ fn checkpoint_name(path: &str) -> String {
     }
 }
 
-/// Loads the safetensors file at `path` into `module`, strictly.
+/// Loads the weights file at `path` (safetensors, or a pickle: [`WeightsFile`]) into `module`,
+/// strictly.
 ///
 /// Keys are first rewritten with `options.remap`; keys matching `options.ignore_unused` are
 /// skipped; then every parameter of the module must be found with the right shape and every
@@ -684,9 +685,9 @@ pub fn load_safetensors<M: Module>(module: M, path: &Path, options: &LoadOptions
 /// The suffix of a sharded checkpoint's index next to its shards.
 const INDEX_SUFFIX: &str = ".index.json";
 
-/// The files of a checkpoint: the safetensors file at `path`, or the shards a
-/// `*.safetensors.index.json` lists in its `weight_map` (each once, every one present, and
-/// every tensor in the shard the index names).
+/// The files of a checkpoint: the weights file at `path`, or the shards a `*.index.json`
+/// (`*.safetensors.index.json`, `*.bin.index.json`) lists in its `weight_map` (each once, every
+/// one present, and every tensor in the shard the index names).
 fn open_shards(path: &Path) -> Result<Vec<WeightsFile>> {
     let is_index = path
         .file_name()

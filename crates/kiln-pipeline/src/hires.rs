@@ -188,9 +188,11 @@ impl StableDiffusionPipeline {
             second
         };
         // both passes' sizes and memory, before any work
-        self.plan(options)?;
+        let (width, height) = {
+            let run = self.plan(options)?;
+            (run.width, run.height)
+        };
         let f = self.vae_scale_factor();
-        let (width, height) = self.resolve_size(options)?;
         if hires.width < width || hires.height < height {
             return Err(Error::InvalidInput(format!(
                 "the hires size {}x{} is smaller than the first pass's {width}x{height}",

@@ -930,12 +930,13 @@ impl StableDiffusionPipeline {
     ///
     /// - a diffusers VAE folder (`config.json` and its weights), or a model folder's `vae/`:
     ///   its own config, scaling factor and `force_upcast` included;
-    /// - one `.safetensors` file, in the original LDM layout (A1111's VAE files; the VAE of a
-    ///   whole checkpoint) or in diffusers': its shapes give the layout, and the model's own VAE
-    ///   the scaling factor and the rest ([`single_file::load_vae_file`]).
+    /// - one weights file (`.safetensors` or a pickle), in the original LDM layout (A1111's VAE
+    ///   files; the VAE of a whole checkpoint) or in diffusers': its shapes give the layout, and
+    ///   the model's own VAE the scaling factor and the rest ([`single_file::load_vae_file`]).
     ///
-    /// The new VAE must make latents of the UNet's channels; its dtype is the pipeline's (f32
-    /// for an SDXL VAE with `force_upcast` in an f16 run). On error the pipeline is unchanged.
+    /// The new VAE must make latents of the UNet's channels (checked before any weight is read);
+    /// its dtype is the pipeline's (f32 for an SDXL VAE with `force_upcast` in an f16 run). On
+    /// error the pipeline is unchanged.
     pub fn load_vae(&mut self, path: &Path) -> Result<()> {
         let _span = tracing::info_span!("load_vae", path = %path.display()).entered();
         let vae = if path.is_dir() {
@@ -952,7 +953,7 @@ impl StableDiffusionPipeline {
                 )));
             }
             let config = AutoencoderKLConfig::from_file(&dir.join("config.json"))?;
-            self.check_vae(&config, path)?;
+            single_file::check_vae_latents(&config, &self.vae.config, path)?;
             let dtype = vae_dtype(self.is_sdxl(), &config, self.dtype);
             AutoencoderKL::from_pretrained(&dir, dtype, &self.device)?
         } else {
@@ -961,30 +962,15 @@ impl StableDiffusionPipeline {
                     what: "VAE".into(),
                     path: path.to_path_buf(),
                     hint: Some(
-                        "give a diffusers VAE folder, a model folder or a .safetensors file".into(),
+                        "give a diffusers VAE folder, a model folder or a weights file".into(),
                     ),
                 }
                 .into());
             }
             single_file::load_vae_file(path, &self.vae.config, self.vae_dtype, &self.device)?
         };
-        self.check_vae(&vae.config, path)?;
         self.vae_dtype = vae_dtype(self.is_sdxl(), &vae.config, self.dtype);
         self.vae = vae;
-        Ok(())
-    }
-
-    /// Whether a VAE of `config` can replace this pipeline's: latents of the UNet's channels.
-    fn check_vae(&self, config: &AutoencoderKLConfig, path: &Path) -> Result<()> {
-        let latent = self.vae.config.latent_channels;
-        if config.latent_channels != latent {
-            return Err(Error::Mismatch(format!(
-                "the VAE at `{}` makes latents of {} channels; this model's UNet works on {latent} \
-                 (is it a VAE for another model family?)",
-                path.display(),
-                config.latent_channels
-            )));
-        }
         Ok(())
     }
 
@@ -1499,7 +1485,7 @@ impl StableDiffusionPipeline {
         c != 3 && image.dims()[1] == c
     }
 
-    pub(crate) fn resolve_size(&self, options: &GenerateOptions) -> Result<(usize, usize)> {
+    fn resolve_size(&self, options: &GenerateOptions) -> Result<(usize, usize)> {
         let (dw, dh) = match &options.mode {
             Mode::Img2Img { image, .. } if self.is_latent_image(image) => {
                 let (d, f) = (image.dims(), self.vae_scale_factor());
@@ -1819,8 +1805,8 @@ impl InpaintState {
 
 /// A run's sizes, checked by [`StableDiffusionPipeline::plan`].
 pub(crate) struct RunPlan {
-    width: usize,
-    height: usize,
+    pub(crate) width: usize,
+    pub(crate) height: usize,
     /// Classifier-free guidance (the UNet runs on `[uncond, cond]`).
     guided: bool,
     /// `[num_images, latent channels, height / f, width / f]`.

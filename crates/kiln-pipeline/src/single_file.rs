@@ -1081,12 +1081,33 @@ impl VaeLayout {
     }
 }
 
-/// The autoencoder in one `.safetensors` file: a VAE file of its own in the original LDM layout
-/// (A1111's VAE files) or diffusers' (a `vae/` folder's weights without their config), or the
-/// VAE of a whole single-file checkpoint. A file carries no config: its tensor shapes give the
-/// layout (channels, levels, layers, latent channels, which convolutions and attention exist),
-/// and `base` (the model's own VAE config) the rest, its scaling factor included, as A1111
-/// keeps the model's when it swaps VAEs. Loaded strictly, converted to `dtype`.
+/// Whether a VAE of `config` (at `path`) can stand in for one of `base`: latents of the same
+/// channels, which the model's UNet works on.
+pub(crate) fn check_vae_latents(
+    config: &AutoencoderKLConfig,
+    base: &AutoencoderKLConfig,
+    path: &Path,
+) -> Result<()> {
+    if config.latent_channels != base.latent_channels {
+        return Err(Error::Mismatch(format!(
+            "the VAE at `{}` makes latents of {} channels; this model's UNet works on {} \
+             (is it a VAE for another model family?)",
+            path.display(),
+            config.latent_channels,
+            base.latent_channels
+        )));
+    }
+    Ok(())
+}
+
+/// The autoencoder in one weights file (`.safetensors`, or a pickle): a VAE file of its own in
+/// the original LDM layout (A1111's VAE files) or diffusers' (a `vae/` folder's weights without
+/// their config), or the VAE of a whole single-file checkpoint. A file carries no config: its
+/// tensor shapes give the layout (channels, levels, layers, latent channels, which convolutions
+/// and attention exist), and `base` (the model's own VAE config) the rest, its scaling factor
+/// included, as A1111 keeps the model's when it swaps VAEs. A VAE whose latents have other
+/// channels than `base`'s is refused before any weight is read. Loaded strictly, converted to
+/// `dtype`.
 pub fn load_vae_file(
     path: &Path,
     base: &AutoencoderKLConfig,
@@ -1105,6 +1126,7 @@ pub fn load_vae_file(
     })?;
     let config = VaeLayout::read(&shapes, &names)?.apply(base);
     config.validate()?;
+    check_vae_latents(&config, base, path)?;
     let vae = kiln_vae::AutoencoderKL::new(&config, device)?;
     match names {
         VaeNames::Ldm(prefix) => kiln_nn::weights::load_tensors(

@@ -156,6 +156,35 @@ fn bad_vaes_are_refused_and_leave_the_pipeline_as_it_was() {
     let err = pipe.load_vae(&eight).unwrap_err();
     assert!(matches!(err, Error::Mismatch(_)), "{err}");
     assert!(err.to_string().contains("8 channels"), "{err}");
+    // the same for a file, whose layout its shapes give: only `decoder.conv_in` says 8 latent
+    // channels, so loading the weights would fail on shapes; the refusal comes first
+    let file = tmp.path().join("eight.safetensors");
+    let bytes = std::fs::read(
+        model
+            .path()
+            .join("vae/diffusion_pytorch_model.fp16.safetensors"),
+    )
+    .unwrap();
+    let source = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    let conv_in = source.tensor("decoder.conv_in.weight").unwrap();
+    let mut shape = conv_in.shape().to_vec();
+    shape[1] = 8;
+    let zeros = vec![0u8; shape.iter().product::<usize>() * 2];
+    let views: Vec<_> = source
+        .tensors()
+        .into_iter()
+        .map(|(name, view)| match name.as_str() {
+            "decoder.conv_in.weight" => (
+                name,
+                safetensors::tensor::TensorView::new(view.dtype(), shape.clone(), &zeros).unwrap(),
+            ),
+            _ => (name, view),
+        })
+        .collect();
+    safetensors::serialize_to_file(views, None, &file).unwrap();
+    let err = pipe.load_vae(&file).unwrap_err();
+    assert!(matches!(err, Error::Mismatch(_)), "{err}");
+    assert!(err.to_string().contains("8 channels"), "{err}");
 
     // a file with no autoencoder in it (a UNet's weights)
     let unet = model
