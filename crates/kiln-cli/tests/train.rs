@@ -26,6 +26,23 @@ fn write_png(path: &Path, width: u32, height: u32, data: &[u8]) {
         .unwrap();
 }
 
+/// `kiln train --model MODEL --data DATA --output OUTPUT --resolution 16` with `extra`.
+fn fine_tune(model: &Path, data: &Path, output: &Path, extra: &[&str]) -> Output {
+    let mut args = vec![
+        "train",
+        "--model",
+        model.to_str().unwrap(),
+        "--data",
+        data.to_str().unwrap(),
+        "--output",
+        output.to_str().unwrap(),
+        "--resolution",
+        "16",
+    ];
+    args.extend_from_slice(extra);
+    kiln(&args)
+}
+
 #[test]
 fn train_writes_a_checkpoint_that_generate_loads() {
     let data = tempfile::tempdir().unwrap();
@@ -39,28 +56,9 @@ fn train_writes_a_checkpoint_that_generate_loads() {
     let out = tempfile::tempdir().unwrap();
     let tuned = out.path().join("tuned");
     let model = root().join("fixtures/pipeline/sd1");
-    let args = |extra: &[&str]| {
-        let mut v = vec![
-            "train",
-            "--model",
-            model.to_str().unwrap(),
-            "--data",
-            data.path().to_str().unwrap(),
-            "--output",
-            tuned.to_str().unwrap(),
-            "--steps",
-            "3",
-            "--resolution",
-            "16",
-            "--batch",
-            "2",
-        ];
-        v.extend_from_slice(extra);
-        v.iter().map(|s| s.to_string()).collect::<Vec<_>>()
-    };
     let run = |extra: &[&str]| {
-        let a = args(extra);
-        kiln(&a.iter().map(String::as_str).collect::<Vec<_>>())
+        let args = [&["--steps", "3", "--batch", "2"], extra].concat();
+        fine_tune(&model, data.path(), &tuned, &args)
     };
     let first = run(&["--save-every", "2"]);
     assert!(
@@ -147,24 +145,8 @@ fn single_file_checkpoints_fine_tune_as_their_folder() {
     let out = tempfile::tempdir().unwrap();
     let train = |model: &Path, name: &str, extra: &[&str]| {
         let output = out.path().join(name);
-        let mut args = vec![
-            "train",
-            "--model",
-            model.to_str().unwrap(),
-            "--data",
-            data.path().to_str().unwrap(),
-            "--output",
-            output.to_str().unwrap(),
-            "--steps",
-            "2",
-            "--resolution",
-            "16",
-            "--seed",
-            "4",
-        ];
-        args.extend_from_slice(extra);
-        let run = kiln(&args);
-        (run, output)
+        let args = [&["--steps", "2", "--seed", "4"], extra].concat();
+        (fine_tune(model, data.path(), &output, &args), output)
     };
     let weights = |dir: &Path| -> Vec<Vec<u8>> {
         [
