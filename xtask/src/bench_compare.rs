@@ -482,11 +482,17 @@ fn plot(png: &Path, rows: &[&Row], run: &str) -> Result<()> {
             .flat_map(|r| [median(&r.kiln), median(&r.torch)])
             .fold(0.0f64, f64::max);
         let max_px = rows.iter().map(|r| r.size).max().unwrap_or(1024) as f64;
-        let mut chart = ChartBuilder::on(&area)
-            .caption(
-                format!("SD 1.5 UNet step (batch 2, f32, 2 threads), {run}"),
+        // the run and the machine on a line of their own: a CPU's name can be as wide as the
+        // plot at the title's size
+        let area = area
+            .margin(10, 0, 0, 0)
+            .titled(
+                "SD 1.5 UNet step (batch 2, f32, 2 threads)",
                 ("sans-serif", 20),
             )
+            .and_then(|area| area.titled(run, ("sans-serif", 14)))
+            .map_err(|e| anyhow::anyhow!("{e}"))?;
+        let mut chart = ChartBuilder::on(&area)
             .margin(16)
             .x_label_area_size(44)
             .y_label_area_size(64)
