@@ -1,20 +1,26 @@
-//! Kiln's attention kernel: `softmax(Q K^T / sqrt(d)) V` in f32 on the host.
+//! Kiln's attention kernels: `softmax(Q K^T / sqrt(d)) V` in f32 on the host.
 //!
 //! burn-flex's flash attention tiles the keys 64 at a time over all the queries of a head,
 //! rescales the whole output after every tile, and computes its softmax one scalar `exp` at a
 //! time; at the UNet's shapes (4096 queries and keys, heads of 40) it runs at about 50 GFLOP/s
-//! against PyTorch's 128. Here each task takes a block of queries of one head and its scores
-//! against up to [`MAX_CHUNK`] keys at a time (`SCORE_BUDGET` elements at most): where the
-//! keys fit in one chunk (the UNet's at up to 512 px) the softmax is exact in two passes with
-//! no rescaling; longer sequences go chunk by chunk with the online softmax of flash attention
-//! (the output and the sum rescaled when a chunk raises a row's maximum), so that a block keeps
-//! its rows at any length. Both products go through the `gemm` crate (as flex's do), and the
-//! exponentials are a vector loop compiled for AVX-512, AVX2+FMA and NEON and chosen at run time
-//! (`multiversion`). Blocks run in parallel on rayon; a row's arithmetic does not depend on how
-//! the work is split, so the result is the same for any thread count. The operands may hold
-//! their heads first (`[batch, heads, tokens, d]`, [`attention`]) or side by side in each
-//! token's row (`[batch, tokens, heads * d]`, as the projections make them:
-//! [`attention_tokens`]); gemm takes either as strides.
+//! against PyTorch's 128. Kiln has two kernels, the first the CPU runs:
+//!
+//! - [`fused`] (x86-64 with AVX2+FMA or AVX-512): each head's keys and values packed once, then
+//!   groups of its query rows against chunks of up to a few hundred keys with flash attention's
+//!   online softmax, the scores, exponentials and output accumulators in registers, L1 and L2
+//!   (the microkernels hold the scores transposed, a vector lane per query row).
+//! - [`gemm_attention`] (other CPUs, aarch64's NEON among them): blocks of queries with their
+//!   scores against up to [`MAX_CHUNK`] keys at a time (`SCORE_BUDGET` elements at most),
+//!   both products through the `gemm` crate (as flex's do), the exponentials a vector loop
+//!   compiled for AVX-512, AVX2+FMA and NEON and chosen at run time (`multiversion`); where
+//!   the keys fit in one chunk the softmax is exact in two passes, longer sequences go chunk by
+//!   chunk with the online softmax.
+//!
+//! Tasks run in parallel on rayon; a row's arithmetic does not depend on how the work is split,
+//! so the result is the same for any thread count (and, for the fused kernel, with AVX2 or
+//! AVX-512). The operands may hold their heads first (`[batch, heads, tokens, d]`,
+//! [`attention`]) or side by side in each token's row (`[batch, tokens, heads * d]`, as the
+//! projections make them: [`attention_tokens`]); both kernels take either as strides.
 
 use burn::tensor::{DType, Tensor, TensorData};
 use rayon::prelude::*;
@@ -144,6 +150,20 @@ impl Layout {
     }
 }
 
+#[cfg(target_arch = "x86_64")]
+mod fused;
+
+/// f32 values of the packed keys and values the fused kernel holds at once (a pass packs as
+/// many heads as fit, at least one): 16 MiB.
+#[cfg(target_arch = "x86_64")]
+const PACKED_FLOATS: usize = 1 << 22;
+
+#[cfg(target_arch = "x86_64")]
+std::thread_local! {
+    /// Each thread's buffers of the fused kernel, kept between calls.
+    static FUSED: std::cell::Cell<fused::Scratch> = std::cell::Cell::default();
+}
+
 std::thread_local! {
     /// Each thread's scores and their rows' maxima and sums, kept between calls so that they are
     /// not allocated and faulted in again for every block of queries.
@@ -152,9 +172,43 @@ std::thread_local! {
     };
 }
 
+/// The attention kernels: the fused one where the CPU has its instructions, else blocks of
+/// queries through the `gemm` crate.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Kernel {
+    /// [`fused`] (x86-64 with AVX2+FMA or AVX-512).
+    #[cfg(target_arch = "x86_64")]
+    Fused(fused::Isa),
+    /// [`gemm_attention`]: other CPUs (aarch64's NEON through gemm's kernels).
+    Gemm,
+}
+
+impl Kernel {
+    /// The fastest this CPU runs.
+    fn best() -> Self {
+        #[cfg(target_arch = "x86_64")]
+        if let Some(isa) = fused::available() {
+            return Kernel::Fused(isa);
+        }
+        Kernel::Gemm
+    }
+}
+
 /// [`attention`] and [`attention_tokens`] without the choice of when to use them: f32 flex
-/// operands in `layout`, the output in the same layout.
+/// operands in `layout`, the output in the same layout, through the best kernel this CPU runs.
 fn host_attention<const D: usize>(
+    q: Tensor<D>,
+    k: Tensor<D>,
+    v: Tensor<D>,
+    layout: Layout,
+    sizes: [usize; 6],
+) -> Option<Tensor<D>> {
+    host_attention_with(Kernel::best(), q, k, v, layout, sizes)
+}
+
+/// [`host_attention`] through `kernel`.
+fn host_attention_with<const D: usize>(
+    kernel: Kernel,
     q: Tensor<D>,
     k: Tensor<D>,
     v: Tensor<D>,
@@ -177,7 +231,116 @@ fn host_attention<const D: usize>(
     assert_eq!(k.len(), b * h * m * d);
     assert_eq!(v.len(), b * h * m * dv);
     let mut out = Vec::<f32>::with_capacity(b * h * n * dv);
+    let operands = Heads {
+        q,
+        k,
+        v,
+        layout,
+        sizes: [b, h, n, m, d, dv],
+    };
     let out_ptr = super::host::SharedMut(out.as_mut_ptr());
+    match kernel {
+        #[cfg(target_arch = "x86_64")]
+        Kernel::Fused(isa) => fused_attention(operands, isa, out_ptr),
+        Kernel::Gemm => gemm_attention(operands, out_ptr),
+    }
+    // SAFETY: the kernels write every row of every (image, head) pair: all of it.
+    unsafe { out.set_len(b * h * n * dv) };
+    Some(Tensor::from_data(TensorData::new(out, out_shape), &device))
+}
+
+/// The operands of every (image, head) pair, in `layout`: `[b, h, n, m, d, dv]` are the
+/// images, heads, queries, keys, and the widths of a head's queries and keys and of its values.
+#[derive(Clone, Copy)]
+struct Heads<'a> {
+    q: &'a [f32],
+    k: &'a [f32],
+    v: &'a [f32],
+    layout: Layout,
+    sizes: [usize; 6],
+}
+
+/// [`fused`] over every head, a group of heads at a time: their keys and values packed (in
+/// parallel), then their groups of query rows in parallel, each written to `out` (`b * h * n *
+/// dv` values in the operands' layout).
+#[cfg(target_arch = "x86_64")]
+fn fused_attention(ops: Heads, isa: fused::Isa, out: super::host::SharedMut<f32>) {
+    let Heads {
+        q,
+        k,
+        v,
+        layout,
+        sizes: [b, h, n, m, d, dv],
+    } = ops;
+    let scale = (d as f32).sqrt().recip();
+    let chunk = fused::chunk(d, dv);
+    // rows per task: as many as fit the task's state in L2, as few as give each thread several
+    // tasks per head
+    let spread = n
+        .div_ceil(4 * rayon::current_num_threads())
+        .next_multiple_of(32);
+    let rows = fused::task_rows(d, dv).min(spread).min(n);
+    let groups = n.div_ceil(rows);
+    // heads packed at once: as many as fit in PACKED_FLOATS, at least one
+    let packed_len = fused::packed_len(isa, [m, d, dv]);
+    let heads = (PACKED_FLOATS / packed_len.max(1)).clamp(1, b * h);
+    let mut packed = vec![0f32; heads * packed_len];
+    for first in (0..b * h).step_by(heads) {
+        let pairs = heads.min(b * h - first);
+        let pair = |i: usize| [(first + i) / h, (first + i) % h];
+        packed[..pairs * packed_len]
+            .par_chunks_mut(packed_len.max(1))
+            .enumerate()
+            .for_each(|(i, out)| {
+                let (k_at, k_stride) = layout.rows(pair(i), [h, m, d]);
+                let (v_at, v_stride) = layout.rows(pair(i), [h, m, dv]);
+                let k = (&k[k_at..k_at + (m - 1) * k_stride + d], k_stride);
+                let v = (&v[v_at..v_at + (m - 1) * v_stride + dv], v_stride);
+                fused::pack(isa, k, v, [m, d, dv], out);
+            });
+        let packed = &packed;
+        (0..pairs * groups).into_par_iter().for_each(|task| {
+            let (i, group) = (task / groups, task % groups);
+            let q0 = group * rows;
+            let r = rows.min(n - q0);
+            let (q_at, q_stride) = layout.rows(pair(i), [h, n, d]);
+            let (k_at, k_stride) = layout.rows(pair(i), [h, m, d]);
+            let (v_at, v_stride) = layout.rows(pair(i), [h, m, dv]);
+            let (o_at, o_stride) = layout.rows(pair(i), [h, n, dv]);
+            let q_at = q_at + q0 * q_stride;
+            let head = &packed[i * packed_len..(i + 1) * packed_len];
+            super::host::with_buffer(&FUSED, |scratch| {
+                let operands = fused::Operands {
+                    q: (&q[q_at..q_at + (r - 1) * q_stride + d], q_stride),
+                    k: (&k[k_at..k_at + (m - 1) * k_stride + d], k_stride),
+                    v: (&v[v_at..v_at + (m - 1) * v_stride + dv], v_stride),
+                    packed: fused::Packed::split(isa, head, [m, d]),
+                    sizes: [r, d, m, dv],
+                };
+                fused::rows(operands, isa, scale, chunk, scratch);
+                for (i, row) in scratch[4][..r * dv].chunks_exact(dv).enumerate() {
+                    // SAFETY: row q0 + i of this (image, head) pair's output, `dv` wide: inside
+                    // the `b * h * n * dv` values, and this task's alone.
+                    unsafe {
+                        let o = out.get().add(o_at + (q0 + i) * o_stride);
+                        std::ptr::copy_nonoverlapping(row.as_ptr(), o, dv);
+                    }
+                }
+            });
+        });
+    }
+}
+
+/// Blocks of one head's queries with their scores against up to [`MAX_CHUNK`] keys at a
+/// time, both products through the `gemm` crate, written to `out` as [`fused_attention`].
+fn gemm_attention(ops: Heads, out_ptr: super::host::SharedMut<f32>) {
+    let Heads {
+        q,
+        k,
+        v,
+        layout,
+        sizes: [b, h, n, m, d, dv],
+    } = ops;
     let scale = (d as f32).sqrt().recip();
     let chunk = key_chunk(m);
     let rows = (SCORE_BUDGET / chunk).clamp(4, 1024).min(n);
@@ -216,9 +379,6 @@ fn host_attention<const D: usize>(
             };
         });
     });
-    // SAFETY: the tasks have written every row of every (image, head) pair: all of it.
-    unsafe { out.set_len(b * h * n * dv) };
-    Some(Tensor::from_data(TensorData::new(out, out_shape), &device))
 }
 
 /// One block's operands: `q` (`r` rows of `d`), `k` (`m` rows of `d`), `v` (`m` rows of `dv`)
@@ -550,9 +710,22 @@ mod tests {
     use burn::tensor::ops::AttentionModuleOptions;
     use burn::tensor::{Device, Distribution};
 
+    /// Every kernel this CPU runs: the fused one with each instruction set it has, and gemm's.
+    fn kernels() -> Vec<Kernel> {
+        let mut kernels = vec![Kernel::Gemm];
+        #[cfg(target_arch = "x86_64")]
+        for isa in [fused::Isa::Avx2, fused::Isa::Avx512] {
+            if fused::available().is_some_and(|best| best == isa || isa == fused::Isa::Avx2) {
+                kernels.push(Kernel::Fused(isa));
+            }
+        }
+        kernels
+    }
+
     /// Against burn's fused attention (the op it replaces) on flex, within 1e-5 relative, at
-    /// shapes that exercise partial blocks, cross-attention lengths, a single wide head (the
-    /// VAE's) and `dv != d`.
+    /// shapes that exercise partial blocks and tiles (of rows, keys and value columns), cross-
+    /// attention lengths, a single wide head (the VAE's, its queries a slice at a time) and `dv
+    /// != d`, through every kernel this CPU runs.
     #[test]
     fn matches_burns_attention() {
         let device = Device::flex();
@@ -562,27 +735,63 @@ mod tests {
             [2, 1, 257, 257, 64, 32],
             [1, 1, 1000, 1000, 512, 512],
             [1, 4, 5, 3000, 16, 16],
+            [1, 2, 70, 200, 130, 13],
         ] {
-            let normal = Distribution::Normal(0.0, 1.0);
+            for kernel in kernels() {
+                let normal = Distribution::Normal(0.0, 1.0);
+                let q = Tensor::<4>::random([b, h, n, d], normal, &device) * 2.0;
+                let k = Tensor::<4>::random([b, h, m, d], normal, &device);
+                let v = Tensor::<4>::random([b, h, m, dv], normal, &device);
+                let sizes = [b, h, n, m, d, dv];
+                let (q_, k_, v_) = (q.clone(), k.clone(), v.clone());
+                let ours =
+                    host_attention_with(kernel, q_, k_, v_, Layout::HeadsFirst, sizes).unwrap();
+                let options = AttentionModuleOptions::default();
+                let reference =
+                    burn_attention(q.clone(), k.clone(), v.clone(), None, None, options);
+                let error = crate::reference::max_relative_error(&ours, &reference);
+                assert!(error < 1e-5, "{kernel:?} {sizes:?}: {error:e}");
+                // the same heads side by side in each token's row: the same result, in that layout
+                let tokens = |t: Tensor<4>| {
+                    let [b, h, n, w] = t.dims();
+                    t.swap_dims(1, 2).reshape([b, n, h * w])
+                };
+                let (q, k, v) = (tokens(q), tokens(k), tokens(v));
+                let ours =
+                    host_attention_with(kernel, q, k, v, Layout::TokensFirst, sizes).unwrap();
+                let error = crate::reference::max_relative_error(&ours, &tokens(reference));
+                assert!(error < 1e-5, "{kernel:?} tokens {sizes:?}: {error:e}");
+            }
+        }
+    }
+
+    /// The fused kernel sums in the same order with either vector width: AVX2's result is
+    /// AVX-512's, bit for bit (where the CPU runs both).
+    #[cfg(target_arch = "x86_64")]
+    #[test]
+    fn fused_kernels_agree_bitwise() {
+        if fused::available() != Some(fused::Isa::Avx512) {
+            return;
+        }
+        let device = Device::flex();
+        let normal = Distribution::Normal(0.0, 1.0);
+        for [b, h, n, m, d, dv] in [[2, 3, 100, 1000, 40, 40], [1, 1, 50, 300, 200, 77]] {
             let q = Tensor::<4>::random([b, h, n, d], normal, &device) * 2.0;
             let k = Tensor::<4>::random([b, h, m, d], normal, &device);
             let v = Tensor::<4>::random([b, h, m, dv], normal, &device);
-            let sizes = [b, h, n, m, d, dv];
-            let (q_, k_, v_) = (q.clone(), k.clone(), v.clone());
-            let ours = host_attention(q_, k_, v_, Layout::HeadsFirst, sizes).unwrap();
-            let options = AttentionModuleOptions::default();
-            let reference = burn_attention(q.clone(), k.clone(), v.clone(), None, None, options);
-            let error = crate::reference::max_relative_error(&ours, &reference);
-            assert!(error < 1e-5, "{:?}: {error:e}", [b, h, n, m, d, dv]);
-            // the same heads side by side in each token's row: the same result, in that layout
-            let tokens = |t: Tensor<4>| {
-                let [b, h, n, w] = t.dims();
-                t.swap_dims(1, 2).reshape([b, n, h * w])
+            let run = |isa| {
+                let (q, k, v) = (q.clone(), k.clone(), v.clone());
+                let sizes = [b, h, n, m, d, dv];
+                let out =
+                    host_attention_with(Kernel::Fused(isa), q, k, v, Layout::HeadsFirst, sizes);
+                out.unwrap().into_data().try_into_vec::<f32>().unwrap()
             };
-            let (q, k, v) = (tokens(q), tokens(k), tokens(v));
-            let ours = host_attention(q, k, v, Layout::TokensFirst, sizes).unwrap();
-            let error = crate::reference::max_relative_error(&ours, &tokens(reference));
-            assert!(error < 1e-5, "tokens {:?}: {error:e}", [b, h, n, m, d, dv]);
+            let (wide, narrow) = (run(fused::Isa::Avx512), run(fused::Isa::Avx2));
+            let differ = wide
+                .iter()
+                .zip(&narrow)
+                .filter(|(a, b)| a.to_bits() != b.to_bits());
+            assert_eq!(differ.count(), 0, "{:?}", [b, h, n, m, d, dv]);
         }
     }
 
@@ -603,12 +812,14 @@ mod tests {
                 Tensor::<4>::random([b, h, m, d], normal, &device) * along.reshape([1, 1, m, 1]);
             let v = Tensor::<4>::random([b, h, m, d], normal, &device);
             let sizes = [b, h, n, m, d, d];
-            let (q_, k_, v_) = (q.clone(), k.clone(), v.clone());
-            let ours = host_attention(q_, k_, v_, Layout::HeadsFirst, sizes).unwrap();
             let options = AttentionModuleOptions::default();
-            let reference = burn_attention(q, k, v, None, None, options);
-            let error = crate::reference::max_relative_error(&ours, &reference);
-            assert!(error < 1e-5, "{error:e}");
+            let reference = burn_attention(q.clone(), k.clone(), v.clone(), None, None, options);
+            for kernel in kernels() {
+                let (q, k, v) = (q.clone(), k.clone(), v.clone());
+                let ours = host_attention_with(kernel, q, k, v, Layout::HeadsFirst, sizes).unwrap();
+                let error = crate::reference::max_relative_error(&ours, &reference);
+                assert!(error < 1e-5, "{kernel:?}: {error:e}");
+            }
         }
     }
 
@@ -646,15 +857,21 @@ mod tests {
             let q = Tensor::<4>::random([1, 2, n, d], normal, &device);
             let k = Tensor::<4>::random([1, 2, m, d], normal, &device);
             let v = Tensor::<4>::random([1, 2, m, d], normal, &device);
-            let run = |threads: usize| {
-                let pool = rayon::ThreadPoolBuilder::new()
-                    .num_threads(threads)
-                    .build()
-                    .unwrap();
-                let out = pool.install(|| attention(q.clone(), k.clone(), v.clone()).unwrap());
-                out.into_data().try_into_vec::<f32>().unwrap()
-            };
-            assert_eq!(run(1), run(3));
+            for kernel in kernels() {
+                let run = |threads: usize| {
+                    let pool = rayon::ThreadPoolBuilder::new()
+                        .num_threads(threads)
+                        .build()
+                        .unwrap();
+                    let (q, k, v) = (q.clone(), k.clone(), v.clone());
+                    let sizes = [1, 2, n, m, d, d];
+                    let out = pool.install(|| {
+                        host_attention_with(kernel, q, k, v, Layout::HeadsFirst, sizes).unwrap()
+                    });
+                    out.into_data().try_into_vec::<f32>().unwrap()
+                };
+                assert_eq!(run(1), run(3), "{kernel:?}");
+            }
         }
     }
 

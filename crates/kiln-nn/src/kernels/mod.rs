@@ -140,27 +140,42 @@ fn madd(a: f32, b: f32, c: f32, fma: bool) -> f32 {
 /// exponentials are ALU-bound).
 #[inline(always)]
 fn exp(x: f32, fma: bool) -> f32 {
-    const LOG2E: f32 = std::f32::consts::LOG2_E;
-    // 1.5 * 2^23: adding it rounds to an integer held in the low mantissa bits
-    const ROUND: f32 = 12_582_912.0;
-    const LN2_HI: f32 = 0.693_359_4;
-    const LN2_LO: f32 = -2.121_944_4e-4;
-    let tiny = x < -87.0;
+    use exp_constants::*;
+    let tiny = x < TINY;
     let t = madd(x, LOG2E, ROUND, fma);
     let n = t - ROUND;
     let ni = (t.to_bits() as i32).wrapping_sub(ROUND.to_bits() as i32);
     let r = madd(-n, LN2_LO, madd(-n, LN2_HI, x, fma), fma);
-    let p = 1.384_360_7e-3_f32;
-    let p = madd(p, r, 8.374_196e-3, fma);
-    let p = madd(p, r, 4.166_800_5e-2, fma);
-    let p = madd(p, r, 1.666_643e-1, fma);
-    let p = madd(p, r, 0.499_999_94, fma);
-    let p = madd(p, r, 1.0, fma);
+    let mut p = POLY[0];
+    for c in &POLY[1..] {
+        p = madd(p, r, *c, fma);
+    }
     let e = madd(p, r, 1.0, fma);
     // e^r in [0.7, 1.42] times 2^n: for x >= -87, n >= -126 and the product is a normal
     // number, so adding n to the exponent field is exact (one integer add, not a multiply)
     let e = f32::from_bits((e.to_bits() as i32).wrapping_add(ni.wrapping_shl(23)) as u32);
     if tiny { 0.0 } else { e }
+}
+
+/// The constants of [`exp`], shared with the vector kernels that take the same steps.
+mod exp_constants {
+    /// Below this, `exp` is 0.
+    pub(super) const TINY: f32 = -87.0;
+    pub(super) const LOG2E: f32 = std::f32::consts::LOG2_E;
+    /// 1.5 * 2^23: adding it rounds to an integer held in the low mantissa bits.
+    pub(super) const ROUND: f32 = 12_582_912.0;
+    /// ln 2 in two parts, for an exact `x - n ln 2`.
+    pub(super) const LN2_HI: f32 = 0.693_359_4;
+    pub(super) const LN2_LO: f32 = -2.121_944_4e-4;
+    /// `e^r - 1 - r` over `r^2`, highest degree first (then `p r + 1`, then `p r + 1` again).
+    pub(super) const POLY: [f32; 6] = [
+        1.384_360_7e-3,
+        8.374_196e-3,
+        4.166_800_5e-2,
+        1.666_643e-1,
+        0.499_999_94,
+        1.0,
+    ];
 }
 
 /// Test helpers for the kernels' bf16 paths.
