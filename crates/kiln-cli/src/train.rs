@@ -4,7 +4,7 @@
 //! progress bar showing the loss, checkpoints every `--save-every` steps and at the end (each
 //! written complete under a temporary name, then renamed).
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
@@ -166,42 +166,9 @@ pub fn run(args: TrainArgs, device: impl FnOnce() -> Result<Device>) -> Result<(
     }
     let lr_schedule: LrSchedule = args.lr_scheduler.parse()?;
     let dataset = ImageCaptionDataset::from_dir(&data)?;
-    // a single-file checkpoint: a diffusers folder of it for the run (removed at the end), on
-    // the output's disk
-    let _converted;
-    let source = model.clone();
-    let model = if model.is_file() {
-        let parent = match output.parent() {
-            Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
-            _ => PathBuf::from("."),
-        };
-        std::fs::create_dir_all(&parent)
-            .with_context(|| format!("cannot create `{}`", parent.display()))?;
-        let tmp = tempfile::Builder::new()
-            .prefix(".kiln-base-")
-            .tempdir_in(&parent)
-            .with_context(|| {
-                format!("cannot create a temporary folder in `{}`", parent.display())
-            })?;
-        let folder = tmp.path().join("model");
-        eprintln!("converting {} to a diffusers folder", model.display());
-        let options = kiln_pipeline::SingleFileOptions {
-            config: args.model_config.clone(),
-            ..Default::default()
-        };
-        kiln_pipeline::convert_to_diffusers(&model, &options, &folder)
-            .with_context(|| format!("cannot convert `{}`", model.display()))?;
-        _converted = tmp;
-        folder
-    } else {
-        if args.model_config.is_some() {
-            bail!(
-                "--model-config is for single-file checkpoints; `{}` is a folder with its own configs",
-                model.display()
-            );
-        }
-        model
-    };
+    // a single-file checkpoint: a diffusers folder of it for the run, removed at the end
+    let source = model;
+    let (model, _converted) = model_folder(&source, args.model_config.as_deref(), &output)?;
     let device = device()?;
     let config = TrainConfig {
         resolution: args.resolution,
@@ -266,4 +233,42 @@ pub fn run(args: TrainArgs, device: impl FnOnce() -> Result<Device>) -> Result<(
 
 fn parse_precision(s: &str) -> std::result::Result<MixedPrecision, String> {
     s.parse().map_err(|e: kiln_train::Error| e.to_string())
+}
+
+/// The diffusers folder to fine-tune `model` from: the folder itself, or a single-file
+/// checkpoint converted into a temporary folder on `output`'s disk (with `config`'s configs, or
+/// ones inferred), removed when the returned guard drops.
+fn model_folder(
+    model: &Path,
+    config: Option<&Path>,
+    output: &Path,
+) -> Result<(PathBuf, Option<tempfile::TempDir>)> {
+    if !model.is_file() {
+        if config.is_some() {
+            bail!(
+                "--model-config is for single-file checkpoints; `{}` is a folder with its own configs",
+                model.display()
+            );
+        }
+        return Ok((model.to_path_buf(), None));
+    }
+    let parent = match output.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
+        _ => PathBuf::from("."),
+    };
+    std::fs::create_dir_all(&parent)
+        .with_context(|| format!("cannot create `{}`", parent.display()))?;
+    let tmp = tempfile::Builder::new()
+        .prefix(".kiln-base-")
+        .tempdir_in(&parent)
+        .with_context(|| format!("cannot create a temporary folder in `{}`", parent.display()))?;
+    let folder = tmp.path().join("model");
+    eprintln!("converting {} to a diffusers folder", model.display());
+    let options = kiln_pipeline::SingleFileOptions {
+        config: config.map(Path::to_path_buf),
+        ..Default::default()
+    };
+    kiln_pipeline::convert_to_diffusers(model, &options, &folder)
+        .with_context(|| format!("cannot convert `{}`", model.display()))?;
+    Ok((folder, Some(tmp)))
 }
