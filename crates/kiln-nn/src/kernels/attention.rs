@@ -184,10 +184,13 @@ enum Kernel {
 }
 
 impl Kernel {
-    /// The fastest this CPU runs.
+    /// The fastest this CPU runs, or gemm's blocks where `KILN_ATTENTION=gemm` (to compare
+    /// the two: docs/performance.md).
     fn best() -> Self {
         #[cfg(target_arch = "x86_64")]
-        if let Some(isa) = fused::available() {
+        if let Some(isa) = fused::available()
+            && std::env::var_os("KILN_ATTENTION").is_none_or(|v| v != "gemm")
+        {
             return Kernel::Fused(isa);
         }
         Kernel::Gemm

@@ -13,7 +13,9 @@
 //! every call; burn-flex widens each matmul's operands whole, or computes one scalar at a
 //! time). The elementwise kernels widen a chunk at a time in every case.
 //!
-//! - [`attention`]: exact two-pass softmax over query blocks whose score rows fit in cache.
+//! - [`attention`]: on x86-64 with AVX2 or AVX-512 a fused kernel (each head's keys and values
+//!   packed once, the online softmax of chunks of keys in registers, L1 and L2); elsewhere
+//!   blocks of queries whose score rows fit in cache, their products through gemm.
 //! - [`conv2d`]: 3x3 convolutions with stride 1 from 8x8 output pixels up by Winograd's
 //!   F(2x2, 3x3) (`winograd`: 16 GEMMs on transformed tiles, 2.25x fewer multiplications);
 //!   the rest as im2col straight from NCHW into cache-sized column panels, one GEMM per panel
