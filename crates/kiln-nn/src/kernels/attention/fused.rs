@@ -526,47 +526,65 @@ trait Vector: Copy {
     unsafe fn exp(self) -> Self;
 }
 
+/// The [`Vector`] methods that are one instruction each, from their intrinsics.
+macro_rules! one_instruction_each {
+    ($zero:ident, $splat:ident, $load:ident, $store:ident, $fma:ident, $mul:ident, $add:ident,
+     $sub:ident, $max:ident) => {
+        #[inline(always)]
+        unsafe fn zero() -> Self {
+            Self(unsafe { $zero() })
+        }
+        #[inline(always)]
+        unsafe fn splat(x: f32) -> Self {
+            Self(unsafe { $splat(x) })
+        }
+        #[inline(always)]
+        unsafe fn load(p: *const f32) -> Self {
+            Self(unsafe { $load(p) })
+        }
+        #[inline(always)]
+        unsafe fn store(self, p: *mut f32) {
+            unsafe { $store(p, self.0) }
+        }
+        #[inline(always)]
+        unsafe fn fma(self, a: Self, b: Self) -> Self {
+            Self(unsafe { $fma(a.0, b.0, self.0) })
+        }
+        #[inline(always)]
+        unsafe fn mul(self, b: Self) -> Self {
+            Self(unsafe { $mul(self.0, b.0) })
+        }
+        #[inline(always)]
+        unsafe fn add(self, b: Self) -> Self {
+            Self(unsafe { $add(self.0, b.0) })
+        }
+        #[inline(always)]
+        unsafe fn sub(self, b: Self) -> Self {
+            Self(unsafe { $sub(self.0, b.0) })
+        }
+        #[inline(always)]
+        unsafe fn max(self, b: Self) -> Self {
+            Self(unsafe { $max(self.0, b.0) })
+        }
+    };
+}
+
 #[derive(Clone, Copy)]
 struct Avx512(__m512);
 
 impl Vector for Avx512 {
     const LANES: usize = 16;
-    #[inline(always)]
-    unsafe fn zero() -> Self {
-        Self(unsafe { _mm512_setzero_ps() })
-    }
-    #[inline(always)]
-    unsafe fn splat(x: f32) -> Self {
-        Self(unsafe { _mm512_set1_ps(x) })
-    }
-    #[inline(always)]
-    unsafe fn load(p: *const f32) -> Self {
-        Self(unsafe { _mm512_loadu_ps(p) })
-    }
-    #[inline(always)]
-    unsafe fn store(self, p: *mut f32) {
-        unsafe { _mm512_storeu_ps(p, self.0) }
-    }
-    #[inline(always)]
-    unsafe fn fma(self, a: Self, b: Self) -> Self {
-        Self(unsafe { _mm512_fmadd_ps(a.0, b.0, self.0) })
-    }
-    #[inline(always)]
-    unsafe fn mul(self, b: Self) -> Self {
-        Self(unsafe { _mm512_mul_ps(self.0, b.0) })
-    }
-    #[inline(always)]
-    unsafe fn add(self, b: Self) -> Self {
-        Self(unsafe { _mm512_add_ps(self.0, b.0) })
-    }
-    #[inline(always)]
-    unsafe fn sub(self, b: Self) -> Self {
-        Self(unsafe { _mm512_sub_ps(self.0, b.0) })
-    }
-    #[inline(always)]
-    unsafe fn max(self, b: Self) -> Self {
-        Self(unsafe { _mm512_max_ps(self.0, b.0) })
-    }
+    one_instruction_each!(
+        _mm512_setzero_ps,
+        _mm512_set1_ps,
+        _mm512_loadu_ps,
+        _mm512_storeu_ps,
+        _mm512_fmadd_ps,
+        _mm512_mul_ps,
+        _mm512_add_ps,
+        _mm512_sub_ps,
+        _mm512_max_ps
+    );
     #[inline(always)]
     unsafe fn exp(self) -> Self {
         use super::super::exp_constants::*;
@@ -598,42 +616,17 @@ struct Avx2(__m256);
 
 impl Vector for Avx2 {
     const LANES: usize = 8;
-    #[inline(always)]
-    unsafe fn zero() -> Self {
-        Self(unsafe { _mm256_setzero_ps() })
-    }
-    #[inline(always)]
-    unsafe fn splat(x: f32) -> Self {
-        Self(unsafe { _mm256_set1_ps(x) })
-    }
-    #[inline(always)]
-    unsafe fn load(p: *const f32) -> Self {
-        Self(unsafe { _mm256_loadu_ps(p) })
-    }
-    #[inline(always)]
-    unsafe fn store(self, p: *mut f32) {
-        unsafe { _mm256_storeu_ps(p, self.0) }
-    }
-    #[inline(always)]
-    unsafe fn fma(self, a: Self, b: Self) -> Self {
-        Self(unsafe { _mm256_fmadd_ps(a.0, b.0, self.0) })
-    }
-    #[inline(always)]
-    unsafe fn mul(self, b: Self) -> Self {
-        Self(unsafe { _mm256_mul_ps(self.0, b.0) })
-    }
-    #[inline(always)]
-    unsafe fn add(self, b: Self) -> Self {
-        Self(unsafe { _mm256_add_ps(self.0, b.0) })
-    }
-    #[inline(always)]
-    unsafe fn sub(self, b: Self) -> Self {
-        Self(unsafe { _mm256_sub_ps(self.0, b.0) })
-    }
-    #[inline(always)]
-    unsafe fn max(self, b: Self) -> Self {
-        Self(unsafe { _mm256_max_ps(self.0, b.0) })
-    }
+    one_instruction_each!(
+        _mm256_setzero_ps,
+        _mm256_set1_ps,
+        _mm256_loadu_ps,
+        _mm256_storeu_ps,
+        _mm256_fmadd_ps,
+        _mm256_mul_ps,
+        _mm256_add_ps,
+        _mm256_sub_ps,
+        _mm256_max_ps
+    );
     #[inline(always)]
     unsafe fn exp(self) -> Self {
         use super::super::exp_constants::*;
