@@ -169,7 +169,8 @@ mod exp_constants {
     /// ln 2 in two parts, for an exact `x - n ln 2`.
     pub(super) const LN2_HI: f32 = 0.693_359_4;
     pub(super) const LN2_LO: f32 = -2.121_944_4e-4;
-    /// `e^r - 1 - r` over `r^2`, highest degree first (then `p r + 1`, then `p r + 1` again).
+    /// The polynomial `p(r) ~ (e^r - 1) / r`, highest degree first (Horner's steps), so that
+    /// `e^r = p(r) r + 1`.
     pub(super) const POLY: [f32; 6] = [
         1.384_360_7e-3,
         8.374_196e-3,
