@@ -263,18 +263,42 @@ struct Heads<'a> {
     sizes: [usize; 6],
 }
 
+impl<'a> Heads<'a> {
+    /// Query rows `q0..q0 + r` of (image, head) `pair` and the distance between them.
+    fn queries(&self, pair: [usize; 2], q0: usize, r: usize) -> (&'a [f32], usize) {
+        let [_, h, n, _, d, _] = self.sizes;
+        let (at, stride) = self.layout.rows(pair, [h, n, d]);
+        let at = at + q0 * stride;
+        (&self.q[at..at + (r - 1) * stride + d], stride)
+    }
+
+    /// The keys of `pair` and the distance between their rows.
+    fn keys(&self, pair: [usize; 2]) -> (&'a [f32], usize) {
+        let [_, h, _, m, d, _] = self.sizes;
+        let (at, stride) = self.layout.rows(pair, [h, m, d]);
+        (&self.k[at..at + (m - 1) * stride + d], stride)
+    }
+
+    /// The values of `pair` and the distance between their rows.
+    fn values(&self, pair: [usize; 2]) -> (&'a [f32], usize) {
+        let [_, h, _, m, _, dv] = self.sizes;
+        let (at, stride) = self.layout.rows(pair, [h, m, dv]);
+        (&self.v[at..at + (m - 1) * stride + dv], stride)
+    }
+
+    /// Where row 0 of `pair`'s output lies in the output, and the distance between its rows.
+    fn output(&self, pair: [usize; 2]) -> (usize, usize) {
+        let [_, h, n, _, _, dv] = self.sizes;
+        self.layout.rows(pair, [h, n, dv])
+    }
+}
+
 /// [`fused`] over every head, a group of heads at a time: their keys and values packed (in
 /// parallel), then their groups of query rows in parallel, each written to `out` (`b * h * n *
 /// dv` values in the operands' layout).
 #[cfg(target_arch = "x86_64")]
 fn fused_attention(ops: Heads, isa: fused::Isa, out: super::host::SharedMut<f32>) {
-    let Heads {
-        q,
-        k,
-        v,
-        layout,
-        sizes: [b, h, n, m, d, dv],
-    } = ops;
+    let [b, h, n, m, d, dv] = ops.sizes;
     let scale = (d as f32).sqrt().recip();
     let chunk = fused::chunk(d, dv);
     // rows per task: as many as fit the task's state in L2, as few as give each thread several
@@ -295,10 +319,7 @@ fn fused_attention(ops: Heads, isa: fused::Isa, out: super::host::SharedMut<f32>
             .par_chunks_mut(packed_len.max(1))
             .enumerate()
             .for_each(|(i, out)| {
-                let (k_at, k_stride) = layout.rows(pair(i), [h, m, d]);
-                let (v_at, v_stride) = layout.rows(pair(i), [h, m, dv]);
-                let k = (&k[k_at..k_at + (m - 1) * k_stride + d], k_stride);
-                let v = (&v[v_at..v_at + (m - 1) * v_stride + dv], v_stride);
+                let (k, v) = (ops.keys(pair(i)), ops.values(pair(i)));
                 fused::pack(isa, k, v, [m, d, dv], out);
             });
         let packed = &packed;
@@ -306,17 +327,13 @@ fn fused_attention(ops: Heads, isa: fused::Isa, out: super::host::SharedMut<f32>
             let (i, group) = (task / groups, task % groups);
             let q0 = group * rows;
             let r = rows.min(n - q0);
-            let (q_at, q_stride) = layout.rows(pair(i), [h, n, d]);
-            let (k_at, k_stride) = layout.rows(pair(i), [h, m, d]);
-            let (v_at, v_stride) = layout.rows(pair(i), [h, m, dv]);
-            let (o_at, o_stride) = layout.rows(pair(i), [h, n, dv]);
-            let q_at = q_at + q0 * q_stride;
+            let (o_at, o_stride) = ops.output(pair(i));
             let head = &packed[i * packed_len..(i + 1) * packed_len];
             super::host::with_buffer(&FUSED, |scratch| {
                 let operands = fused::Operands {
-                    q: (&q[q_at..q_at + (r - 1) * q_stride + d], q_stride),
-                    k: (&k[k_at..k_at + (m - 1) * k_stride + d], k_stride),
-                    v: (&v[v_at..v_at + (m - 1) * v_stride + dv], v_stride),
+                    q: ops.queries(pair(i), q0, r),
+                    k: ops.keys(pair(i)),
+                    v: ops.values(pair(i)),
                     packed: fused::Packed::split(isa, head, [m, d]),
                     sizes: [r, d, m, dv],
                 };
@@ -337,13 +354,7 @@ fn fused_attention(ops: Heads, isa: fused::Isa, out: super::host::SharedMut<f32>
 /// Blocks of one head's queries with their scores against up to [`MAX_CHUNK`] keys at a
 /// time, both products through the `gemm` crate, written to `out` as [`fused_attention`].
 fn gemm_attention(ops: Heads, out_ptr: super::host::SharedMut<f32>) {
-    let Heads {
-        q,
-        k,
-        v,
-        layout,
-        sizes: [b, h, n, m, d, dv],
-    } = ops;
+    let [b, h, n, m, d, dv] = ops.sizes;
     let scale = (d as f32).sqrt().recip();
     let chunk = key_chunk(m);
     let rows = (SCORE_BUDGET / chunk).clamp(4, 1024).min(n);
@@ -353,18 +364,14 @@ fn gemm_attention(ops: Heads, out_ptr: super::host::SharedMut<f32>) {
         let pair = [pair / h, pair % h];
         let q0 = block * rows;
         let r = rows.min(n - q0);
-        let (q_at, q_stride) = layout.rows(pair, [h, n, d]);
-        let (k_at, k_stride) = layout.rows(pair, [h, m, d]);
-        let (v_at, v_stride) = layout.rows(pair, [h, m, dv]);
-        let (o_at, o_stride) = layout.rows(pair, [h, n, dv]);
-        let q_at = q_at + q0 * q_stride;
+        let (o_at, o_stride) = ops.output(pair);
         super::host::with_buffer(&SCORES, |[scores, stats]| {
             super::host::grow(scores, r * chunk);
             super::host::grow(stats, 2 * r);
             let operands = Operands {
-                q: (&q[q_at..q_at + (r - 1) * q_stride + d], q_stride),
-                k: (&k[k_at..k_at + (m - 1) * k_stride + d], k_stride),
-                v: (&v[v_at..v_at + (m - 1) * v_stride + dv], v_stride),
+                q: ops.queries(pair, q0, r),
+                k: ops.keys(pair),
+                v: ops.values(pair),
                 // SAFETY: rows q0..q0 + r of this (image, head) pair's output, `dv` wide and
                 // `o_stride` apart: inside the `b * h * n * dv` capacity, and this task's alone
                 // (the tasks' rows and heads do not overlap).
@@ -718,7 +725,7 @@ mod tests {
         let mut kernels = vec![Kernel::Gemm];
         #[cfg(target_arch = "x86_64")]
         for isa in [fused::Isa::Avx2, fused::Isa::Avx512] {
-            if fused::available().is_some_and(|best| best == isa || isa == fused::Isa::Avx2) {
+            if isa.runs_here() {
                 kernels.push(Kernel::Fused(isa));
             }
         }
@@ -740,29 +747,29 @@ mod tests {
             [1, 4, 5, 3000, 16, 16],
             [1, 2, 70, 200, 130, 13],
         ] {
+            let normal = Distribution::Normal(0.0, 1.0);
+            let q = Tensor::<4>::random([b, h, n, d], normal, &device) * 2.0;
+            let k = Tensor::<4>::random([b, h, m, d], normal, &device);
+            let v = Tensor::<4>::random([b, h, m, dv], normal, &device);
+            let sizes = [b, h, n, m, d, dv];
+            let options = AttentionModuleOptions::default();
+            let reference = burn_attention(q.clone(), k.clone(), v.clone(), None, None, options);
+            // the same heads side by side in each token's row: the same result, in that layout
+            let tokens = |t: Tensor<4>| {
+                let [b, h, n, w] = t.dims();
+                t.swap_dims(1, 2).reshape([b, n, h * w])
+            };
+            let side_by_side = (tokens(q.clone()), tokens(k.clone()), tokens(v.clone()));
+            let reference_tokens = tokens(reference.clone());
             for kernel in kernels() {
-                let normal = Distribution::Normal(0.0, 1.0);
-                let q = Tensor::<4>::random([b, h, n, d], normal, &device) * 2.0;
-                let k = Tensor::<4>::random([b, h, m, d], normal, &device);
-                let v = Tensor::<4>::random([b, h, m, dv], normal, &device);
-                let sizes = [b, h, n, m, d, dv];
-                let (q_, k_, v_) = (q.clone(), k.clone(), v.clone());
-                let ours =
-                    host_attention_with(kernel, q_, k_, v_, Layout::HeadsFirst, sizes).unwrap();
-                let options = AttentionModuleOptions::default();
-                let reference =
-                    burn_attention(q.clone(), k.clone(), v.clone(), None, None, options);
+                let (q, k, v) = (q.clone(), k.clone(), v.clone());
+                let ours = host_attention_with(kernel, q, k, v, Layout::HeadsFirst, sizes).unwrap();
                 let error = crate::reference::max_relative_error(&ours, &reference);
                 assert!(error < 1e-5, "{kernel:?} {sizes:?}: {error:e}");
-                // the same heads side by side in each token's row: the same result, in that layout
-                let tokens = |t: Tensor<4>| {
-                    let [b, h, n, w] = t.dims();
-                    t.swap_dims(1, 2).reshape([b, n, h * w])
-                };
-                let (q, k, v) = (tokens(q), tokens(k), tokens(v));
+                let (q, k, v) = side_by_side.clone();
                 let ours =
                     host_attention_with(kernel, q, k, v, Layout::TokensFirst, sizes).unwrap();
-                let error = crate::reference::max_relative_error(&ours, &tokens(reference));
+                let error = crate::reference::max_relative_error(&ours, &reference_tokens);
                 assert!(error < 1e-5, "{kernel:?} tokens {sizes:?}: {error:e}");
             }
         }
@@ -773,7 +780,7 @@ mod tests {
     #[cfg(target_arch = "x86_64")]
     #[test]
     fn fused_kernels_agree_bitwise() {
-        if fused::available() != Some(fused::Isa::Avx512) {
+        if !fused::Isa::Avx512.runs_here() {
             return;
         }
         let device = Device::flex();

@@ -78,7 +78,7 @@ impl Isa {
     }
 
     /// Whether this CPU runs it.
-    fn runs_here(self) -> bool {
+    pub(super) fn runs_here(self) -> bool {
         match available() {
             Some(Isa::Avx512) => true,
             Some(Isa::Avx2) => self == Isa::Avx2,
@@ -98,15 +98,20 @@ pub(super) struct Packed<'a> {
 impl<'a> Packed<'a> {
     /// The keys' and values' parts of a head's `packed` ([`packed_len`] long).
     pub(super) fn split(isa: Isa, packed: &'a [f32], [m, d]: [usize; 2]) -> Self {
-        let (keys, values) = packed.split_at(m / isa.key_tile() * isa.key_tile() * d);
+        let (keys, values) = packed.split_at(packed_keys_len(isa, [m, d]));
         Packed { keys, values }
     }
 }
 
+/// f32 values of a head's packed keys: its whole tiles of `m` keys of `d`.
+fn packed_keys_len(isa: Isa, [m, d]: [usize; 2]) -> usize {
+    m / isa.key_tile() * isa.key_tile() * d
+}
+
 /// f32 values [`pack`] writes for a head of `m` keys of `d` and values of `dv`.
 pub(super) fn packed_len(isa: Isa, [m, d, dv]: [usize; 3]) -> usize {
-    let (kt, dt) = (isa.key_tile(), isa.value_tile());
-    m / kt * kt * d + dv / dt * dt * m
+    let dt = isa.value_tile();
+    packed_keys_len(isa, [m, d]) + dv / dt * dt * m
 }
 
 /// Packs one head's keys (`m` rows of `d`, `k.1` apart) and values (`m` rows of `dv`, `v.1`
@@ -120,7 +125,7 @@ pub(super) fn pack(
 ) {
     let (kt, dt) = (isa.key_tile(), isa.value_tile());
     assert_eq!(out.len(), packed_len(isa, [m, d, dv]));
-    let (keys, values) = out.split_at_mut(m / kt * kt * d);
+    let (keys, values) = out.split_at_mut(packed_keys_len(isa, [m, d]));
     for (t, tile) in keys.chunks_exact_mut(d * kt).enumerate() {
         for j in 0..kt {
             let row = &k.0[(t * kt + j) * k.1..][..d];
