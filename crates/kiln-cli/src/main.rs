@@ -296,12 +296,17 @@ fn write_safetensors(path: &Path, tensors: &[(&str, burn::tensor::TensorData)]) 
     write_atomic(path, &bytes)
 }
 
-/// Writes `bytes` to a temporary file beside `path` and renames it into place.
-fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
-    let dir = match path.parent() {
+/// The folder `path` lies in: its parent, or `.` for a bare file name.
+fn folder_of(path: &Path) -> &Path {
+    match path.parent() {
         Some(p) if !p.as_os_str().is_empty() => p,
         _ => Path::new("."),
-    };
+    }
+}
+
+/// Writes `bytes` to a temporary file beside `path` and renames it into place.
+fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
+    let dir = folder_of(path);
     let file_name = path
         .file_name()
         .with_context(|| format!("`{}` is not a file path", path.display()))?;

@@ -252,15 +252,12 @@ fn model_folder(
         }
         return Ok((model.to_path_buf(), None));
     }
-    let parent = match output.parent() {
-        Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
-        _ => PathBuf::from("."),
-    };
-    std::fs::create_dir_all(&parent)
+    let parent = crate::folder_of(output);
+    std::fs::create_dir_all(parent)
         .with_context(|| format!("cannot create `{}`", parent.display()))?;
     let tmp = tempfile::Builder::new()
         .prefix(".kiln-base-")
-        .tempdir_in(&parent)
+        .tempdir_in(parent)
         .with_context(|| format!("cannot create a temporary folder in `{}`", parent.display()))?;
     let folder = tmp.path().join("model");
     eprintln!("converting {} to a diffusers folder", model.display());
