@@ -305,7 +305,7 @@ fn fused_attention(ops: Heads, isa: fused::Isa, out: super::host::SharedMut<f32>
     // tasks per head
     let spread = n
         .div_ceil(4 * rayon::current_num_threads())
-        .next_multiple_of(32);
+        .next_multiple_of(48);
     let rows = fused::task_rows(d, dv).min(spread).min(n);
     let groups = n.div_ceil(rows);
     // heads packed at once: as many as fit in PACKED_FLOATS, at least one

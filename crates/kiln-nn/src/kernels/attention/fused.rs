@@ -20,17 +20,18 @@ use std::arch::x86_64::*;
 
 /// f32 values of a task's state (its queries transposed and its output accumulators, `rows x
 /// (d + dv)`), at most: 512 KiB, in L2 beside a chunk of keys and values. The VAE's head of 512
-/// takes 128 rows a task with it, 64 with half of it: its 4096 x 4096 attention took 0.19 s
-/// and 0.23 s (2-core Ice Lake, `attention_timings`), its keys and values read once per task.
+/// takes 96 rows a task with it (its keys and values read once per task); with half of it, its
+/// 4096 x 4096 attention took 0.23 s against 0.19 s (2-core Ice Lake, `attention_timings`),
+/// and with 1.5 times it no less than 0.19 s.
 const TASK_FLOATS: usize = 1 << 17;
 
 /// f32 values of one chunk of keys and values (`chunk x (d + dv)`), about: 64 KiB.
 const CHUNK_FLOATS: usize = 1 << 14;
 
-/// Query rows per task, at most: a multiple of every kernel's row tile, the task's state
-/// within [`TASK_FLOATS`], from 32 to 256.
+/// Query rows per task, at most: a multiple of every kernel's row tile (48 and 16), the task's
+/// state within [`TASK_FLOATS`], from 48 to 288.
 pub(super) fn task_rows(d: usize, dv: usize) -> usize {
-    (TASK_FLOATS / (d + dv)).clamp(32, 256) / 32 * 32
+    (TASK_FLOATS / (d + dv)).clamp(48, 288) / 48 * 48
 }
 
 /// Keys per chunk: about [`CHUNK_FLOATS`] of keys and values, from 96 to 384, a multiple of
@@ -54,7 +55,10 @@ pub(super) fn available() -> Option<Isa> {
 /// An instruction set the kernels are compiled for.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(super) enum Isa {
-    /// 32 rows a tile (two 16-lane registers), 8 keys, 8 output columns.
+    /// 48 rows a tile (three 16-lane registers), 8 keys, 8 output columns: 24 accumulators,
+    /// 11 loads for 24 FMAs. Two registers of rows (8 keys, 10 loads for 16 FMAs) ran the
+    /// loops at 0.7 of the FMAs' peak on Ice Lake, whose loads (about one a cycle beside
+    /// 512-bit FMAs) bound them; three or four ran them at 0.9-0.95.
     Avx512,
     /// 16 rows a tile (two 8-lane registers), 6 keys, 5 output columns.
     Avx2,
@@ -183,7 +187,7 @@ pub(super) fn rows(ops: Operands, isa: Isa, scale: f32, chunk: usize, scratch: &
 #[target_feature(enable = "avx512f")]
 unsafe fn rows_avx512(ops: Operands, scale: f32, chunk: usize, scratch: &mut Scratch) {
     // SAFETY: the caller's
-    unsafe { rows_with::<Avx512, 32, 2, 8, 8>(ops, scale, chunk, scratch) }
+    unsafe { rows_with::<Avx512, 48, 3, 8, 8>(ops, scale, chunk, scratch) }
 }
 
 #[target_feature(enable = "avx2,fma")]
