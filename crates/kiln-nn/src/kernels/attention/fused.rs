@@ -20,9 +20,9 @@ use std::arch::x86_64::*;
 
 /// f32 values of a task's state (its queries transposed and its output accumulators, `rows x
 /// (d + dv)`), at most: 512 KiB, in L2 beside a chunk of keys and values. The VAE's head of 512
-/// takes 96 rows a task with it (its keys and values read once per task); with half of it, its
-/// 4096 x 4096 attention took 0.23 s against 0.19 s (2-core Ice Lake, `attention_timings`),
-/// and with 1.5 times it no less than 0.19 s.
+/// takes 96 rows a task with it, its keys and values read once per task. With half of it (64
+/// rows, in tiles of 32) its 4096 x 4096 attention took 0.23 s against 0.19 s; with 1.5 times
+/// it (192 rows) 0.19-0.20 s, as with it (2-core Ice Lake, `attention_timings`).
 const TASK_FLOATS: usize = 1 << 17;
 
 /// f32 values of one chunk of keys and values (`chunk x (d + dv)`), about: 64 KiB.
@@ -58,7 +58,7 @@ pub(super) enum Isa {
     /// 48 rows a tile (three 16-lane registers), 8 keys, 8 output columns: 24 accumulators,
     /// 11 loads for 24 FMAs. Two registers of rows (8 keys, 10 loads for 16 FMAs) ran the
     /// loops at 0.7 of the FMAs' peak on Ice Lake, whose loads (about one a cycle beside
-    /// 512-bit FMAs) bound them; three or four ran them at 0.9-0.95.
+    /// 512-bit FMAs) bound them; three or four ran them at about 0.9 (docs/performance.md).
     Avx512,
     /// 16 rows a tile (two 8-lane registers), 6 keys, 5 output columns.
     Avx2,
