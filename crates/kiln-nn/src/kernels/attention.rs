@@ -311,18 +311,20 @@ fn fused_attention(ops: Heads, isa: fused::Isa, out: super::host::SharedMut<f32>
     // heads packed at once: as many as fit in PACKED_FLOATS, at least one
     let packed_len = fused::packed_len(isa, [m, d, dv]);
     let heads = (PACKED_FLOATS / packed_len.max(1)).clamp(1, b * h);
-    let mut packed = vec![0f32; heads * packed_len];
+    // not zeroed: `pack` writes every value of its heads before a task reads them
+    let mut packed = Vec::<f32>::with_capacity(heads * packed_len);
     for first in (0..b * h).step_by(heads) {
         let pairs = heads.min(b * h - first);
         let pair = |i: usize| [(first + i) / h, (first + i) % h];
-        packed[..pairs * packed_len]
+        packed.spare_capacity_mut()[..pairs * packed_len]
             .par_chunks_mut(packed_len.max(1))
             .enumerate()
             .for_each(|(i, out)| {
                 let (k, v) = (ops.keys(pair(i)), ops.values(pair(i)));
                 fused::pack(isa, k, v, [m, d, dv], out);
             });
-        let packed = &packed;
+        // SAFETY: `pack` wrote all `pairs * packed_len` values just above
+        let packed = unsafe { std::slice::from_raw_parts(packed.as_ptr(), pairs * packed_len) };
         (0..pairs * groups).into_par_iter().for_each(|task| {
             let (i, group) = (task / groups, task % groups);
             let q0 = group * rows;

@@ -17,6 +17,7 @@
 //! of the rows into tasks.
 
 use std::arch::x86_64::*;
+use std::mem::MaybeUninit;
 
 /// f32 values of a task's state (its queries transposed and its output accumulators, `rows x
 /// (d + dv)`), at most: 512 KiB, in L2 beside a chunk of keys and values. The VAE's head of 512
@@ -120,27 +121,46 @@ pub(super) fn packed_len(isa: Isa, [m, d, dv]: [usize; 3]) -> usize {
 
 /// Packs one head's keys (`m` rows of `d`, `k.1` apart) and values (`m` rows of `dv`, `v.1`
 /// apart) into `out` ([`packed_len`] long) for `isa`'s tiles: the keys first, then the values.
+/// Every value of `out` is written.
 pub(super) fn pack(
     isa: Isa,
     k: (&[f32], usize),
     v: (&[f32], usize),
-    [m, d, dv]: [usize; 3],
-    out: &mut [f32],
+    sizes: [usize; 3],
+    out: &mut [MaybeUninit<f32>],
 ) {
-    let (kt, dt) = (isa.key_tile(), isa.value_tile());
-    assert_eq!(out.len(), packed_len(isa, [m, d, dv]));
+    let [m, d, _] = sizes;
+    assert_eq!(out.len(), packed_len(isa, sizes));
     let (keys, values) = out.split_at_mut(packed_keys_len(isa, [m, d]));
-    for (t, tile) in keys.chunks_exact_mut(d * kt).enumerate() {
-        for j in 0..kt {
-            let row = &k.0[(t * kt + j) * k.1..][..d];
-            for (dd, &x) in row.iter().enumerate() {
-                tile[dd * kt + j] = x;
+    match isa {
+        Isa::Avx512 => pack_with::<8, 8>(k, v, sizes, keys, values),
+        Isa::Avx2 => pack_with::<6, 5>(k, v, sizes, keys, values),
+    }
+}
+
+/// [`pack`] for key tiles of `KT` and value tiles of `DT`: each key tile's rows read side by
+/// side and written element by element in order, each value tile's row a fixed-size copy.
+fn pack_with<const KT: usize, const DT: usize>(
+    k: (&[f32], usize),
+    v: (&[f32], usize),
+    [m, d, _]: [usize; 3],
+    keys: &mut [MaybeUninit<f32>],
+    values: &mut [MaybeUninit<f32>],
+) {
+    for (t, tile) in keys.chunks_exact_mut(d * KT).enumerate() {
+        let rows: [&[f32]; KT] = std::array::from_fn(|j| &k.0[(t * KT + j) * k.1..][..d]);
+        for (dd, out) in tile.chunks_exact_mut(KT).enumerate() {
+            for (out, row) in out.iter_mut().zip(&rows) {
+                out.write(row[dd]);
             }
         }
     }
-    for (t, tile) in values.chunks_exact_mut(m * dt).enumerate() {
-        for (key, out) in tile.chunks_exact_mut(dt).enumerate() {
-            out.copy_from_slice(&v.0[key * v.1 + t * dt..][..dt]);
+    for (t, tile) in values.chunks_exact_mut(m * DT).enumerate() {
+        for (key, out) in tile.chunks_exact_mut(DT).enumerate() {
+            let row: &[f32; DT] = v.0[key * v.1 + t * DT..][..DT].try_into().unwrap();
+            for (out, &x) in out.iter_mut().zip(row) {
+                out.write(x);
+            }
         }
     }
 }
