@@ -65,20 +65,26 @@ pub(super) enum Isa {
     Avx2,
 }
 
+/// AVX-512's keys per score tile and output columns per value tile: the one place the packing
+/// ([`pack`]), its sizes ([`packed_len`]) and the microkernels ([`rows`]) take them from.
+const AVX512_TILES: [usize; 2] = [8, 8];
+/// AVX2's, as [`AVX512_TILES`].
+const AVX2_TILES: [usize; 2] = [6, 5];
+
 impl Isa {
     /// Keys per score tile.
     fn key_tile(self) -> usize {
         match self {
-            Isa::Avx512 => 8,
-            Isa::Avx2 => 6,
+            Isa::Avx512 => AVX512_TILES[0],
+            Isa::Avx2 => AVX2_TILES[0],
         }
     }
 
     /// Output columns per value tile.
     fn value_tile(self) -> usize {
         match self {
-            Isa::Avx512 => 8,
-            Isa::Avx2 => 5,
+            Isa::Avx512 => AVX512_TILES[1],
+            Isa::Avx2 => AVX2_TILES[1],
         }
     }
 
@@ -133,20 +139,25 @@ pub(super) fn pack(
     assert_eq!(out.len(), packed_len(isa, sizes));
     let (keys, values) = out.split_at_mut(packed_keys_len(isa, [m, d]));
     match isa {
-        Isa::Avx512 => pack_with::<8, 8>(k, v, sizes, keys, values),
-        Isa::Avx2 => pack_with::<6, 5>(k, v, sizes, keys, values),
+        Isa::Avx512 => {
+            pack_with::<{ AVX512_TILES[0] }, { AVX512_TILES[1] }>(k, v, sizes, keys, values)
+        }
+        Isa::Avx2 => pack_with::<{ AVX2_TILES[0] }, { AVX2_TILES[1] }>(k, v, sizes, keys, values),
     }
 }
 
 /// [`pack`] for key tiles of `KT` and value tiles of `DT`: each key tile's rows read side by
 /// side and written element by element in order, each value tile's row a fixed-size copy.
+/// `keys` and `values` are whole tiles, so every value is written.
 fn pack_with<const KT: usize, const DT: usize>(
     k: (&[f32], usize),
     v: (&[f32], usize),
-    [m, d, _]: [usize; 3],
+    [m, d, dv]: [usize; 3],
     keys: &mut [MaybeUninit<f32>],
     values: &mut [MaybeUninit<f32>],
 ) {
+    // the callers' reads rely on every value written: whole tiles, none left over
+    assert!(keys.len() == m / KT * KT * d && values.len() == dv / DT * DT * m);
     for (t, tile) in keys.chunks_exact_mut(d * KT).enumerate() {
         let rows: [&[f32]; KT] = std::array::from_fn(|j| &k.0[(t * KT + j) * k.1..][..d]);
         for (dd, out) in tile.chunks_exact_mut(KT).enumerate() {
@@ -207,13 +218,19 @@ pub(super) fn rows(ops: Operands, isa: Isa, scale: f32, chunk: usize, scratch: &
 #[target_feature(enable = "avx512f")]
 unsafe fn rows_avx512(ops: Operands, scale: f32, chunk: usize, scratch: &mut Scratch) {
     // SAFETY: the caller's
-    unsafe { rows_with::<Avx512, 48, 3, 8, 8>(ops, scale, chunk, scratch) }
+    unsafe {
+        rows_with::<Avx512, 48, 3, { AVX512_TILES[0] }, { AVX512_TILES[1] }>(
+            ops, scale, chunk, scratch,
+        )
+    }
 }
 
 #[target_feature(enable = "avx2,fma")]
 unsafe fn rows_avx2(ops: Operands, scale: f32, chunk: usize, scratch: &mut Scratch) {
     // SAFETY: the caller's
-    unsafe { rows_with::<Avx2, 16, 2, 6, 5>(ops, scale, chunk, scratch) }
+    unsafe {
+        rows_with::<Avx2, 16, 2, { AVX2_TILES[0] }, { AVX2_TILES[1] }>(ops, scale, chunk, scratch)
+    }
 }
 
 /// [`rows`] with row tiles of `R` lanes (`NV` vectors), score tiles of `KT` keys and value
