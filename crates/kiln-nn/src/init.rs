@@ -71,6 +71,23 @@ pub fn initialize<M: Module>(module: M, seed: u64, rule: impl Fn(&ParamInfo<'_>)
     module.map(&mut mapper)
 }
 
+/// `n` values from a normal distribution with mean 0 and standard deviation `std`, drawn by
+/// Box-Muller from `rng` (the same values on every machine for the same generator state).
+pub fn normal(rng: &mut impl Rng, n: usize, std: f64) -> Vec<f32> {
+    let mut out = Vec::with_capacity(n + 1);
+    while out.len() < n {
+        // Box-Muller on (0, 1]
+        let u1 = 1.0 - rng.random::<f64>();
+        let u2 = rng.random::<f64>();
+        let r = (-2.0 * u1.ln()).sqrt() * std;
+        let theta = 2.0 * std::f64::consts::PI * u2;
+        out.push((r * theta.cos()) as f32);
+        out.push((r * theta.sin()) as f32);
+    }
+    out.truncate(n);
+    out
+}
+
 /// The checkpoint name of a parameter at `path` (module field names, outermost first): enum
 /// variants (CamelCase) add no segment and norms' `gamma` / `beta` are `weight` / `bias`.
 pub fn checkpoint_name(path: &[String]) -> String {
@@ -173,20 +190,7 @@ impl<F: Fn(&ParamInfo<'_>) -> Init> ModuleMapper for Draw<F> {
             Init::Uniform(bound) => (0..n)
                 .map(|_| ((rng.random::<f64>() * 2.0 - 1.0) * bound) as f32)
                 .collect(),
-            Init::Normal(std) => {
-                let mut out = Vec::with_capacity(n + 1);
-                while out.len() < n {
-                    // Box-Muller on (0, 1]
-                    let u1 = 1.0 - rng.random::<f64>();
-                    let u2 = rng.random::<f64>();
-                    let r = (-2.0 * u1.ln()).sqrt() * std;
-                    let theta = 2.0 * std::f64::consts::PI * u2;
-                    out.push((r * theta.cos()) as f32);
-                    out.push((r * theta.sin()) as f32);
-                }
-                out.truncate(n);
-                out
-            }
+            Init::Normal(std) => normal(&mut rng, n, std),
         };
         param.map(|old| {
             let trainable = old.is_require_grad();

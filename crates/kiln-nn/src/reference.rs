@@ -98,10 +98,21 @@ impl Reference {
     }
 }
 
-/// `max |actual - exact| / max |exact|` against an exact (f64) result in row-major order: how
-/// the kernels' tests compare each algorithm's rounding with the direct computation's.
-/// Infinity when the lengths differ or a value is not finite, as [`max_relative_error`].
-pub fn error_to_exact<const D: usize>(actual: &Tensor<D>, exact: &[f64]) -> f64 {
+/// A tensor of standard normal values drawn on the host from `ChaCha8Rng` seeded with `seed`:
+/// the same values on every backend and machine, so a test's inputs (and its margin to its
+/// tolerance) do not change from run to run as `Tensor::random`'s do.
+pub fn seeded_normal<const D: usize>(shape: [usize; D], seed: u64, device: &Device) -> Tensor<D> {
+    use rand::SeedableRng;
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
+    let values = crate::init::normal(&mut rng, shape.iter().product(), 1.0);
+    Tensor::from_data(TensorData::new(values, shape), device)
+}
+
+/// `Σ (actual - exact)²` against an exact (f64) result in row-major order. The kernels' tests
+/// pool it over draws for two algorithms: the root of its ratio says how their rounding
+/// compares, a mean over many outputs (steadier than the worst value when the outputs are
+/// few). Infinity when the lengths differ or a value is not finite.
+pub fn squared_error_to_exact<const D: usize>(actual: &Tensor<D>, exact: &[f64]) -> f64 {
     let actual: Vec<f32> = actual
         .to_data()
         .convert::<f32>()
@@ -110,12 +121,11 @@ pub fn error_to_exact<const D: usize>(actual: &Tensor<D>, exact: &[f64]) -> f64 
     if actual.len() != exact.len() || !actual.iter().all(|a| a.is_finite()) {
         return f64::INFINITY;
     }
-    let scale = exact.iter().fold(0f64, |m, e| m.max(e.abs()));
-    let worst = actual
+    actual
         .iter()
         .zip(exact)
-        .fold(0f64, |m, (&a, &e)| m.max((a as f64 - e).abs()));
-    worst / scale
+        .map(|(&a, &e)| (a as f64 - e).powi(2))
+        .sum()
 }
 
 /// `max |actual - expected| / max |expected|`: the error measure of Kiln's parity tests.

@@ -241,10 +241,10 @@ fn sum_taps(filters: &[f32], py: usize, px: usize, taps: &mut [f32]) {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::reference::error_to_exact;
+    use crate::reference::{seeded_normal, squared_error_to_exact};
     use burn::tensor::module::{conv2d as burn_conv2d, interpolate};
     use burn::tensor::ops::{ConvOptions, InterpolateMode, InterpolateOptions};
-    use burn::tensor::{DType, Device, Distribution};
+    use burn::tensor::{DType, Device};
 
     /// burn's ops: nearest x2, then the 3x3 convolution with padding 1.
     fn reference(x: &Tensor<4>, weight: &Tensor<4>, bias: Option<&Tensor<1>>) -> Tensor<4> {
@@ -292,14 +292,20 @@ mod tests {
         out
     }
 
-    /// Against burn's upsample and convolution within 1e-5 relative, and against the exact
-    /// result within a small multiple of that convolution's own error: odd and even sizes, one
-    /// row or column, several panels and channel blocks, with and without a bias.
-    #[test]
-    fn matches_upsampling_then_convolving() {
+    /// Outputs each case pools, over as many seeded draws as it takes, before its rounding is
+    /// compared with burn's ops': the error of a few outputs is too noisy a statistic (as in
+    /// the Winograd kernel's tests). Over 100 other sets of draws (2026-12-07, Ice Lake, with
+    /// AVX-512 and with it hidden) the worst ratio of any case was 1.33.
+    const POOLED_OUTPUTS: usize = 256;
+
+    /// Against burn's upsample and convolution within 1e-5 relative for each draw, and for
+    /// each case the root-mean-square ratio of the error to the exact result against that
+    /// convolution's, pooled over at least [`POOLED_OUTPUTS`] outputs. Cases: odd and even
+    /// sizes, one row or column, several panels and channel blocks, with and without a bias.
+    fn rounding_ratios(seed: u64) -> Vec<f64> {
         let device = Device::flex();
-        let normal = Distribution::Normal(0.0, 1.0);
-        for (x, cout, with_bias) in [
+        let mut ratios = Vec::new();
+        for (case, (x, cout, with_bias)) in [
             ([1, 3, 5, 4], 2, true),
             ([2, 5, 7, 9], 6, false),
             ([1, 4, 1, 6], 3, true),
@@ -307,24 +313,38 @@ mod tests {
             ([1, 1, 1, 1], 1, true),
             ([2, 32, 12, 10], 130, true),
             ([1, 130, 40, 9], 70, true),
-        ] {
-            let xt = Tensor::<4>::random(x, normal, &device);
-            let wt = Tensor::<4>::random([cout, x[1], 3, 3], normal, &device);
-            let bt = Tensor::<1>::random([cout], normal, &device);
-            let bias = with_bias.then_some(&bt);
-            let ours = upsample_conv2d_any(&xt, &wt, bias).unwrap();
-            let theirs = reference(&xt, &wt, bias);
-            assert_eq!(ours.dims(), theirs.dims(), "{x:?}");
-            let relative = crate::reference::max_relative_error(&ours, &theirs);
-            assert!(relative < 1e-5, "{x:?} -> {cout}: {relative:e}");
-            let exact = exact(&xt, &wt, bias);
-            let (ours, direct) = (
-                error_to_exact(&ours, &exact),
-                error_to_exact(&theirs, &exact),
-            );
+        ]
+        .into_iter()
+        .enumerate()
+        {
+            let outputs = x[0] * cout * 4 * x[2] * x[3];
+            let (mut fused, mut direct) = (0f64, 0f64);
+            for draw in 0..POOLED_OUTPUTS.div_ceil(outputs) {
+                let seed = seed + 1000 * (100 * case + draw) as u64;
+                let xt = seeded_normal(x, seed, &device);
+                let wt = seeded_normal([cout, x[1], 3, 3], seed + 1, &device);
+                let bt = seeded_normal([cout], seed + 2, &device);
+                let bias = with_bias.then_some(&bt);
+                let ours = upsample_conv2d_any(&xt, &wt, bias).unwrap();
+                let theirs = reference(&xt, &wt, bias);
+                assert_eq!(ours.dims(), theirs.dims(), "{x:?}");
+                let relative = crate::reference::max_relative_error(&ours, &theirs);
+                assert!(relative < 1e-5, "{x:?} -> {cout}: {relative:e}");
+                let exact = exact(&xt, &wt, bias);
+                fused += squared_error_to_exact(&ours, &exact);
+                direct += squared_error_to_exact(&theirs, &exact);
+            }
+            ratios.push((fused / direct.max(f64::MIN_POSITIVE)).sqrt());
+        }
+        ratios
+    }
+
+    #[test]
+    fn matches_upsampling_then_convolving() {
+        for (case, ratio) in rounding_ratios(0).into_iter().enumerate() {
             assert!(
-                ours < 4.0 * direct.max(f32::EPSILON as f64),
-                "{x:?} -> {cout}: ours {ours:e}, upsample and convolve {direct:e}"
+                ratio < 4.0,
+                "case {case}: error {ratio:.2} times upsampling then convolving's"
             );
         }
     }
@@ -333,10 +353,9 @@ mod tests {
     #[test]
     fn thread_count_does_not_change_the_result() {
         let device = Device::flex();
-        let normal = Distribution::Normal(0.0, 1.0);
-        let x = Tensor::<4>::random([2, 48, 20, 18], normal, &device);
-        let w = Tensor::<4>::random([96, 48, 3, 3], normal, &device);
-        let b = Tensor::<1>::random([96], normal, &device);
+        let x = seeded_normal([2, 48, 20, 18], 1, &device);
+        let w = seeded_normal([96, 48, 3, 3], 2, &device);
+        let b = seeded_normal([96], 3, &device);
         let run = |threads: usize| {
             let pool = rayon::ThreadPoolBuilder::new()
                 .num_threads(threads)

@@ -593,10 +593,10 @@ fn tile_output(m: &[&[f32]; 16], t: usize, bias: f32) -> [f32; 4] {
 #[cfg(test)]
 mod tests {
     use super::super::conv::{Conv2dAlgorithm, Conv2dOptions, conv2d_with};
-    use crate::reference::error_to_exact;
+    use crate::reference::{seeded_normal, squared_error_to_exact};
     use burn::tensor::module::conv2d as burn_conv2d;
     use burn::tensor::ops::ConvOptions;
-    use burn::tensor::{Device, Distribution, Tensor};
+    use burn::tensor::{Device, Tensor};
 
     fn options([t, b, l, r]: [usize; 4]) -> Conv2dOptions {
         Conv2dOptions {
@@ -611,7 +611,7 @@ mod tests {
     }
 
     /// The convolution in f64 from the same f32 inputs.
-    fn exact(x: &Tensor<4>, w: &Tensor<4>, b: &Tensor<1>, o: Conv2dOptions) -> Vec<f64> {
+    pub(super) fn exact(x: &Tensor<4>, w: &Tensor<4>, b: &Tensor<1>, o: Conv2dOptions) -> Vec<f64> {
         let ([n, cin, h, wd], [cout, _, _, _]) = (x.dims(), w.dims());
         let (xs, ws, bs) = (values(x), values(w), values(b));
         let [[t, bo], [l, r]] = o.padding;
@@ -647,15 +647,22 @@ mod tests {
         out
     }
 
-    /// Against burn's conv2d within 1e-5 relative and against an f64 reference within a small
-    /// multiple of the im2col kernel's own error: odd and even sizes (tiles clipped at the
-    /// right and bottom), padding 1 (SD's), none, asymmetric and 2, one row or column of output,
-    /// several panels and channel blocks, with and without a bias.
-    #[test]
-    fn matches_burns_conv2d_and_the_exact_result() {
+    /// Outputs each case pools, over as many seeded draws as it takes, before its rounding is
+    /// compared with im2col's: the error of a few outputs is too noisy a statistic. Over 60
+    /// other sets of draws (2026-12-07, Ice Lake, with AVX-512 and with it hidden) the worst
+    /// root-mean-square ratio of any case was 2.09 (the 3x3 input's), where the worst error of
+    /// one draw of its 6 outputs, the check before, reached 4.2 times im2col's in 200 draws.
+    const POOLED_OUTPUTS: usize = 256;
+
+    /// Against burn's conv2d within 1e-5 relative for each draw, and for each case the
+    /// root-mean-square ratio of Winograd's error to the exact result against im2col's, pooled
+    /// over at least [`POOLED_OUTPUTS`] outputs. Cases: odd and even sizes (tiles clipped at the
+    /// right and bottom), padding 1 (SD's), none, asymmetric and 2, one row or column of
+    /// output, several panels and channel blocks, with and without a bias.
+    fn rounding_ratios(seed: u64) -> Vec<f64> {
         let device = Device::flex();
-        let normal = Distribution::Normal(0.0, 1.0);
-        for (x, cout, padding, bias) in [
+        let mut ratios = Vec::new();
+        for (case, (x, cout, padding, with_bias)) in [
             ([2, 5, 9, 7], 6, [1; 4], true),
             ([1, 8, 10, 11], 4, [0; 4], true),
             ([1, 3, 6, 5], 130, [0, 1, 2, 0], false),
@@ -663,36 +670,48 @@ mod tests {
             ([3, 6, 3, 3], 2, [0; 4], true),
             ([1, 300, 33, 35], 140, [1; 4], true),
             ([2, 64, 16, 16], 192, [1; 4], true),
-        ] {
-            let xt = Tensor::<4>::random(x, normal, &device);
-            let wt = Tensor::<4>::random([cout, x[1], 3, 3], normal, &device);
-            let bt = Tensor::<1>::random([cout], normal, &device);
-            let bias = if bias { bt.clone() } else { bt.zeros_like() };
+        ]
+        .into_iter()
+        .enumerate()
+        {
             let o = options(padding);
-            let ours = conv2d_with(&xt, &wt, Some(&bias), o, Conv2dAlgorithm::Winograd).unwrap();
-            let reference = burn_conv2d(
-                xt.clone(),
-                wt.clone(),
-                Some(bias.clone()),
-                ConvOptions::new_with_padding(
-                    [1, 1],
-                    [(padding[0], padding[1]), (padding[2], padding[3])],
-                    [1, 1],
-                    1,
-                ),
-            );
-            assert_eq!(ours.dims(), reference.dims(), "{x:?} {padding:?}");
-            let relative = crate::reference::max_relative_error(&ours, &reference);
-            assert!(relative < 1e-5, "{x:?} {padding:?}: {relative:e}");
-            let exact = exact(&xt, &wt, &bias, o);
-            let im2col = conv2d_with(&xt, &wt, Some(&bias), o, Conv2dAlgorithm::Im2col).unwrap();
-            let (ours, direct) = (
-                error_to_exact(&ours, &exact),
-                error_to_exact(&im2col, &exact),
-            );
+            let [t, b, l, r] = padding;
+            let outputs = x[0] * cout * (x[2] + t + b - 2) * (x[3] + l + r - 2);
+            let (mut winograd, mut im2col) = (0f64, 0f64);
+            for draw in 0..POOLED_OUTPUTS.div_ceil(outputs) {
+                let seed = seed + 1000 * (100 * case + draw) as u64;
+                let xt = seeded_normal(x, seed, &device);
+                let wt = seeded_normal([cout, x[1], 3, 3], seed + 1, &device);
+                let bias = seeded_normal([cout], seed + 2, &device);
+                let bias = if with_bias { bias } else { bias.zeros_like() };
+                let ours =
+                    conv2d_with(&xt, &wt, Some(&bias), o, Conv2dAlgorithm::Winograd).unwrap();
+                let reference = burn_conv2d(
+                    xt.clone(),
+                    wt.clone(),
+                    Some(bias.clone()),
+                    ConvOptions::new_with_padding([1, 1], [(t, b), (l, r)], [1, 1], 1),
+                );
+                assert_eq!(ours.dims(), reference.dims(), "{x:?} {padding:?}");
+                let relative = crate::reference::max_relative_error(&ours, &reference);
+                assert!(relative < 1e-5, "{x:?} {padding:?}: {relative:e}");
+                let exact = exact(&xt, &wt, &bias, o);
+                let direct =
+                    conv2d_with(&xt, &wt, Some(&bias), o, Conv2dAlgorithm::Im2col).unwrap();
+                winograd += squared_error_to_exact(&ours, &exact);
+                im2col += squared_error_to_exact(&direct, &exact);
+            }
+            ratios.push((winograd / im2col.max(f64::MIN_POSITIVE)).sqrt());
+        }
+        ratios
+    }
+
+    #[test]
+    fn matches_burns_conv2d_and_the_exact_result() {
+        for (case, ratio) in rounding_ratios(0).into_iter().enumerate() {
             assert!(
-                ours < 4.0 * direct.max(f32::EPSILON as f64),
-                "{x:?} {padding:?}: Winograd {ours:e}, im2col {direct:e}"
+                ratio < 4.0,
+                "case {case}: Winograd's error {ratio:.2} times im2col's"
             );
         }
     }
@@ -703,7 +722,6 @@ mod tests {
     #[test]
     fn every_split_matches_im2col() {
         let device = Device::flex();
-        let normal = Distribution::Normal(0.0, 1.0);
         for (x, cout) in [
             // 12 panels, each task's own input: runs of two panels, two rounds of 105 channels
             ([2, 1280, 48, 48], 210),
@@ -713,9 +731,9 @@ mod tests {
             // channels, each in runs of two panels
             ([8, 2048, 16, 16], 160),
         ] {
-            let xt = Tensor::<4>::random(x, normal, &device);
-            let wt = Tensor::<4>::random([cout, x[1], 3, 3], normal, &device);
-            let bt = Tensor::<1>::random([cout], normal, &device);
+            let xt = seeded_normal(x, 1, &device);
+            let wt = seeded_normal([cout, x[1], 3, 3], 2, &device);
+            let bt = seeded_normal([cout], 3, &device);
             let run = |algorithm| conv2d_with(&xt, &wt, Some(&bt), options([1; 4]), algorithm);
             let ours = run(Conv2dAlgorithm::Winograd).unwrap();
             let im2col = run(Conv2dAlgorithm::Im2col).unwrap();
@@ -727,12 +745,11 @@ mod tests {
     #[test]
     fn thread_count_does_not_change_the_result() {
         let device = Device::flex();
-        let normal = Distribution::Normal(0.0, 1.0);
         // one panel (shared input), then five (each task's own)
         for (x, cout) in [([2, 64, 24, 23], 160), ([130, 256, 8, 8], 8)] {
-            let x = Tensor::<4>::random(x, normal, &device);
-            let w = Tensor::<4>::random([cout, x.dims()[1], 3, 3], normal, &device);
-            let b = Tensor::<1>::random([cout], normal, &device);
+            let x = seeded_normal(x, 1, &device);
+            let w = seeded_normal([cout, x.dims()[1], 3, 3], 2, &device);
+            let b = seeded_normal([cout], 3, &device);
             let run = |threads: usize| {
                 let pool = rayon::ThreadPoolBuilder::new()
                     .num_threads(threads)
@@ -756,7 +773,6 @@ mod tests {
             return; // the diagnostic override changes what Auto means
         }
         let device = Device::flex();
-        let normal = Distribution::Normal(0.0, 1.0);
         for (x, winograd) in [
             ([2, 8, 8, 8], true),
             ([1, 8, 16, 8], true),
@@ -765,8 +781,8 @@ mod tests {
             ([2, 8, 6, 8], false),
             ([8, 8, 4, 4], false),
         ] {
-            let xt = Tensor::<4>::random(x, normal, &device);
-            let wt = Tensor::<4>::random([4, 8, 3, 3], normal, &device);
+            let xt = seeded_normal(x, 1, &device);
+            let wt = seeded_normal([4, 8, 3, 3], 2, &device);
             let run = |algorithm| {
                 values(&conv2d_with(&xt, &wt, None, options([1; 4]), algorithm).unwrap())
             };
