@@ -33,15 +33,40 @@ use super::conv::{ConvShape, MIN_CHANNELS, MIN_TASKS};
 use super::host::{self, Float, SharedMut, grow};
 
 /// Output tiles per image (8x8 output pixels), and over the batch (two such images), below
-/// which [`pays`] declines. Measured on the 2-core Zen 3 (2026-12-07, `cargo run --release -p
+/// which [`pays`] declines, except where [`full_width_fma`] raises the first to
+/// [`WIDE_MIN_IMAGE_TILES`]. Measured on the 2-core Zen 3 (2026-12-07, `cargo run --release -p
 /// kiln-nn --example conv_algorithms -- small`, two runs), Winograd against im2col panels at
 /// 1280 channels, batch 2: 1.23-1.24x faster at 8x8, 1.37-1.38x at 10x10, 1.56-1.60x at 12x12
 /// (the UNet's deepest level at 768 px), 1.66-1.72x at 14x14 and 16x16; 1.00-1.25x at 6x6 and
 /// 0.57-0.58x at 4x4, where the filters cost more to transform than the image's few tiles
-/// save; with batch 1, 1.05-1.07x at 8x8 and 0.99-1.22x at 12x12. On the 2-core Xeon (AVX-512,
-/// 2026-12-06) 8x8 with batch 2 was level once the filter transform became a vector loop.
+/// save; with batch 1, 1.05-1.07x at 8x8 and 0.99-1.22x at 12x12.
 const MIN_IMAGE_TILES: usize = 16;
 const MIN_BATCH_TILES: usize = 32;
+
+/// [`MIN_IMAGE_TILES`] where the CPU runs 512-bit FMAs at full width (10x10 output pixels):
+/// there im2col's GEMMs run at twice the FLOPs per cycle of Zen 3's, while the deep levels'
+/// Winograd GEMMs (a few dozen tiles against 16/9 of the weights, transformed) are bound by
+/// reading the transformed filters. The same runs on the 2-core Ice Lake (2026-12-07, two
+/// runs): Winograd 0.86x and 0.72x of im2col's speed at 2x1280x8x8 and 0.63x and 0.76x at
+/// 2x2560x8x8, 1.14x and 1.00x at 10x10, 1.23x and 1.03x at 12x12, 1.25-1.39x at 16x16; on
+/// the Emerald Rapids Xeon (2026-12-06) level at 8x8.
+const WIDE_MIN_IMAGE_TILES: usize = 25;
+
+/// Whether this CPU has AVX-512 and is Intel's, whose server cores run two 512-bit FMAs a
+/// cycle (AMD's Zen 4 runs them as two 256-bit halves, at Zen 3's FLOPs per cycle). Read once.
+fn full_width_fma() -> bool {
+    static WIDE: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *WIDE.get_or_init(|| {
+        #[cfg(target_arch = "x86_64")]
+        {
+            let id = std::arch::x86_64::__cpuid(0);
+            let intel = [id.ebx, id.edx, id.ecx] == [0x756e_6547, 0x4965_6e69, 0x6c65_746e];
+            intel && is_x86_feature_detected!("avx512f")
+        }
+        #[cfg(not(target_arch = "x86_64"))]
+        false
+    })
+}
 
 /// Elements of one transformed-input slice `V[ξ]` (`in x tiles`) per task; the panel's 16
 /// slices take 16 times this (8 MiB). Chosen on the Xeon above among 2^15 to 2^18, at the
@@ -67,10 +92,15 @@ pub(super) fn applies(s: &ConvShape) -> bool {
     s.kh == 3 && s.kw == 3 && s.options.stride == [1, 1] && s.options.dilation == [1, 1]
 }
 
-/// Whether it is the faster algorithm for `s` (see [`MIN_IMAGE_TILES`]).
+/// Whether it is the faster algorithm for `s` on this CPU (see [`MIN_IMAGE_TILES`]).
 pub(super) fn pays(s: &ConvShape) -> bool {
+    let min_image_tiles = if full_width_fma() {
+        WIDE_MIN_IMAGE_TILES
+    } else {
+        MIN_IMAGE_TILES
+    };
     let tiles = s.oh.div_ceil(2) * s.ow.div_ceil(2);
-    tiles >= MIN_IMAGE_TILES && s.batch * tiles >= MIN_BATCH_TILES
+    tiles >= min_image_tiles && s.batch * tiles >= MIN_BATCH_TILES
 }
 
 /// Whether the transformed input of a convolution `s` cut into `panels` panels is made once,
@@ -765,22 +795,29 @@ mod tests {
         }
     }
 
-    /// `Auto` takes Winograd's algorithm from 8x8 output pixels (and two such images) up and
-    /// im2col below: bit for bit the result of the algorithm it should pick.
+    /// `Auto` takes Winograd's algorithm from 8x8 output pixels (10x10 on Intel's AVX-512
+    /// cores) and two such images up, and im2col below: bit for bit the result of the
+    /// algorithm it should pick.
     #[test]
     fn auto_picks_winograd_from_8_pixels_up() {
         if std::env::var_os("KILN_CONV").is_some() {
             return; // the diagnostic override changes what Auto means
         }
         let device = Device::flex();
-        for (x, winograd) in [
-            ([2, 8, 8, 8], true),
-            ([1, 8, 16, 8], true),
-            ([4, 8, 8, 8], true),
-            ([1, 8, 8, 8], false),
-            ([2, 8, 6, 8], false),
-            ([8, 8, 4, 4], false),
+        let wide = super::full_width_fma();
+        // input, then whether Winograd: elsewhere, on full-width AVX-512
+        for (x, [elsewhere, on_wide]) in [
+            ([2, 8, 8, 8], [true, false]),
+            ([1, 8, 16, 8], [true, true]),
+            ([4, 8, 8, 8], [true, false]),
+            ([2, 8, 10, 10], [true, true]),
+            ([2, 8, 10, 8], [true, false]),
+            ([1, 8, 10, 10], [false, false]),
+            ([1, 8, 8, 8], [false, false]),
+            ([2, 8, 6, 8], [false, false]),
+            ([8, 8, 4, 4], [false, false]),
         ] {
+            let winograd = if wide { on_wide } else { elsewhere };
             let xt = seeded_normal(x, 1, &device);
             let wt = seeded_normal([4, 8, 3, 3], 2, &device);
             let run = |algorithm| {
