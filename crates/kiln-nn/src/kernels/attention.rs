@@ -718,9 +718,10 @@ vectorised! {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::reference::seeded_normal;
+    use burn::tensor::Device;
     use burn::tensor::module::attention as burn_attention;
     use burn::tensor::ops::AttentionModuleOptions;
-    use burn::tensor::{Device, Distribution};
 
     /// Every kernel this CPU runs: the fused one with each instruction set it has, and gemm's.
     fn kernels() -> Vec<Kernel> {
@@ -749,10 +750,9 @@ mod tests {
             [1, 4, 5, 3000, 16, 16],
             [1, 2, 70, 200, 130, 13],
         ] {
-            let normal = Distribution::Normal(0.0, 1.0);
-            let q = Tensor::<4>::random([b, h, n, d], normal, &device) * 2.0;
-            let k = Tensor::<4>::random([b, h, m, d], normal, &device);
-            let v = Tensor::<4>::random([b, h, m, dv], normal, &device);
+            let q = seeded_normal([b, h, n, d], 1, &device) * 2.0;
+            let k = seeded_normal([b, h, m, d], 2, &device);
+            let v = seeded_normal([b, h, m, dv], 3, &device);
             let sizes = [b, h, n, m, d, dv];
             let options = AttentionModuleOptions::default();
             let reference = burn_attention(q.clone(), k.clone(), v.clone(), None, None, options);
@@ -786,11 +786,10 @@ mod tests {
             return;
         }
         let device = Device::flex();
-        let normal = Distribution::Normal(0.0, 1.0);
         for [b, h, n, m, d, dv] in [[2, 3, 100, 1000, 40, 40], [1, 1, 50, 300, 200, 77]] {
-            let q = Tensor::<4>::random([b, h, n, d], normal, &device) * 2.0;
-            let k = Tensor::<4>::random([b, h, m, d], normal, &device);
-            let v = Tensor::<4>::random([b, h, m, dv], normal, &device);
+            let q = seeded_normal([b, h, n, d], 4, &device) * 2.0;
+            let k = seeded_normal([b, h, m, d], 5, &device);
+            let v = seeded_normal([b, h, m, dv], 6, &device);
             let run = |isa| {
                 let (q, k, v) = (q.clone(), k.clone(), v.clone());
                 let sizes = [b, h, n, m, d, dv];
@@ -813,16 +812,14 @@ mod tests {
     #[test]
     fn long_sequences_go_chunk_by_chunk() {
         let device = Device::flex();
-        let normal = Distribution::Normal(0.0, 1.0);
         let (b, h, n, m, d) = (1, 2, 37, 2 * MAX_CHUNK + 100, 8);
         assert!(key_chunk(m) < m);
         let ramp: Vec<f32> = (0..m).map(|i| i as f32 / m as f32).collect();
         let ramp = Tensor::<1>::from_data(TensorData::new(ramp, [m]), &device);
         for along in [ramp.clone() * 3.0 + 0.5, (-ramp + 1.0) * 3.0 + 0.5] {
-            let q = Tensor::<4>::random([b, h, n, d], normal, &device);
-            let k =
-                Tensor::<4>::random([b, h, m, d], normal, &device) * along.reshape([1, 1, m, 1]);
-            let v = Tensor::<4>::random([b, h, m, d], normal, &device);
+            let q = seeded_normal([b, h, n, d], 7, &device);
+            let k = seeded_normal([b, h, m, d], 8, &device) * along.reshape([1, 1, m, 1]);
+            let v = seeded_normal([b, h, m, d], 9, &device);
             let sizes = [b, h, n, m, d, d];
             let options = AttentionModuleOptions::default();
             let reference = burn_attention(q.clone(), k.clone(), v.clone(), None, None, options);
@@ -863,12 +860,11 @@ mod tests {
     #[test]
     fn thread_count_does_not_change_the_result() {
         let device = Device::flex();
-        let normal = Distribution::Normal(0.0, 1.0);
         // one chunk of keys, and several
         for (n, m, d) in [(500, 600, 40), (50, MAX_CHUNK + 300, 8)] {
-            let q = Tensor::<4>::random([1, 2, n, d], normal, &device);
-            let k = Tensor::<4>::random([1, 2, m, d], normal, &device);
-            let v = Tensor::<4>::random([1, 2, m, d], normal, &device);
+            let q = seeded_normal([1, 2, n, d], 10, &device);
+            let k = seeded_normal([1, 2, m, d], 11, &device);
+            let v = seeded_normal([1, 2, m, d], 12, &device);
             for kernel in kernels() {
                 let run = |threads: usize| {
                     let pool = rayon::ThreadPoolBuilder::new()
@@ -918,16 +914,15 @@ mod tests {
     #[test]
     fn bf16_matches_the_reference_and_f16_the_f32_kernel() {
         let device = Device::flex();
-        let normal = Distribution::Normal(0.0, 1.0);
         for [b, h, n, m, d, dv] in [
             [2, 3, 37, 300, 8, 8],
             [1, 2, 300, 77, 40, 40],
             [1, 1, 70, 257, 64, 32],
             [2, 2, 256, 256, 40, 40],
         ] {
-            let q = (Tensor::<4>::random([b, h, n, d], normal, &device) * 2.0).cast(DType::BF16);
-            let k = Tensor::<4>::random([b, h, m, d], normal, &device).cast(DType::BF16);
-            let v = Tensor::<4>::random([b, h, m, dv], normal, &device).cast(DType::BF16);
+            let q = (seeded_normal([b, h, n, d], 13, &device) * 2.0).cast(DType::BF16);
+            let k = seeded_normal([b, h, m, d], 14, &device).cast(DType::BF16);
+            let v = seeded_normal([b, h, m, dv], 15, &device).cast(DType::BF16);
             let Some(ours) = attention(q.clone(), k.clone(), v.clone()) else {
                 assert!(m < MIN_KEYS && !crate::kernels::native_bf16());
                 continue;

@@ -830,9 +830,10 @@ fn im2col_packed<'a>(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::reference::seeded_normal;
+    use burn::tensor::Device;
     use burn::tensor::module::conv2d as burn_conv2d;
     use burn::tensor::ops::ConvOptions;
-    use burn::tensor::{Device, Distribution};
 
     fn burn_reference(
         x: &Tensor<4>,
@@ -884,11 +885,10 @@ mod tests {
     #[test]
     fn matches_burns_conv2d() {
         let device = Device::flex();
-        let normal = Distribution::Normal(0.0, 1.0);
         for (x, w, options, bias) in geometries(&[]) {
-            let xt = Tensor::<4>::random(x, normal, &device);
-            let wt = Tensor::<4>::random(w, normal, &device);
-            let bt = bias.then(|| Tensor::<1>::random([w[0]], normal, &device));
+            let xt = seeded_normal(x, 1, &device);
+            let wt = seeded_normal(w, 2, &device);
+            let bt = bias.then(|| seeded_normal([w[0]], 30, &device));
             let ours = conv2d(&xt, &wt, bt.as_ref(), options).unwrap();
             let reference = burn_reference(&xt, &wt, bt.as_ref(), options);
             assert_eq!(ours.dims(), reference.dims(), "{x:?} {w:?} {options:?}");
@@ -904,7 +904,6 @@ mod tests {
     fn bf16_and_f16_round_the_f32_result_of_their_operands() {
         use burn::tensor::DType;
         let device = Device::flex();
-        let normal = Distribution::Normal(0.0, 1.0);
         let same = Conv2dOptions {
             stride: [1, 1],
             padding: [[1, 1], [1, 1]],
@@ -925,9 +924,9 @@ mod tests {
         ];
         for (x, w, options, bias) in geometries(&extra) {
             for dtype in [DType::BF16, DType::F16] {
-                let xt = Tensor::<4>::random(x, normal, &device).cast(dtype);
-                let wt = Tensor::<4>::random(w, normal, &device).cast(dtype);
-                let bt = bias.then(|| Tensor::<1>::random([w[0]], normal, &device).cast(dtype));
+                let xt = seeded_normal(x, 3, &device).cast(dtype);
+                let wt = seeded_normal(w, 4, &device).cast(dtype);
+                let bt = bias.then(|| seeded_normal([w[0]], 31, &device).cast(dtype));
                 let ours = conv2d(&xt, &wt, bt.as_ref(), options).unwrap();
                 assert_eq!(ours.dtype(), dtype);
                 let wide = |t: &Tensor<4>| t.clone().cast(DType::F32);
@@ -947,10 +946,9 @@ mod tests {
     #[test]
     fn thread_count_does_not_change_the_result() {
         let device = Device::flex();
-        let normal = Distribution::Normal(0.0, 1.0);
-        let x = Tensor::<4>::random([2, 64, 24, 24], normal, &device);
-        let w = Tensor::<4>::random([96, 64, 3, 3], normal, &device);
-        let b = Tensor::<1>::random([96], normal, &device);
+        let x = seeded_normal([2, 64, 24, 24], 5, &device);
+        let w = seeded_normal([96, 64, 3, 3], 6, &device);
+        let b = seeded_normal([96], 7, &device);
         let options = Conv2dOptions {
             stride: [1, 1],
             padding: [[1, 1], [1, 1]],
@@ -1008,7 +1006,6 @@ mod tests {
             return; // the diagnostic override changes which convolutions run Winograd
         }
         let device = Device::flex();
-        let normal = Distribution::Normal(0.0, 1.0);
         let o = |p: usize| Conv2dOptions {
             stride: [1, 1],
             padding: [[p, p], [p, p]],
@@ -1024,12 +1021,12 @@ mod tests {
         ] {
             let cin = x[1];
             // an offset, so that the statistics matter
-            let xt = Tensor::<4>::random(x, normal, &device) + 3.0;
+            let xt = seeded_normal(x, 8, &device) + 3.0;
             let before = values(&xt);
-            let wt = Tensor::<4>::random([cout, cin, 3, 3], normal, &device);
-            let bt = Tensor::<1>::random([cout], normal, &device);
-            let gamma = Tensor::<1>::random([cin], normal, &device);
-            let beta = Tensor::<1>::random([cin], normal, &device);
+            let wt = seeded_normal([cout, cin, 3, 3], 9, &device);
+            let bt = seeded_normal([cout], 10, &device);
+            let gamma = seeded_normal([cin], 11, &device);
+            let beta = seeded_normal([cin], 12, &device);
             let affine = affine.then_some((&gamma, &beta));
             let norm = InputGroupNorm {
                 groups,
@@ -1050,11 +1047,11 @@ mod tests {
             affine: None,
             silu: true,
         };
-        let x = Tensor::<4>::random([2, 8, 16, 16], normal, &device);
-        let pointwise = Tensor::<4>::random([4, 8, 1, 1], normal, &device);
+        let x = seeded_normal([2, 8, 16, 16], 13, &device);
+        let pointwise = seeded_normal([4, 8, 1, 1], 14, &device);
         assert!(group_norm_conv2d(&x, norm, &pointwise, None, o(0)).is_none());
-        let w = Tensor::<4>::random([4, 8, 3, 3], normal, &device);
-        let small = Tensor::<4>::random([1, 8, 8, 8], normal, &device);
+        let w = seeded_normal([4, 8, 3, 3], 15, &device);
+        let small = seeded_normal([1, 8, 8, 8], 16, &device);
         assert!(group_norm_conv2d(&small, norm, &w, None, o(1)).is_none());
         let half = |t: &Tensor<4>| t.clone().cast(burn::tensor::DType::BF16);
         assert!(group_norm_conv2d(&half(&x), norm, &half(&w), None, o(1)).is_none());
@@ -1070,7 +1067,6 @@ mod tests {
     #[test]
     fn pointwise_owned_writes_over_its_input() {
         let device = Device::flex();
-        let normal = Distribution::Normal(0.0, 1.0);
         let options = Conv2dOptions {
             stride: [1, 1],
             padding: [[0, 0], [0, 0]],
@@ -1085,9 +1081,9 @@ mod tests {
             ([1, 32, 512, 512], 8, true),
         ] {
             assert!(pointwise_in_place_applies(x, cout), "{x:?} -> {cout}");
-            let xt = Tensor::<4>::random(x, normal, &device);
-            let wt = Tensor::<4>::random([cout, x[1], 1, 1], normal, &device);
-            let bt = Tensor::<1>::random([cout], normal, &device);
+            let xt = seeded_normal(x, 17, &device);
+            let wt = seeded_normal([cout, x[1], 1, 1], 32, &device);
+            let bt = seeded_normal([cout], 18, &device);
             let bias = bias.then_some(&bt);
             let expected = conv2d(&xt, &wt, bias, options).unwrap();
             let reference = burn_reference(&xt, &wt, bias, options);
@@ -1107,9 +1103,9 @@ mod tests {
                 .all(|(a, b)| (a - b).abs() <= 1e-5 * (1.0 + b.abs()));
             assert!(close, "{x:?}: the result as an operand");
         }
-        let x = Tensor::<4>::random([1, 300, 128, 64], normal, &device);
+        let x = seeded_normal([1, 300, 128, 64], 19, &device);
         let before = values(&x);
-        let w = Tensor::<4>::random([256, 300, 1, 1], normal, &device);
+        let w = seeded_normal([256, 300, 1, 1], 20, &device);
         assert!(pointwise_in_place_applies(x.dims(), 256));
         // too few pixels for eight bands: the convolution allocates
         assert!(!pointwise_in_place_applies([2, 960, 64, 64], 320));
@@ -1118,9 +1114,9 @@ mod tests {
         let back = conv2d_pointwise_owned(x, &w, None).unwrap_err();
         assert!(values(&back) == before && values(&held) == before);
         drop(held);
-        let wide = Tensor::<4>::random([301, 300, 1, 1], normal, &device);
+        let wide = seeded_normal([301, 300, 1, 1], 21, &device);
         let back = conv2d_pointwise_owned(back, &wide, None).unwrap_err();
-        let three = Tensor::<4>::random([256, 300, 3, 3], normal, &device);
+        let three = seeded_normal([256, 300, 3, 3], 22, &device);
         let back = conv2d_pointwise_owned(back, &three, None).unwrap_err();
         assert!(values(&back) == before);
         let half = back.cast(burn::tensor::DType::BF16);

@@ -281,37 +281,37 @@ fn amx_linear<const D: usize>(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::reference::seeded_normal;
     use burn::nn::LinearConfig;
-    use burn::tensor::{Device, Distribution};
+    use burn::tensor::Device;
 
     /// Against burn's `Linear` (the op it replaces), with and without bias, ranks 2 to 4.
     #[test]
     fn matches_burns_linear() {
         let device = Device::flex();
-        let normal = Distribution::Normal(0.0, 1.0);
         for bias in [true, false] {
             let layer = LinearConfig::new(70, 300).with_bias(bias).init(&device);
             let b = layer.bias.as_ref().map(|b| b.val());
-            let x3 = Tensor::<3>::random([2, 33, 70], normal, &device);
+            let x3 = seeded_normal([2, 33, 70], 1, &device);
             let ours = linear(&x3, &layer.weight.val(), b.as_ref()).unwrap();
             let error = crate::reference::max_relative_error(&ours, &layer.forward(x3));
             assert!(error < 1e-5, "bias {bias}: {error:e}");
-            let x2 = Tensor::<2>::random([5, 70], normal, &device);
+            let x2 = seeded_normal([5, 70], 2, &device);
             let ours = linear(&x2, &layer.weight.val(), b.as_ref()).unwrap();
             assert!(crate::reference::max_relative_error(&ours, &layer.forward(x2)) < 1e-5);
-            let x4 = Tensor::<4>::random([2, 3, 4, 70], normal, &device);
+            let x4 = seeded_normal([2, 3, 4, 70], 3, &device);
             let ours = linear(&x4, &layer.weight.val(), b.as_ref()).unwrap();
             assert!(crate::reference::max_relative_error(&ours, &layer.forward(x4)) < 1e-5);
         }
         // several tasks of rows and of output columns, the last ones partial
         let layer = LinearConfig::new(70, 1100).init(&device);
-        let x = Tensor::<3>::random([2, 600, 70], normal, &device);
+        let x = seeded_normal([2, 600, 70], 4, &device);
         let b = layer.bias.as_ref().map(|b| b.val());
         let ours = linear(&x, &layer.weight.val(), b.as_ref()).unwrap();
         assert!(crate::reference::max_relative_error(&ours, &layer.forward(x)) < 1e-5);
         // a strided input (a transposed view) is made contiguous first
         let layer = LinearConfig::new(8, 3).init(&device);
-        let xt = Tensor::<3>::random([2, 8, 5], normal, &device).swap_dims(1, 2);
+        let xt = seeded_normal([2, 8, 5], 5, &device).swap_dims(1, 2);
         let b = layer.bias.as_ref().map(|b| b.val());
         let ours = linear(&xt, &layer.weight.val(), b.as_ref()).unwrap();
         assert!(crate::reference::max_relative_error(&ours, &layer.forward(xt)) < 1e-5);
@@ -358,7 +358,6 @@ mod tests {
     fn bf16_and_f16_round_the_f32_result_of_their_operands() {
         use burn::tensor::DType;
         let device = Device::flex();
-        let normal = Distribution::Normal(0.0, 1.0);
         // rows in place (multiples of 32, k of 32) and packed; columns not a multiple of 32;
         // without AMX, several tasks of rows and of columns, the last ones partial
         for (dims, d_in, d_out) in [
@@ -370,9 +369,9 @@ mod tests {
             ([1, 700], 40, 1100),
         ] {
             for dtype in [DType::BF16, DType::F16] {
-                let x = Tensor::<3>::random([dims[0], dims[1], d_in], normal, &device).cast(dtype);
-                let w = Tensor::<2>::random([d_in, d_out], normal, &device).cast(dtype);
-                let b = Tensor::<1>::random([d_out], normal, &device).cast(dtype);
+                let x = seeded_normal([dims[0], dims[1], d_in], 30, &device).cast(dtype);
+                let w = seeded_normal([d_in, d_out], 6, &device).cast(dtype);
+                let b = seeded_normal([d_out], 7, &device).cast(dtype);
                 let ours = linear(&x, &w, Some(&b)).unwrap();
                 assert_eq!(ours.dtype(), dtype);
                 let wide = |t: Tensor<3>| t.cast(DType::F32);
@@ -399,10 +398,9 @@ mod tests {
     #[test]
     fn thread_count_does_not_change_the_result() {
         let device = Device::flex();
-        let normal = Distribution::Normal(0.0, 1.0);
-        let x = Tensor::<3>::random([2, 500, 320], normal, &device);
-        let w = Tensor::<2>::random([320, 640], normal, &device);
-        let b = Tensor::<1>::random([640], normal, &device);
+        let x = seeded_normal([2, 500, 320], 8, &device);
+        let w = seeded_normal([320, 640], 9, &device);
+        let b = seeded_normal([640], 10, &device);
         let run = |threads: usize| {
             let pool = rayon::ThreadPoolBuilder::new()
                 .num_threads(threads)
