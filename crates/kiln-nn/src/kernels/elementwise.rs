@@ -455,7 +455,8 @@ vectorised! {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use burn::tensor::{Device, Distribution, activation};
+    use crate::reference::seeded_normal;
+    use burn::tensor::{Device, activation};
 
     fn values(t: &Tensor<1>) -> Vec<f32> {
         t.to_data().try_into_vec::<f32>().unwrap()
@@ -496,7 +497,7 @@ mod tests {
     #[test]
     fn geglu_matches_burn() {
         let device = Device::flex();
-        let h = Tensor::<3>::random([2, 37, 2 * 41], Distribution::Normal(0.0, 2.0), &device);
+        let h = seeded_normal([2, 37, 2 * 41], 1, &device) * 2.0;
         let hidden = h.clone().narrow(2, 0, 41);
         let gate = h.clone().narrow(2, 41, 41);
         let reference = hidden * activation::gelu(gate);
@@ -510,18 +511,13 @@ mod tests {
     fn group_norm_matches_burns_ops() {
         let device = Device::flex();
         let mut norm = crate::normalization::group_norm(4, 12, 1e-6, &device);
-        let normal = Distribution::Normal(0.5, 0.3);
-        norm.gamma = Some(burn::module::Param::from_tensor(Tensor::random(
-            [12],
-            normal,
-            &device,
-        )));
-        norm.beta = Some(burn::module::Param::from_tensor(Tensor::random(
-            [12],
-            normal,
-            &device,
-        )));
-        let x = Tensor::<4>::random([2, 12, 9, 7], Distribution::Normal(30.0, 2.0), &device);
+        norm.gamma = Some(burn::module::Param::from_tensor(
+            seeded_normal([12], 101, &device) * 0.3 + 0.5,
+        ));
+        norm.beta = Some(burn::module::Param::from_tensor(
+            seeded_normal([12], 102, &device) * 0.3 + 0.5,
+        ));
+        let x = seeded_normal([2, 12, 9, 7], 2, &device) * 2.0 + 30.0;
         let gamma = norm.gamma.as_ref().unwrap().val();
         let beta = norm.beta.as_ref().unwrap().val();
         let reference = crate::normalization::reference_group_norm(&norm, x.clone());
@@ -544,7 +540,7 @@ mod tests {
             assert!(error < 1e-5, "affine {affine} silu {silu}: {error:e}");
         }
         // rank 3 (the VAE's attention norm sees [batch, channels, tokens])
-        let x3 = Tensor::<3>::random([1, 12, 50], Distribution::Normal(0.0, 1.0), &device);
+        let x3 = seeded_normal([1, 12, 50], 3, &device);
         let ours = group_norm(&x3, 4, 1e-6, Some((&gamma, &beta)), false).unwrap();
         let reference = crate::normalization::reference_group_norm(&norm, x3);
         assert!(crate::reference::max_relative_error(&ours, &reference) < 1e-5);
@@ -558,15 +554,14 @@ mod tests {
         use burn::tensor::DType;
         use burn_flex::Flex;
         let device = Device::flex();
-        let gamma = Tensor::<1>::random([12], Distribution::Normal(1.0, 0.3), &device);
-        let beta = Tensor::<1>::random([12], Distribution::Normal(0.0, 0.3), &device);
+        let gamma = seeded_normal([12], 4, &device) * 0.3 + 1.0;
+        let beta = seeded_normal([12], 5, &device) * 0.3;
         let address = |t: &Tensor<4>| {
             let flex = t.clone().try_into_primitive::<Flex>().unwrap();
             flex.bytes().as_ptr() as usize
         };
         for dtype in [DType::F32, DType::BF16, DType::F16] {
-            let x = Tensor::<4>::random([2, 12, 9, 7], Distribution::Normal(3.0, 2.0), &device)
-                .cast(dtype);
+            let x = (seeded_normal([2, 12, 9, 7], 6, &device) * 2.0 + 3.0).cast(dtype);
             let expected = group_norm(&x, 4, 1e-6, Some((&gamma, &beta)), true).unwrap();
             let values = |t: &Tensor<4>| t.to_data().convert::<f32>().try_to_vec::<f32>().unwrap();
             // shared: a new tensor, the input unchanged
@@ -593,12 +588,11 @@ mod tests {
     fn bf16_and_f16_round_the_f32_result() {
         use burn::tensor::DType;
         let device = Device::flex();
-        let normal = Distribution::Normal(0.3, 2.0);
-        let gamma = Tensor::<1>::random([12], normal, &device);
-        let beta = Tensor::<1>::random([12], normal, &device);
+        let gamma = seeded_normal([12], 8, &device) * 2.0 + 0.3;
+        let beta = seeded_normal([12], 9, &device) * 2.0 + 0.3;
         for dtype in [DType::BF16, DType::F16] {
-            let x = Tensor::<4>::random([2, 12, 9, 7], normal, &device).cast(dtype);
-            let h = Tensor::<3>::random([2, 37, 82], normal, &device).cast(dtype);
+            let x = (seeded_normal([2, 12, 9, 7], 10, &device) * 2.0 + 0.3).cast(dtype);
+            let h = (seeded_normal([2, 37, 82], 11, &device) * 2.0 + 0.3).cast(dtype);
             let (g, b) = (gamma.clone().cast(dtype), beta.clone().cast(dtype));
             let wide = |t: &Tensor<4>| t.clone().cast(DType::F32);
             let (gw, bw) = (
@@ -640,7 +634,7 @@ mod tests {
     #[test]
     fn thread_count_does_not_change_the_result() {
         let device = Device::flex();
-        let x = Tensor::<4>::random([2, 64, 33, 31], Distribution::Normal(0.0, 1.0), &device);
+        let x = seeded_normal([2, 64, 33, 31], 7, &device);
         let run = |threads: usize| {
             let pool = rayon::ThreadPoolBuilder::new()
                 .num_threads(threads)
