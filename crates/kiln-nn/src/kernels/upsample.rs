@@ -241,7 +241,7 @@ fn sum_taps(filters: &[f32], py: usize, px: usize, taps: &mut [f32]) {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::reference::{seeded_normal, squared_error_to_exact};
+    use crate::reference::{RoundingRatio, seeded_normal};
     use burn::tensor::module::{conv2d as burn_conv2d, interpolate};
     use burn::tensor::ops::{ConvOptions, InterpolateMode, InterpolateOptions};
     use burn::tensor::{DType, Device};
@@ -292,19 +292,15 @@ mod tests {
         out
     }
 
-    /// Outputs each case pools, over as many seeded draws as it takes, before its rounding is
-    /// compared with burn's ops': the error of a few outputs is too noisy a statistic (as in
-    /// the Winograd kernel's tests). Over 100 other sets of draws (2026-12-07, Ice Lake, with
-    /// AVX-512 and with it hidden) the worst ratio of any case was 1.33.
-    const POOLED_OUTPUTS: usize = 256;
-
     /// Against burn's upsample and convolution within 1e-5 relative for each draw, and for
-    /// each case the root-mean-square ratio of the error to the exact result against that
-    /// convolution's, pooled over at least [`POOLED_OUTPUTS`] outputs. Cases: odd and even
-    /// sizes, one row or column, several panels and channel blocks, with and without a bias.
-    fn rounding_ratios(seed: u64) -> Vec<f64> {
+    /// each case the error to the exact result within 4 times that convolution's
+    /// ([`RoundingRatio`], pooled over seeded draws). Over 100 other sets of draws (2026-12-07,
+    /// Ice Lake, with AVX-512 and with it hidden) the worst ratio of any case was 1.33. Cases:
+    /// odd and even sizes, one row or column, several panels and channel blocks, with and
+    /// without a bias.
+    #[test]
+    fn matches_upsampling_then_convolving() {
         let device = Device::flex();
-        let mut ratios = Vec::new();
         for (case, (x, cout, with_bias)) in [
             ([1, 3, 5, 4], 2, true),
             ([2, 5, 7, 9], 6, false),
@@ -318,9 +314,9 @@ mod tests {
         .enumerate()
         {
             let outputs = x[0] * cout * 4 * x[2] * x[3];
-            let (mut fused, mut direct) = (0f64, 0f64);
-            for draw in 0..POOLED_OUTPUTS.div_ceil(outputs) {
-                let seed = seed + 1000 * (100 * case + draw) as u64;
+            let mut rounding = RoundingRatio::default();
+            for draw in 0..RoundingRatio::draws(outputs) {
+                let seed = 1000 * (100 * case + draw) as u64;
                 let xt = seeded_normal(x, seed, &device);
                 let wt = seeded_normal([cout, x[1], 3, 3], seed + 1, &device);
                 let bt = seeded_normal([cout], seed + 2, &device);
@@ -330,18 +326,9 @@ mod tests {
                 assert_eq!(ours.dims(), theirs.dims(), "{x:?}");
                 let relative = crate::reference::max_relative_error(&ours, &theirs);
                 assert!(relative < 1e-5, "{x:?} -> {cout}: {relative:e}");
-                let exact = exact(&xt, &wt, bias);
-                fused += squared_error_to_exact(&ours, &exact);
-                direct += squared_error_to_exact(&theirs, &exact);
+                rounding.add(&ours, &theirs, &exact(&xt, &wt, bias));
             }
-            ratios.push((fused / direct.max(f64::MIN_POSITIVE)).sqrt());
-        }
-        ratios
-    }
-
-    #[test]
-    fn matches_upsampling_then_convolving() {
-        for (case, ratio) in rounding_ratios(0).into_iter().enumerate() {
+            let ratio = rounding.ratio();
             assert!(
                 ratio < 4.0,
                 "case {case}: error {ratio:.2} times upsampling then convolving's"
